@@ -1,0 +1,65 @@
+"""Settings from the environment and an optional `.env` file (names as in PROTOCOL.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CORS_ORIGINS = r"http://localhost:*,http://127.0.0.1:*"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    llm_provider: Literal["gemini", "offline"] | None = None
+    gemini_api_key: str | None = None
+    gemini_model: str = "gemini-flash-latest"
+    gemini_base_url: str | None = None
+    offline_chunk_delay_ms: float = Field(40, ge=0)
+
+    storage_backend: Literal["sqlite", "postgres", "supabase"] | None = None
+    sqlite_path: Path = Path("./data/realtime.db")
+    database_url: str | None = None
+    supabase_url: str | None = None
+    supabase_key: str | None = None
+    redis_url: str | None = None
+
+    summary_delay_seconds: float = Field(5, ge=0)
+    max_message_chars: int = Field(8000, gt=0)
+    message_rate_limit: int = Field(30, gt=0)
+    cors_origins: str = DEFAULT_CORS_ORIGINS
+
+    auth_jwt_secret: str | None = None
+    auth_jwt_audience: str = "authenticated"
+    auth_jwks_url: str | None = None
+
+    # Not in PROTOCOL.md: the weather tool's upstreams and the bounds of a turn.
+    weather_geocoding_url: str = "https://geocoding-api.open-meteo.com"
+    weather_forecast_url: str = "https://api.open-meteo.com"
+    weather_timeout_seconds: float = Field(5, gt=0)
+    max_tool_rounds: int = Field(5, ge=1)
+    shutdown_grace_seconds: float = Field(10, gt=0)
+
+    @field_validator("gemini_api_key", "database_url", "supabase_url", "supabase_key", "redis_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        if self.llm_provider is None:
+            self.llm_provider = "gemini" if self.gemini_api_key else "offline"
+        if self.storage_backend is None:
+            self.storage_backend = "supabase" if self.supabase_url else "sqlite"
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,62 @@
+"""Coordination for one process: plain dictionaries, no network. Issue 5 adds Redis."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+
+from server.core.ports import CancelHandler
+
+
+class LocalCoordination:
+    def __init__(self) -> None:
+        self._turns: dict[str, str] = {}
+        self._members: defaultdict[str, set[str]] = defaultdict(set)
+        self._cancel_handlers: list[CancelHandler] = []
+
+    async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
+        if session_id in self._turns:
+            return False
+        self._turns[session_id] = turn_id
+        return True
+
+    async def release_turn(self, session_id: str, turn_id: str) -> None:
+        if self._turns.get(session_id) == turn_id:
+            del self._turns[session_id]
+
+    async def running_turn(self, session_id: str) -> str | None:
+        return self._turns.get(session_id)
+
+    async def request_cancel(self, session_id: str, turn_id: str) -> None:
+        for handler in self._cancel_handlers:
+            await handler(session_id, turn_id)
+
+    def on_cancel(self, handler: CancelHandler) -> None:
+        self._cancel_handlers.append(handler)
+
+    async def add_member(self, session_id: str, member: str) -> int | None:
+        members = self._members[session_id]
+        if member in members:
+            return None
+        members.add(member)
+        return len(members)
+
+    async def remove_member(self, session_id: str, member: str) -> int | None:
+        members = self._members.get(session_id)
+        if members is None or member not in members:
+            return None
+        members.discard(member)
+        if not members:
+            del self._members[session_id]
+            return 0
+        return len(members)
+
+    async def member_count(self, session_id: str) -> int:
+        return len(self._members.get(session_id, ()))
+
+    async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
+        # One process: the summary scheduler already runs one job per emptying.
+        return True
+
+    async def aclose(self) -> None:
+        self._cancel_handlers.clear()

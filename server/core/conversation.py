@@ -1,0 +1,318 @@
+"""The conversation core: sessions, turns, presence. It knows nothing of Socket.IO or any vendor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.core.errors import ErrorCode, ServiceError
+from server.core.event_log import EventLog
+from server.core.models import (
+    ActiveTurn,
+    EventDraft,
+    EventType,
+    PresenceEvent,
+    Session,
+    StoredEvent,
+    UserMessageEvent,
+    utc_now,
+)
+from server.core.ports import Coordination, Emitter, ModelProvider, Repository, StorageUnavailable
+from server.core.rate_limit import RateLimiter
+from server.core.summaries import SummaryScheduler
+from server.core.tasks import TaskTracker
+from server.core.turns import TurnRunner
+from server.tools.registry import ToolRegistry
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["cancelled", "shutdown"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_chars: int = 8000
+    messages_per_minute: int = 30
+    max_tool_rounds: int = 5
+    tool_timeout_seconds: float = 30.0
+    # How long `done` waits for storage to confirm the AI message before sending event_id null.
+    done_store_wait_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class MessageAccepted:
+    turn_id: str
+    event_id: int | None
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    session: Session
+    history: list[StoredEvent]
+    active_turn: ActiveTurn | None
+
+
+@dataclass(eq=False)
+class RunningTurn:
+    """A turn running in this process."""
+
+    session_id: str
+    turn_id: str
+    client_message_id: str | None
+    accepted: asyncio.Future[MessageAccepted]
+    parts: list[str] = field(default_factory=list)
+    stop_reason: StopReason | None = None
+    generation: asyncio.Task[object] | None = None
+    runner: asyncio.Task[None] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def stop(self, reason: StopReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.generation is not None:
+            self.generation.cancel()
+
+
+def parse_session_id(value: str) -> str:
+    """The canonical form of a session UUID, or `invalid_session_id`."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        raise ServiceError(ErrorCode.INVALID_SESSION_ID, "session_id must be a UUID") from None
+
+
+class ConversationService:
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        provider: ModelProvider,
+        tools: ToolRegistry,
+        emitter: Emitter,
+        coordination: Coordination,
+        tasks: TaskTracker,
+        limits: Limits,
+        summary_delay_seconds: float,
+    ) -> None:
+        self._repo = repo
+        self._emitter = emitter
+        self._coordination = coordination
+        self._tasks = tasks
+        self._limits = limits
+        self._log = EventLog(repo, tasks)
+        self._rate = RateLimiter(limits.messages_per_minute)
+        self._joined: defaultdict[str, set[str]] = defaultdict(set)
+        self._running: dict[str, RunningTurn] = {}
+        self._closing = False
+        self._runner = TurnRunner(
+            repo=repo, provider=provider, tools=tools, emitter=emitter, event_log=self._log, limits=limits
+        )
+        self.summaries = SummaryScheduler(
+            repo=repo,
+            provider=provider,
+            coordination=coordination,
+            event_log=self._log,
+            tasks=tasks,
+            delay_seconds=summary_delay_seconds,
+            wait_turn_end=self.wait_turn_end,
+        )
+        coordination.on_cancel(self._cancel_local)
+
+    # ------------------------------------------------------------------ client requests
+
+    async def join(
+        self, member: str, session_id: str | None, user_id: str | None, after_event_id: int | None
+    ) -> JoinResult:
+        sid = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        try:
+            session = await self._repo.ensure_session(sid, user_id, utc_now())
+            await self._log.flush(sid)
+            history = await self._repo.list_events(sid, after_event_id)
+        except StorageUnavailable:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
+
+        if sid not in self._joined[member]:
+            self._joined[member].add(sid)
+            await self._emitter.add_member(member, sid)
+        clients = await self._coordination.add_member(sid, member)
+        self.summaries.session_joined(sid)
+        running = self._running.get(sid)
+        # Taken right after entering the room: every chunk is in this text or reaches the
+        # socket live, and `next_index` tells the client which live chunks to drop.
+        active = (
+            ActiveTurn(turn_id=running.turn_id, text=running.text, next_index=len(running.parts))
+            if running is not None
+            else None
+        )
+        if clients is not None:
+            await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))
+        return JoinResult(session=session, history=history, active_turn=active)
+
+    async def send_message(
+        self, member: str, session_id: str, text: str, client_message_id: str | None
+    ) -> MessageAccepted:
+        sid = self._joined_session(member, session_id)
+        if not text.strip():
+            raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
+        if len(text) > self._limits.max_message_chars:
+            raise ServiceError(
+                ErrorCode.MESSAGE_TOO_LONG, f"text is longer than {self._limits.max_message_chars} characters"
+            )
+        if client_message_id is not None:
+            earlier = await self._earlier_answer(sid, client_message_id)
+            if earlier is not None:
+                return earlier
+        if not self._rate.allows(member):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
+        if self._closing:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
+
+        turn_id = str(uuid.uuid4())
+        try:
+            acquired = await self._coordination.acquire_turn(sid, turn_id)
+        except Exception:
+            log.exception("turn lock unavailable for session %s", sid)
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the turn lock is unavailable; retrying is safe") from None
+        if not acquired:
+            running = self._running.get(sid)
+            if client_message_id is not None and running is not None and running.client_message_id == client_message_id:
+                return await asyncio.shield(running.accepted)
+            raise ServiceError(ErrorCode.BUSY, "a turn is already running in this session")
+
+        turn = RunningTurn(sid, turn_id, client_message_id, asyncio.get_running_loop().create_future())
+        self._running[sid] = turn
+        key = f"user:cmid:{client_message_id}" if client_message_id is not None else f"user:turn:{turn_id}"
+        draft = EventDraft(
+            session_id=sid,
+            event_type=EventType.USER_MESSAGE,
+            content=text,
+            event_key=key,
+            turn_id=turn_id,
+            timestamp=utc_now(),
+        )
+        try:
+            stored = await self._log.submit(draft)
+        except StorageUnavailable:
+            del self._running[sid]
+            await self._coordination.release_turn(sid, turn_id)
+            error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
+            turn.accepted.set_exception(error)
+            turn.accepted.exception()  # retrieved here; a concurrent retry re-raises it
+            raise error from None
+
+        self._rate.take(member)
+        accepted = MessageAccepted(turn_id=turn_id, event_id=stored.event_id)
+        turn.accepted.set_result(accepted)
+        await self._emitter.publish(
+            sid,
+            UserMessageEvent(
+                session_id=sid,
+                turn_id=turn_id,
+                event_id=stored.event_id,
+                text=text,
+                client_message_id=client_message_id,
+            ),
+        )
+        turn.runner = self._tasks.spawn(self._run(turn), name=f"turn {turn_id}")
+        return accepted
+
+    async def cancel(self, member: str, session_id: str) -> str:
+        sid = self._joined_session(member, session_id)
+        turn_id = await self._coordination.running_turn(sid)
+        running = self._running.get(sid)
+        if turn_id is None or (running is not None and running.turn_id == turn_id and running.stop_reason):
+            raise ServiceError(ErrorCode.NO_ACTIVE_TURN, "no turn is running in this session")
+        await self._coordination.request_cancel(sid, turn_id)
+        return turn_id
+
+    async def leave(self, member: str, session_id: str) -> None:
+        sid = parse_session_id(session_id)
+        joined = self._joined.get(member)
+        if joined is None or sid not in joined:
+            return
+        joined.discard(sid)
+        if not joined:
+            del self._joined[member]
+        await self._emitter.remove_member(member, sid)
+        clients = await self._coordination.remove_member(sid, member)
+        if clients is None:
+            return
+        await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))
+        if clients == 0:
+            self.summaries.session_emptied(sid, utc_now())
+
+    async def disconnect(self, member: str) -> None:
+        for sid in list(self._joined.get(member, ())):
+            await self.leave(member, sid)
+        self._rate.forget(member)
+
+    async def disconnect_all(self) -> None:
+        """Shutdown: count out every member still known, so emptied sessions get summarised."""
+        for member in list(self._joined):
+            await self.disconnect(member)
+
+    # ------------------------------------------------------------------ turns
+
+    def _joined_session(self, member: str, session_id: str) -> str:
+        sid = parse_session_id(session_id)
+        if sid not in self._joined.get(member, ()):
+            raise ServiceError(ErrorCode.NOT_JOINED, "join the session first")
+        return sid
+
+    async def _earlier_answer(self, sid: str, client_message_id: str) -> MessageAccepted | None:
+        """The answer to the first `message` with this client_message_id, if there was one."""
+        running = self._running.get(sid)
+        if running is not None and running.client_message_id == client_message_id:
+            return await asyncio.shield(running.accepted)
+        try:
+            earlier = await self._repo.find_event(sid, f"user:cmid:{client_message_id}")
+        except StorageUnavailable:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
+        if earlier is None or earlier.turn_id is None:
+            return None
+        return MessageAccepted(turn_id=earlier.turn_id, event_id=earlier.event_id)
+
+    async def _run(self, turn: RunningTurn) -> None:
+        try:
+            await self._runner.run(turn)
+        finally:
+            if self._running.get(turn.session_id) is turn:
+                del self._running[turn.session_id]
+            await self._coordination.release_turn(turn.session_id, turn.turn_id)
+
+    async def _cancel_local(self, session_id: str, turn_id: str) -> None:
+        turn = self._running.get(session_id)
+        if turn is not None and turn.turn_id == turn_id:
+            turn.stop("cancelled")
+
+    async def wait_turn_end(self, session_id: str) -> None:
+        """Return once no turn runs in the session (here or, with shared coordination, anywhere)."""
+        while True:
+            turn = self._running.get(session_id)
+            if turn is not None and turn.runner is not None:
+                await asyncio.wait([turn.runner])
+                continue
+            if await self._coordination.running_turn(session_id) is None:
+                return
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """End every running turn with `done` (shutdown) and start the pending summaries."""
+        self._closing = True
+        runners = []
+        for turn in list(self._running.values()):
+            turn.stop("shutdown")
+            if turn.runner is not None:
+                runners.append(turn.runner)
+        if runners:
+            await asyncio.wait(runners, timeout=grace_seconds)
+        self.summaries.hurry()

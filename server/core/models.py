@@ -1,0 +1,152 @@
+"""Records the core stores and the events it publishes. Field names are the wire names."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+JSON = Any
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventType(StrEnum):
+    USER_MESSAGE = "user_message"
+    AI_MESSAGE = "ai_message"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+
+
+class Session(BaseModel):
+    session_id: str
+    user_id: str | None
+    start_time: datetime
+    end_time: datetime | None = None
+    summary: str | None = None
+    duration_seconds: int | None = None
+
+
+class EventDraft(BaseModel):
+    """An event not yet stored. `event_key` makes its write idempotent within the session."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    event_type: EventType
+    content: str
+    event_key: str
+    turn_id: str | None = None
+    timestamp: datetime
+
+
+class StoredEvent(BaseModel):
+    event_id: int
+    session_id: str
+    event_type: EventType
+    content: str
+    timestamp: datetime
+    turn_id: str | None = None
+    event_key: str | None = None
+
+    def public(self) -> dict[str, JSON]:
+        """The shape of `history` items and of `GET /api/sessions/{id}/events`."""
+        return {
+            "event_id": self.event_id,
+            "event_type": self.event_type.value,
+            "content": self.content,
+            "timestamp": self.timestamp.isoformat(),
+        }
+
+
+FinishReason = Literal["stop", "cancelled", "error", "max_tokens", "safety"]
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+
+# Server-to-client events (PROTOCOL.md, "Server to clients").
+
+
+class UserMessageEvent(BaseModel):
+    session_id: str
+    turn_id: str
+    event_id: int | None
+    text: str
+    client_message_id: str | None
+
+
+class ChunkEvent(BaseModel):
+    session_id: str
+    turn_id: str
+    index: int
+    text: str
+
+
+class ToolCallEvent(BaseModel):
+    session_id: str
+    turn_id: str
+    call_id: str
+    name: str
+    args: dict[str, JSON]
+
+
+class ToolResultEvent(BaseModel):
+    session_id: str
+    turn_id: str
+    call_id: str
+    name: str
+    result: JSON = None
+    error: ErrorInfo | None = None
+
+
+class DoneEvent(BaseModel):
+    session_id: str
+    turn_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage | None
+    event_id: int | None
+    error: ErrorInfo | None
+
+
+class PresenceEvent(BaseModel):
+    session_id: str
+    clients: int
+
+
+class ActiveTurn(BaseModel):
+    turn_id: str
+    text: str
+    # Added to the contract: chunks with index < next_index are already in `text`,
+    # so a tab that joins mid-turn can drop the ones it also receives live.
+    next_index: int
+
+
+TurnEvent = UserMessageEvent | ChunkEvent | ToolCallEvent | ToolResultEvent | DoneEvent | PresenceEvent
+
+EVENT_NAMES: dict[type[BaseModel], str] = {
+    UserMessageEvent: "user_message",
+    ChunkEvent: "chunk",
+    ToolCallEvent: "tool_call",
+    ToolResultEvent: "tool_result",
+    DoneEvent: "done",
+    PresenceEvent: "presence",
+}

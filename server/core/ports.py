@@ -1,0 +1,189 @@
+"""The interfaces the conversation core depends on. Vendors and transports implement them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from server.core.models import JSON, EventDraft, Session, StoredEvent, TurnEvent, Usage
+
+# ---------------------------------------------------------------- model provider
+
+
+@dataclass(frozen=True)
+class UserText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallItem:
+    call_id: str
+    name: str
+    args: dict[str, JSON]
+    # Whatever the provider needs to replay the call verbatim (e.g. Gemini's thought signature).
+    provider_data: dict[str, JSON] | None = None
+
+
+@dataclass(frozen=True)
+class ToolResultItem:
+    call_id: str
+    name: str
+    result: JSON = None
+    error: dict[str, str] | None = None
+
+
+ConversationItem = UserText | ModelText | ToolCallItem | ToolResultItem
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, JSON]
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    conversation: Sequence[ConversationItem]
+    tools: Sequence[ToolSpec] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallRequest:
+    call_id: str
+    name: str
+    args: dict[str, JSON]
+    provider_data: dict[str, JSON] | None = None
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: Literal["stop", "max_tokens", "safety"]
+
+
+ModelEvent = TextDelta | ToolCallRequest | UsageReport | Finished
+
+
+class ProviderError(Exception):
+    """The model could not answer; `code` goes to the client in `done.error`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ModelProvider(Protocol):
+    name: str
+
+    def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
+        """One model request: text deltas, tool calls, usage, then one `Finished`."""
+        ...
+
+    async def summarise(self, conversation: Sequence[ConversationItem]) -> str: ...
+
+    def not_ready_reason(self) -> str | None:
+        """Why the provider cannot serve (no network call), or None when it is configured."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------- storage
+
+
+class StorageUnavailable(Exception):
+    """Storage could not take or give the data within the retry budget."""
+
+
+class Repository(Protocol):
+    """Sessions and events. Every write is idempotent, so retrying one is always safe."""
+
+    async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session: ...
+
+    async def get_session(self, session_id: str) -> Session | None: ...
+
+    async def append_event(self, draft: EventDraft) -> StoredEvent:
+        """Store the event once; a second call with the same (session, event_key) returns the first row."""
+        ...
+
+    async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None: ...
+
+    async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]: ...
+
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise when storage does not answer."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------- transport
+
+
+class Emitter(Protocol):
+    """Delivers events to every client of a session (the Socket.IO room is one implementation)."""
+
+    async def publish(self, session_id: str, event: TurnEvent) -> None: ...
+
+    async def add_member(self, member: str, session_id: str) -> None: ...
+
+    async def remove_member(self, member: str, session_id: str) -> None: ...
+
+
+# ---------------------------------------------------------------- coordination
+
+CancelHandler = Callable[[str, str], Awaitable[None]]
+
+
+class Coordination(Protocol):
+    """State shared by every process serving a session: in one process, or across many on Redis."""
+
+    async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
+        """Take the session's one-turn lock; False when another turn holds it."""
+        ...
+
+    async def release_turn(self, session_id: str, turn_id: str) -> None: ...
+
+    async def running_turn(self, session_id: str) -> str | None: ...
+
+    async def request_cancel(self, session_id: str, turn_id: str) -> None:
+        """Ask whichever process runs the turn to cancel it (it calls the `on_cancel` handler)."""
+        ...
+
+    def on_cancel(self, handler: CancelHandler) -> None: ...
+
+    async def add_member(self, session_id: str, member: str) -> int | None:
+        """Count the member in; the new count, or None when it was already in."""
+        ...
+
+    async def remove_member(self, session_id: str, member: str) -> int | None:
+        """Count the member out; the new count, or None when it was not in."""
+        ...
+
+    async def member_count(self, session_id: str) -> int: ...
+
+    async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
+        """True for exactly one caller per emptying of a session."""
+        ...
+
+    async def aclose(self) -> None: ...

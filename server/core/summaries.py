@@ -1,0 +1,94 @@
+"""The summary job: after the last client leaves and a grace period passes, summarise once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.core.event_log import EventLog
+from server.core.history import conversation_from_events
+from server.core.ports import Coordination, ModelProvider, Repository
+from server.core.tasks import TaskTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    task: asyncio.Task[None]
+    # A rejoin cancels the job only while it waits; once it summarises it finishes.
+    waiting: bool = True
+
+
+class SummaryScheduler:
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        provider: ModelProvider,
+        coordination: Coordination,
+        event_log: EventLog,
+        tasks: TaskTracker,
+        delay_seconds: float,
+        wait_turn_end: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._repo = repo
+        self._provider = provider
+        self._coordination = coordination
+        self._event_log = event_log
+        self._tasks = tasks
+        self._delay = delay_seconds
+        self._wait_turn_end = wait_turn_end
+        self._pending: dict[str, _Pending] = {}
+        self._hurry = asyncio.Event()
+
+    def session_emptied(self, session_id: str, emptied_at: datetime) -> None:
+        self.session_joined(session_id)
+        task = self._tasks.spawn(self._summarise_later(session_id, emptied_at), name=f"summary {session_id}")
+        self._pending[session_id] = _Pending(task)
+
+    def session_joined(self, session_id: str) -> None:
+        pending = self._pending.get(session_id)
+        if pending is not None and pending.waiting:
+            pending.task.cancel()
+            del self._pending[session_id]
+
+    def hurry(self) -> None:
+        """Shutdown: skip the grace period of every waiting job."""
+        self._hurry.set()
+
+    async def _summarise_later(self, session_id: str, emptied_at: datetime) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self._delay)
+            await self._wait_turn_end(session_id)
+            if await self._coordination.member_count(session_id) > 0:
+                return
+            pending = self._pending.get(session_id)
+            if pending is not None:
+                pending.waiting = False
+            if not await self._coordination.claim_summary(session_id, emptied_at):
+                return
+            await self._summarise(session_id, emptied_at)
+        finally:
+            current = self._pending.get(session_id)
+            if current is not None and current.task is asyncio.current_task():
+                del self._pending[session_id]
+
+    async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
+        await self._event_log.flush(session_id)
+        session = await self._repo.get_session(session_id)
+        if session is None:
+            return
+        events = await self._repo.list_events(session_id)
+        summary = await self._provider.summarise(conversation_from_events(events))
+        if await self._coordination.member_count(session_id) > 0:
+            log.info("session %s was rejoined while being summarised; its next emptying summarises it", session_id)
+            return
+        duration = max(0, round((emptied_at - session.start_time).total_seconds()))
+        await self._repo.write_summary(session_id, summary, emptied_at, duration)
+        log.info("summarised session %s (%d events, %d s)", session_id, len(events), duration)

@@ -1,0 +1,271 @@
+"""Runs one turn: model rounds, tool calls, chunk events, and exactly one `done`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from server.core.event_log import EventLog
+from server.core.history import conversation_from_events, tool_call_content, tool_result_content
+from server.core.models import (
+    JSON,
+    ChunkEvent,
+    DoneEvent,
+    ErrorInfo,
+    EventDraft,
+    EventType,
+    FinishReason,
+    ToolCallEvent,
+    ToolResultEvent,
+    Usage,
+    utc_now,
+)
+from server.core.ports import (
+    ConversationItem,
+    Emitter,
+    Finished,
+    ModelProvider,
+    ModelRequest,
+    ModelText,
+    ProviderError,
+    Repository,
+    StorageUnavailable,
+    TextDelta,
+    ToolCallItem,
+    ToolCallRequest,
+    ToolResultItem,
+    UsageReport,
+)
+from server.tools.registry import ToolError, ToolRegistry
+
+if TYPE_CHECKING:
+    from server.core.conversation import Limits, RunningTurn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Outcome:
+    finish_reason: FinishReason = "stop"
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class _Generation:
+    """What the model produced so far in a turn; survives the generation task's cancellation."""
+
+    outcome: _Outcome = field(default_factory=_Outcome)
+    call_ids: set[str] = field(default_factory=set)
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        provider: ModelProvider,
+        tools: ToolRegistry,
+        emitter: Emitter,
+        event_log: EventLog,
+        limits: Limits,
+    ) -> None:
+        self._repo = repo
+        self._provider = provider
+        self._tools = tools
+        self._emitter = emitter
+        self._log = event_log
+        self._limits = limits
+
+    async def run(self, turn: RunningTurn) -> None:
+        state = _Generation()
+        generation = asyncio.create_task(self._generate(turn, state), name=f"generate {turn.turn_id}")
+        turn.generation = generation
+        if turn.stop_reason is not None:
+            generation.cancel()
+        try:
+            await asyncio.wait([generation])
+        except asyncio.CancelledError:
+            # Only the tracker's last-resort drain cancels a runner: still end the turn.
+            turn.stop("shutdown")
+            await asyncio.wait([generation])
+            state.outcome.finish_reason = "error"
+            state.outcome.error = ErrorInfo(code="shutdown", message="the server is shutting down")
+            await self._finish(turn, state.outcome)
+            raise
+        outcome = state.outcome
+        if generation.cancelled():
+            if turn.stop_reason == "cancelled":
+                outcome.finish_reason, outcome.error = "cancelled", None
+            else:
+                outcome.finish_reason = "error"
+                outcome.error = ErrorInfo(code="shutdown", message="the server is shutting down")
+        elif (exc := generation.exception()) is not None:
+            outcome.finish_reason = "error"
+            if isinstance(exc, ProviderError):
+                outcome.error = ErrorInfo(code=exc.code, message=exc.message)
+            elif isinstance(exc, StorageUnavailable):
+                outcome.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
+            else:
+                log.error("turn %s failed", turn.turn_id, exc_info=exc)
+                outcome.error = ErrorInfo(code="provider_error", message="the model could not answer")
+        await self._finish(turn, outcome)
+
+    async def _finish(self, turn: RunningTurn, outcome: _Outcome) -> None:
+        text = turn.text
+        write = self._log.submit(
+            EventDraft(
+                session_id=turn.session_id,
+                event_type=EventType.AI_MESSAGE,
+                content=text,
+                event_key=f"ai:{turn.turn_id}",
+                turn_id=turn.turn_id,
+                timestamp=utc_now(),
+            )
+        )
+        await asyncio.wait([write], timeout=self._limits.done_store_wait_seconds)
+        event_id = write.result().event_id if write.done() and write.exception() is None else None
+        await self._emitter.publish(
+            turn.session_id,
+            DoneEvent(
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+                text=text,
+                finish_reason=outcome.finish_reason,
+                usage=outcome.usage,
+                event_id=event_id,
+                error=outcome.error,
+            ),
+        )
+
+    async def _generate(self, turn: RunningTurn, state: _Generation) -> None:
+        await self._log.flush(turn.session_id)
+        events = await self._repo.list_events(turn.session_id)
+        conversation: list[ConversationItem] = conversation_from_events(events)
+        tools = self._tools.specs
+        outcome = state.outcome
+        for _round in range(self._limits.max_tool_rounds + 1):
+            round_start = len(turn.parts)
+            calls: list[ToolCallItem] = []
+            request = ModelRequest(conversation=conversation, tools=tools)
+            async with contextlib.aclosing(self._provider.stream(request)) as stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        if event.text:
+                            await self._chunk(turn, event.text)
+                    elif isinstance(event, ToolCallRequest):
+                        calls.append(self._tool_call_item(turn, state, event))
+                    elif isinstance(event, UsageReport):
+                        outcome.usage = event.usage if outcome.usage is None else outcome.usage + event.usage
+                    elif isinstance(event, Finished):
+                        outcome.finish_reason = event.reason
+            if not calls or outcome.finish_reason != "stop":
+                return
+            if _round == self._limits.max_tool_rounds:
+                raise ProviderError(
+                    "tool_rounds_exceeded", f"the model asked for tools more than {self._limits.max_tool_rounds} times"
+                )
+            round_text = "".join(turn.parts[round_start:])
+            if round_text:
+                conversation.append(ModelText(round_text))
+            conversation.extend(calls)
+            conversation.extend(await self._run_tools(turn, calls))
+
+    async def _chunk(self, turn: RunningTurn, text: str) -> None:
+        index = len(turn.parts)
+        turn.parts.append(text)
+        await self._emitter.publish(
+            turn.session_id, ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text)
+        )
+
+    @staticmethod
+    def _tool_call_item(turn: RunningTurn, state: _Generation, call: ToolCallRequest) -> ToolCallItem:
+        # call_id keys the stored tool events, so it must be unique within the turn.
+        call_id = call.call_id
+        if not call_id or call_id in state.call_ids:
+            call_id = f"call-{len(state.call_ids) + 1}"
+        state.call_ids.add(call_id)
+        return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
+
+    async def _run_tools(self, turn: RunningTurn, calls: list[ToolCallItem]) -> list[ToolResultItem]:
+        for call in calls:
+            self._store(turn, EventType.TOOL_CALL, f"tool_call:{turn.turn_id}:{call.call_id}", tool_call_content(call))
+            await self._emitter.publish(
+                turn.session_id,
+                ToolCallEvent(
+                    session_id=turn.session_id,
+                    turn_id=turn.turn_id,
+                    call_id=call.call_id,
+                    name=call.name,
+                    args=call.args,
+                ),
+            )
+        pending = [asyncio.create_task(self._run_tool(call)) for call in calls]
+        results: list[ToolResultItem] = []
+        try:
+            for task in pending:
+                results.append(await task)
+                await self._publish_result(turn, results[-1])
+        except asyncio.CancelledError:
+            # Every stored tool_call gets its tool_result, so the history stays valid for a model.
+            for task in pending:
+                task.cancel()
+            for call in calls[len(results) :]:
+                cancelled = ToolResultItem(
+                    call_id=call.call_id, name=call.name, error={"code": "cancelled", "message": "the turn was stopped"}
+                )
+                await self._publish_result(turn, cancelled)
+            raise
+        return results
+
+    async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
+        try:
+            async with asyncio.timeout(self._limits.tool_timeout_seconds):
+                result: JSON = await self._tools.call(call.name, call.args)
+        except ToolError as exc:
+            return ToolResultItem(
+                call_id=call.call_id, name=call.name, error={"code": exc.code, "message": exc.message}
+            )
+        except TimeoutError:
+            return ToolResultItem(
+                call_id=call.call_id,
+                name=call.name,
+                error={"code": "tool_timeout", "message": "the tool took too long"},
+            )
+        except Exception:
+            log.exception("tool %s failed", call.name)
+            return ToolResultItem(
+                call_id=call.call_id, name=call.name, error={"code": "tool_failed", "message": "the tool failed"}
+            )
+        return ToolResultItem(call_id=call.call_id, name=call.name, result=result)
+
+    async def _publish_result(self, turn: RunningTurn, result: ToolResultItem) -> None:
+        self._store(
+            turn, EventType.TOOL_RESULT, f"tool_result:{turn.turn_id}:{result.call_id}", tool_result_content(result)
+        )
+        await self._emitter.publish(
+            turn.session_id,
+            ToolResultEvent(
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+                call_id=result.call_id,
+                name=result.name,
+                result=result.result,
+                error=ErrorInfo(**result.error) if result.error is not None else None,
+            ),
+        )
+
+    def _store(self, turn: RunningTurn, event_type: EventType, key: str, content: str) -> None:
+        self._log.submit(
+            EventDraft(
+                session_id=turn.session_id,
+                event_type=event_type,
+                content=content,
+                event_key=key,
+                turn_id=turn.turn_id,
+                timestamp=utc_now(),
+            )
+        )

@@ -1,0 +1,56 @@
+"""The ASGI app: Socket.IO and FastAPI on one port. `uvicorn server.main:app` serves it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import socketio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.config import Settings
+from server.runtime import Runtime
+from server.transport.http import router
+from server.transport.origins import origin_regex
+from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
+
+
+def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
+    settings = settings or Settings()
+    sio = create_sio(settings)
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, SocketIOEmitter(sio))
+        api.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.stop()
+            await sio.shutdown()
+
+    api = FastAPI(title="Realtime AI conversation backend", lifespan=lifespan)
+    regex = origin_regex(settings.cors_origin_list)
+    api.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if regex is None else [],
+        allow_origin_regex=regex,
+        allow_methods=["GET"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+    api.include_router(router)
+    register_handlers(sio, lambda: api.state.runtime.service)
+    app = socketio.ASGIApp(sio, other_asgi_app=api)
+    app.api = api  # the runner reaches the runtime through it to drain turns before connections close
+    return app
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+_configure_logging()
+app = create_app()

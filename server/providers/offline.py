@@ -1,0 +1,122 @@
+"""A deterministic script standing in for a model when no API key is set. Not an LLM, and it says so."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncGenerator, Sequence
+
+from server.core.models import Usage
+from server.core.ports import (
+    ConversationItem,
+    Finished,
+    ModelEvent,
+    ModelRequest,
+    ModelText,
+    TextDelta,
+    ToolCallItem,
+    ToolCallRequest,
+    ToolResultItem,
+    UsageReport,
+    UserText,
+)
+
+LABEL = "[offline scripted model, not an LLM]"
+_WEATHER = re.compile(r"\bweather\b.*?\b(?:in|at|for)\s+(?P<place>[^?!.,;:\n]+)", re.IGNORECASE | re.DOTALL)
+_TRAILING_FILLER = re.compile(r"\s+(?:today|tonight|tomorrow|right now|now|please)\s*$", re.IGNORECASE)
+_WORD = re.compile(r"\S+\s*")
+
+
+def weather_place(text: str) -> str | None:
+    """The place a message asks the weather for ("How's the weather in Delhi?" -> "Delhi")."""
+    match = _WEATHER.search(text)
+    if not match:
+        return None
+    place = _TRAILING_FILLER.sub("", match.group("place").strip()).strip()
+    return place or None
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _weather_answer(place: str, result: ToolResultItem) -> str:
+    if result.error is not None:
+        return (
+            f"{LABEL} The get_weather tool could not answer for {place}: {result.error['message']}. "
+            "This deterministic script has nothing more to say about the weather, but the conversation can go on."
+        )
+    r = result.result if isinstance(result.result, dict) else {}
+    where = ", ".join(str(p) for p in (r.get("location"), r.get("country")) if p)
+    return (
+        f"{LABEL} The get_weather tool reports {r.get('conditions', 'unknown conditions')} in {where or place}: "
+        f"{r.get('temperature_c')} °C, humidity {r.get('humidity_percent')}%, wind {r.get('wind_speed_kmh')} km/h "
+        f"(observed {r.get('observed_at')}). "
+        "This answer was put together by a deterministic script from the tool's result."
+    )
+
+
+def _echo_answer(question: str) -> str:
+    return (
+        f'{LABEL} You wrote {len(question.split())} words: "{_excerpt(question)}". '
+        "This reply comes from a deterministic script for trying the service without a model; "
+        "set GEMINI_API_KEY to talk to Gemini."
+    )
+
+
+class OfflineProvider:
+    name = "offline"
+
+    def __init__(self, chunk_delay_ms: float = 40) -> None:
+        self._delay = chunk_delay_ms / 1000
+
+    def not_ready_reason(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
+        conversation = list(request.conversation)
+        last_user = max((i for i, item in enumerate(conversation) if isinstance(item, UserText)), default=-1)
+        question = conversation[last_user].text if last_user >= 0 else ""  # type: ignore[union-attr]
+        results = [item for item in conversation[last_user + 1 :] if isinstance(item, ToolResultItem)]
+        place = weather_place(question)
+        prompt_words = sum(len(_text_of(item).split()) for item in conversation)
+
+        if place and not results and any(tool.name == "get_weather" for tool in request.tools):
+            yield ToolCallRequest(call_id="offline-weather-1", name="get_weather", args={"location": place})
+            yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=1))
+            yield Finished("stop")
+            return
+
+        answer = _weather_answer(place, results[-1]) if place and results else _echo_answer(question)
+        words = _WORD.findall(answer)
+        for word in words:
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            else:
+                await asyncio.sleep(0)  # still a stream: let other sessions run between words
+            yield TextDelta(word)
+        # Word counts, labelled as tokens: the offline script has no tokenizer.
+        yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=len(words)))
+        yield Finished("stop")
+
+    async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
+        questions = [item.text for item in conversation if isinstance(item, UserText)]
+        answers = [item for item in conversation if isinstance(item, ModelText)]
+        tools = Counter(item.name for item in conversation if isinstance(item, ToolCallItem))
+        parts = [f"Offline summary (scripted, not an LLM): {len(questions)} user messages and {len(answers)} answers."]
+        if tools:
+            parts.append("Tools used: " + ", ".join(f"{name} ×{n}" for name, n in sorted(tools.items())) + ".")
+        if questions:
+            parts.append(f'First message: "{_excerpt(questions[0])}".')
+        if len(questions) > 1:
+            parts.append(f'Last message: "{_excerpt(questions[-1])}".')
+        return " ".join(parts)
+
+
+def _text_of(item: ConversationItem) -> str:
+    return item.text if isinstance(item, UserText | ModelText) else ""

@@ -1,0 +1,115 @@
+"""Builds the service from settings, and takes it down again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from server.config import Settings
+from server.coordination.local import LocalCoordination
+from server.core.conversation import ConversationService, Limits
+from server.core.ports import Coordination, Emitter, ModelProvider, Repository
+from server.core.tasks import TaskTracker
+from server.providers.offline import OfflineProvider
+from server.storage.sqlite import SqliteRepository
+from server.tools.registry import ToolRegistry
+from server.tools.weather import weather_tool
+
+log = logging.getLogger("server")
+
+
+class ConfigurationError(RuntimeError):
+    """A setting asks for something this build cannot do."""
+
+
+async def open_repository(settings: Settings) -> Repository:
+    if settings.storage_backend == "sqlite":
+        return await SqliteRepository.open(settings.sqlite_path)
+    raise ConfigurationError(
+        f"STORAGE_BACKEND={settings.storage_backend} is not available in this build yet; "
+        "unset SUPABASE_URL / STORAGE_BACKEND to use the embedded SQLite storage"
+    )
+
+
+def make_provider(settings: Settings) -> ModelProvider:
+    if settings.llm_provider == "offline":
+        return OfflineProvider(chunk_delay_ms=settings.offline_chunk_delay_ms)
+    raise ConfigurationError(
+        f"LLM_PROVIDER={settings.llm_provider} is not available in this build yet; "
+        "set LLM_PROVIDER=offline (or unset GEMINI_API_KEY) to use the offline scripted model"
+    )
+
+
+def make_coordination(settings: Settings) -> Coordination:
+    if settings.redis_url:
+        raise ConfigurationError("REDIS_URL is not supported in this build yet; unset it to run one process")
+    return LocalCoordination()
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    repo: Repository
+    provider: ModelProvider
+    coordination: Coordination
+    http: httpx.AsyncClient
+    tasks: TaskTracker
+    service: ConversationService
+
+    @classmethod
+    async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
+        provider = make_provider(settings)
+        coordination = make_coordination(settings)
+        repo = await open_repository(settings)
+        http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
+        tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
+        tasks = TaskTracker()
+        service = ConversationService(
+            repo=repo,
+            provider=provider,
+            tools=tools,
+            emitter=emitter,
+            coordination=coordination,
+            tasks=tasks,
+            limits=Limits(
+                max_message_chars=settings.max_message_chars,
+                messages_per_minute=settings.message_rate_limit,
+                max_tool_rounds=settings.max_tool_rounds,
+            ),
+            summary_delay_seconds=settings.summary_delay_seconds,
+        )
+        log.info(
+            "serving with provider=%s storage=%s%s",
+            provider.name,
+            settings.storage_backend,
+            f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
+        )
+        return cls(settings, repo, provider, coordination, http, tasks, service)
+
+    async def readiness_problems(self) -> list[str]:
+        problems = []
+        reason = self.provider.not_ready_reason()
+        if reason:
+            problems.append(f"provider: {reason}")
+        try:
+            await asyncio.wait_for(self.repo.ping(), timeout=2)
+        except Exception as exc:
+            problems.append(f"storage: {type(exc).__name__}")
+        return problems
+
+    async def drain_turns(self) -> None:
+        """End running turns with `done` while clients are still connected to hear it."""
+        await self.service.shutdown(self.settings.shutdown_grace_seconds)
+
+    async def stop(self) -> None:
+        await self.drain_turns()
+        await self.service.disconnect_all()
+        await self.tasks.drain(self.settings.shutdown_grace_seconds)
+        await self.provider.aclose()
+        await self.http.aclose()
+        await self.coordination.aclose()
+        await self.repo.aclose()
+        log.info("stopped cleanly")

@@ -1,0 +1,174 @@
+"""The embedded default: SQLite through aiosqlite, in WAL mode."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import aiosqlite
+
+from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.storage.retry import with_retries
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id       TEXT PRIMARY KEY,
+    user_id          TEXT,
+    start_time       TEXT NOT NULL,
+    end_time         TEXT,
+    summary          TEXT,
+    duration_seconds INTEGER
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    timestamp  TEXT NOT NULL,
+    event_type TEXT NOT NULL
+        CHECK (event_type IN ('user_message', 'ai_message', 'tool_call', 'tool_result')),
+    content    TEXT NOT NULL,
+    turn_id    TEXT,
+    event_key  TEXT NOT NULL,
+    UNIQUE (session_id, event_key)
+);
+CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
+"""
+
+_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key"
+_SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
+
+
+def _transient(exc: BaseException) -> bool:
+    # "database is locked" / "disk I/O error": another writer or the disk, worth retrying.
+    return isinstance(exc, sqlite3.OperationalError)
+
+
+def _session(row: sqlite3.Row) -> Session:
+    return Session(
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        start_time=datetime.fromisoformat(row["start_time"]),
+        end_time=datetime.fromisoformat(row["end_time"]) if row["end_time"] else None,
+        summary=row["summary"],
+        duration_seconds=row["duration_seconds"],
+    )
+
+
+def _event(row: sqlite3.Row) -> StoredEvent:
+    return StoredEvent(
+        event_id=row["event_id"],
+        session_id=row["session_id"],
+        event_type=EventType(row["event_type"]),
+        content=row["content"],
+        timestamp=datetime.fromisoformat(row["timestamp"]),
+        turn_id=row["turn_id"],
+        event_key=row["event_key"],
+    )
+
+
+class SqliteRepository:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteRepository:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
+        async def op() -> Session:
+            await self._db.execute(
+                "INSERT INTO sessions (session_id, user_id, start_time) VALUES (?, ?, ?)"
+                " ON CONFLICT (session_id) DO NOTHING",
+                (session_id, user_id, start_time.isoformat()),
+            )
+            await self._db.commit()
+            row = await self._fetch_session(session_id)
+            assert row is not None
+            return row
+
+        return await with_retries(op, transient=_transient, what="ensure session")
+
+    async def get_session(self, session_id: str) -> Session | None:
+        return await with_retries(lambda: self._fetch_session(session_id), transient=_transient, what="read session")
+
+    async def _fetch_session(self, session_id: str) -> Session | None:
+        async with self._db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _session(row) if row else None
+
+    async def append_event(self, draft: EventDraft) -> StoredEvent:
+        async def op() -> StoredEvent:
+            async with self._db.execute(
+                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING"
+                f" RETURNING {_EVENT_COLUMNS}",
+                (
+                    draft.session_id,
+                    draft.timestamp.isoformat(),
+                    draft.event_type.value,
+                    draft.content,
+                    draft.turn_id,
+                    draft.event_key,
+                ),
+            ) as cursor:
+                row = await cursor.fetchone()
+            await self._db.commit()
+            if row is not None:
+                return _event(row)
+            existing = await self._fetch_event(draft.session_id, draft.event_key)
+            assert existing is not None
+            return existing
+
+        return await with_retries(op, transient=_transient, what="append event")
+
+    async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        return await with_retries(
+            lambda: self._fetch_event(session_id, event_key), transient=_transient, what="find event"
+        )
+
+    async def _fetch_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        async with self._db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND event_key = ?",
+            (session_id, event_key),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _event(row) if row else None
+
+    async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
+        async def op() -> list[StoredEvent]:
+            async with self._db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND event_id > ? ORDER BY event_id",
+                (session_id, after_event_id if after_event_id is not None else -1),
+            ) as cursor:
+                rows = await cursor.fetchall()
+            return [_event(r) for r in rows]
+
+        return await with_retries(op, transient=_transient, what="list events")
+
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
+        async def op() -> None:
+            await self._db.execute(
+                "UPDATE sessions SET summary = ?, end_time = ?, duration_seconds = ? WHERE session_id = ?",
+                (summary, end_time.isoformat(), duration_seconds, session_id),
+            )
+            await self._db.commit()
+
+        await with_retries(op, transient=_transient, what="write summary")
+
+    async def ping(self) -> None:
+        async with self._db.execute("SELECT 1") as cursor:
+            await cursor.fetchone()
+
+    async def aclose(self) -> None:
+        await self._db.close()

@@ -1,0 +1,51 @@
+"""Client-to-server payloads (PROTOCOL.md, "Client to server"). Unknown fields are ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from server.core.errors import ErrorCode, ServiceError
+
+
+def _encodable(value: str) -> str:
+    # Lone surrogates survive JSON decoding but cannot be stored or re-encoded.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+ShortText = Annotated[str, Field(max_length=256), AfterValidator(_encodable)]
+EventId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class JoinPayload(_Payload):
+    session_id: ShortText | None = None
+    user_id: ShortText | None = None
+    after_event_id: EventId | None = None
+
+
+class MessagePayload(_Payload):
+    session_id: ShortText
+    text: Text
+    client_message_id: ShortText | None = None
+
+
+class SessionPayload(_Payload):
+    """`cancel` and `leave`."""
+
+    session_id: ShortText
+
+
+def invalid_payload(error: ValidationError) -> ServiceError:
+    first = error.errors(include_input=False, include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "payload"
+    return ServiceError(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}")

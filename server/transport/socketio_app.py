@@ -1,0 +1,107 @@
+"""The Socket.IO layer: translates client events to the core and core events to rooms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import socketio
+from pydantic import BaseModel, ValidationError
+
+from server.config import Settings
+from server.core.conversation import ConversationService
+from server.core.errors import ErrorCode, ServiceError
+from server.core.models import EVENT_NAMES, TurnEvent
+from server.transport.origins import origin_matcher
+from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
+
+log = logging.getLogger(__name__)
+P = TypeVar("P", bound=BaseModel)
+Ack = dict[str, Any]
+
+
+def room(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+def create_sio(settings: Settings) -> socketio.AsyncServer:
+    return socketio.AsyncServer(
+        async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
+        cors_allowed_origins=origin_matcher(settings.cors_origin_list),
+        max_http_buffer_size=1_000_000,
+        logger=False,
+        engineio_logger=False,
+    )
+
+
+class SocketIOEmitter:
+    def __init__(self, sio: socketio.AsyncServer) -> None:
+        self._sio = sio
+
+    async def publish(self, session_id: str, event: TurnEvent) -> None:
+        await self._sio.emit(EVENT_NAMES[type(event)], event.model_dump(mode="json"), room=room(session_id))
+
+    async def add_member(self, member: str, session_id: str) -> None:
+        await self._sio.enter_room(member, room(session_id))
+
+    async def remove_member(self, member: str, session_id: str) -> None:
+        await self._sio.leave_room(member, room(session_id))
+
+
+def register_handlers(sio: socketio.AsyncServer, service: Callable[[], ConversationService]) -> None:
+    def handler(
+        model: type[P], action: Callable[[ConversationService, str, P], Awaitable[Ack]]
+    ) -> Callable[..., Awaitable[Ack]]:
+        async def handle(sid: str, *args: Any) -> Ack:
+            try:
+                if len(args) != 1:
+                    raise ServiceError(ErrorCode.INVALID_PAYLOAD, "send exactly one payload object")
+                try:
+                    payload = model.model_validate(args[0])
+                except ValidationError as exc:
+                    raise invalid_payload(exc) from None
+                return {"ok": True, **await action(service(), sid, payload)}
+            except ServiceError as exc:
+                return {"ok": False, "error": exc.as_dict()}
+            except Exception:
+                log.exception("unexpected failure handling an event from %s", sid)
+                return {"ok": False, "error": {"code": "unavailable", "message": "the server could not do this now"}}
+
+        return handle
+
+    async def join(svc: ConversationService, sid: str, p: JoinPayload) -> Ack:
+        result = await svc.join(sid, p.session_id, p.user_id, p.after_event_id)
+        return {
+            "session": result.session.model_dump(mode="json"),
+            "history": [event.public() for event in result.history],
+            "active_turn": result.active_turn.model_dump(mode="json") if result.active_turn else None,
+        }
+
+    async def message(svc: ConversationService, sid: str, p: MessagePayload) -> Ack:
+        accepted = await svc.send_message(sid, p.session_id, p.text, p.client_message_id)
+        return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
+
+    async def cancel(svc: ConversationService, sid: str, p: SessionPayload) -> Ack:
+        return {"turn_id": await svc.cancel(sid, p.session_id)}
+
+    async def leave(svc: ConversationService, sid: str, p: SessionPayload) -> Ack:
+        await svc.leave(sid, p.session_id)
+        return {}
+
+    sio.on("join", handler(JoinPayload, join))
+    sio.on("message", handler(MessagePayload, message))
+    sio.on("cancel", handler(SessionPayload, cancel))
+    sio.on("leave", handler(SessionPayload, leave))
+
+    async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
+        return True
+
+    async def disconnect(sid: str, *_reason: Any) -> None:
+        try:
+            await service().disconnect(sid)
+        except Exception:
+            log.exception("failed to clean up after %s disconnected", sid)
+
+    sio.on("connect", connect)
+    sio.on("disconnect", disconnect)

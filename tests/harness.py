@@ -1,0 +1,150 @@
+"""Real servers on free ports, and a Socket.IO client that records what it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import socketio
+import uvicorn
+
+from server.__main__ import Server, uvicorn_config
+from server.config import Settings
+from server.main import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "llm_provider": "offline",
+        "storage_backend": "sqlite",
+        "sqlite_path": tmp_path / "realtime.db",
+        "offline_chunk_delay_ms": 2,
+        "summary_delay_seconds": 0.2,
+        "log_level": "warning",
+        "weather_geocoding_url": "http://127.0.0.1:9",
+        "weather_forecast_url": "http://127.0.0.1:9",
+        "gemini_api_key": None,
+        "supabase_url": None,
+        "redis_url": None,
+        "shutdown_grace_seconds": 5,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class RunningServer:
+    """Our app under the real uvicorn server, in this event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.app = create_app(settings)
+        self.server = Server(uvicorn_config(settings, self.app))
+        self.server.config.loop = "asyncio"  # the test's loop is already running
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> RunningServer:
+        self.server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
+        self._task = asyncio.create_task(self.server.serve())
+        for _ in range(500):
+            if self.server.started:
+                return self
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        raise TimeoutError("server did not start")
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.api.state.runtime
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self.server.should_exit = True
+        await asyncio.wait_for(self._task, timeout=30)
+        self._task = None
+
+
+async def start_plain_app(app: Any, port: int | None = None) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """Serve any ASGI app (the fakes) on a free port."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Tab:
+    """One browser tab: a socketio.AsyncClient that records every server event."""
+
+    url: str
+    transport: str = "websocket"
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    client: socketio.AsyncClient = field(default_factory=lambda: socketio.AsyncClient(reconnection=False))
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connect(self) -> Tab:
+        for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
+            self.client.on(name, self._recorder(name))
+        await self.client.connect(self.url, transports=[self.transport], wait_timeout=10)
+        return self
+
+    def _recorder(self, name: str) -> Callable[[dict[str, Any]], Any]:
+        async def record(data: dict[str, Any]) -> None:
+            self.events.append((name, data))
+            self._changed.set()
+
+        return record
+
+    async def call(self, event: str, *data: Any, timeout: float = 10) -> Any:
+        payload: Any = data[0] if len(data) == 1 else (data if data else None)
+        return await self.client.call(event, payload, timeout=timeout)
+
+    async def join(self, session_id: str | None = None, **extra: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = dict(extra)
+        if session_id is not None:
+            payload["session_id"] = session_id
+        ack: dict[str, Any] = await self.call("join", payload)
+        assert ack["ok"], ack
+        return ack
+
+    async def wait_for(self, predicate: Callable[[list[tuple[str, dict[str, Any]]]], Any], timeout: float = 10) -> Any:
+        async def poll() -> Any:
+            while True:
+                found = predicate(self.events)
+                if found:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(poll(), timeout)
+
+    async def turn(self, turn_id: str, timeout: float = 10) -> list[tuple[str, dict[str, Any]]]:
+        """Every event of the turn, once its `done` arrived."""
+        await self.wait_for(lambda ev: any(n == "done" and d["turn_id"] == turn_id for n, d in ev), timeout)
+        return [(n, d) for n, d in self.events if d.get("turn_id") == turn_id]
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [d for n, d in self.events if n == name]
+
+    async def close(self) -> None:
+        if self.client.connected:
+            await self.client.disconnect()
