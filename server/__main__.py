@@ -8,18 +8,14 @@ from typing import Any
 import uvicorn
 
 from server.config import Settings
-from server.main import create_app
-from server.runtime import Runtime
+from server.main import create_app, prepare_shutdown
 
 
 class Server(uvicorn.Server):
     """uvicorn closes connections before the lifespan shutdown; end turns first so clients get `done`."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        app: Any = self.config.app
-        runtime: Runtime | None = getattr(app.api.state, "runtime", None)
-        if runtime is not None:
-            await runtime.drain_turns()
+        await prepare_shutdown(self.config.app)
         await super().shutdown(sockets)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import socketio
 from fastapi import FastAPI
@@ -45,6 +48,19 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     app = socketio.ASGIApp(sio, other_asgi_app=api)
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     return app
+
+
+async def prepare_shutdown(app: Any) -> None:
+    """Run before the server closes connections: turns end with `done` while clients still hear it."""
+    runtime: Runtime | None = getattr(app.api.state, "runtime", None)
+    if runtime is not None:
+        await runtime.drain_turns()
+    # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
+    # interval) and is a "transport close" to clients, so they reconnect to another process.
+    eio = app.engineio_server.eio
+    if eio.sockets:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(eio.disconnect(), timeout=5)
 
 
 def _configure_logging() -> None:

@@ -4,10 +4,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fakes import open_meteo_app
 from tests.harness import RunningServer, Tab, start_plain_app, test_settings
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+TabFactory = Callable[..., Awaitable[Tab]]
 
 
 @pytest.fixture
@@ -18,11 +22,9 @@ async def weather_url() -> AsyncIterator[str]:
     await task
 
 
-ServerFactory = Callable[..., Awaitable[RunningServer]]
-
-
 @pytest.fixture
 async def start_server(tmp_path: Path, weather_url: str) -> AsyncIterator[ServerFactory]:
+    """Start our app under uvicorn with settings overridden per test; all are stopped afterwards."""
     started: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
@@ -42,20 +44,27 @@ async def server(start_server: ServerFactory) -> RunningServer:
     return await start_server()
 
 
-@pytest.fixture(params=["websocket", "polling"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
-async def tabs(server: RunningServer) -> AsyncIterator[Callable[..., Awaitable[Tab]]]:
+async def connect() -> AsyncIterator[TabFactory]:
+    """Open a tab (a real socketio.AsyncClient) on a running server; all are closed afterwards."""
     opened: list[Tab] = []
 
-    async def open_tab(transport: str = "websocket", url: str | None = None) -> Tab:
-        tab = await Tab(url or server.url, transport).connect()
+    async def open_tab(server: RunningServer, transport: str = "websocket") -> Tab:
+        tab = await Tab(server.url, transport).connect()
         opened.append(tab)
         return tab
 
     yield open_tab
     for tab in opened:
         await tab.close()
+
+
+@pytest.fixture(params=["websocket", "polling"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def http(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        yield client

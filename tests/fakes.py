@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Query
@@ -9,7 +10,10 @@ from fastapi import FastAPI, Query
 PLACES = {
     "delhi": {"name": "Delhi", "country": "India", "latitude": 28.65195, "longitude": 77.23149},
     "paris": {"name": "Paris", "country": "France", "latitude": 48.85341, "longitude": 2.3488},
+    # Answers only after SLOW_SECONDS: for stopping a turn while its tool runs.
+    "slowtown": {"name": "Slowtown", "country": "Nowhere", "latitude": 1.0, "longitude": 1.0},
 }
+SLOW_SECONDS = 3
 
 
 def open_meteo_app() -> FastAPI:
@@ -20,6 +24,8 @@ def open_meteo_app() -> FastAPI:
     async def search(name: str = Query(), count: int = Query(1)) -> dict[str, Any]:
         app.state.requests.append(("search", name))
         place = PLACES.get(name.lower())
+        if name.lower() == "slowtown":
+            await asyncio.sleep(SLOW_SECONDS)
         return {"results": [place], "generationtime_ms": 0.5} if place else {"generationtime_ms": 0.5}
 
     @app.get("/v1/forecast")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ def free_port() -> int:
 
 
 def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    port = free_port()
     values: dict[str, Any] = {
         "host": "127.0.0.1",
-        "port": free_port(),
+        "port": port,
         "llm_provider": "offline",
         "storage_backend": "sqlite",
-        "sqlite_path": tmp_path / "realtime.db",
+        "sqlite_path": tmp_path / f"realtime-{port}.db",
         "offline_chunk_delay_ms": 2,
         "summary_delay_seconds": 0.2,
         "log_level": "warning",
@@ -39,7 +41,7 @@ def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "gemini_api_key": None,
         "supabase_url": None,
         "redis_url": None,
-        "shutdown_grace_seconds": 5,
+        "shutdown_grace_seconds": 1,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -146,5 +148,25 @@ class Tab:
         return [d for n, d in self.events if n == name]
 
     async def close(self) -> None:
-        if self.client.connected:
+        if not self.client.connected:
+            return
+        if self.transport != "polling":
             await self.client.disconnect()
+            return
+        # python-engineio's client waits for its pending long-poll (up to the ping interval)
+        # on disconnect; a browser aborts it, and so do we.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.client.disconnect(), 0.3)
+        http = self.client.eio.http
+        if http is not None and not http.closed:
+            await http.close()
+
+
+async def wait_for_summary(server: RunningServer, session_id: str, timeout: float = 10) -> Any:
+    """The session once its summary is written (read straight from the server's repository)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            session = await server.runtime.repo.get_session(session_id)
+            if session is not None and session.summary is not None:
+                return session
+            await asyncio.sleep(0.05)
