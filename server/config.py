@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_key: str | None = None
     redis_url: str | None = None
+    # How long a storage operation is retried before the request is answered `unavailable`.
+    storage_retry_seconds: float = Field(10, gt=0)
 
     summary_delay_seconds: float = Field(5, ge=0)
     max_message_chars: int = Field(8000, gt=0)

@@ -27,7 +27,7 @@ class ConfigurationError(RuntimeError):
 
 async def open_repository(settings: Settings) -> Repository:
     if settings.storage_backend == "sqlite":
-        return await SqliteRepository.open(settings.sqlite_path)
+        return await SqliteRepository.open(settings.sqlite_path, settings.storage_retry_seconds)
     raise ConfigurationError(
         f"STORAGE_BACKEND={settings.storage_backend} is not available in this build yet; "
         "unset SUPABASE_URL / STORAGE_BACKEND to use the embedded SQLite storage"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
 
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
 """
 
+T = TypeVar("T")
 _EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key"
 _SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
 
@@ -67,24 +70,40 @@ def _event(row: sqlite3.Row) -> StoredEvent:
 
 
 class SqliteRepository:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, retry_seconds: float) -> None:
         self._db = db
+        self._retry_seconds = retry_seconds
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteRepository:
+    async def open(cls, path: Path, retry_seconds: float = 10.0) -> SqliteRepository:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path)
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
+        # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
+        await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
         await db.executescript(SCHEMA)
         await db.commit()
-        return cls(db)
+        return cls(db, retry_seconds)
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        async def attempt() -> T:
+            try:
+                return await operation()
+            except sqlite3.Error:
+                # A failed statement can leave its implicit transaction open; start the retry clean.
+                await self._db.rollback()
+                raise
+
+        return await with_retries(attempt, transient=_transient, what=what, budget_seconds=self._retry_seconds)
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
         async def op() -> Session:
+            existing = await self._fetch_session(session_id)
+            if existing is not None:
+                return existing
             await self._db.execute(
                 "INSERT INTO sessions (session_id, user_id, start_time) VALUES (?, ?, ?)"
                 " ON CONFLICT (session_id) DO NOTHING",
@@ -95,10 +114,10 @@ class SqliteRepository:
             assert row is not None
             return row
 
-        return await with_retries(op, transient=_transient, what="ensure session")
+        return await self._retrying(op, "ensure session")
 
     async def get_session(self, session_id: str) -> Session | None:
-        return await with_retries(lambda: self._fetch_session(session_id), transient=_transient, what="read session")
+        return await self._retrying(lambda: self._fetch_session(session_id), "read session")
 
     async def _fetch_session(self, session_id: str) -> Session | None:
         async with self._db.execute(
@@ -130,12 +149,10 @@ class SqliteRepository:
             assert existing is not None
             return existing
 
-        return await with_retries(op, transient=_transient, what="append event")
+        return await self._retrying(op, "append event")
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
-        return await with_retries(
-            lambda: self._fetch_event(session_id, event_key), transient=_transient, what="find event"
-        )
+        return await self._retrying(lambda: self._fetch_event(session_id, event_key), "find event")
 
     async def _fetch_event(self, session_id: str, event_key: str) -> StoredEvent | None:
         async with self._db.execute(
@@ -154,7 +171,7 @@ class SqliteRepository:
                 rows = await cursor.fetchall()
             return [_event(r) for r in rows]
 
-        return await with_retries(op, transient=_transient, what="list events")
+        return await self._retrying(op, "list events")
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op() -> None:
@@ -164,7 +181,7 @@ class SqliteRepository:
             )
             await self._db.commit()
 
-        await with_retries(op, transient=_transient, what="write summary")
+        await self._retrying(op, "write summary")
 
     async def ping(self) -> None:
         async with self._db.execute("SELECT 1") as cursor:
