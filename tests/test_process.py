@@ -1,0 +1,120 @@
+"""The service as operators run it: `python -m server` and `uvicorn server.main:app`, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import Tab, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "SUPABASE_", "REDIS_", "AUTH_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        HOST="127.0.0.1",
+        PORT=str(port),
+        SQLITE_PATH=str(tmp_path / "data" / "realtime.db"),
+        LLM_PROVIDER="offline",
+        STORAGE_BACKEND="sqlite",
+        SUMMARY_DELAY_SECONDS="30",
+    )
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            if process.returncode is not None:
+                raise RuntimeError(f"the service exited with {process.returncode}")
+            try:
+                if (await client.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the service did not become healthy")
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[object]:
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(*argv: str, port: int | None = None, **extra: str) -> tuple[asyncio.subprocess.Process, str]:
+        port = port or free_port()
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=tmp_path, env=service_env(tmp_path, port, **extra), stdin=asyncio.subprocess.DEVNULL
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url, process)
+        return process, url
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    process, url = await spawn(sys.executable, "-m", "server", OFFLINE_CHUNK_DELAY_MS="60")
+    tab = await Tab(url, "websocket").connect()
+    watcher = await Tab(url, "polling").connect()
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+        await watcher.join(sid)
+        ack = await tab.call("message", {"session_id": sid, "text": "a turn the server will not finish"})
+        await tab.wait_for(lambda _: len(tab.named("chunk")) >= 3)
+        process.send_signal(signal.SIGTERM)
+        done = (await tab.turn(ack["turn_id"], timeout=10))[-1][1]
+        assert done["finish_reason"] == "error"
+        assert done["error"] == {"code": "shutdown", "message": "the server is shutting down"}
+        assert done["text"] and isinstance(done["event_id"], int)
+        assert (await watcher.turn(ack["turn_id"], timeout=10))[-1][1] == done
+        assert await asyncio.wait_for(process.wait(), 20) in (
+            0,
+            -signal.SIGTERM,
+        )  # uvicorn re-raises the signal once clean
+    finally:
+        await tab.close()
+        await watcher.close()
+
+    db = sqlite3.connect(tmp_path / "data" / "realtime.db")
+    rows = db.execute("SELECT event_id, event_type, content FROM events WHERE session_id = ? ORDER BY event_id", (sid,))
+    assert [r[1:] for r in rows] == [
+        ("user_message", "a turn the server will not finish"),
+        ("ai_message", done["text"]),
+    ]
+    # The session emptied at shutdown, so its summary was written then rather than lost.
+    summary, end_time = db.execute("SELECT summary, end_time FROM sessions WHERE session_id = ?", (sid,)).fetchone()
+    assert summary and "1 user messages" in summary and end_time
+    db.close()
+
+
+async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    process, url = await spawn(
+        sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1", "--port", str(port), port=port
+    )
+    tab = await Tab(url, "websocket").connect()
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+        ack = await tab.call("message", {"session_id": sid, "text": "hello uvicorn"})
+        done = (await tab.turn(ack["turn_id"]))[-1][1]
+        assert done["finish_reason"] == "stop"
+    finally:
+        await tab.close()
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once clean
