@@ -57,10 +57,11 @@ async def prepare_shutdown(app: Any) -> None:
         await runtime.drain_turns()
     # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
     # interval) and is a "transport close" to clients, so they reconnect to another process.
+    # Best effort: a client that vanished never reads its close packet, so do not wait long.
     eio = app.engineio_server.eio
     if eio.sockets:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(eio.disconnect(), timeout=5)
+            await asyncio.wait_for(eio.disconnect(), timeout=1)
 
 
 def _configure_logging() -> None:

@@ -49,6 +49,15 @@ def make_coordination(settings: Settings) -> Coordination:
     return LocalCoordination()
 
 
+def refuse_unsupported_security(settings: Settings) -> None:
+    # Failing closed: serving without the authentication an operator asked for would expose every session.
+    if settings.auth_jwt_secret or settings.auth_jwks_url:
+        raise ConfigurationError(
+            "AUTH_JWT_SECRET / AUTH_JWKS_URL are set, but this build cannot verify tokens yet; "
+            "refusing to serve without the authentication you asked for"
+        )
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -61,6 +70,7 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
+        refuse_unsupported_security(settings)
         provider = make_provider(settings)
         coordination = make_coordination(settings)
         repo = await open_repository(settings)

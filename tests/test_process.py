@@ -118,3 +118,33 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
         await tab.close()
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once clean
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("AUTH_JWT_SECRET", "s3cret", "authentication"),
+        ("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json", "authentication"),
+        ("LLM_PROVIDER", "gemini", "LLM_PROVIDER=gemini"),
+        ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0", "REDIS_URL"),
+    ],
+)
+async def test_settings_this_build_cannot_honour_stop_it_from_starting(
+    tmp_path: Path, setting: str, value: str, says: str
+) -> None:
+    env = service_env(tmp_path, free_port(), **{setting: value})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode != 0
+    assert says in out.decode() and "Application startup failed" in out.decode()
+    assert "s3cret" not in out.decode()

@@ -1,0 +1,122 @@
+"""Terminal chat with the realtime backend, using the python-socketio AsyncClient.
+
+    python client_examples/python_client.py                     # a new session
+    python client_examples/python_client.py --session <uuid>    # rejoin one (from another tab, too)
+
+Type a message and press Enter; the answer streams in as it is generated. `/cancel` stops the
+running answer, `/quit` leaves. Every tab of the same session sees the same stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+import socketio
+
+
+class Chat:
+    def __init__(self, url: str, transport: str) -> None:
+        self.url = url
+        self.transport = transport
+        self.sio = socketio.AsyncClient(reconnection=True)
+        self.session_id: str | None = None
+        self.turn_done = asyncio.Event()
+        self.turn_done.set()
+        self.my_turn: str | None = None
+        for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
+            self.sio.on(name, getattr(self, f"on_{name}"))
+
+    @staticmethod
+    def say(text: str, end: str = "\n") -> None:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+
+    async def on_user_message(self, data: dict[str, Any]) -> None:
+        if data["turn_id"] != self.my_turn:  # sent from another tab
+            self.say(f"\n[other tab] you: {data['text']}")
+        self.turn_done.clear()
+        self.say("assistant: ", end="")
+
+    async def on_chunk(self, data: dict[str, Any]) -> None:
+        self.say(data["text"], end="")
+
+    async def on_tool_call(self, data: dict[str, Any]) -> None:
+        self.say(f"\n  -> tool call {data['name']}({data['args']})")
+
+    async def on_tool_result(self, data: dict[str, Any]) -> None:
+        if data["error"]:
+            self.say(f"  <- tool error {data['error']['code']}: {data['error']['message']}")
+        else:
+            self.say(f"  <- tool result {data['result']}")
+        self.say("assistant: ", end="")
+
+    async def on_done(self, data: dict[str, Any]) -> None:
+        note = data["finish_reason"]
+        if data["error"]:
+            note += f" ({data['error']['code']}: {data['error']['message']})"
+        if data["usage"]:
+            note += f", tokens in/out {data['usage']['input_tokens']}/{data['usage']['output_tokens']}"
+        self.say(f"\n[done: {note}]")
+        self.turn_done.set()
+
+    async def on_presence(self, data: dict[str, Any]) -> None:
+        self.say(f"[{data['clients']} tab(s) in this session]")
+
+    async def start(self, session_id: str | None) -> None:
+        await self.sio.connect(self.url, transports=[self.transport], wait_timeout=10)
+        ack = await self.sio.call("join", {"session_id": session_id} if session_id else {})
+        if not ack["ok"]:
+            raise SystemExit(f"join refused: {ack['error']['code']}: {ack['error']['message']}")
+        self.session_id = ack["session"]["session_id"]
+        self.say(f"session {self.session_id}  (rejoin with --session {self.session_id})")
+        for event in ack["history"]:
+            who = {"user_message": "you", "ai_message": "assistant"}.get(event["event_type"], event["event_type"])
+            self.say(f"  {who}: {event['content']}")
+        if ack["active_turn"]:
+            self.turn_done.clear()
+            self.say(f"assistant (answer in progress): {ack['active_turn']['text']}", end="")
+
+    async def send(self, line: str) -> None:
+        if line == "/cancel":
+            ack = await self.sio.call("cancel", {"session_id": self.session_id})
+            if not ack["ok"]:
+                self.say(f"[{ack['error']['code']}: {ack['error']['message']}]")
+            return
+        self.turn_done.clear()
+        ack = await self.sio.call("message", {"session_id": self.session_id, "text": line})
+        if ack["ok"]:
+            self.my_turn = ack["turn_id"]
+        else:
+            self.turn_done.set()
+            self.say(f"[{ack['error']['code']}: {ack['error']['message']}]")
+
+    async def run(self) -> None:
+        interactive = sys.stdin.isatty()
+        while True:
+            if not interactive:
+                await self.turn_done.wait()  # piped input: one message after another
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line or line.strip() == "/quit":
+                break
+            if line.strip():
+                await self.send(line.strip())
+        await self.turn_done.wait() if not interactive else None
+        await self.sio.disconnect()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--session", help="a session id to rejoin")
+    parser.add_argument("--transport", choices=["websocket", "polling"], default="websocket")
+    args = parser.parse_args()
+    chat = Chat(args.url, args.transport)
+    await chat.start(args.session)
+    await chat.run()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

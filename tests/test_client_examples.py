@@ -1,0 +1,96 @@
+"""The example clients, run as a user would, against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerFactory, TabFactory
+from tests.harness import RunningServer
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "client_examples"
+
+
+async def run(*argv: str, stdin: bytes = b"", cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
+    text = out.decode()
+    assert process.returncode == 0, text
+    return text
+
+
+async def test_python_client_chats_and_shows_tools(server: RunningServer) -> None:
+    out = await run(
+        sys.executable,
+        str(EXAMPLES / "python_client.py"),
+        "--url",
+        server.url,
+        stdin=b"How's the weather in Delhi?\nhello\n/quit\n",
+    )
+    assert "session " in out and "[1 tab(s) in this session]" in out
+    assert "-> tool call get_weather({'location': 'Delhi'})" in out and "<- tool result {'location': 'Delhi'" in out
+    assert "mainly clear in Delhi, India: 24.5 °C" in out
+    assert out.count("[done: stop") == 2 and 'You wrote 1 words: "hello"' in out
+
+
+@pytest.fixture(scope="session")
+def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have Node.js for the JavaScript client example")
+        pytest.skip("Node.js is not installed here")
+    target = tmp_path_factory.mktemp("node") / "client"
+    shutil.copytree(EXAMPLES / "node", target, ignore=shutil.ignore_patterns("node_modules"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def installed_node_example(node_example: Path) -> Path:
+    import subprocess
+
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=node_example, check=True, timeout=180)
+    return node_example
+
+
+@pytest.fixture
+async def node_client(installed_node_example: Path) -> AsyncIterator[Path]:
+    yield installed_node_example
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_node_client_streams_a_turn_seen_by_another_tab(
+    start_server: ServerFactory, connect: TabFactory, node_client: Path, transport: str
+) -> None:
+    server = await start_server()
+    python_tab = await connect(server)
+    sid = (await python_tab.join())["session"]["session_id"]
+    out = await run(
+        "node",
+        "chat.mjs",
+        "How's the weather in Delhi?",
+        "--session",
+        sid,
+        "--transport",
+        transport,
+        cwd=node_client,
+        env={"SERVER_URL": server.url},
+    )
+    assert f"session {sid}" in out and "[2 tab(s) in this session]" in out
+    assert '-> tool call get_weather({"location":"Delhi"})' in out
+    assert "[done: stop" in out
+    done = python_tab.named("done")
+    assert len(done) == 1 and done[0]["text"] in out  # the JS tab printed exactly the streamed answer
+    assert python_tab.named("user_message")[0]["text"] == "How's the weather in Delhi?"
