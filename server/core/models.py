@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 JSON = Any
 
@@ -22,6 +22,11 @@ class EventType(StrEnum):
     TOOL_RESULT = "tool_result"
 
 
+def iso(moment: datetime) -> str:
+    """Every timestamp on the wire: ISO 8601 with its offset, e.g. 2026-11-27T10:59:44.199352+00:00."""
+    return moment.isoformat()
+
+
 class Session(BaseModel):
     session_id: str
     user_id: str | None
@@ -29,6 +34,10 @@ class Session(BaseModel):
     end_time: datetime | None = None
     summary: str | None = None
     duration_seconds: int | None = None
+
+    @field_serializer("start_time", "end_time")
+    def _iso(self, moment: datetime | None) -> str | None:
+        return iso(moment) if moment is not None else None
 
 
 class EventDraft(BaseModel):
@@ -59,7 +68,7 @@ class StoredEvent(BaseModel):
             "event_id": self.event_id,
             "event_type": self.event_type.value,
             "content": self.content,
-            "timestamp": self.timestamp.isoformat(),
+            "timestamp": iso(self.timestamp),
         }
 
 
