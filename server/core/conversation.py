@@ -171,8 +171,6 @@ class ConversationService:
                 return earlier
         if not self._rate.allows(member):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
-        if self._closing:
-            raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
         turn_id = str(uuid.uuid4())
         try:
@@ -185,6 +183,9 @@ class ConversationService:
             if client_message_id is not None and running is not None and running.client_message_id == client_message_id:
                 return await asyncio.shield(running.accepted)
             raise ServiceError(ErrorCode.BUSY, "a turn is already running in this session")
+        if self._closing:
+            await self._coordination.release_turn(sid, turn_id)
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
         turn = RunningTurn(sid, turn_id, client_message_id, asyncio.get_running_loop().create_future())
         self._running[sid] = turn
