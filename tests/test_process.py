@@ -148,3 +148,16 @@ async def test_settings_this_build_cannot_honour_stop_it_from_starting(
     assert process.returncode != 0
     assert says in out.decode() and "Application startup failed" in out.decode()
     assert "s3cret" not in out.decode()
+
+
+async def test_settings_come_from_a_dot_env_file(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / ".env").write_text("MAX_MESSAGE_CHARS=5\nOFFLINE_CHUNK_DELAY_MS=0\n")
+    _, url = await spawn(sys.executable, "-m", "server")
+    tab = await Tab(url, "websocket").connect()
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+        refused = await tab.call("message", {"session_id": sid, "text": "123456"})
+        assert refused["error"]["code"] == "message_too_long" and "5 characters" in refused["error"]["message"]
+        assert (await tab.call("message", {"session_id": sid, "text": "12345"}))["ok"]
+    finally:
+        await tab.close()

@@ -1,0 +1,250 @@
+"""The conversation core on its own seams: scripted model providers, a recording emitter, real SQLite.
+
+Provider failures cannot be provoked through the offline script, so these drive the real
+ConversationService and TurnRunner with providers that implement the ModelProvider interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.coordination.local import LocalCoordination
+from server.core.conversation import ConversationService, Limits
+from server.core.models import EVENT_NAMES, TurnEvent, Usage
+from server.core.ports import (
+    ConversationItem,
+    Finished,
+    ModelEvent,
+    ModelRequest,
+    ProviderError,
+    TextDelta,
+    ToolCallRequest,
+    ToolResultItem,
+    UsageReport,
+)
+from server.core.tasks import TaskTracker
+from server.storage.sqlite import SqliteRepository
+from server.tools.registry import Tool, ToolRegistry
+from server.tools.weather import SPEC as WEATHER_SPEC
+
+Script = Callable[[ModelRequest, int], AsyncGenerator[ModelEvent, None]]
+
+
+class ScriptedProvider:
+    name = "scripted"
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[ModelRequest] = []
+
+    def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
+        self.requests.append(request)
+        return self.script(request, len(self.requests))
+
+    async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
+        return f"{len(conversation)} items"
+
+    def not_ready_reason(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RecordingEmitter:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.done = asyncio.Event()
+
+    async def publish(self, session_id: str, event: TurnEvent) -> None:
+        name = EVENT_NAMES[type(event)]
+        self.events.append((name, event.model_dump(mode="json")))
+        if name == "done":
+            self.done.set()
+
+    async def add_member(self, member: str, session_id: str) -> None:
+        return None
+
+    async def remove_member(self, member: str, session_id: str) -> None:
+        return None
+
+
+class Core:
+    def __init__(self, service: ConversationService, emitter: RecordingEmitter, repo: SqliteRepository) -> None:
+        self.service, self.emitter, self.repo = service, emitter, repo
+
+    async def turn(self, text: str = "hi") -> tuple[list[tuple[str, dict[str, Any]]], list[Any]]:
+        sid = (await self.service.join("member", None, None, None)).session.session_id
+        self.emitter.done.clear()
+        self.emitter.events.clear()
+        await self.service.send_message("member", sid, text, None)
+        await asyncio.wait_for(self.emitter.done.wait(), 10)
+        await asyncio.sleep(0.05)  # let the ordered log store the AI message
+        return self.emitter.events, await self.repo.list_events(sid)
+
+
+@pytest.fixture
+async def make_core(tmp_path: Path) -> Any:
+    made: list[tuple[TaskTracker, SqliteRepository]] = []
+
+    async def make(script: Script, tools: list[Tool] | None = None, **limits: Any) -> tuple[Core, ScriptedProvider]:
+        provider = ScriptedProvider(script)
+        repo = await SqliteRepository.open(tmp_path / f"core-{len(made)}.db")
+        tasks = TaskTracker()
+        emitter = RecordingEmitter()
+        service = ConversationService(
+            repo=repo,
+            provider=provider,
+            tools=ToolRegistry(tools or []),
+            emitter=emitter,
+            coordination=LocalCoordination(),
+            tasks=tasks,
+            limits=Limits(**limits),
+            summary_delay_seconds=60,
+        )
+        made.append((tasks, repo))
+        return Core(service, emitter, repo), provider
+
+    yield make
+    for tasks, repo in made:
+        await tasks.drain(1)
+        await repo.aclose()
+
+
+async def test_a_provider_error_mid_stream_ends_the_turn_with_the_partial_text(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("partial ")
+        yield TextDelta("answer")
+        raise ProviderError("upstream_failed", "the model stream broke")
+
+    core, _ = await make_core(script)
+    events, stored = await core.turn()
+    done = events[-1][1]
+    assert [n for n, _ in events] == ["user_message", "chunk", "chunk", "done"]
+    assert done["finish_reason"] == "error" and done["text"] == "partial answer"
+    assert done["error"] == {"code": "upstream_failed", "message": "the model stream broke"}
+    assert [(e.event_type, e.content) for e in stored][-1] == ("ai_message", "partial answer")
+
+
+async def test_an_unexpected_provider_crash_is_a_coded_error_without_details(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        raise RuntimeError("secret internal detail")
+        yield TextDelta("never")
+
+    core, _ = await make_core(script)
+    events, stored = await core.turn()
+    done = events[-1][1]
+    assert done["finish_reason"] == "error" and done["error"]["code"] == "provider_error"
+    assert "secret" not in json.dumps(events)
+    assert stored[-1].event_type == "ai_message" and stored[-1].content == ""
+
+
+@pytest.mark.parametrize("reason", ["max_tokens", "safety"])
+async def test_finish_reasons_pass_through(make_core: Any, reason: str) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("cut")
+        yield Finished(reason)  # type: ignore[arg-type]
+
+    core, _ = await make_core(script)
+    events, _ = await core.turn()
+    assert events[-1][1]["finish_reason"] == reason and events[-1][1]["error"] is None
+
+
+async def test_usage_sums_every_request_and_parallel_tool_calls_run_in_one_round(make_core: Any) -> None:
+    started: list[str] = []
+    both_running = asyncio.Event()
+
+    async def slow_echo(args: dict[str, Any]) -> Any:
+        started.append(args["location"])
+        if len(started) == 2:
+            both_running.set()
+        await asyncio.wait_for(both_running.wait(), 5)  # proves the two calls overlap
+        return {"echo": args["location"]}
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield UsageReport(Usage(input_tokens=10, output_tokens=2))
+        if n == 1:
+            yield ToolCallRequest(call_id="a", name="get_weather", args={"location": "Oslo"})
+            yield ToolCallRequest(call_id="a", name="get_weather", args={"location": "Rome"})  # duplicate id
+        else:
+            results = [i for i in request.conversation if isinstance(i, ToolResultItem)]
+            yield TextDelta(" & ".join(r.result["echo"] for r in results))
+        yield Finished("stop")
+
+    core, provider = await make_core(script, tools=[Tool(WEATHER_SPEC, slow_echo)])
+    events, stored = await core.turn()
+    names = [n for n, _ in events]
+    assert names == ["user_message", "tool_call", "tool_call", "tool_result", "tool_result", "chunk", "done"]
+    call_ids = [d["call_id"] for n, d in events if n == "tool_call"]
+    assert len(set(call_ids)) == 2  # a repeated id is made unique within the turn
+    assert [d["call_id"] for n, d in events if n == "tool_result"] == call_ids
+    done = events[-1][1]
+    assert done["text"] == "Oslo & Rome" and done["usage"] == {"input_tokens": 20, "output_tokens": 4}
+    assert len(provider.requests) == 2 and provider.requests[0].tools[0].name == "get_weather"
+    assert [e.event_type for e in stored] == [
+        "user_message",
+        "tool_call",
+        "tool_call",
+        "tool_result",
+        "tool_result",
+        "ai_message",
+    ]
+
+
+async def test_a_failing_tool_is_reported_and_the_turn_goes_on(make_core: Any) -> None:
+    async def broken(args: dict[str, Any]) -> Any:
+        raise KeyError("internal")
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        if n == 1:
+            yield ToolCallRequest(call_id="c1", name="get_weather", args={"location": "x"})
+            yield ToolCallRequest(call_id="c2", name="no_such_tool", args={})
+        else:
+            errors = [i.error["code"] for i in request.conversation if isinstance(i, ToolResultItem) and i.error]
+            yield TextDelta("tools failed: " + ",".join(errors))
+        yield Finished("stop")
+
+    core, _ = await make_core(script, tools=[Tool(WEATHER_SPEC, broken)])
+    events, _ = await core.turn()
+    results = [d["error"]["code"] for n, d in events if n == "tool_result"]
+    assert results == ["tool_failed", "unknown_tool"]
+    assert (
+        events[-1][1]["finish_reason"] == "stop" and events[-1][1]["text"] == "tools failed: tool_failed,unknown_tool"
+    )
+
+
+async def test_a_model_that_never_stops_asking_for_tools_is_bounded(make_core: Any) -> None:
+    async def echo(args: dict[str, Any]) -> Any:
+        return "ok"
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield ToolCallRequest(call_id=f"round-{n}", name="get_weather", args={"location": "loop"})
+        yield Finished("stop")
+
+    core, provider = await make_core(script, tools=[Tool(WEATHER_SPEC, echo)], max_tool_rounds=2)
+    events, _ = await core.turn()
+    done = events[-1][1]
+    assert done["finish_reason"] == "error" and done["error"]["code"] == "tool_rounds_exceeded"
+    assert len(provider.requests) == 3
+    assert len([n for n, _ in events if n == "tool_call"]) == 2 == len([n for n, _ in events if n == "tool_result"])
+
+
+async def test_history_given_to_the_provider_is_rebuilt_from_storage(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta(f"answer {n}")
+        yield Finished("stop")
+
+    core, provider = await make_core(script)
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    for text in ("one", "two"):
+        core.emitter.done.clear()
+        await core.service.send_message("member", sid, text, None)
+        await asyncio.wait_for(core.emitter.done.wait(), 5)
+    seen = [(type(i).__name__, getattr(i, "text", None)) for i in provider.requests[1].conversation]
+    assert seen == [("UserText", "one"), ("ModelText", "answer 1"), ("UserText", "two")]
