@@ -248,3 +248,27 @@ async def test_history_given_to_the_provider_is_rebuilt_from_storage(make_core: 
         await asyncio.wait_for(core.emitter.done.wait(), 5)
     seen = [(type(i).__name__, getattr(i, "text", None)) for i in provider.requests[1].conversation]
     assert seen == [("UserText", "one"), ("ModelText", "answer 1"), ("UserText", "two")]
+
+
+async def test_an_unexpected_storage_failure_does_not_leave_the_session_busy(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("fine")
+        yield Finished("stop")
+
+    core, _ = await make_core(script)
+    real_append = core.repo.append_event
+    failures = [RuntimeError("a bug in a storage backend")]
+
+    async def append_event(draft: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_append(draft)
+
+    core.repo.append_event = append_event  # type: ignore[method-assign]
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    with pytest.raises(RuntimeError):
+        await core.service.send_message("member", sid, "first", None)
+    assert await core.service._coordination.running_turn(sid) is None
+    accepted = await core.service.send_message("member", sid, "second", None)
+    await asyncio.wait_for(core.emitter.done.wait(), 5)
+    assert accepted.event_id is not None and core.emitter.events[-1][1]["text"] == "fine"

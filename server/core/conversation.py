@@ -200,28 +200,34 @@ class ConversationService:
         )
         try:
             stored = await self._log.submit(draft)
-        except StorageUnavailable:
+        except BaseException as exc:
+            # Whatever went wrong, the turn never started: free the session for the next message.
             del self._running[sid]
             await self._coordination.release_turn(sid, turn_id)
             error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
             turn.accepted.set_exception(error)
             turn.accepted.exception()  # retrieved here; a concurrent retry re-raises it
-            raise error from None
+            if isinstance(exc, StorageUnavailable):
+                raise error from None
+            raise
 
         self._rate.take(member)
         accepted = MessageAccepted(turn_id=turn_id, event_id=stored.event_id)
         turn.accepted.set_result(accepted)
-        await self._emitter.publish(
-            sid,
-            UserMessageEvent(
-                session_id=sid,
-                turn_id=turn_id,
-                event_id=stored.event_id,
-                text=text,
-                client_message_id=client_message_id,
-            ),
-        )
-        turn.runner = self._tasks.spawn(self._run(turn), name=f"turn {turn_id}")
+        try:
+            await self._emitter.publish(
+                sid,
+                UserMessageEvent(
+                    session_id=sid,
+                    turn_id=turn_id,
+                    event_id=stored.event_id,
+                    text=text,
+                    client_message_id=client_message_id,
+                ),
+            )
+        finally:
+            # The message is stored, so its turn runs (and ends in `done`) even if that emit failed.
+            turn.runner = self._tasks.spawn(self._run(turn), name=f"turn {turn_id}")
         return accepted
 
     async def cancel(self, member: str, session_id: str) -> str:
