@@ -47,18 +47,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
+
+
 @dataclass
-class _Outcome:
+class _TurnState:
+    """What a turn's model rounds produced; kept outside the generation task so it survives a cancel."""
+
     finish_reason: FinishReason = "stop"
     error: ErrorInfo | None = None
     usage: Usage | None = None
-
-
-@dataclass
-class _Generation:
-    """What the model produced so far in a turn; survives the generation task's cancellation."""
-
-    outcome: _Outcome = field(default_factory=_Outcome)
     call_ids: set[str] = field(default_factory=set)
 
 
@@ -81,7 +79,7 @@ class TurnRunner:
         self._limits = limits
 
     async def run(self, turn: RunningTurn) -> None:
-        state = _Generation()
+        state = _TurnState()
         generation = asyncio.create_task(self._generate(turn, state), name=f"generate {turn.turn_id}")
         turn.generation = generation
         if turn.stop_reason is not None:
@@ -92,29 +90,33 @@ class TurnRunner:
             # Only the tracker's last-resort drain cancels a runner: still end the turn.
             turn.stop("shutdown")
             await asyncio.wait([generation])
-            state.outcome.finish_reason = "error"
-            state.outcome.error = ErrorInfo(code="shutdown", message="the server is shutting down")
-            await self._finish(turn, state.outcome)
+            await self._finish(turn, generation, state)
             raise
-        outcome = state.outcome
+        await self._finish(turn, generation, state)
+
+    @staticmethod
+    def _settle(turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
+        """Turn how the generation ended into the turn's finish reason and error."""
         if generation.cancelled():
             if turn.stop_reason == "cancelled":
-                outcome.finish_reason, outcome.error = "cancelled", None
+                state.finish_reason, state.error = "cancelled", None
             else:
-                outcome.finish_reason = "error"
-                outcome.error = ErrorInfo(code="shutdown", message="the server is shutting down")
-        elif (exc := generation.exception()) is not None:
-            outcome.finish_reason = "error"
-            if isinstance(exc, ProviderError):
-                outcome.error = ErrorInfo(code=exc.code, message=exc.message)
-            elif isinstance(exc, StorageUnavailable):
-                outcome.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
-            else:
-                log.error("turn %s failed", turn.turn_id, exc_info=exc)
-                outcome.error = ErrorInfo(code="provider_error", message="the model could not answer")
-        await self._finish(turn, outcome)
+                state.finish_reason, state.error = "error", SHUTDOWN
+            return
+        exc = generation.exception()
+        if exc is None:
+            return
+        state.finish_reason = "error"
+        if isinstance(exc, ProviderError):
+            state.error = ErrorInfo(code=exc.code, message=exc.message)
+        elif isinstance(exc, StorageUnavailable):
+            state.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
+        else:
+            log.error("turn %s failed", turn.turn_id, exc_info=exc)
+            state.error = ErrorInfo(code="provider_error", message="the model could not answer")
 
-    async def _finish(self, turn: RunningTurn, outcome: _Outcome) -> None:
+    async def _finish(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
+        self._settle(turn, generation, state)
         text = turn.text
         write = self._log.submit(
             EventDraft(
@@ -134,19 +136,18 @@ class TurnRunner:
                 session_id=turn.session_id,
                 turn_id=turn.turn_id,
                 text=text,
-                finish_reason=outcome.finish_reason,
-                usage=outcome.usage,
+                finish_reason=state.finish_reason,
+                usage=state.usage,
                 event_id=event_id,
-                error=outcome.error,
+                error=state.error,
             ),
         )
 
-    async def _generate(self, turn: RunningTurn, state: _Generation) -> None:
+    async def _generate(self, turn: RunningTurn, state: _TurnState) -> None:
         await self._log.flush(turn.session_id)
         events = await self._repo.list_events(turn.session_id)
         conversation: list[ConversationItem] = conversation_from_events(events)
         tools = self._tools.specs
-        outcome = state.outcome
         for _round in range(self._limits.max_tool_rounds + 1):
             round_start = len(turn.parts)
             calls: list[ToolCallItem] = []
@@ -157,12 +158,12 @@ class TurnRunner:
                         if event.text:
                             await self._chunk(turn, event.text)
                     elif isinstance(event, ToolCallRequest):
-                        calls.append(self._tool_call_item(turn, state, event))
+                        calls.append(self._tool_call_item(state, event))
                     elif isinstance(event, UsageReport):
-                        outcome.usage = event.usage if outcome.usage is None else outcome.usage + event.usage
+                        state.usage = event.usage if state.usage is None else state.usage + event.usage
                     elif isinstance(event, Finished):
-                        outcome.finish_reason = event.reason
-            if not calls or outcome.finish_reason != "stop":
+                        state.finish_reason = event.reason
+            if not calls or state.finish_reason != "stop":
                 return
             if _round == self._limits.max_tool_rounds:
                 raise ProviderError(
@@ -182,7 +183,7 @@ class TurnRunner:
         )
 
     @staticmethod
-    def _tool_call_item(turn: RunningTurn, state: _Generation, call: ToolCallRequest) -> ToolCallItem:
+    def _tool_call_item(state: _TurnState, call: ToolCallRequest) -> ToolCallItem:
         # call_id keys the stored tool events, so it must be unique within the turn.
         call_id = call.call_id
         if not call_id or call_id in state.call_ids:
