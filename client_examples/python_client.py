@@ -103,7 +103,8 @@ class Chat:
                 break
             if line.strip():
                 await self.send(line.strip())
-        await self.turn_done.wait() if not interactive else None
+        if not interactive:
+            await self.turn_done.wait()
         await self.sio.disconnect()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from typing import Any
 
@@ -25,7 +26,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        loop="uvloop",
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",  # uvloop: not on Windows
         http="httptools",
         ws="websockets-sansio",
         # Deflate measured as the largest cost per chunk and per idle socket (baseline-bench.md).
