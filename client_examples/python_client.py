@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 from typing import Any
 
 import socketio
@@ -25,7 +26,7 @@ class Chat:
         self.session_id: str | None = None
         self.turn_done = asyncio.Event()
         self.turn_done.set()
-        self.my_turn: str | None = None
+        self.sent_ids: set[str] = set()
         for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
             self.sio.on(name, getattr(self, f"on_{name}"))
 
@@ -35,7 +36,7 @@ class Chat:
         sys.stdout.flush()
 
     async def on_user_message(self, data: dict[str, Any]) -> None:
-        if data["turn_id"] != self.my_turn:  # sent from another tab
+        if data["client_message_id"] not in self.sent_ids:  # sent from another tab
             self.say(f"\n[other tab] you: {data['text']}")
         self.turn_done.clear()
         self.say("assistant: ", end="")
@@ -86,10 +87,13 @@ class Chat:
                 self.say(f"[{ack['error']['code']}: {ack['error']['message']}]")
             return
         self.turn_done.clear()
-        ack = await self.sio.call("message", {"session_id": self.session_id, "text": line})
-        if ack["ok"]:
-            self.my_turn = ack["turn_id"]
-        else:
+        # Our own id: recognises our message when it comes back, and makes a resend safe.
+        message_id = str(uuid.uuid4())
+        self.sent_ids.add(message_id)
+        ack = await self.sio.call(
+            "message", {"session_id": self.session_id, "text": line, "client_message_id": message_id}
+        )
+        if not ack["ok"]:
             self.turn_done.set()
             self.say(f"[{ack['error']['code']}: {ack['error']['message']}]")
 
