@@ -86,7 +86,7 @@ async def test_a_session_id_that_is_not_a_uuid_is_refused(
     server: RunningServer, connect: TabFactory, event: str
 ) -> None:
     tab, _ = await joined_tab(server, connect)
-    for bad in ["", "abc", "12345678-1234-1234-1234-12345678901Z", "../etc/passwd"]:
+    for bad in ["", "abc", "12345678-1234-1234-1234-12345678901Z", "../etc/passwd", "a" * 300]:
         ack = await tab.call(event, {"session_id": bad, "text": ""})
         assert error_code(ack) == "invalid_session_id", (bad, ack)
 

@@ -26,6 +26,15 @@ ERROR_CODES = {
 FIELDS = ["session_id", "text", "user_id", "after_event_id", "client_message_id"]
 OWN_SESSION = str(uuid.uuid4())
 
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 any_text = st.text(st.characters(exclude_categories=()), max_size=30)  # lone surrogates included
 scalars = st.one_of(
     st.none(),
@@ -79,6 +88,8 @@ async def test_malformed_payloads_never_disconnect_or_disturb(server: RunningSer
                 assert answer["error"]["code"] in ERROR_CODES, answer
             if not isinstance(payload, dict):
                 assert answer["error"]["code"] == "invalid_payload", answer
+            elif isinstance(payload.get("session_id"), str) and not _is_uuid(payload["session_id"]):
+                assert answer["error"]["code"] in {"invalid_payload", "invalid_session_id"}, answer
         else:
             await fuzzer.client.emit(event, payload)
         assert fuzzer.client.connected

@@ -28,13 +28,13 @@ class _Payload(BaseModel):
 
 
 class JoinPayload(_Payload):
-    session_id: ShortText | None = None
+    session_id: Text | None = None  # any string: one that is not a UUID is `invalid_session_id`
     user_id: ShortText | None = None
     after_event_id: EventId | None = None
 
 
 class MessagePayload(_Payload):
-    session_id: ShortText
+    session_id: Text
     text: Text
     client_message_id: ShortText | None = None
 
@@ -42,7 +42,7 @@ class MessagePayload(_Payload):
 class SessionPayload(_Payload):
     """`cancel` and `leave`."""
 
-    session_id: ShortText
+    session_id: Text
 
 
 def invalid_payload(error: ValidationError) -> ServiceError:
