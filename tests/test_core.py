@@ -16,7 +16,7 @@ import pytest
 
 from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.models import EVENT_NAMES, TurnEvent, Usage
+from server.core.models import EVENT_NAMES, ActiveTurn, TurnEvent, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -89,11 +89,28 @@ class Core:
         return self.emitter.events, await self.repo.list_events(sid)
 
 
+class SharedCoordination(LocalCoordination):
+    """Stands in for a cross-process backend: records chunks, and knows of a turn on another process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[tuple[str, int, str]] = []
+        self.elsewhere: dict[str, ActiveTurn] = {}
+
+    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
+        self.chunks.append((turn_id, index, text))
+
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        return self.elsewhere.get(session_id)
+
+
 @pytest.fixture
 async def make_core(tmp_path: Path) -> Any:
     made: list[tuple[TaskTracker, SqliteRepository]] = []
 
-    async def make(script: Script, tools: list[Tool] | None = None, **limits: Any) -> tuple[Core, ScriptedProvider]:
+    async def make(
+        script: Script, tools: list[Tool] | None = None, coordination: LocalCoordination | None = None, **limits: Any
+    ) -> tuple[Core, ScriptedProvider]:
         provider = ScriptedProvider(script)
         repo = await SqliteRepository.open(tmp_path / f"core-{len(made)}.db")
         tasks = TaskTracker()
@@ -103,7 +120,7 @@ async def make_core(tmp_path: Path) -> Any:
             provider=provider,
             tools=ToolRegistry(tools or []),
             emitter=emitter,
-            coordination=LocalCoordination(),
+            coordination=coordination or LocalCoordination(),
             tasks=tasks,
             limits=Limits(**limits),
             summary_delay_seconds=60,
@@ -272,3 +289,21 @@ async def test_an_unexpected_storage_failure_does_not_leave_the_session_busy(mak
     accepted = await core.service.send_message("member", sid, "second", None)
     await asyncio.wait_for(core.emitter.done.wait(), 5)
     assert accepted.event_id is not None and core.emitter.events[-1][1]["text"] == "fine"
+
+
+async def test_chunks_reach_the_coordination_and_joins_see_turns_running_elsewhere(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        for word in ("one ", "two ", "three"):
+            yield TextDelta(word)
+        yield Finished("stop")
+
+    shared = SharedCoordination()
+    core, _ = await make_core(script, coordination=shared)
+    events, _ = await core.turn()
+    turn_id = events[0][1]["turn_id"]
+    assert shared.chunks == [(turn_id, 0, "one "), (turn_id, 1, "two "), (turn_id, 2, "three")]
+
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    remote = ActiveTurn(turn_id="on-another-process", text="so far", next_index=2)
+    shared.elsewhere[sid] = remote
+    assert (await core.service.join("other", sid, None, None)).active_turn == remote

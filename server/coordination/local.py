@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime
 
+from server.core.models import ActiveTurn
 from server.core.ports import CancelHandler
 
 
@@ -26,6 +27,13 @@ class LocalCoordination:
 
     async def running_turn(self, session_id: str) -> str | None:
         return self._turns.get(session_id)
+
+    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
+        # One process: the core reads its own running turns directly.
+        return None
+
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        return None
 
     async def request_cancel(self, session_id: str, turn_id: str) -> None:
         for handler in self._cancel_handlers:

@@ -112,7 +112,13 @@ class ConversationService:
         self._running: dict[str, RunningTurn] = {}
         self._closing = False
         self._runner = TurnRunner(
-            repo=repo, provider=provider, tools=tools, emitter=emitter, event_log=self._log, limits=limits
+            repo=repo,
+            provider=provider,
+            tools=tools,
+            emitter=emitter,
+            coordination=coordination,
+            event_log=self._log,
+            limits=limits,
         )
         self.summaries = SummaryScheduler(
             repo=repo,
@@ -143,14 +149,15 @@ class ConversationService:
             await self._emitter.add_member(member, sid)
         clients = await self._coordination.add_member(sid, member)
         self.summaries.session_joined(sid)
-        running = self._running.get(sid)
         # Taken right after entering the room: every chunk is in this text or reaches the
         # socket live, and `next_index` tells the client which live chunks to drop.
-        active = (
-            ActiveTurn(turn_id=running.turn_id, text=running.text, next_index=len(running.parts))
-            if running is not None
-            else None
-        )
+        running = self._running.get(sid)
+        if running is not None:
+            active: ActiveTurn | None = ActiveTurn(
+                turn_id=running.turn_id, text=running.text, next_index=len(running.parts)
+            )
+        else:
+            active = await self._coordination.turn_snapshot(sid)
         if clients is not None:
             await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))
         return JoinResult(session=session, history=history, active_turn=active)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from server.core.models import JSON, EventDraft, Session, StoredEvent, TurnEvent, Usage
+from server.core.models import JSON, ActiveTurn, EventDraft, Session, StoredEvent, TurnEvent, Usage
 
 # ---------------------------------------------------------------- model provider
 
@@ -165,6 +165,17 @@ class Coordination(Protocol):
     async def release_turn(self, session_id: str, turn_id: str) -> None: ...
 
     async def running_turn(self, session_id: str) -> str | None: ...
+
+    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
+        """Note a chunk of a turn running here, for tabs joining on other processes.
+
+        On the chunk hot path: must not block (a shared implementation buffers or batches).
+        """
+        ...
+
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        """The text so far of the session's turn when it runs in another process, else None."""
+        ...
 
     async def request_cancel(self, session_id: str, turn_id: str) -> None:
         """Ask whichever process runs the turn to cancel it (it calls the `on_cancel` handler)."""

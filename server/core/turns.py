@@ -25,6 +25,7 @@ from server.core.models import (
 )
 from server.core.ports import (
     ConversationItem,
+    Coordination,
     Emitter,
     Finished,
     ModelProvider,
@@ -68,10 +69,12 @@ class TurnRunner:
         provider: ModelProvider,
         tools: ToolRegistry,
         emitter: Emitter,
+        coordination: Coordination,
         event_log: EventLog,
         limits: Limits,
     ) -> None:
         self._repo = repo
+        self._coordination = coordination
         self._provider = provider
         self._tools = tools
         self._emitter = emitter
@@ -178,6 +181,7 @@ class TurnRunner:
     async def _chunk(self, turn: RunningTurn, text: str) -> None:
         index = len(turn.parts)
         turn.parts.append(text)
+        self._coordination.record_chunk(turn.session_id, turn.turn_id, index, text)
         await self._emitter.publish(
             turn.session_id, ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text)
         )
