@@ -82,3 +82,22 @@ async def test_a_summarised_session_reopens_and_is_summarised_again(
     assert "2 user messages and 2 answers" in session.summary and "second visit" in session.summary
     assert session.end_time > first.end_time and session.duration_seconds >= first.duration_seconds
     assert calls == [2, 4]
+
+
+async def test_an_empty_session_is_closed_without_asking_the_model(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(summary_delay_seconds=0.05)
+    asked: list[object] = []
+
+    async def summarise(conversation):  # type: ignore[no-untyped-def]
+        asked.append(conversation)
+        return "should not be used"
+
+    server.runtime.provider.summarise = summarise
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await tab.call("leave", {"session_id": sid})
+    session = await wait_for_summary(server, sid)
+    assert session.summary == "No messages were exchanged in this session." and asked == []
+    assert session.end_time is not None and session.duration_seconds == 0

@@ -15,6 +15,7 @@ from server.core.ports import Coordination, ModelProvider, Repository
 from server.core.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
+EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
 
 
 @dataclass
@@ -85,7 +86,9 @@ class SummaryScheduler:
         if session is None:
             return
         events = await self._repo.list_events(session_id)
-        summary = await self._provider.summarise(conversation_from_events(events))
+        conversation = conversation_from_events(events)
+        # Nothing to summarise is not worth a model call.
+        summary = await self._provider.summarise(conversation) if conversation else EMPTY_SESSION_SUMMARY
         if await self._coordination.member_count(session_id) > 0:
             log.info("session %s was rejoined while being summarised; its next emptying summarises it", session_id)
             return
