@@ -80,6 +80,11 @@ class RunningTurn:
             self.generation.cancel()
 
 
+def _user_message_key(client_message_id: str) -> str:
+    """The idempotency key of a user message that carries a client_message_id."""
+    return f"user:cmid:{client_message_id}"
+
+
 def parse_session_id(value: str) -> str:
     """The canonical form of a session UUID, or `invalid_session_id`."""
     try:
@@ -186,9 +191,10 @@ class ConversationService:
             log.exception("turn lock unavailable for session %s", sid)
             raise ServiceError(ErrorCode.UNAVAILABLE, "the turn lock is unavailable; retrying is safe") from None
         if not acquired:
-            running = self._running.get(sid)
-            if client_message_id is not None and running is not None and running.client_message_id == client_message_id:
-                return await asyncio.shield(running.accepted)
+            # A retry can race the first attempt to the lock: it gets the first one's answer.
+            retried = self._running_with(sid, client_message_id)
+            if retried is not None:
+                return await asyncio.shield(retried.accepted)
             raise ServiceError(ErrorCode.BUSY, "a turn is already running in this session")
         if self._closing:
             await self._coordination.release_turn(sid, turn_id)
@@ -196,12 +202,13 @@ class ConversationService:
 
         turn = RunningTurn(sid, turn_id, client_message_id, asyncio.get_running_loop().create_future())
         self._running[sid] = turn
-        key = f"user:cmid:{client_message_id}" if client_message_id is not None else f"user:turn:{turn_id}"
         draft = EventDraft(
             session_id=sid,
             event_type=EventType.USER_MESSAGE,
             content=text,
-            event_key=key,
+            event_key=(
+                _user_message_key(client_message_id) if client_message_id is not None else f"user:turn:{turn_id}"
+            ),
             turn_id=turn_id,
             timestamp=utc_now(),
         )
@@ -280,13 +287,20 @@ class ConversationService:
             raise ServiceError(ErrorCode.NOT_JOINED, "join the session first")
         return sid
 
+    def _running_with(self, sid: str, client_message_id: str | None) -> RunningTurn | None:
+        """The session's running turn, when it was started by this client_message_id."""
+        running = self._running.get(sid)
+        if client_message_id is None or running is None or running.client_message_id != client_message_id:
+            return None
+        return running
+
     async def _earlier_answer(self, sid: str, client_message_id: str) -> MessageAccepted | None:
         """The answer to the first `message` with this client_message_id, if there was one."""
-        running = self._running.get(sid)
-        if running is not None and running.client_message_id == client_message_id:
-            return await asyncio.shield(running.accepted)
+        retried = self._running_with(sid, client_message_id)
+        if retried is not None:
+            return await asyncio.shield(retried.accepted)
         try:
-            earlier = await self._repo.find_event(sid, f"user:cmid:{client_message_id}")
+            earlier = await self._repo.find_event(sid, _user_message_key(client_message_id))
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
         if earlier is None or earlier.turn_id is None:
