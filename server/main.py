@@ -22,6 +22,7 @@ from server.transport.socketio_app import SocketIOEmitter, create_sio, register_
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     settings = settings or Settings()
+    configure_logging(settings.log_level)
     sio = create_sio(settings)
 
     @asynccontextmanager
@@ -64,10 +65,11 @@ async def prepare_shutdown(app: Any) -> None:
             await asyncio.wait_for(eio.disconnect(), timeout=1)
 
 
-def _configure_logging() -> None:
+def configure_logging(level: str) -> None:
+    """LOG_LEVEL for the service's own loggers (uvicorn gets it through its config)."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("server").setLevel(level.upper())
 
 
-_configure_logging()
 app = create_app()

@@ -118,8 +118,12 @@ class Runtime:
         await self.drain_turns()
         await self.service.disconnect_all()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)
-        await self.provider.aclose()
-        await self.http.aclose()
-        await self.coordination.aclose()
-        await self.repo.aclose()
-        log.info("stopped cleanly")
+        clean = True
+        for close in (self.provider.aclose, self.http.aclose, self.coordination.aclose, self.repo.aclose):
+            try:
+                await close()
+            except Exception:
+                clean = False
+                log.exception("closing %s failed", getattr(close, "__self__", close))
+        if clean:
+            log.info("stopped cleanly")
