@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -73,6 +74,9 @@ class SqliteRepository:
     def __init__(self, db: aiosqlite.Connection, retry_seconds: float) -> None:
         self._db = db
         self._retry_seconds = retry_seconds
+        # Every coroutine shares this one connection, hence its one transaction: without the
+        # lock, a failing write's rollback would also undo a concurrent write already acknowledged.
+        self._transaction = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, retry_seconds: float = 10.0) -> SqliteRepository:
@@ -90,12 +94,13 @@ class SqliteRepository:
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         async def attempt() -> T:
-            try:
-                return await operation()
-            except sqlite3.Error:
-                # A failed statement can leave its implicit transaction open; start the retry clean.
-                await self._db.rollback()
-                raise
+            async with self._transaction:
+                try:
+                    return await operation()
+                except sqlite3.Error:
+                    # A failed statement can leave its implicit transaction open; start the retry clean.
+                    await self._db.rollback()
+                    raise
 
         return await with_retries(attempt, transient=_transient, what=what, budget_seconds=self._retry_seconds)
 
