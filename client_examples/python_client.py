@@ -15,7 +15,12 @@ import sys
 import uuid
 from typing import Any
 
+import engineio.payload
 import socketio
+
+# With --transport polling, python-engineio refuses a response that bundles more than 16 packets
+# (python-engineio#142), and a streamed answer easily queues more between two polls.
+engineio.payload.Payload.max_decode_packets = 10_000
 
 
 class Chat:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,9 +59,12 @@ async def prepare_shutdown(app: Any) -> None:
     # interval) and is a "transport close" to clients, so they reconnect to another process.
     # Best effort: a client that vanished never reads its close packet, so do not wait long.
     eio = app.engineio_server.eio
-    if eio.sockets:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(eio.disconnect(), timeout=1)
+    closing = [asyncio.create_task(eio.disconnect(eio_sid)) for eio_sid in list(eio.sockets)]
+    if closing:
+        _, late = await asyncio.wait(closing, timeout=1)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 def configure_logging(level: str) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import engineio.payload
 import socketio
 import uvicorn
 
@@ -17,22 +19,34 @@ from server.__main__ import Server, uvicorn_config
 from server.config import Settings
 from server.main import create_app
 
+# python-engineio's polling client refuses a response that bundles more than 16 packets, and a
+# streamed answer easily queues more between two polls (browsers have no such limit).
+engineio.payload.Payload.max_decode_packets = 10_000
+
 
 def free_port() -> int:
+    """A port for a subprocess to bind (in-process servers get a bound socket instead: no race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    port = free_port()
+def listening_socket() -> socket.socket:
+    """Bound here and handed to uvicorn, so no other socket can take the port in between."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_settings(tmp_path: Path, port: int = 0, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
         "llm_provider": "offline",
         "storage_backend": "sqlite",
-        "sqlite_path": tmp_path / f"realtime-{port}.db",
+        "sqlite_path": tmp_path / f"realtime-{uuid.uuid4().hex[:8]}.db",
         "offline_chunk_delay_ms": 2,
         "summary_delay_seconds": 0.2,
         "log_level": "warning",
@@ -51,6 +65,8 @@ class RunningServer:
     """Our app under the real uvicorn server, in this event loop."""
 
     def __init__(self, settings: Settings) -> None:
+        self.socket = listening_socket()
+        settings = settings.model_copy(update={"port": self.socket.getsockname()[1]})
         self.settings = settings
         self.url = f"http://127.0.0.1:{settings.port}"
         self.app = create_app(settings)
@@ -60,7 +76,7 @@ class RunningServer:
 
     async def start(self) -> RunningServer:
         self.server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
-        self._task = asyncio.create_task(self.server.serve())
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
         for _ in range(500):
             if self.server.started:
                 return self
@@ -79,13 +95,16 @@ class RunningServer:
         self.server.should_exit = True
         await asyncio.wait_for(self._task, timeout=30)
         self._task = None
+        self.socket.close()
 
 
-async def start_plain_app(app: Any, port: int | None = None) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+async def start_plain_app(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     """Serve any ASGI app (the fakes) on a free port."""
-    port = port or free_port()
+    sock = listening_socket()
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task.add_done_callback(lambda _: sock.close())
     while not server.started:
         if task.done():
             task.result()

@@ -216,3 +216,23 @@ async def test_storage_unavailable_refuses_and_stores_nothing_then_recovers(
     await tab.turn(retried["turn_id"])
     history = await server.runtime.repo.list_events(sid)
     assert [e.content for e in history if e.event_type == "user_message"] == ["during the outage"]
+
+
+async def test_client_events_named_like_lifecycle_events_change_nothing(
+    server: RunningServer, connect: TabFactory
+) -> None:
+    """python-socketio hands a client's `connect`/`disconnect` *events* to the lifecycle handlers."""
+    tab, sid = await joined_tab(server, connect)
+    other = await connect(server)
+    await other.join(sid)
+    for name in ("disconnect", "connect"):
+        await tab.client.emit(name)
+        await tab.client.emit(name, {"session_id": sid})
+        await tab.client.emit(name, "transport close")
+    await asyncio.sleep(0.2)
+    # Still counted in, still in the room, still allowed to talk.
+    assert await server.runtime.coordination.member_count(sid) == 2
+    assert other.named("presence")[-1]["clients"] == 2
+    ack = await tab.call("message", {"session_id": sid, "text": "still joined"})
+    assert ack["ok"], ack
+    assert (await other.turn(ack["turn_id"]))[-1][0] == "done"

@@ -94,10 +94,18 @@ def register_handlers(sio: socketio.AsyncServer, service: Callable[[], Conversat
     sio.on("cancel", handler(SessionPayload, cancel))
     sio.on("leave", handler(SessionPayload, leave))
 
-    async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
-        return True
+    # python-socketio also hands a client's *events* named "connect" or "disconnect" to these
+    # handlers. A real connect or disconnect runs while the socket is pending, i.e. not yet (or
+    # no longer) "connected"; a client event only arrives from a connected socket.
+    def lifecycle(sid: str) -> bool:
+        return not sio.manager.is_connected(sid, "/")
+
+    async def connect(sid: str, *_environ_and_auth: Any) -> None:
+        return None
 
     async def disconnect(sid: str, *_reason: Any) -> None:
+        if not lifecycle(sid):
+            return
         try:
             await service().disconnect(sid)
         except Exception:
