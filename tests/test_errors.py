@@ -14,6 +14,13 @@ from tests.conftest import ServerFactory, TabFactory
 from tests.harness import RunningServer, Tab
 
 
+async def chats_normally(tab: Tab, sid: str, text: str = "still fine") -> None:
+    """The socket can still send a message and see its turn through."""
+    ack = await tab.call("message", {"session_id": sid, "text": text})
+    assert ack["ok"], ack
+    await tab.turn(ack["turn_id"])
+
+
 def error_code(ack: dict[str, Any]) -> str:
     assert ack["ok"] is False and set(ack) == {"ok", "error"}, ack
     assert set(ack["error"]) == {"code", "message"} and ack["error"]["message"], ack
@@ -115,9 +122,7 @@ async def test_empty_and_too_long_messages(start_server: ServerFactory, connect:
     too_long = await tab.call("message", {"session_id": sid, "text": "x" * 21})
     assert error_code(too_long) == "message_too_long" and "20" in too_long["error"]["message"]
     assert await stored_count(server, sid) == 0
-    ack = await tab.call("message", {"session_id": sid, "text": "x" * 20})
-    assert ack["ok"]
-    await tab.turn(ack["turn_id"])
+    await chats_normally(tab, sid, "x" * 20)
 
 
 async def test_busy_while_a_turn_runs_and_no_active_turn_without_one(
@@ -187,9 +192,7 @@ async def test_unknown_events_are_ignored_and_the_socket_stays(server: RunningSe
     with pytest.raises(socketio.exceptions.TimeoutError):
         await tab.call("no_such_event", {"a": 1}, timeout=0.5)  # no answer: the contract does not define it
     assert tab.client.connected
-    ack = await tab.call("message", {"session_id": sid, "text": "still here"})
-    assert ack["ok"]
-    await tab.turn(ack["turn_id"])
+    await chats_normally(tab, sid)
 
 
 async def test_storage_unavailable_refuses_and_stores_nothing_then_recovers(

@@ -39,6 +39,13 @@ async def start_turn(tab: Tab, session_id: str, text: str, **extra: Any) -> dict
     return ack
 
 
+async def whole_turn(tab: Tab, session_id: str, text: str) -> tuple[Events, dict[str, Any]]:
+    """Send a message and wait for its turn: every event of it, and its well-formed `done`."""
+    ack = await start_turn(tab, session_id, text)
+    events = await tab.turn(ack["turn_id"])
+    return events, assert_well_formed_turn(events, session_id, ack["turn_id"])
+
+
 async def test_a_turn_streams_every_event_with_every_field(
     server: RunningServer, connect: TabFactory, transport: str, http: httpx.AsyncClient
 ) -> None:
@@ -135,9 +142,7 @@ async def test_weather_tool_call_and_result(
 ) -> None:
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
-    ack = await start_turn(tab, sid, "How's the weather in Delhi?")
-    events = await tab.turn(ack["turn_id"])
-    done = assert_well_formed_turn(events, sid, ack["turn_id"])
+    events, done = await whole_turn(tab, sid, "How's the weather in Delhi?")
     names = [n for n, _ in events]
     assert names[:3] == ["user_message", "tool_call", "tool_result"]
     call, result = events[1][1], events[2][1]
@@ -159,9 +164,7 @@ async def test_weather_for_an_unknown_place_is_a_tool_error_and_the_turn_goes_on
 ) -> None:
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
-    ack = await start_turn(tab, sid, "what is the weather in Atlantis?")
-    events = await tab.turn(ack["turn_id"])
-    done = assert_well_formed_turn(events, sid, ack["turn_id"])
+    events, done = await whole_turn(tab, sid, "what is the weather in Atlantis?")
     result = next(d for n, d in events if n == "tool_result")
     assert result["result"] is None and result["error"]["code"] == "unknown_location"
     assert "Atlantis" in result["error"]["message"]
@@ -175,9 +178,7 @@ async def test_weather_service_unreachable_is_a_tool_error(start_server: ServerF
     server = await start_server(weather_geocoding_url=dead, weather_forecast_url=dead)
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
-    ack = await start_turn(tab, sid, "How's the weather in Paris?")
-    events = await tab.turn(ack["turn_id"])
-    done = assert_well_formed_turn(events, sid, ack["turn_id"])
+    events, done = await whole_turn(tab, sid, "How's the weather in Paris?")
     result = next(d for n, d in events if n == "tool_result")
     assert result["error"] == {"code": "weather_unavailable", "message": "the weather service could not be reached"}
     assert done["finish_reason"] == "stop" and done["error"] is None
