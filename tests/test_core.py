@@ -307,3 +307,31 @@ async def test_chunks_reach_the_coordination_and_joins_see_turns_running_elsewhe
     remote = ActiveTurn(turn_id="on-another-process", text="so far", next_index=2)
     shared.elsewhere[sid] = remote
     assert (await core.service.join("other", sid, None, None)).active_turn == remote
+
+
+async def test_done_does_not_wait_long_for_storage_and_the_answer_is_still_stored(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("slowly stored")
+        yield Finished("stop")
+
+    core, _ = await make_core(script, done_store_wait_seconds=0.1)
+    real_append = core.repo.append_event
+    release = asyncio.Event()
+
+    async def slow_for_answers(draft: Any) -> Any:
+        if draft.event_type == "ai_message":
+            await release.wait()  # storage has not confirmed it yet
+        return await real_append(draft)
+
+    core.repo.append_event = slow_for_answers  # type: ignore[method-assign]
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    await core.service.send_message("member", sid, "hello", None)
+    await asyncio.wait_for(core.emitter.done.wait(), 5)
+    done = core.emitter.events[-1][1]
+    assert done["event_id"] is None and done["text"] == "slowly stored"
+    release.set()
+    async with asyncio.timeout(5):
+        while not [e for e in await core.repo.list_events(sid) if e.event_type == "ai_message"]:
+            await asyncio.sleep(0.02)
+    stored = await core.repo.list_events(sid)
+    assert [(e.event_type, e.content) for e in stored][-1] == ("ai_message", "slowly stored")

@@ -62,3 +62,13 @@ async def test_cors_allows_local_development_origins_only(server: RunningServer,
     handshake = "/socket.io/?EIO=4&transport=polling"
     assert (await http.get(handshake, headers={"Origin": "http://127.0.0.1:3000"})).status_code == 200
     assert (await http.get(handshake, headers={"Origin": "https://evil.example"})).status_code == 400
+
+
+async def test_cors_origins_star_allows_every_origin(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = await start_server(cors_origins="*")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        handshake = await client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "https://any.example"})
+        assert handshake.status_code == 200
+        assert (await client.get("/healthz", headers={"Origin": "https://any.example"})).headers[
+            "access-control-allow-origin"
+        ] in {"*", "https://any.example"}

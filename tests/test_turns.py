@@ -308,3 +308,17 @@ async def test_a_turn_goes_on_when_its_last_tab_leaves(start_server: ServerFacto
     assert stored[1].turn_id == ack["turn_id"] and stored[1].content == _echo_answer("keep going without me")
     # The summary waited for the turn, so it covers the answer too.
     assert "1 user messages and 1 answers" in session.summary
+
+
+async def test_a_message_without_a_callback_has_the_same_effects(server: RunningServer, connect: TabFactory) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await tab.client.emit("message", {"session_id": sid, "text": "no ack wanted"})  # no callback
+    await tab.wait_for(lambda _: tab.named("done"))
+    user_message, done = tab.named("user_message")[0], tab.named("done")[0]
+    assert user_message["text"] == "no ack wanted" and done["turn_id"] == user_message["turn_id"]
+    stored = await server.runtime.repo.list_events(sid)
+    assert [(e.event_type, e.content) for e in stored] == [
+        ("user_message", "no ack wanted"),
+        ("ai_message", done["text"]),
+    ]
