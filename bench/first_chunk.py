@@ -6,7 +6,8 @@ Starts `python -m server` (offline provider, OFFLINE_CHUNK_DELAY_MS=0, SQLite in
 directory) and drives it with python-socketio clients, `--sessions` of them at once, each
 running `--turns` turns one after another. Reports percentiles in milliseconds. The offline
 provider adds no model time, so this is the service's own latency: storing the user message
-durably, reading the history, and the Socket.IO round trip.
+durably, reading the history, and the Socket.IO round trip. BENCH_SERIES=1 also prints every
+sample in order (latency grows with a session's history: each turn reads all of it).
 """
 
 from __future__ import annotations
