@@ -80,9 +80,15 @@ class OfflineProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         conversation = list(request.conversation)
-        last_user = max((i for i, item in enumerate(conversation) if isinstance(item, UserText)), default=-1)
-        question = conversation[last_user].text if last_user >= 0 else ""  # type: ignore[union-attr]
-        results = [item for item in conversation[last_user + 1 :] if isinstance(item, ToolResultItem)]
+        # The question is the last user message; tool results after it belong to this turn.
+        question = ""
+        results: list[ToolResultItem] = []
+        for item in reversed(conversation):
+            if isinstance(item, UserText):
+                question = item.text
+                break
+            if isinstance(item, ToolResultItem):
+                results.insert(0, item)
         place = weather_place(question)
         prompt_words = sum(len(_text_of(item).split()) for item in conversation)
 
