@@ -267,6 +267,49 @@ async def test_history_given_to_the_provider_is_rebuilt_from_storage(make_core: 
     assert seen == [("UserText", "one"), ("ModelText", "answer 1"), ("UserText", "two")]
 
 
+async def test_text_written_between_tool_rounds_is_rebuilt_where_the_model_wrote_it(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        if n == 1:
+            yield TextDelta("Looking. ")
+            yield ToolCallRequest(call_id="a", name="get_weather", args={"location": "Paris"})
+        elif n == 2:
+            yield ToolCallRequest(call_id="b", name="get_weather", args={"location": "Delhi"})
+        elif n == 3:
+            yield TextDelta("And ")
+            yield TextDelta("now? ")
+            yield ToolCallRequest(call_id="c", name="get_weather", args={"location": "Paris"})
+        else:
+            yield TextDelta("Done.")
+        yield Finished("stop")
+
+    core, provider = await make_core(script)
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    await core.service.send_message("member", sid, "weather", None)
+    await asyncio.wait_for(core.emitter.done.wait(), 5)
+    assert core.emitter.events[-1][1]["text"] == "Looking. And now? Done."
+
+    def shape(conversation: Sequence[ConversationItem]) -> list[tuple[str, str | None]]:
+        return [(type(i).__name__, getattr(i, "text", None) or getattr(i, "call_id", None)) for i in conversation]
+
+    in_turn = shape(provider.requests[3].conversation)
+    assert in_turn == [
+        ("UserText", "weather"),
+        ("ModelText", "Looking. "),
+        ("ToolCallItem", "a"),
+        ("ToolResultItem", "a"),
+        ("ToolCallItem", "b"),
+        ("ToolResultItem", "b"),
+        ("ModelText", "And now? "),
+        ("ToolCallItem", "c"),
+        ("ToolResultItem", "c"),
+    ]
+    core.emitter.done.clear()
+    await core.service.send_message("member", sid, "again", None)
+    await asyncio.wait_for(core.emitter.done.wait(), 5)
+    rebuilt = shape(provider.requests[4].conversation)
+    assert rebuilt == [*in_turn, ("ModelText", "Done."), ("UserText", "again")]
+
+
 async def test_an_unexpected_storage_failure_does_not_leave_the_session_busy(make_core: Any) -> None:
     async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
         yield TextDelta("fine")

@@ -176,7 +176,7 @@ class TurnRunner:
             if round_text:
                 conversation.append(ModelText(round_text))
             conversation.extend(calls)
-            conversation.extend(await self._run_tools(turn, calls))
+            conversation.extend(await self._run_tools(turn, calls, text_offset=len(turn.text)))
 
     async def _chunk(self, turn: RunningTurn, text: str) -> None:
         index = len(turn.parts)
@@ -195,9 +195,12 @@ class TurnRunner:
         state.call_ids.add(call_id)
         return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
 
-    async def _run_tools(self, turn: RunningTurn, calls: list[ToolCallItem]) -> list[ToolResultItem]:
+    async def _run_tools(
+        self, turn: RunningTurn, calls: list[ToolCallItem], *, text_offset: int
+    ) -> list[ToolResultItem]:
         for call in calls:
-            self._store(turn, EventType.TOOL_CALL, f"tool_call:{turn.turn_id}:{call.call_id}", tool_call_content(call))
+            content = tool_call_content(call, text_offset=text_offset)
+            self._store(turn, EventType.TOOL_CALL, f"tool_call:{turn.turn_id}:{call.call_id}", content)
             await self._emitter.publish(
                 turn.session_id,
                 ToolCallEvent(
