@@ -105,6 +105,7 @@ class ConversationService:
         tasks: TaskTracker,
         limits: Limits,
         summary_delay_seconds: float,
+        summary_retry_seconds: float = 30.0,
     ) -> None:
         self._repo = repo
         self._emitter = emitter
@@ -132,6 +133,7 @@ class ConversationService:
             event_log=self._log,
             tasks=tasks,
             delay_seconds=summary_delay_seconds,
+            retry_seconds=summary_retry_seconds,
             wait_turn_end=self.wait_turn_end,
         )
         coordination.on_cancel(self._cancel_local)

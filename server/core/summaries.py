@@ -11,11 +11,12 @@ from datetime import datetime
 
 from server.core.event_log import EventLog
 from server.core.history import conversation_from_events
-from server.core.ports import Coordination, ModelProvider, Repository
+from server.core.ports import Coordination, ModelProvider, ProviderError, Repository, StorageUnavailable
 from server.core.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
 EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
+MAX_RETRY_SECONDS = 3600.0
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SummaryScheduler:
         event_log: EventLog,
         tasks: TaskTracker,
         delay_seconds: float,
+        retry_seconds: float,
         wait_turn_end: Callable[[str], Awaitable[None]],
     ) -> None:
         self._repo = repo
@@ -43,6 +45,7 @@ class SummaryScheduler:
         self._event_log = event_log
         self._tasks = tasks
         self._delay = delay_seconds
+        self._retry_seconds = retry_seconds
         self._wait_turn_end = wait_turn_end
         self._pending: dict[str, _Pending] = {}
         self._hurry = asyncio.Event()
@@ -64,21 +67,62 @@ class SummaryScheduler:
 
     async def _summarise_later(self, session_id: str, emptied_at: datetime) -> None:
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), self._delay)
+            await self._pause(self._delay)
             await self._wait_turn_end(session_id)
             if await self._coordination.member_count(session_id) > 0:
                 return
-            pending = self._pending.get(session_id)
-            if pending is not None:
-                pending.waiting = False
+            self._set_waiting(session_id, False)
             if not await self._coordination.claim_summary(session_id, emptied_at):
                 return
-            await self._summarise(session_id, emptied_at)
+            await self._summarise_until_done(session_id, emptied_at)
         finally:
             current = self._pending.get(session_id)
             if current is not None and current.task is asyncio.current_task():
                 del self._pending[session_id]
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), seconds)
+
+    def _set_waiting(self, session_id: str, waiting: bool) -> None:
+        pending = self._pending.get(session_id)
+        if pending is not None and pending.task is asyncio.current_task():
+            pending.waiting = waiting
+
+    async def _summarise_until_done(self, session_id: str, emptied_at: datetime) -> None:
+        """Summarise, and after a failure try again later (backing off), never dropping it silently."""
+        delay = self._retry_seconds
+        attempt = 1
+        while True:
+            try:
+                await self._summarise(session_id, emptied_at)
+                return
+            except Exception as exc:
+                reason = f"{exc.code}: {exc.message}" if isinstance(exc, ProviderError) else repr(exc)
+                if self._hurry.is_set():
+                    log.error(
+                        "summary of session %s failed (%s) while the server stops; "
+                        "it is written when the session next empties",
+                        session_id,
+                        reason,
+                    )
+                    return
+                log.warning(
+                    "summary of session %s failed (attempt %d, %s); trying again in %.1f s",
+                    session_id,
+                    attempt,
+                    reason,
+                    delay,
+                    exc_info=not isinstance(exc, ProviderError | StorageUnavailable),
+                )
+            # While it waits to retry, a rejoin cancels it: the next emptying summarises anyway.
+            self._set_waiting(session_id, True)
+            await self._pause(delay)
+            self._set_waiting(session_id, False)
+            if await self._coordination.member_count(session_id) > 0:
+                return
+            delay = min(delay * 2, MAX_RETRY_SECONDS)
+            attempt += 1
 
     async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
         await self._event_log.flush(session_id)
