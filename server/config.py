@@ -20,8 +20,17 @@ class Settings(BaseSettings):
 
     llm_provider: Literal["gemini", "offline"] | None = None
     gemini_api_key: str | None = None
-    gemini_model: str = "gemini-flash-latest"
+    gemini_model: str = "gemini-3.8-flash"
     gemini_base_url: str | None = None
+    # Not in PROTOCOL.md: how the Gemini provider talks to the API.
+    gemini_api_version: str = "v1beta"
+    gemini_system_prompt: str | None = None
+    gemini_system_prompt_file: Path | None = None
+    gemini_timeout_seconds: float = Field(60, gt=0)
+    gemini_max_output_tokens: int | None = Field(None, gt=0)
+    gemini_retry_attempts: int = Field(4, ge=1)
+    gemini_retry_initial_seconds: float = Field(0.5, gt=0)
+    gemini_retry_budget_seconds: float = Field(20, gt=0)
     offline_chunk_delay_ms: float = Field(40, ge=0)
 
     storage_backend: Literal["sqlite", "postgres", "supabase"] | None = None
@@ -34,6 +43,8 @@ class Settings(BaseSettings):
     storage_retry_seconds: float = Field(10, gt=0)
 
     summary_delay_seconds: float = Field(5, ge=0)
+    # Not in PROTOCOL.md: first wait before a failed summary is tried again (it doubles, up to an hour).
+    summary_retry_seconds: float = Field(30, gt=0)
     max_message_chars: int = Field(8000, gt=0)
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
@@ -49,10 +60,23 @@ class Settings(BaseSettings):
     max_tool_rounds: int = Field(5, ge=1)
     shutdown_grace_seconds: float = Field(10, gt=0)
 
-    @field_validator("gemini_api_key", "database_url", "supabase_url", "supabase_key", "redis_url")
+    @field_validator(
+        "llm_provider",
+        "storage_backend",
+        "gemini_api_key",
+        "gemini_base_url",
+        "gemini_system_prompt",
+        "gemini_system_prompt_file",
+        "gemini_max_output_tokens",
+        "database_url",
+        "supabase_url",
+        "supabase_key",
+        "redis_url",
+        mode="before",
+    )
     @classmethod
-    def _blank_is_unset(cls, value: str | None) -> str | None:
-        return value or None
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

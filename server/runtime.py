@@ -13,6 +13,7 @@ from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService, Limits
 from server.core.ports import Coordination, Emitter, ModelProvider, Repository
 from server.core.tasks import TaskTracker
+from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
 from server.storage.sqlite import SqliteRepository
 from server.tools.registry import ToolRegistry
@@ -34,12 +35,34 @@ async def open_repository(settings: Settings) -> Repository:
     )
 
 
-def make_provider(settings: Settings) -> ModelProvider:
+async def make_provider(settings: Settings) -> ModelProvider:
     if settings.llm_provider == "offline":
         return OfflineProvider(chunk_delay_ms=settings.offline_chunk_delay_ms)
-    raise ConfigurationError(
-        f"LLM_PROVIDER={settings.llm_provider} is not available in this build yet; "
-        "set LLM_PROVIDER=offline (or unset GEMINI_API_KEY) to use the offline scripted model"
+    return GeminiProvider(await gemini_config(settings))
+
+
+async def gemini_config(settings: Settings) -> GeminiConfig:
+    prompt = settings.gemini_system_prompt
+    if prompt is None and settings.gemini_system_prompt_file is not None:
+        try:
+            prompt = await asyncio.to_thread(settings.gemini_system_prompt_file.read_text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"GEMINI_SYSTEM_PROMPT_FILE cannot be read: {exc}") from exc
+    if not settings.gemini_api_key:
+        log.warning("LLM_PROVIDER=gemini without GEMINI_API_KEY: /readyz reports it and every turn fails")
+    return GeminiConfig(
+        api_key=settings.gemini_api_key,
+        model=settings.gemini_model,
+        base_url=settings.gemini_base_url,
+        api_version=settings.gemini_api_version,
+        system_prompt=prompt if prompt is not None else DEFAULT_SYSTEM_PROMPT,
+        timeout_seconds=settings.gemini_timeout_seconds,
+        max_output_tokens=settings.gemini_max_output_tokens,
+        retry=RetryPolicy(
+            attempts=settings.gemini_retry_attempts,
+            initial_seconds=settings.gemini_retry_initial_seconds,
+            budget_seconds=settings.gemini_retry_budget_seconds,
+        ),
     )
 
 
@@ -71,7 +94,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
         refuse_unsupported_security(settings)
-        provider = make_provider(settings)
+        provider = await make_provider(settings)
         coordination = make_coordination(settings)
         repo = await open_repository(settings)
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
@@ -90,10 +113,12 @@ class Runtime:
                 max_tool_rounds=settings.max_tool_rounds,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
+            summary_retry_seconds=settings.summary_retry_seconds,
         )
         log.info(
-            "serving with provider=%s storage=%s%s",
+            "serving with provider=%s%s storage=%s%s",
             provider.name,
+            f" ({settings.gemini_model})" if provider.name == "gemini" else "",
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )

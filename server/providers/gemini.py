@@ -1,0 +1,409 @@
+"""Google Gemini behind the provider interface, through the maintained SDK `google-genai`.
+
+Three traps of the SDK shape this module (see ../shared/research/sdk-facts.md):
+- the stream is lazy: HTTP errors surface on the first read, so a retry wraps "open and read the
+  first chunk", and nothing is retried once a chunk has been handed on;
+- the SDK switches to aiohttp whenever it is importable, so the transport is pinned to an httpx2
+  client of our own, and tests and production run the same code;
+- it has no timeout unless one is set (in milliseconds).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx2
+from google import genai
+from google.genai import errors, types
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity.wait import wait_exponential_jitter
+
+from server.core.models import JSON, Usage
+from server.core.ports import (
+    ConversationItem,
+    Finished,
+    ModelEvent,
+    ModelRequest,
+    ModelText,
+    ProviderError,
+    TextDelta,
+    ToolCallItem,
+    ToolCallRequest,
+    ToolResultItem,
+    ToolSpec,
+    UsageReport,
+    UserText,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant in a realtime chat. Answer clearly and concisely. "
+    "When a question needs current weather, call the get_weather tool instead of guessing."
+)
+SUMMARY_PROMPT = (
+    "Summarise the conversation below in two or three sentences for someone who did not read it: "
+    "what the user wanted, what was answered, and any tools used. Reply with the summary only."
+)
+# Key under which a tool call's Gemini part is stored verbatim (thought signature included).
+PART_KEY = "gemini_part"
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+_SAFETY_REASONS = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
+)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of opening a request: exponential backoff with jitter, a server's retry delay honoured."""
+
+    attempts: int = 4
+    initial_seconds: float = 0.5
+    max_wait_seconds: float = 8.0
+    # No retry starts after this long; a server asking for a longer wait ends the retries early.
+    budget_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class GeminiConfig:
+    api_key: str | None
+    model: str
+    base_url: str | None = None
+    api_version: str = "v1beta"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    timeout_seconds: float = 60.0
+    max_output_tokens: int | None = None
+    retry: RetryPolicy = RetryPolicy()
+
+
+class GeminiProvider:
+    name = "gemini"
+
+    def __init__(self, config: GeminiConfig) -> None:
+        self._config = config
+        self._http: httpx2.AsyncClient | None = None
+        self._client: genai.Client | None = None
+        if config.api_key:
+            self._http = httpx2.AsyncClient(
+                # Every running turn holds one streaming connection: no pool cap to queue turns behind.
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=50),
+                event_hooks={"response": [_note_response]},
+            )
+            self._client = genai.Client(
+                api_key=config.api_key,
+                http_options=types.HttpOptions(
+                    base_url=config.base_url,
+                    api_version=config.api_version,
+                    timeout=round(config.timeout_seconds * 1000),
+                    # tenacity below is the one retry policy.
+                    retry_options=types.HttpRetryOptions(attempts=1),
+                    httpx_async_client=self._http,
+                ),
+            )
+
+    def not_ready_reason(self) -> str | None:
+        return None if self._client is not None else "GEMINI_API_KEY is not set"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aio.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
+        client = self._require_client()
+        contents = to_contents(request.conversation)
+        config = types.GenerateContentConfig(
+            system_instruction=self._config.system_prompt or None,
+            tools=[types.Tool(function_declarations=[_declaration(t) for t in request.tools])]
+            if request.tools
+            else None,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            max_output_tokens=self._config.max_output_tokens,
+        )
+        opened: list[httpx2.Response] = []
+        try:
+            stream, first = await self._open_stream(client, contents, config, opened)
+            finish: str | None = None
+            usage: Usage | None = None
+            chunk: types.GenerateContentResponse | None = first
+            while chunk is not None:
+                for event in _events_of(chunk):
+                    yield event
+                usage = _usage_of(chunk) or usage
+                finish = _finish_of(chunk) or finish
+                chunk = await anext(stream, None)
+        except (errors.APIError, httpx2.TransportError) as exc:
+            raise _provider_error(exc) from exc
+        finally:
+            # The SDK closes its response only when the stream is read to the end; after an error,
+            # a cancel or an early exit it would wait for garbage collection. Close it now.
+            for response in opened:
+                await response.aclose()
+        if usage is not None:
+            yield UsageReport(usage)
+        yield Finished(_map_finish(finish))
+
+    async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
+        client = self._require_client()
+        config = types.GenerateContentConfig(
+            system_instruction=SUMMARY_PROMPT, max_output_tokens=self._config.max_output_tokens
+        )
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    response = await client.aio.models.generate_content(
+                        model=self._config.model, contents=transcript(conversation), config=config
+                    )
+        except (errors.APIError, httpx2.TransportError) as exc:
+            raise _provider_error(exc) from exc
+        text = (response.text or "").strip()
+        if not text:
+            raise ProviderError("provider_error", f"the model gave no summary ({_finish_of(response) or 'no text'})")
+        return text
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_client(self) -> genai.Client:
+        if self._client is None:
+            raise ProviderError("provider_not_configured", "the model is not configured (GEMINI_API_KEY is not set)")
+        return self._client
+
+    def _retrying(self) -> AsyncRetrying:
+        policy = self._config.retry
+        backoff = wait_exponential_jitter(
+            initial=policy.initial_seconds, max=policy.max_wait_seconds, jitter=policy.initial_seconds
+        )
+
+        def wait(state: RetryCallState) -> float:
+            asked = _retry_delay_asked(state.outcome.exception() if state.outcome else None)
+            return max(backoff(state), asked or 0.0)
+
+        return AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait,
+            stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.budget_seconds),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+    async def _open_stream(
+        self,
+        client: genai.Client,
+        contents: list[types.Content],
+        config: types.GenerateContentConfig,
+        opened: list[httpx2.Response],
+    ) -> tuple[AsyncIterator[types.GenerateContentResponse], types.GenerateContentResponse | None]:
+        """Open the stream and read its first chunk (where HTTP errors surface), with retries."""
+        async for attempt in self._retrying():
+            with attempt:
+                token = _responses.set(opened)
+                try:
+                    stream = await client.aio.models.generate_content_stream(
+                        model=self._config.model, contents=contents, config=config
+                    )
+                    return stream, await anext(stream, None)
+                finally:
+                    _responses.reset(token)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+
+# The HTTP responses a stream opened, noted by the client's response hook while the stream opens.
+_responses: ContextVar[list[httpx2.Response] | None] = ContextVar("gemini_responses", default=None)
+
+
+async def _note_response(response: httpx2.Response) -> None:
+    opened = _responses.get()
+    if opened is not None:
+        opened.append(response)
+
+
+# ---------------------------------------------------------------------- conversation -> Gemini
+
+
+def to_contents(conversation: Sequence[ConversationItem]) -> list[types.Content]:
+    """Contents for a request, consecutive items of one role merged (parallel calls in one turn)."""
+    contents: list[types.Content] = []
+    gemini_ids: dict[str, str | None] = {}
+    for item in conversation:
+        role: Literal["user", "model"]
+        if isinstance(item, UserText):
+            role, part = "user", types.Part(text=item.text)
+        elif isinstance(item, ModelText):
+            role, part = "model", types.Part(text=item.text)
+        elif isinstance(item, ToolCallItem):
+            role, part = "model", _call_part(item)
+            gemini_ids[item.call_id] = part.function_call.id if part.function_call else None
+        else:
+            role, part = "user", _response_part(item, gemini_ids.get(item.call_id))
+        if contents and contents[-1].role == role and contents[-1].parts is not None:
+            contents[-1].parts.append(part)
+        else:
+            contents.append(types.Content(role=role, parts=[part]))
+    return contents
+
+
+def _call_part(call: ToolCallItem) -> types.Part:
+    stored = (call.provider_data or {}).get(PART_KEY)
+    if isinstance(stored, dict):
+        # Verbatim, so the thought signature goes back exactly as the model sent it.
+        return types.Part.model_validate_json(json.dumps(stored))
+    return types.Part(function_call=types.FunctionCall(name=call.name, args=call.args))
+
+
+def _response_part(result: ToolResultItem, gemini_id: str | None) -> types.Part:
+    # Gemini's documented keys: "output" for a result, "error" for a failure.
+    response: dict[str, JSON] = {"error": result.error} if result.error is not None else {"output": result.result}
+    return types.Part(function_response=types.FunctionResponse(id=gemini_id, name=result.name, response=response))
+
+
+def _declaration(tool: ToolSpec) -> types.FunctionDeclaration:
+    return types.FunctionDeclaration(
+        name=tool.name, description=tool.description, parameters_json_schema=tool.parameters
+    )
+
+
+def transcript(conversation: Sequence[ConversationItem]) -> str:
+    """The conversation as plain text, for the summary prompt."""
+    lines: list[str] = []
+    for item in conversation:
+        if isinstance(item, UserText):
+            lines.append(f"User: {item.text}")
+        elif isinstance(item, ModelText):
+            lines.append(f"Assistant: {item.text}")
+        elif isinstance(item, ToolCallItem):
+            lines.append(f"Tool call {item.name}({json.dumps(item.args, ensure_ascii=False)})")
+        else:
+            outcome = item.error if item.error is not None else item.result
+            lines.append(f"Tool result {item.name}: {json.dumps(outcome, ensure_ascii=False)[:2000]}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- Gemini -> model events
+
+
+def _events_of(chunk: types.GenerateContentResponse) -> list[ModelEvent]:
+    candidate = chunk.candidates[0] if chunk.candidates else None
+    parts = candidate.content.parts if candidate and candidate.content and candidate.content.parts else []
+    events: list[ModelEvent] = []
+    for part in parts:
+        if part.thought:
+            continue  # a thought summary is not part of the answer
+        if part.function_call is not None:
+            call = part.function_call
+            events.append(
+                ToolCallRequest(
+                    call_id=call.id or "",
+                    name=call.name or "",
+                    args=dict(call.args or {}),
+                    provider_data={PART_KEY: _stored_part(part)},
+                )
+            )
+        elif part.text:
+            events.append(TextDelta(part.text))
+    return events
+
+
+def _stored_part(part: types.Part) -> dict[str, JSON]:
+    stored: dict[str, JSON] = part.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if part.thought_signature is not None:
+        # Standard base64, as Gemini sends it (pydantic would write the URL-safe alphabet).
+        stored["thoughtSignature"] = base64.b64encode(part.thought_signature).decode("ascii")
+    return stored
+
+
+def _usage_of(chunk: types.GenerateContentResponse) -> Usage | None:
+    meta = chunk.usage_metadata
+    if meta is None or (meta.prompt_token_count is None and meta.candidates_token_count is None):
+        return None
+    # Thinking tokens are billed as output, so they count as output here.
+    output = (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0)
+    return Usage(input_tokens=meta.prompt_token_count or 0, output_tokens=output)
+
+
+def _finish_of(chunk: types.GenerateContentResponse) -> str | None:
+    if chunk.prompt_feedback is not None and chunk.prompt_feedback.block_reason is not None:
+        return "SAFETY"  # the prompt itself was blocked: there are no candidates
+    candidate = chunk.candidates[0] if chunk.candidates else None
+    reason = candidate.finish_reason if candidate else None
+    if reason is None:
+        return None
+    return str(getattr(reason, "value", reason))
+
+
+def _map_finish(reason: str | None) -> Literal["stop", "max_tokens", "safety"]:
+    if reason in (None, "STOP", "FINISH_REASON_UNSPECIFIED"):
+        return "stop"
+    if reason == "MAX_TOKENS":
+        return "max_tokens"
+    if reason in _SAFETY_REASONS:
+        return "safety"
+    raise ProviderError("provider_error", f"the model stopped with {reason}")
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, errors.APIError):
+        return exc.code in RETRYABLE_STATUS
+    return isinstance(exc, httpx2.TransportError)
+
+
+def _retry_delay_asked(exc: BaseException | None) -> float | None:
+    """The wait a 429/503 asks for: google.rpc.RetryInfo's retryDelay, or a Retry-After header."""
+    if not isinstance(exc, errors.APIError):
+        return None
+    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
+    for detail in details.get("details") or [] if isinstance(details, dict) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+            match = _DURATION.match(str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    header = exc.response.headers.get("retry-after") if exc.response is not None else None
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None  # an HTTP date: rare enough here to fall back on backoff
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "gemini request failed (%s); retry %d in %.2f s",
+        _describe(exc),
+        state.attempt_number,
+        state.upcoming_sleep,
+    )
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, errors.APIError):
+        return f"HTTP {exc.code} {exc.status or ''}".strip()
+    return type(exc).__name__
+
+
+def _provider_error(exc: BaseException) -> ProviderError:
+    """A coded error for clients; Google's message stays in the log (it can name internals)."""
+    log.warning("gemini failed: %s: %s", _describe(exc), getattr(exc, "message", None) or exc)
+    if isinstance(exc, httpx2.TimeoutException):
+        return ProviderError("provider_timeout", "the model did not answer in time")
+    if isinstance(exc, httpx2.TransportError):
+        return ProviderError("provider_unavailable", "the model could not be reached")
+    assert isinstance(exc, errors.APIError)
+    if exc.code == 429:
+        return ProviderError("provider_rate_limited", "the model is rate limited; try again later")
+    if exc.code in RETRYABLE_STATUS:
+        return ProviderError("provider_unavailable", f"the model is unavailable (HTTP {exc.code})")
+    return ProviderError(
+        "provider_rejected", f"the model refused the request (HTTP {exc.code} {exc.status or ''})".strip()
+    )
