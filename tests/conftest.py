@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fake_gemini import FakeGemini
 from tests.fakes import open_meteo_app
 from tests.harness import RunningServer, Tab, start_plain_app, test_settings
 
@@ -18,6 +19,16 @@ TabFactory = Callable[..., Awaitable[Tab]]
 async def weather_url() -> AsyncIterator[str]:
     server, task, url = await start_plain_app(open_meteo_app())
     yield url
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def fake_gemini() -> AsyncIterator[FakeGemini]:
+    """A local server speaking Gemini's REST API (see tests/fake_gemini.py)."""
+    gemini = FakeGemini()
+    server, task, gemini.url = await start_plain_app(gemini.app)
+    yield gemini
     server.should_exit = True
     await task
 

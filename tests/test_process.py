@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
 from tests.harness import Tab, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,6 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
     [
         ("AUTH_JWT_SECRET", "s3cret", "authentication"),
         ("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json", "authentication"),
-        ("LLM_PROVIDER", "gemini", "LLM_PROVIDER=gemini"),
         ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres"),
         ("REDIS_URL", "redis://127.0.0.1:6379/0", "REDIS_URL"),
     ],
@@ -148,6 +148,28 @@ async def test_settings_this_build_cannot_honour_stop_it_from_starting(
     assert process.returncode != 0
     assert says in out.decode() and "Application startup failed" in out.decode()
     assert "s3cret" not in out.decode()
+
+
+async def test_a_gemini_api_key_alone_switches_the_model_to_gemini(spawn, fake_gemini: FakeGemini) -> None:  # type: ignore[no-untyped-def]
+    fake_gemini.stream(
+        Reply(events=[text_chunk("From ", meta=usage(4, 1)), text_chunk("Gemini.", "STOP", usage(4, 2))])
+    )
+    _, url = await spawn(
+        sys.executable, "-m", "server", LLM_PROVIDER="", GEMINI_API_KEY="from-env", GEMINI_BASE_URL=fake_gemini.url
+    )
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{url}/readyz")).status_code == 200
+    tab = await Tab(url, "websocket").connect()
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+        ack = await tab.call("message", {"session_id": sid, "text": "Which model?"})
+        done = (await tab.turn(ack["turn_id"]))[-1][1]
+    finally:
+        await tab.close()
+    assert (done["text"], done["usage"]) == ("From Gemini.", {"input_tokens": 4, "output_tokens": 2})
+    (request,) = fake_gemini.requests
+    assert request.headers["x-goog-api-key"] == "from-env"
+    assert request.contents == [{"role": "user", "parts": [{"text": "Which model?"}]}]
 
 
 async def test_settings_come_from_a_dot_env_file(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
