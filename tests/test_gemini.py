@@ -357,6 +357,27 @@ async def test_retries_stop_after_the_configured_attempts(
     assert done["error"] == {"code": "provider_unavailable", "message": "the model is unavailable (HTTP 503)"}
 
 
+async def test_transport_errors_are_retried(start_gemini: ServerFactory, connect: TabFactory) -> None:
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()  # no response at all: a transport error, not an HTTP one
+
+    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        server = await start_gemini(gemini_base_url=f"http://127.0.0.1:{port}", gemini_retry_attempts=3)
+        tab, sid = await open_session(server, connect)
+        done, _ = await ask(tab, sid, "Anyone there?")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert accepted == 3
+    assert done["error"] == {"code": "provider_unavailable", "message": "the model could not be reached"}
+
+
 async def test_an_error_mid_stream_ends_the_turn_keeping_the_partial_text(
     start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory
 ) -> None:
