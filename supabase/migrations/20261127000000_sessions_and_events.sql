@@ -27,9 +27,6 @@ create table if not exists public.events (
 -- History by session in stored order.
 create index if not exists events_session_order on public.events (session_id, event_id);
 
--- Row level security on, with no policy yet: the anon and authenticated roles read nothing,
--- and the server (service-role key, which bypasses RLS) reads and writes everything.
--- Never add the original design's "allow public" policies: anyone holding the anon key,
--- which ships in every browser bundle, could read every conversation.
+-- Row level security: see 20261127120000_row_level_security.sql.
 alter table public.sessions enable row level security;
 alter table public.events enable row level security;
