@@ -39,8 +39,12 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_key: str | None = None
     redis_url: str | None = None
-    # How long a storage operation is retried before the request is answered `unavailable`.
+    # How long a storage operation is retried before it counts as failed (see the outbox).
     storage_retry_seconds: float = Field(10, gt=0)
+    # One storage request's timeout (PostgreSQL command, Supabase HTTP request).
+    storage_timeout_seconds: float = Field(10, gt=0)
+    # The local durable queue for events PostgreSQL / Supabase cannot take yet.
+    outbox_path: Path = Path("./data/outbox.db")
 
     summary_delay_seconds: float = Field(5, ge=0)
     # Not in PROTOCOL.md: first wait before a failed summary is tried again (it doubles, up to an hour).

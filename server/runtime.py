@@ -11,11 +11,14 @@ import httpx
 from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.ports import Coordination, Emitter, ModelProvider, Repository
+from server.core.ports import Coordination, Emitter, ModelProvider, Outbox, Repository
 from server.core.tasks import TaskTracker
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
+from server.storage.outbox import SqliteOutbox
+from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
+from server.storage.supabase import SupabaseRepository
 from server.tools.registry import ToolRegistry
 from server.tools.weather import weather_tool
 
@@ -29,9 +32,19 @@ class ConfigurationError(RuntimeError):
 async def open_repository(settings: Settings) -> Repository:
     if settings.storage_backend == "sqlite":
         return await SqliteRepository.open(settings.sqlite_path, settings.storage_retry_seconds)
-    raise ConfigurationError(
-        f"STORAGE_BACKEND={settings.storage_backend} is not available in this build yet; "
-        "unset SUPABASE_URL / STORAGE_BACKEND to use the embedded SQLite storage"
+    if settings.storage_backend == "postgres":
+        if not settings.database_url:
+            raise ConfigurationError("STORAGE_BACKEND=postgres needs DATABASE_URL")
+        return await PostgresRepository.open(
+            settings.database_url, settings.storage_retry_seconds, command_timeout=settings.storage_timeout_seconds
+        )
+    if not (settings.supabase_url and settings.supabase_key):
+        raise ConfigurationError("STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY")
+    return await SupabaseRepository.open(
+        settings.supabase_url,
+        settings.supabase_key,
+        settings.storage_retry_seconds,
+        timeout_seconds=settings.storage_timeout_seconds,
     )
 
 
@@ -90,6 +103,7 @@ class Runtime:
     http: httpx.AsyncClient
     tasks: TaskTracker
     service: ConversationService
+    outbox: Outbox | None = None
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
@@ -97,6 +111,8 @@ class Runtime:
         provider = await make_provider(settings)
         coordination = make_coordination(settings)
         repo = await open_repository(settings)
+        # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
+        outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
         tasks = TaskTracker()
@@ -114,6 +130,7 @@ class Runtime:
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
+            outbox=outbox,
         )
         log.info(
             "serving with provider=%s%s storage=%s%s",
@@ -122,7 +139,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, coordination, http, tasks, service)
+        return cls(settings, repo, provider, coordination, http, tasks, service, outbox)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -133,6 +150,8 @@ class Runtime:
             await asyncio.wait_for(self.repo.ping(), timeout=2)
         except Exception as exc:
             problems.append(f"storage: {type(exc).__name__}")
+        if self.service.storage_outage:
+            problems.append(f"storage: unreachable past its retry budget; {self.service.queued_events} events queued")
         return problems
 
     async def drain_turns(self) -> None:
@@ -142,9 +161,15 @@ class Runtime:
     async def stop(self) -> None:
         await self.drain_turns()
         await self.service.disconnect_all()
+        await self.service.close_storage()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)
+        if self.service.queued_events:
+            log.error("%d events stay in the local queue (%s)", self.service.queued_events, self.settings.outbox_path)
         clean = True
-        for close in (self.provider.aclose, self.http.aclose, self.coordination.aclose, self.repo.aclose):
+        closers = [self.provider.aclose, self.http.aclose, self.coordination.aclose, self.repo.aclose]
+        if self.outbox is not None:
+            closers.append(self.outbox.aclose)
+        for close in closers:
             try:
                 await close()
             except Exception:

@@ -98,11 +98,11 @@ class RunningServer:
         self.socket.close()
 
 
-async def start_plain_app(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+async def start_plain_app(app: Any, lifespan: str = "off") -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     """Serve any ASGI app (the fakes) on a free port."""
     sock = listening_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     task.add_done_callback(lambda _: sock.close())
     while not server.started:

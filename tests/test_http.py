@@ -13,7 +13,7 @@ from tests.harness import RunningServer
 async def test_health_and_readiness(server: RunningServer, http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).status_code == 200
     ready = await http.get("/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "queued_events": 0}
 
 
 async def test_readiness_fails_with_a_reason_when_storage_does_not_answer(

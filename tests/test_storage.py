@@ -1,17 +1,29 @@
-"""The SQLite repository against a real database file: idempotency, order, and transaction isolation."""
+"""One repository contract, run against every backend: SQLite, PostgreSQL (asyncpg) and Supabase
+(the real supabase-py over HTTP to a PostgREST stand-in on the real PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from postgrest.exceptions import APIError
 
 from server.core.models import EventDraft, EventType
+from server.core.ports import Repository
+from server.storage import supabase as supabase_storage
+from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
+from server.storage.supabase import SupabaseRepository
+from tests.fake_postgrest import FakePostgrest, make_key
+from tests.harness import start_plain_app
+from tests.pg import scratch_database
 
 
 def draft(session_id: str, key: str, content: str = "hi", kind: EventType = EventType.USER_MESSAGE) -> EventDraft:
@@ -25,14 +37,59 @@ def draft(session_id: str, key: str, content: str = "hi", kind: EventType = Even
     )
 
 
+@dataclass
+class Backend:
+    name: str
+    open: Callable[[], Awaitable[Repository]]  # another repository on the same data
+    postgrest: FakePostgrest | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    if name == "sqlite":
+        yield Backend("sqlite", lambda: SqliteRepository.open(tmp_path / "store.db", retry_seconds=1))
+        return
+    async with scratch_database(supabase_roles=name == "supabase") as dsn:
+        if name == "postgres":
+            yield Backend("postgres", lambda: PostgresRepository.open(dsn, retry_seconds=1))
+            return
+        await (await PostgresRepository.open(dsn)).aclose()  # the schema, as `supabase db push` would
+        postgrest = FakePostgrest(dsn)
+        server, task, postgrest.url = await start_plain_app(postgrest.app, lifespan="on")
+        try:
+            yield Backend(
+                "supabase",
+                lambda: SupabaseRepository.open(postgrest.url, make_key("service_role"), retry_seconds=1),
+                postgrest,
+            )
+        finally:
+            server.should_exit = True
+            await task
+
+
+@pytest.fixture(params=["sqlite", "postgres", "supabase"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
 @pytest.fixture
-async def repo(tmp_path: Path) -> SqliteRepository:
-    repository = await SqliteRepository.open(tmp_path / "store.db", retry_seconds=1)
-    yield repository  # type: ignore[misc]
+async def supabase(tmp_path: Path) -> AsyncIterator[tuple[FakePostgrest, Repository]]:
+    async with open_backend("supabase", tmp_path) as opened:
+        assert opened.postgrest is not None
+        repository = await opened.open()
+        yield opened.postgrest, repository
+        await repository.aclose()
+
+
+@pytest.fixture
+async def repo(backend: Backend) -> AsyncIterator[Repository]:
+    repository = await backend.open()
+    yield repository
     await repository.aclose()
 
 
-async def test_sessions_are_created_once_and_read_back(repo: SqliteRepository) -> None:
+async def test_sessions_are_created_once_and_read_back(repo: Repository) -> None:
     sid = str(uuid.uuid4())
     start = datetime.now(UTC)
     first = await repo.ensure_session(sid, "ada", start)
@@ -45,7 +102,7 @@ async def test_sessions_are_created_once_and_read_back(repo: SqliteRepository) -
     assert stored is not None and (stored.summary, stored.end_time, stored.duration_seconds) == ("a summary", end, 90)
 
 
-async def test_a_repeated_write_returns_the_first_row(repo: SqliteRepository) -> None:
+async def test_a_repeated_write_returns_the_first_row(repo: Repository) -> None:
     sid = str(uuid.uuid4())
     await repo.ensure_session(sid, None, datetime.now(UTC))
     first = await repo.append_event(draft(sid, "k1", "original"))
@@ -56,25 +113,90 @@ async def test_a_repeated_write_returns_the_first_row(repo: SqliteRepository) ->
     assert [e.event_id for e in await repo.list_events(sid)] == [first.event_id, second.event_id]
     assert [e.event_id for e in await repo.list_events(sid, first.event_id)] == [second.event_id]
     assert await repo.find_event(sid, "k2") == second and await repo.find_event(sid, "nope") is None
+    assert (second.turn_id, second.event_key, second.event_type) == ("t", "k2", EventType.AI_MESSAGE)
 
 
-async def test_a_failing_write_never_takes_a_concurrent_one_down_with_it(
-    repo: SqliteRepository, tmp_path: Path
+async def test_history_comes_back_whole_and_in_order(
+    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(supabase_storage, "PAGE_SIZE", 3)  # Supabase answers at most a page of rows
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (sid, other):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    written = []
+    for n in range(8):
+        written.append(await repo.append_event(draft(sid, f"k{n}", f"event {n} ✓ «ünïcode»")))
+        await repo.append_event(draft(other, f"k{n}", "another session"))
+    events = await repo.list_events(sid)
+    assert events == written
+    assert await repo.list_events(sid, written[5].event_id) == written[6:]
+    assert await repo.list_events(sid, written[-1].event_id) == []
+
+
+async def test_text_a_database_cannot_hold_is_still_stored(repo: Repository) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    stored = await repo.append_event(draft(sid, "nul", "before\x00after"))
+    # PostgreSQL text cannot hold NUL: it becomes U+FFFD there, rather than losing the event.
+    assert stored.content in ("before\x00after", "before\ufffdafter")
+    assert (await repo.list_events(sid))[0].content == stored.content
+
+
+async def test_a_failing_write_never_takes_a_concurrent_one_down_with_it(repo: Repository, backend: Backend) -> None:
     sid = str(uuid.uuid4())
     await repo.ensure_session(sid, None, datetime.now(UTC))
     acknowledged: list[int] = []
+    refused: list[BaseException] = []
 
     async def good(n: int) -> None:
         acknowledged.append((await repo.append_event(draft(sid, f"good-{n}"))).event_id)
 
     async def bad(n: int) -> None:
-        with pytest.raises(sqlite3.IntegrityError):  # no such session: the foreign key refuses it
+        try:  # no such session: the foreign key refuses it
             await repo.append_event(draft(str(uuid.uuid4()), f"bad-{n}"))
+        except Exception as exc:
+            refused.append(exc)
 
-    await asyncio.gather(*(coro for n in range(50) for coro in (good(n), bad(n))))
-    # Read through another connection: what was acknowledged must really be committed.
-    other = sqlite3.connect(tmp_path / "store.db")
-    committed = {row[0] for row in other.execute("SELECT event_id FROM events WHERE session_id = ?", (sid,))}
-    other.close()
-    assert len(acknowledged) == 50 and set(acknowledged) <= committed
+    await asyncio.gather(*(coro for n in range(30) for coro in (good(n), bad(n))))
+    assert len(refused) == 30 and len(acknowledged) == 30
+    # Read through another repository: what was acknowledged must really be committed.
+    other = await backend.open()
+    try:
+        committed = {e.event_id for e in await other.list_events(sid)}
+    finally:
+        await other.aclose()
+    assert set(acknowledged) == committed
+
+
+async def test_the_supabase_client_sends_what_postgrest_expects(supabase: tuple[FakePostgrest, Repository]) -> None:
+    postgrest, repo = supabase
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    await repo.append_event(draft(sid, "k"))
+    await repo.append_event(draft(sid, "k"))  # a retry: ignored as a duplicate, the first row answered
+    posts = [unquote(path) for method, path in postgrest.requests if method == "POST"]
+    assert posts[0].startswith("/rest/v1/sessions?on_conflict=session_id")
+    assert posts[1].startswith("/rest/v1/events?on_conflict=session_id,event_key")
+    assert len(await repo.list_events(sid)) == 1
+
+
+async def test_an_anon_key_is_warned_about_and_refused_by_row_level_security(
+    supabase: tuple[FakePostgrest, Repository], caplog: pytest.LogCaptureFixture
+) -> None:
+    postgrest, _ = supabase
+    anon = await SupabaseRepository.open(postgrest.url, make_key("anon"), retry_seconds=1)
+    try:
+        assert "looks like the anon key" in caplog.text
+        with pytest.raises(APIError) as refused:
+            await anon.ensure_session(str(uuid.uuid4()), None, datetime.now(UTC))
+        assert refused.value.code == "42501"
+    finally:
+        await anon.aclose()
+
+
+def test_key_roles_are_read_from_the_key() -> None:
+    assert supabase_storage.key_role(make_key("service_role")) == "service_role"
+    assert supabase_storage.key_role(make_key("anon")) == "anon"
+    assert supabase_storage.key_role("sb_publishable_abc") == "anon"
+    assert supabase_storage.key_role("sb_secret_abc") == "service_role"
+    assert supabase_storage.key_role("not a jwt") is None

@@ -21,7 +21,7 @@ from server.core.models import (
     UserMessageEvent,
     utc_now,
 )
-from server.core.ports import Coordination, Emitter, ModelProvider, Repository, StorageUnavailable
+from server.core.ports import Coordination, Emitter, ModelProvider, Outbox, Repository, StorageUnavailable
 from server.core.rate_limit import RateLimiter
 from server.core.summaries import SummaryScheduler
 from server.core.tasks import TaskTracker
@@ -106,19 +106,20 @@ class ConversationService:
         limits: Limits,
         summary_delay_seconds: float,
         summary_retry_seconds: float = 30.0,
+        outbox: Outbox | None = None,
     ) -> None:
         self._repo = repo
         self._emitter = emitter
         self._coordination = coordination
         self._tasks = tasks
         self._limits = limits
-        self._log = EventLog(repo, tasks)
+        self._log = EventLog(repo, tasks, outbox)
+        self._log.start()
         self._rate = RateLimiter(limits.messages_per_minute)
         self._joined: defaultdict[str, set[str]] = defaultdict(set)
         self._running: dict[str, RunningTurn] = {}
         self._closing = False
         self._runner = TurnRunner(
-            repo=repo,
             provider=provider,
             tools=tools,
             emitter=emitter,
@@ -145,8 +146,11 @@ class ConversationService:
     ) -> JoinResult:
         sid = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
         try:
+            if self._log.outage:
+                raise StorageUnavailable("storage is out; events wait in the local queue")
             session = await self._repo.ensure_session(sid, user_id, utc_now())
-            await self._log.flush(sid)
+            # A history with gaps would mislead the tab: the session's queued events go first.
+            await self._log.wait_stored(sid, within_seconds=self._limits.done_store_wait_seconds)
             history = await self._repo.list_events(sid, after_event_id)
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
@@ -228,7 +232,8 @@ class ConversationService:
             raise
 
         self._rate.take(member)
-        accepted = MessageAccepted(turn_id=turn_id, event_id=stored.event_id)
+        event_id = stored.event_id if stored is not None else None  # None: waiting in the local queue
+        accepted = MessageAccepted(turn_id=turn_id, event_id=event_id)
         turn.accepted.set_result(accepted)
         try:
             await self._emitter.publish(
@@ -236,7 +241,7 @@ class ConversationService:
                 UserMessageEvent(
                     session_id=sid,
                     turn_id=turn_id,
-                    event_id=stored.event_id,
+                    event_id=event_id,
                     text=text,
                     client_message_id=client_message_id,
                 ),
@@ -302,12 +307,12 @@ class ConversationService:
         if retried is not None:
             return await asyncio.shield(retried.accepted)
         try:
-            earlier = await self._repo.find_event(sid, _user_message_key(client_message_id))
+            earlier = await self._log.find(sid, _user_message_key(client_message_id))
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
         if earlier is None or earlier.turn_id is None:
             return None
-        return MessageAccepted(turn_id=earlier.turn_id, event_id=earlier.event_id)
+        return MessageAccepted(turn_id=earlier.turn_id, event_id=getattr(earlier, "event_id", None))
 
     async def _run(self, turn: RunningTurn) -> None:
         try:
@@ -334,6 +339,18 @@ class ConversationService:
             await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def storage_outage(self) -> bool:
+        return self._log.outage
+
+    @property
+    def queued_events(self) -> int:
+        return self._log.queued
+
+    async def close_storage(self) -> None:
+        """Shutdown: write what the local queue holds if storage takes it; the rest stays on disk."""
+        await self._log.close()
 
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""

@@ -1,27 +1,76 @@
-"""Ordered, idempotent event writes per session, so storage never sits on the chunk path."""
+"""Ordered, idempotent event writes per session, so storage never sits on the chunk path, and
+never loses an event: what storage cannot take waits in a local durable queue (the outbox)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
 
 from server.core.models import EventDraft, StoredEvent
-from server.core.ports import Repository
+from server.core.ports import Outbox, Repository, StorageUnavailable
 from server.core.tasks import TaskTracker
+
+log = logging.getLogger(__name__)
+
+HistoryEvent = StoredEvent | EventDraft  # stored, or waiting in the outbox
+CACHED_SESSIONS = 1000
+DRAIN_BATCH = 100
+MAX_DRAIN_BACKOFF_SECONDS = 10.0
 
 
 class EventLog:
     """Each session's writes run one after another, in the order they were submitted.
 
-    A caller that needs the row (a user message's ack) awaits the returned task; the turn
-    runner submits tool events and moves on.
+    A caller that needs the row (a user message's ack) awaits the returned task; the turn runner
+    submits tool events and moves on. With an outbox, a write storage cannot take within its retry
+    budget goes to the outbox instead (the task then gives None), and so does every later write of
+    that session until the queue has drained, so each session's events reach storage in order.
+    While storage is out, writes go to the outbox at once, and a turn reads its history from what
+    this process last read and wrote of the session.
     """
 
-    def __init__(self, repo: Repository, tasks: TaskTracker) -> None:
+    def __init__(self, repo: Repository, tasks: TaskTracker, outbox: Outbox | None = None) -> None:
         self._repo = repo
         self._tasks = tasks
-        self._tails: dict[str, asyncio.Task[StoredEvent]] = {}
+        self._outbox = outbox
+        self._tails: dict[str, asyncio.Task[StoredEvent | None]] = {}
+        self._outage = False
+        self._cache: OrderedDict[str, list[StoredEvent]] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._drainer: asyncio.Task[None] | None = None
 
-    def submit(self, draft: EventDraft) -> asyncio.Task[StoredEvent]:
+    # ------------------------------------------------------------------ state
+
+    @property
+    def outage(self) -> bool:
+        """Storage failed past its retry budget and has not taken the queue back yet."""
+        return self._outage
+
+    @property
+    def queued(self) -> int:
+        return self._outbox.depth if self._outbox is not None else 0
+
+    def start(self) -> None:
+        """Resume the outbox (events left by an earlier run are written first)."""
+        if self._outbox is not None and self._drainer is None:
+            if self._outbox.depth:
+                log.warning("%d events wait in the local queue from an earlier run; writing them", self._outbox.depth)
+            self._drainer = self._tasks.spawn(self._drain_forever(), name="outbox drainer")
+
+    async def close(self) -> None:
+        """Shutdown: one last pass over the queue; what storage will not take stays on disk."""
+        self._closing = True
+        self._wake.set()
+        if self._drainer is not None:
+            await asyncio.wait([self._drainer])
+
+    # ------------------------------------------------------------------ writes
+
+    def submit(self, draft: EventDraft) -> asyncio.Task[StoredEvent | None]:
         session_id = draft.session_id
         previous = self._tails.get(session_id)
         task = self._tasks.spawn(
@@ -29,21 +78,160 @@ class EventLog:
         )
         self._tails[session_id] = task
 
-        def forget(done: asyncio.Task[StoredEvent]) -> None:
+        def forget(done: asyncio.Task[StoredEvent | None]) -> None:
             if self._tails.get(session_id) is done:
                 del self._tails[session_id]
 
         task.add_done_callback(forget)
         return task
 
-    async def _write_after(self, previous: asyncio.Task[StoredEvent] | None, draft: EventDraft) -> StoredEvent:
+    async def _write_after(
+        self, previous: asyncio.Task[StoredEvent | None] | None, draft: EventDraft
+    ) -> StoredEvent | None:
         if previous is not None:
             # Order only: the previous write's failure is reported by its own task.
             await asyncio.wait([previous])
-        return await self._repo.append_event(draft)
+        if self._outbox is None:
+            return self._remember(await self._repo.append_event(draft))
+        if self._outage or self._outbox.holds(draft.session_id):
+            await self._enqueue(draft)
+            return None
+        try:
+            return self._remember(await self._repo.append_event(draft))
+        except StorageUnavailable as exc:
+            if not self._outage:
+                log.error("storage is unreachable (%s): events wait in the local queue until it is back", exc)
+            self._outage = True
+            await self._enqueue(draft)
+            return None
+
+    async def _enqueue(self, draft: EventDraft) -> None:
+        assert self._outbox is not None
+        # If even the local disk fails, the caller hears of it: nothing was stored.
+        await self._outbox.put(draft)
+        self._wake.set()
 
     async def flush(self, session_id: str) -> None:
-        """Wait until every write submitted so far for the session has finished."""
+        """Wait until every write submitted so far for the session has finished (stored or queued)."""
         tail = self._tails.get(session_id)
         if tail is not None:
             await asyncio.wait([tail])
+
+    async def require_stored(self, session_id: str) -> None:
+        """Raise StorageUnavailable while events of the session still wait in the outbox."""
+        await self.flush(session_id)
+        if self._outbox is not None and self._outbox.holds(session_id):
+            raise StorageUnavailable(f"events of session {session_id} still wait in the local queue")
+
+    async def wait_stored(self, session_id: str, within_seconds: float) -> None:
+        """Give the outbox up to `within_seconds` to write the session's waiting events."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_seconds
+        while True:
+            try:
+                await self.require_stored(session_id)
+                return
+            except StorageUnavailable:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ reads
+
+    async def history(self, session_id: str) -> list[HistoryEvent]:
+        """The session's events for a model: from storage, or while it is out, from this process's copy."""
+        await self.flush(session_id)
+        if not self._outage:
+            try:
+                stored = await self._repo.list_events(session_id)
+            except StorageUnavailable:
+                stored = self._cached(session_id)
+            else:
+                self._cache_put(session_id, stored)
+        else:
+            stored = self._cached(session_id)
+        waiting: Sequence[EventDraft] = await self._outbox.waiting(session_id) if self._outbox is not None else []
+        return [*stored, *waiting]
+
+    async def find(self, session_id: str, event_key: str) -> HistoryEvent | None:
+        """The event with this key, stored or waiting; during an outage only the outbox is asked."""
+        if self._outbox is not None:
+            waiting = await self._outbox.find(session_id, event_key)
+            if waiting is not None:
+                return waiting
+        if self._outage:
+            return None
+        return await self._repo.find_event(session_id, event_key)
+
+    def _cached(self, session_id: str) -> list[StoredEvent]:
+        cached = self._cache.get(session_id)
+        if cached is None:
+            raise StorageUnavailable(f"storage is unreachable and session {session_id} was not read here before")
+        return list(cached)
+
+    def _cache_put(self, session_id: str, stored: list[StoredEvent]) -> None:
+        previous = self._cache.pop(session_id, [])
+        last = stored[-1].event_id if stored else 0
+        # Writes that finished while the read ran stay in the copy.
+        self._cache[session_id] = [*stored, *(e for e in previous if e.event_id > last)]
+        while len(self._cache) > CACHED_SESSIONS:
+            self._cache.popitem(last=False)
+
+    def _remember(self, stored: StoredEvent) -> StoredEvent:
+        cached = self._cache.get(stored.session_id)
+        if cached is not None and (not cached or cached[-1].event_id < stored.event_id):
+            cached.append(stored)
+        return stored
+
+    # ------------------------------------------------------------------ the drainer
+
+    async def _drain_forever(self) -> None:
+        assert self._outbox is not None
+        backoff = 0.2
+        while True:
+            if self._outbox.depth == 0:
+                if self._outage:
+                    log.warning("storage is back: the local queue is written")
+                self._outage = False
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._drain_batch()
+                backoff = 0.2
+            except StorageUnavailable as exc:
+                self._outage = True
+                if self._closing:
+                    log.error(
+                        "stopping with %d events in the local queue (%s): written at the next start",
+                        self._outbox.depth,
+                        exc,
+                    )
+                    return
+                log.warning("storage still unreachable, %d events queued locally: %s", self._outbox.depth, exc)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), backoff)
+                backoff = min(backoff * 2, MAX_DRAIN_BACKOFF_SECONDS)
+
+    async def _drain_batch(self) -> None:
+        assert self._outbox is not None
+        for position, draft in await self._outbox.oldest(DRAIN_BATCH):
+            try:
+                stored = await self._repo.append_event(draft)
+            except StorageUnavailable:
+                raise
+            except Exception as exc:
+                # Not a passing failure (e.g. the session row is gone): keep it aside, on disk, loudly.
+                log.error(
+                    "storage refuses queued event %s of session %s for good; set aside in the local queue",
+                    draft.event_key,
+                    draft.session_id,
+                    exc_info=exc,
+                )
+                await self._outbox.set_aside(position, draft.session_id, repr(exc))
+                continue
+            await self._outbox.remove(position, draft.session_id)
+            self._remember(stored)

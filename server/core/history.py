@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from server.core.models import JSON, EventType, StoredEvent
+from server.core.models import JSON, EventDraft, EventType, StoredEvent
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
 
 
@@ -32,7 +32,7 @@ def tool_result_content(result: ToolResultItem) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-def conversation_from_events(events: Iterable[StoredEvent]) -> list[ConversationItem]:
+def conversation_from_events(events: Iterable[StoredEvent | EventDraft]) -> list[ConversationItem]:
     items: list[ConversationItem] = []
     # Per turn: (position in items, text offset) of each tool round that followed some answer text.
     rounds: dict[str, list[tuple[int, int]]] = {}

@@ -137,6 +137,45 @@ class Repository(Protocol):
     async def aclose(self) -> None: ...
 
 
+class Outbox(Protocol):
+    """A local durable queue for events storage could not take: kept on disk until written.
+
+    Events leave it oldest first; an event is removed only once storage has it, so a crash in
+    between writes it again, which the idempotent `append_event` turns into a no-op.
+    """
+
+    @property
+    def depth(self) -> int:
+        """Events waiting (kept in memory: no I/O)."""
+        ...
+
+    def holds(self, session_id: str) -> bool:
+        """Whether events of the session wait here (kept in memory: no I/O)."""
+        ...
+
+    async def put(self, draft: EventDraft) -> None:
+        """Store the event durably (on disk) before returning."""
+        ...
+
+    async def oldest(self, limit: int) -> list[tuple[int, EventDraft]]:
+        """Up to `limit` waiting events with their queue position, oldest first."""
+        ...
+
+    async def remove(self, position: int, session_id: str) -> None: ...
+
+    async def set_aside(self, position: int, session_id: str, reason: str) -> None:
+        """Move an event storage refuses for good out of the way, keeping it on disk."""
+        ...
+
+    async def waiting(self, session_id: str) -> list[EventDraft]:
+        """The session's waiting events, oldest first."""
+        ...
+
+    async def find(self, session_id: str, event_key: str) -> EventDraft | None: ...
+
+    async def aclose(self) -> None: ...
+
+
 # ---------------------------------------------------------------- transport
 
 

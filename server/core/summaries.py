@@ -125,7 +125,7 @@ class SummaryScheduler:
             attempt += 1
 
     async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
-        await self._event_log.flush(session_id)
+        await self._event_log.require_stored(session_id)  # else: retried once the queue is written
         session = await self._repo.get_session(session_id)
         if session is None:
             return

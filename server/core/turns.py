@@ -32,7 +32,6 @@ from server.core.ports import (
     ModelRequest,
     ModelText,
     ProviderError,
-    Repository,
     StorageUnavailable,
     TextDelta,
     ToolCallItem,
@@ -65,7 +64,6 @@ class TurnRunner:
     def __init__(
         self,
         *,
-        repo: Repository,
         provider: ModelProvider,
         tools: ToolRegistry,
         emitter: Emitter,
@@ -73,7 +71,6 @@ class TurnRunner:
         event_log: EventLog,
         limits: Limits,
     ) -> None:
-        self._repo = repo
         self._coordination = coordination
         self._provider = provider
         self._tools = tools
@@ -132,7 +129,8 @@ class TurnRunner:
             )
         )
         await asyncio.wait([write], timeout=self._limits.done_store_wait_seconds)
-        event_id = write.result().event_id if write.done() and write.exception() is None else None
+        stored = write.result() if write.done() and write.exception() is None else None
+        event_id = stored.event_id if stored is not None else None
         await self._emitter.publish(
             turn.session_id,
             DoneEvent(
@@ -147,8 +145,7 @@ class TurnRunner:
         )
 
     async def _generate(self, turn: RunningTurn, state: _TurnState) -> None:
-        await self._log.flush(turn.session_id)
-        events = await self._repo.list_events(turn.session_id)
+        events = await self._log.history(turn.session_id)
         conversation: list[ConversationItem] = conversation_from_events(events)
         tools = self._tools.specs
         for _round in range(self._limits.max_tool_rounds + 1):

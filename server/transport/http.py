@@ -34,10 +34,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    problems = await _runtime(request).readiness_problems()
+    runtime = _runtime(request)
+    problems = await runtime.readiness_problems()
+    queued = runtime.service.queued_events
     if problems:
-        return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable", "reasons": problems, "queued_events": queued}, status_code=503)
+    return JSONResponse({"status": "ready", "queued_events": queued})
 
 
 @router.get("/api/sessions/{session_id}")

@@ -1,0 +1,123 @@
+"""The local durable queue: an SQLite file beside the service, for events storage cannot take yet."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import aiosqlite
+
+from server.core.models import EventDraft
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    position   INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    event_key  TEXT NOT NULL,
+    draft      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_session ON outbox (session_id, position);
+-- Events storage refused for good (not a transient failure): kept for an operator, never dropped.
+CREATE TABLE IF NOT EXISTS outbox_set_aside (
+    position   INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    draft      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    set_aside  TEXT NOT NULL DEFAULT (datetime('now'))
+);
+"""
+
+
+class SqliteOutbox:
+    def __init__(self, db: aiosqlite.Connection, waiting: Counter[str]) -> None:
+        self._db = db
+        self._waiting = waiting
+        # One connection, hence one transaction at a time.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteOutbox:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        # An event acknowledged from here must survive a power cut: sync every commit.
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        waiting: Counter[str] = Counter()
+        async with db.execute("SELECT session_id, count(*) FROM outbox GROUP BY session_id") as cursor:
+            for session_id, count in await cursor.fetchall():
+                waiting[session_id] = count
+        return cls(db, waiting)
+
+    @property
+    def depth(self) -> int:
+        return self._waiting.total()
+
+    def holds(self, session_id: str) -> bool:
+        return self._waiting[session_id] > 0
+
+    async def put(self, draft: EventDraft) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT INTO outbox (session_id, event_key, draft) VALUES (?, ?, ?)",
+                (draft.session_id, draft.event_key, draft.model_dump_json()),
+            )
+            await self._db.commit()
+        self._waiting[draft.session_id] += 1
+
+    async def oldest(self, limit: int) -> list[tuple[int, EventDraft]]:
+        async with self._db.execute("SELECT position, draft FROM outbox ORDER BY position LIMIT ?", (limit,)) as cursor:
+            rows = await cursor.fetchall()
+        return [(position, EventDraft.model_validate_json(draft)) for position, draft in rows]
+
+    async def remove(self, position: int, session_id: str) -> None:
+        async with self._lock:
+            cursor = await self._db.execute("DELETE FROM outbox WHERE position = ?", (position,))
+            await self._db.commit()
+        if cursor.rowcount:
+            self._forget_one(session_id)
+
+    async def set_aside(self, position: int, session_id: str, reason: str) -> None:
+        async with self._lock:
+            try:
+                await self._db.execute(
+                    "INSERT INTO outbox_set_aside (position, session_id, draft, reason)"
+                    " SELECT position, session_id, draft, ? FROM outbox WHERE position = ?",
+                    (reason, position),
+                )
+                cursor = await self._db.execute("DELETE FROM outbox WHERE position = ?", (position,))
+                await self._db.commit()
+            except sqlite3.Error:
+                await self._db.rollback()
+                raise
+        if cursor.rowcount:
+            self._forget_one(session_id)
+
+    def _forget_one(self, session_id: str) -> None:
+        self._waiting[session_id] -= 1
+        if self._waiting[session_id] <= 0:
+            del self._waiting[session_id]
+
+    async def waiting(self, session_id: str) -> list[EventDraft]:
+        if not self.holds(session_id):
+            return []
+        async with self._db.execute(
+            "SELECT draft FROM outbox WHERE session_id = ? ORDER BY position", (session_id,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [EventDraft.model_validate_json(draft) for (draft,) in rows]
+
+    async def find(self, session_id: str, event_key: str) -> EventDraft | None:
+        if not self.holds(session_id):
+            return None
+        async with self._db.execute(
+            "SELECT draft FROM outbox WHERE session_id = ? AND event_key = ?", (session_id, event_key)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return EventDraft.model_validate_json(row[0]) if row else None
+
+    async def aclose(self) -> None:
+        await self._db.close()

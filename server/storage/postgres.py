@@ -1,0 +1,199 @@
+"""PostgreSQL through asyncpg: any PostgreSQL, or Supabase's direct or pooled connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import asyncpg
+
+from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.storage.retry import with_retries
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "supabase" / "migrations"
+_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key"
+_SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
+# Only one process applies the migrations at a time (several may start together).
+_MIGRATION_LOCK = 7_305_921_116
+
+
+def transient(exc: BaseException) -> bool:
+    """Failures a retry can outlive: the connection, the server's availability, serialization."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith(("08", "53", "57P")) or state in ("40001", "40P01")
+
+
+def storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; a model answer that contains one must still be stored.
+    return text.replace("\x00", "\ufffd")
+
+
+def _session(row: asyncpg.Record) -> Session:
+    return Session(
+        session_id=str(row["session_id"]),
+        user_id=row["user_id"],
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        summary=row["summary"],
+        duration_seconds=row["duration_seconds"],
+    )
+
+
+def _event(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(
+        event_id=row["event_id"],
+        session_id=str(row["session_id"]),
+        event_type=EventType(row["event_type"]),
+        content=row["content"],
+        timestamp=row["timestamp"],
+        turn_id=row["turn_id"],
+        event_key=row["event_key"],
+    )
+
+
+class PostgresRepository:
+    def __init__(self, pool: asyncpg.Pool, retry_seconds: float) -> None:
+        self._pool = pool
+        self._retry_seconds = retry_seconds
+
+    @classmethod
+    async def open(
+        cls, dsn: str, retry_seconds: float = 10.0, *, command_timeout: float = 10.0, migrate: bool = True
+    ) -> PostgresRepository:
+        # Supabase's pooler (port 6543, transaction mode) cannot keep prepared statements.
+        pooled = urlparse(dsn).port == 6543 or "pooler.supabase.com" in dsn
+        pool = await with_retries(
+            lambda: asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=10,
+                timeout=5,
+                command_timeout=command_timeout,
+                statement_cache_size=0 if pooled else 100,
+            ),
+            transient=transient,
+            what="connect to PostgreSQL",
+            budget_seconds=retry_seconds,
+        )
+        assert pool is not None
+        repo = cls(pool, retry_seconds)
+        if migrate:
+            await repo.migrate()
+        return repo
+
+    async def migrate(self) -> None:
+        """Create what is missing by applying supabase/migrations (each is safe to apply again)."""
+        scripts = await asyncio.to_thread(lambda: [p.read_text("utf-8") for p in sorted(MIGRATIONS.glob("*.sql"))])
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                for script in scripts:
+                    await conn.execute(script)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def _retrying(self, operation: Callable[[asyncpg.Connection], Awaitable[T]], what: str) -> T:
+        async def attempt() -> T:
+            async with self._pool.acquire() as conn:
+                return await operation(conn)
+
+        return await with_retries(attempt, transient=transient, what=what, budget_seconds=self._retry_seconds)
+
+    async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
+        async def op(conn: asyncpg.Connection) -> Session:
+            row = await conn.fetchrow(
+                "INSERT INTO sessions (session_id, user_id, start_time) VALUES ($1, $2, $3)"
+                f" ON CONFLICT (session_id) DO NOTHING RETURNING {_SESSION_COLUMNS}",
+                session_id,
+                user_id,
+                start_time,
+            )
+            if row is None:
+                row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
+            assert row is not None
+            return _session(row)
+
+        return await self._retrying(op, "ensure session")
+
+    async def get_session(self, session_id: str) -> Session | None:
+        async def op(conn: asyncpg.Connection) -> Session | None:
+            row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
+            return _session(row) if row else None
+
+        return await self._retrying(op, "read session")
+
+    async def append_event(self, draft: EventDraft) -> StoredEvent:
+        async def op(conn: asyncpg.Connection) -> StoredEvent:
+            row = await conn.fetchrow(
+                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, event_key) DO NOTHING"
+                f" RETURNING {_EVENT_COLUMNS}",
+                draft.session_id,
+                draft.timestamp,
+                draft.event_type.value,
+                storable(draft.content),
+                draft.turn_id,
+                draft.event_key,
+            )
+            if row is None:  # written before (a retry after a lost answer): that row is the answer
+                row = await self._fetch_event(conn, draft.session_id, draft.event_key)
+            assert row is not None
+            return _event(row)
+
+        return await self._retrying(op, "append event")
+
+    async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        async def op(conn: asyncpg.Connection) -> StoredEvent | None:
+            row = await self._fetch_event(conn, session_id, event_key)
+            return _event(row) if row else None
+
+        return await self._retrying(op, "find event")
+
+    @staticmethod
+    async def _fetch_event(conn: asyncpg.Connection, session_id: str, event_key: str) -> Any:
+        return await conn.fetchrow(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND event_key = $2", session_id, event_key
+        )
+
+    async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
+        async def op(conn: asyncpg.Connection) -> list[StoredEvent]:
+            rows = await conn.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND event_id > $2 ORDER BY event_id",
+                session_id,
+                after_event_id if after_event_id is not None else -1,
+            )
+            return [_event(r) for r in rows]
+
+        return await self._retrying(op, "list events")
+
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE sessions SET summary = $2, end_time = $3, duration_seconds = $4 WHERE session_id = $1",
+                session_id,
+                storable(summary),
+                end_time,
+                duration_seconds,
+            )
+
+        await self._retrying(op, "write summary")
+
+    async def ping(self) -> None:
+        async with self._pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def aclose(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=5)
+        except TimeoutError:
+            self._pool.terminate()

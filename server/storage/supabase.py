@@ -1,0 +1,216 @@
+"""Supabase through its official client (`supabase`, async): the PostgREST API over HTTPS.
+
+The server must hold the project's service-role key: it bypasses row level security, which lets
+users read only their own rows (supabase/migrations). postgrest-py's own retry is off, so tenacity
+is the one retry policy, and every insert is an upsert that ignores duplicates, so a retry after a
+lost answer stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+from postgrest import ReturnMethod
+from postgrest.exceptions import APIError
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.storage.postgres import storable
+from server.storage.retry import with_retries
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_EVENT_COLUMNS = "event_id,session_id,event_type,content,timestamp,turn_id,event_key"
+_SESSION_COLUMNS = "session_id,user_id,start_time,end_time,summary,duration_seconds"
+# Supabase caps a response at 1,000 rows by default: history is read in pages.
+PAGE_SIZE = 1000
+_TRANSIENT_CODES = frozenset(
+    {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01", "500", "502", "503", "504", "520"}
+)
+
+
+def transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, APIError):
+        code = str(exc.code or "")
+        return code in _TRANSIENT_CODES or code.startswith(("08", "53", "57P"))
+    return False
+
+
+def key_role(key: str) -> str | None:
+    """The role a Supabase API key grants: from its JWT claims, or its new-style prefix."""
+    if key.startswith("sb_publishable_"):
+        return "anon"
+    if key.startswith("sb_secret_"):
+        return "service_role"
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def _session(row: Any) -> Session:
+    return Session.model_validate(row)
+
+
+def _event(row: Any) -> StoredEvent:
+    return StoredEvent(
+        event_id=row["event_id"],
+        session_id=row["session_id"],
+        event_type=EventType(row["event_type"]),
+        content=row["content"],
+        timestamp=datetime.fromisoformat(row["timestamp"]),
+        turn_id=row["turn_id"],
+        event_key=row["event_key"],
+    )
+
+
+class SupabaseRepository:
+    def __init__(self, client: AsyncClient, http: httpx.AsyncClient, retry_seconds: float) -> None:
+        self._client = client
+        self._http = http
+        self._retry_seconds = retry_seconds
+
+    @classmethod
+    async def open(
+        cls, url: str, key: str, retry_seconds: float = 10.0, timeout_seconds: float = 10.0
+    ) -> SupabaseRepository:
+        role = key_role(key)
+        if role is not None and role != "service_role":
+            log.warning(
+                "SUPABASE_KEY looks like the %s key: the server needs the service-role key, or row level "
+                "security refuses its reads and writes",
+                role,
+            )
+        http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds))
+        client = await acreate_client(
+            url, key, options=AsyncClientOptions(httpx_client=http, postgrest_client_retry=False)
+        )
+        return cls(client, http, retry_seconds)
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        return await with_retries(operation, transient=transient, what=what, budget_seconds=self._retry_seconds)
+
+    async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
+        async def op() -> Session:
+            await (
+                self._client.table("sessions")
+                .upsert(
+                    {"session_id": session_id, "user_id": user_id, "start_time": start_time.isoformat()},
+                    on_conflict="session_id",
+                    ignore_duplicates=True,
+                    returning=ReturnMethod.minimal,
+                )
+                .execute()
+            )
+            session = await self._fetch_session(session_id)
+            assert session is not None
+            return session
+
+        return await self._retrying(op, "ensure session")
+
+    async def get_session(self, session_id: str) -> Session | None:
+        return await self._retrying(lambda: self._fetch_session(session_id), "read session")
+
+    async def _fetch_session(self, session_id: str) -> Session | None:
+        response = await self._client.table("sessions").select(_SESSION_COLUMNS).eq("session_id", session_id).execute()
+        return _session(response.data[0]) if response.data else None
+
+    async def append_event(self, draft: EventDraft) -> StoredEvent:
+        async def op() -> StoredEvent:
+            response = await (
+                self._client.table("events")
+                .upsert(
+                    {
+                        "session_id": draft.session_id,
+                        "timestamp": draft.timestamp.isoformat(),
+                        "event_type": draft.event_type.value,
+                        "content": storable(draft.content),
+                        "turn_id": draft.turn_id,
+                        "event_key": draft.event_key,
+                    },
+                    on_conflict="session_id,event_key",
+                    ignore_duplicates=True,
+                )
+                .execute()
+            )
+            if response.data:
+                return _event(response.data[0])
+            # Nothing inserted: written before (a retry after a lost answer); that row is the answer.
+            existing = await self._fetch_event(draft.session_id, draft.event_key)
+            assert existing is not None
+            return existing
+
+        return await self._retrying(op, "append event")
+
+    async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        return await self._retrying(lambda: self._fetch_event(session_id, event_key), "find event")
+
+    async def _fetch_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        response = await (
+            self._client.table("events")
+            .select(_EVENT_COLUMNS)
+            .eq("session_id", session_id)
+            .eq("event_key", event_key)
+            .execute()
+        )
+        return _event(response.data[0]) if response.data else None
+
+    async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
+        async def op() -> list[StoredEvent]:
+            events: list[StoredEvent] = []
+            after = after_event_id if after_event_id is not None else -1
+            while True:
+                response = await (
+                    self._client.table("events")
+                    .select(_EVENT_COLUMNS)
+                    .eq("session_id", session_id)
+                    .gt("event_id", after)
+                    .order("event_id")
+                    .limit(PAGE_SIZE)
+                    .execute()
+                )
+                page = [_event(row) for row in response.data]
+                events.extend(page)
+                if len(page) < PAGE_SIZE:
+                    return events
+                after = page[-1].event_id
+
+        return await self._retrying(op, "list events")
+
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
+        async def op() -> None:
+            await (
+                self._client.table("sessions")
+                .update(
+                    {
+                        "summary": storable(summary),
+                        "end_time": end_time.isoformat(),
+                        "duration_seconds": duration_seconds,
+                    },
+                    returning=ReturnMethod.minimal,
+                )
+                .eq("session_id", session_id)
+                .execute()
+            )
+
+        await self._retrying(op, "write summary")
+
+    async def ping(self) -> None:
+        await self._client.table("sessions").select("session_id").limit(1).execute()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,196 @@
+"""A stand-in for Supabase's REST API (PostgREST) over the real PostgreSQL, for the real supabase-py.
+
+It serves the requests supabase-py sends for this service (../shared/research/sdk-facts.md §4):
+`POST /rest/v1/{table}` with `on_conflict` and `Prefer: return=…, resolution=ignore-duplicates`,
+`GET` with `select`, `eq.`/`gt.` filters, `order` and `limit`, and `PATCH` with filters. Each
+request runs in one transaction as the role its key names (`SET LOCAL ROLE`, with the claims in
+`request.jwt.claims`), as PostgREST does, so row level security applies for real.
+
+Faults for the tests: `fail_next(n)` answers 503 (PGRST001, no database connection) without
+touching the database; `lose_next_response()` commits the next write and then never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+TABLES = ("sessions", "events")
+OPERATORS = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def make_key(role: str) -> str:
+    """An API key as Supabase issues them: a JWT whose claims name the role (unsigned here)."""
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'role': role, 'iss': 'supabase'})}.c2lnbmF0dXJl"
+
+
+class FakePostgrest:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.url = ""  # set once it serves
+        self.pool: asyncpg.Pool | None = None
+        self.columns: dict[str, dict[str, str]] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path?query)
+        self.answered_503 = 0
+        self._fail = 0
+        self._lose = 0
+        self.lost = asyncio.Event()
+        self.app = Starlette(
+            routes=[Route("/rest/v1/{table}", self._handle, methods=["GET", "POST", "PATCH"])],
+            lifespan=self._lifespan,
+        )
+
+    def fail_next(self, n: int) -> None:
+        self._fail += n
+
+    def lose_next_response(self) -> None:
+        self._lose += 1
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self._start()
+        try:
+            yield
+        finally:
+            await self._stop()
+
+    async def _start(self) -> None:
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=5)
+        rows = await self.pool.fetch(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name = ANY($1::text[])",
+            list(TABLES),
+        )
+        for row in rows:
+            self.columns.setdefault(row["table_name"], {})[row["column_name"]] = row["data_type"]
+
+    async def _stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def _handle(self, request: Request) -> Response:
+        table = request.path_params["table"]
+        self.requests.append((request.method, f"{request.url.path}?{request.url.query}"))
+        if table not in TABLES:
+            return _error(404, "PGRST205", f"Could not find the table 'public.{table}' in the schema cache")
+        if self._fail:
+            self._fail -= 1
+            self.answered_503 += 1
+            return _error(503, "PGRST001", "Database client error. Retrying the connection.")
+        role = _role_of(request.headers.get("apikey", ""))
+        prefer = {
+            p.strip().split("=")[0]: p.strip().split("=")[-1] for p in request.headers.get("prefer", "").split(",")
+        }
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")
+                await conn.execute("SELECT set_config('request.jwt.claims', $1, true)", json.dumps({"role": role}))
+                if request.method == "GET":
+                    rows = await self._select(conn, table, request)
+                elif request.method == "POST":
+                    rows = await self._insert(conn, table, request, prefer)
+                else:
+                    rows = await self._update(conn, table, request)
+        except asyncpg.PostgresError as exc:
+            status = {"23505": 409, "23503": 409, "42501": 401}.get(exc.sqlstate or "", 400)
+            return _error(status, exc.sqlstate or "", str(exc))
+        if request.method != "GET" and self._lose:
+            # Committed, but the answer never arrives: the client's read times out.
+            self._lose -= 1
+            self.lost.set()
+            await asyncio.sleep(3600)
+        if request.method != "GET" and prefer.get("return") == "minimal":
+            return Response(status_code=201 if request.method == "POST" else 204)
+        return JSONResponse(rows, status_code=201 if request.method == "POST" else 200)
+
+    def _cast(self, table: str, column: str) -> str:
+        if column not in self.columns[table]:
+            raise asyncpg.UndefinedColumnError(f"column {column} does not exist")
+        return self.columns[table][column]
+
+    def _where(self, table: str, request: Request, args: list[Any]) -> str:
+        clauses = []
+        for column, condition in request.query_params.multi_items():
+            if column in ("select", "order", "limit", "on_conflict", "columns"):
+                continue
+            op, _, value = condition.partition(".")
+            args.append(value)
+            clauses.append(f'"{column}" {OPERATORS[op]} ${len(args)}::text::{self._cast(table, column)}')
+        return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+    async def _select(self, conn: asyncpg.Connection, table: str, request: Request) -> Any:
+        args: list[Any] = []
+        select = request.query_params.get("select", "*")
+        columns = "*" if select == "*" else ", ".join(f'"{c}"' for c in select.split(","))
+        sql = f"SELECT {columns} FROM {table}{self._where(table, request, args)}"
+        if "order" in request.query_params:
+            column, _, direction = request.query_params["order"].partition(".")
+            sql += f' ORDER BY "{column}" {"DESC" if direction.startswith("desc") else "ASC"}'
+        if "limit" in request.query_params:
+            sql += f" LIMIT {int(request.query_params['limit'])}"
+        return json.loads(await conn.fetchval(f"SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t", *args))
+
+    async def _insert(self, conn: asyncpg.Connection, table: str, request: Request, prefer: dict[str, str]) -> Any:
+        body = await request.json()
+        rows = body if isinstance(body, list) else [body]
+        columns = list(rows[0])
+        args: list[Any] = []
+        values = []
+        for row in rows:
+            placeholders = []
+            for column in columns:
+                value = row.get(column)
+                args.append(None if value is None else str(value))
+                placeholders.append(f"${len(args)}::text::{self._cast(table, column)}")
+            values.append(f"({', '.join(placeholders)})")
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(values)}"
+        if "on_conflict" in request.query_params:
+            target = request.query_params["on_conflict"]
+            if prefer.get("resolution") == "ignore-duplicates":
+                sql += f" ON CONFLICT ({target}) DO NOTHING"
+            else:
+                updates = ", ".join(f"{c} = excluded.{c}" for c in columns)
+                sql += f" ON CONFLICT ({target}) DO UPDATE SET {updates}"
+        return json.loads(
+            await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
+        )
+
+    async def _update(self, conn: asyncpg.Connection, table: str, request: Request) -> Any:
+        body = await request.json()
+        args: list[Any] = []
+        sets = []
+        for column, value in body.items():
+            args.append(None if value is None else str(value))
+            sets.append(f'"{column}" = ${len(args)}::text::{self._cast(table, column)}')
+        sql = f"UPDATE {table} SET {', '.join(sets)}{self._where(table, request, args)}"
+        return json.loads(
+            await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
+        )
+
+
+def _role_of(key: str) -> str:
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(key.split(".")[1] + "=="))
+        role = claims.get("role")
+    except (IndexError, ValueError):
+        role = None
+    return role if role in ("anon", "authenticated", "service_role") else "anon"
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, "details": None, "hint": None}, status_code=status)
