@@ -7,7 +7,7 @@ request runs in one transaction as the role its key names (`SET LOCAL ROLE`, wit
 `request.jwt.claims`), as PostgREST does, so row level security applies for real.
 
 Faults for the tests: `fail_next(n)` answers 503 (PGRST001, no database connection) without
-touching the database; `lose_next_response()` commits the next write and then never answers.
+touching the database; `lose_next_response()` commits the next write and answers only after the client gave up.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class FakePostgrest:
         self.answered_503 = 0
         self._fail = 0
         self._lose = 0
+        self._hold = 0.0
         self.lost = asyncio.Event()
         self.app = Starlette(
             routes=[Route("/rest/v1/{table}", self._handle, methods=["GET", "POST", "PATCH"])],
@@ -57,8 +58,13 @@ class FakePostgrest:
     def fail_next(self, n: int) -> None:
         self._fail += n
 
-    def lose_next_response(self) -> None:
+    def heal(self) -> None:
+        self._fail = 0
+
+    def lose_next_response(self, hold_seconds: float = 2.0) -> None:
+        """Commit the next write, then hold its answer past the client's timeout (a lost response)."""
         self._lose += 1
+        self._hold = hold_seconds
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -113,7 +119,7 @@ class FakePostgrest:
             # Committed, but the answer never arrives: the client's read times out.
             self._lose -= 1
             self.lost.set()
-            await asyncio.sleep(3600)
+            await asyncio.sleep(self._hold)
         if request.method != "GET" and prefer.get("return") == "minimal":
             return Response(status_code=201 if request.method == "POST" else 204)
         return JSONResponse(rows, status_code=201 if request.method == "POST" else 200)

@@ -99,11 +99,14 @@ class EventLog:
         try:
             return self._remember(await self._repo.append_event(draft))
         except StorageUnavailable as exc:
-            if not self._outage:
-                log.error("storage is unreachable (%s): events wait in the local queue until it is back", exc)
-            self._outage = True
+            self._enter_outage(exc)
             await self._enqueue(draft)
             return None
+
+    def _enter_outage(self, cause: Exception) -> None:
+        if not self._outage:
+            log.error("storage is unreachable (%s): events wait in the local queue until it is back", cause)
+        self._outage = True
 
     async def _enqueue(self, draft: EventDraft) -> None:
         assert self._outbox is not None
@@ -161,7 +164,15 @@ class EventLog:
                 return waiting
         if self._outage:
             return None
-        return await self._repo.find_event(session_id, event_key)
+        try:
+            return await self._repo.find_event(session_id, event_key)
+        except StorageUnavailable as exc:
+            if self._outbox is None:
+                raise
+            # Taken as "not seen": the write that follows goes to the queue at once. (A retry of a
+            # message stored just before the outage is then stored once, but answered twice.)
+            self._enter_outage(exc)
+            return None
 
     def _cached(self, session_id: str) -> list[StoredEvent]:
         cached = self._cache.get(session_id)

@@ -1,0 +1,230 @@
+"""Storage failing under a live conversation: every acknowledged event is stored once, in order.
+
+PostgreSQL is cut off by a TCP proxy between the service and the real database; Supabase's API is
+the PostgREST stand-in, answering 503s or losing a response after its insert committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import asyncpg
+import httpx
+import pytest
+
+from server.storage.postgres import PostgresRepository
+from tests.conftest import ServerFactory, TabFactory
+from tests.fake_postgrest import FakePostgrest, make_key
+from tests.harness import RunningServer, Tab, start_plain_app
+from tests.pg import scratch_database
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    async with scratch_database(supabase_roles=True) as dsn:
+        await (await PostgresRepository.open(dsn)).aclose()  # the schema
+        yield dsn
+
+
+@pytest.fixture
+async def proxy(database: str) -> AsyncIterator[TcpProxy]:
+    url = urlparse(database)
+    running = await TcpProxy(url.hostname or "127.0.0.1", url.port or 5432).start()
+    yield running
+    await running.stop()
+
+
+def through(dsn: str, proxy: TcpProxy) -> str:
+    url = urlparse(dsn)
+    return url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}").geturl()
+
+
+async def stored_rows(dsn: str, session_id: str) -> list[tuple[str, str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT event_type, content, event_key FROM events WHERE session_id = $1 ORDER BY event_id", session_id
+        )
+    finally:
+        await conn.close()
+    return [(r["event_type"], r["content"], r["event_key"]) for r in rows]
+
+
+async def stored_summary(dsn: str, session_id: str) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT summary FROM sessions WHERE session_id = $1", session_id)
+    finally:
+        await conn.close()
+
+
+async def say(tab: Tab, sid: str, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    ack = await tab.call("message", {"session_id": sid, "text": text, "client_message_id": text})
+    assert ack["ok"], ack
+    done = (await tab.turn(ack["turn_id"], timeout=20))[-1][1]
+    return ack, done
+
+
+async def readiness(server: RunningServer) -> tuple[int, dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.get(f"{server.url}/readyz")
+    return answer.status_code, answer.json()
+
+
+async def until_drained(server: RunningServer, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while (await readiness(server)) != (200, {"status": "ready", "queued_events": 0}):
+            await asyncio.sleep(0.1)
+
+
+def user_and_ai(texts: list[str], rows: list[tuple[str, str, str]]) -> None:
+    """Each message stored once, each followed by its answer, in the order they were sent."""
+    assert [kind for kind, _, _ in rows] == ["user_message", "ai_message"] * len(texts)
+    assert [content for kind, content, _ in rows if kind == "user_message"] == texts
+    assert len({key for _, _, key in rows}) == len(rows)
+
+
+POSTGRES_FAULTS = {"storage_retry_seconds": 0.5, "storage_timeout_seconds": 1, "summary_retry_seconds": 0.2}
+
+
+async def test_postgres_cut_mid_conversation_loses_and_duplicates_nothing(
+    start_server: ServerFactory, connect: TabFactory, database: str, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    server = await start_server(
+        storage_backend="postgres",
+        database_url=through(database, proxy),
+        outbox_path=tmp_path / "outbox.db",
+        summary_delay_seconds=0.1,
+        **POSTGRES_FAULTS,
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    ack, done = await say(tab, sid, "before the outage")
+    assert isinstance(ack["event_id"], int) and isinstance(done["event_id"], int)
+
+    proxy.cut()
+    during = ["during the outage", "still out"]
+    for text in during:
+        ack, done = await say(tab, sid, text)
+        # Accepted into the local queue: no id yet, and the conversation goes on.
+        assert ack["event_id"] is None and done["event_id"] is None
+        assert done["finish_reason"] == "stop" and "words" in done["text"]
+    status, body = await readiness(server)
+    assert status == 503 and body["queued_events"] == 4
+    assert any("events queued" in reason for reason in body["reasons"])
+
+    await tab.call("leave", {"session_id": sid})
+    await asyncio.sleep(0.6)  # the summary waits: its session's events are not all stored
+
+    proxy.restore()
+    await until_drained(server)
+    user_and_ai(["before the outage", *during], await stored_rows(database, sid))
+    async with asyncio.timeout(10):
+        while (summary := await stored_summary(database, sid)) is None:
+            await asyncio.sleep(0.1)
+    assert "3 user messages and 3 answers" in summary
+
+
+async def test_the_queue_survives_a_restart(
+    start_server: ServerFactory, connect: TabFactory, database: str, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    settings = {
+        "storage_backend": "postgres",
+        "database_url": through(database, proxy),
+        "outbox_path": tmp_path / "outbox.db",
+        **POSTGRES_FAULTS,
+    }
+    first = await start_server(**settings)
+    tab = await connect(first)
+    sid = (await tab.join())["session"]["session_id"]
+    await say(tab, sid, "one")
+    proxy.cut()
+    await say(tab, sid, "two")
+    await say(tab, sid, "three")
+    await tab.close()
+    await first.stop()
+
+    with sqlite3.connect(tmp_path / "outbox.db") as kept:
+        assert kept.execute("SELECT count(*) FROM outbox").fetchone() == (4,)
+    user_and_ai(["one"], await stored_rows(database, sid))  # the rest waits on disk
+
+    proxy.restore()
+    second = await start_server(**settings)
+    await until_drained(second)
+    user_and_ai(["one", "two", "three"], await stored_rows(database, sid))
+    with sqlite3.connect(tmp_path / "outbox.db") as kept:
+        assert kept.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+@pytest.fixture
+async def postgrest(database: str) -> AsyncIterator[FakePostgrest]:
+    stand_in = FakePostgrest(database)
+    server, task, stand_in.url = await start_plain_app(stand_in.app, lifespan="on")
+    yield stand_in
+    server.should_exit = True
+    await task
+
+
+async def test_supabase_503s_and_a_lost_response_are_retried_without_duplicates(
+    start_server: ServerFactory, connect: TabFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
+) -> None:
+    server = await start_server(
+        storage_backend="supabase",
+        supabase_url=postgrest.url,
+        supabase_key=make_key("service_role"),
+        outbox_path=tmp_path / "outbox.db",
+        storage_retry_seconds=5,
+        storage_timeout_seconds=0.5,
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+
+    postgrest.fail_next(2)
+    ack, done = await say(tab, sid, "through two 503s")
+    assert isinstance(ack["event_id"], int) and postgrest.answered_503 == 2
+
+    postgrest.lose_next_response()  # the user message's insert commits, its answer never arrives
+    ack, done = await say(tab, sid, "answer lost")
+    assert postgrest.lost.is_set()
+    assert isinstance(ack["event_id"], int) and isinstance(done["event_id"], int)
+
+    rows = await stored_rows(database, sid)
+    user_and_ai(["through two 503s", "answer lost"], rows)
+
+
+async def test_supabase_down_then_back(
+    start_server: ServerFactory, connect: TabFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
+) -> None:
+    server = await start_server(
+        storage_backend="supabase",
+        supabase_url=postgrest.url,
+        supabase_key=make_key("service_role"),
+        outbox_path=tmp_path / "outbox.db",
+        storage_retry_seconds=0.5,
+        storage_timeout_seconds=0.5,
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await say(tab, sid, "first")
+    postgrest.fail_next(10_000)
+    ack, _ = await say(tab, sid, "second")
+    assert ack["event_id"] is None
+    # A retried message during the outage is answered like the first, from the local queue.
+    again = await tab.call("message", {"session_id": sid, "text": "second", "client_message_id": "second"})
+    assert again == ack
+
+    other = await connect(server)
+    refused = await other.call("join", {"session_id": sid})
+    assert refused["error"]["code"] == "unavailable"
+
+    postgrest.heal()
+    await until_drained(server)
+    user_and_ai(["first", "second"], await stored_rows(database, sid))
+    history = (await other.join(sid))["history"]
+    assert [e["content"] for e in history if e["event_type"] == "user_message"] == ["first", "second"]
