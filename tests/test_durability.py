@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,6 +19,10 @@ import asyncpg
 import httpx
 import pytest
 
+from server.core.event_log import EventLog
+from server.core.models import EventDraft, EventType
+from server.core.tasks import TaskTracker
+from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
@@ -228,3 +234,39 @@ async def test_supabase_down_then_back(
     user_and_ai(["first", "second"], await stored_rows(database, sid))
     history = (await other.join(sid))["history"]
     assert [e["content"] for e in history if e["event_type"] == "user_message"] == ["first", "second"]
+
+
+async def test_an_event_storage_refuses_for_good_is_set_aside_not_dropped(database: str, tmp_path: Path) -> None:
+    repo = await PostgresRepository.open(database, retry_seconds=0.5)
+    outbox = await SqliteOutbox.open(tmp_path / "queue.db")
+    tasks = TaskTracker()
+    sid, orphan = str(uuid.uuid4()), str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+
+    def draft(session_id: str, key: str) -> EventDraft:
+        return EventDraft(
+            session_id=session_id,
+            event_type=EventType.USER_MESSAGE,
+            content=key,
+            event_key=key,
+            timestamp=datetime.now(UTC),
+        )
+
+    # Left by an earlier run: one event of a session storage does not know, then a good one.
+    await outbox.put(draft(orphan, "orphan"))
+    await outbox.put(draft(sid, "good"))
+    event_log = EventLog(repo, tasks, outbox)
+    event_log.start()
+    try:
+        async with asyncio.timeout(10):
+            while outbox.depth:
+                await asyncio.sleep(0.05)
+        assert [e.content for e in await repo.list_events(sid)] == ["good"]
+        with sqlite3.connect(tmp_path / "queue.db") as kept:
+            (aside,) = kept.execute("SELECT session_id, reason FROM outbox_set_aside").fetchall()
+        assert aside[0] == orphan and "ForeignKeyViolation" in aside[1]
+    finally:
+        await event_log.close()
+        await tasks.drain(1)
+        await outbox.aclose()
+        await repo.aclose()

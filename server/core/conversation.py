@@ -152,6 +152,8 @@ class ConversationService:
             # A history with gaps would mislead the tab: the session's queued events go first.
             await self._log.wait_stored(sid, within_seconds=self._limits.done_store_wait_seconds)
             history = await self._repo.list_events(sid, after_event_id)
+            if after_event_id is None:
+                self._log.note_history(sid, history)
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
 

@@ -110,8 +110,12 @@ class EventLog:
 
     async def _enqueue(self, draft: EventDraft) -> None:
         assert self._outbox is not None
-        # If even the local disk fails, the caller hears of it: nothing was stored.
-        await self._outbox.put(draft)
+        try:
+            await self._outbox.put(draft)
+        except Exception as exc:
+            # Even the local disk failed: the caller hears that nothing was stored.
+            log.exception("the local queue cannot take event %s of session %s", draft.event_key, draft.session_id)
+            raise StorageUnavailable(f"storage is out and the local queue failed: {exc!r}") from exc
         self._wake.set()
 
     async def flush(self, session_id: str) -> None:
@@ -174,6 +178,10 @@ class EventLog:
             self._enter_outage(exc)
             return None
 
+    def note_history(self, session_id: str, stored: list[StoredEvent]) -> None:
+        """A whole history just read (a join): the copy a turn uses should storage go away."""
+        self._cache_put(session_id, stored)
+
     def _cached(self, session_id: str) -> list[StoredEvent]:
         cached = self._cache.get(session_id)
         if cached is None:
@@ -181,6 +189,8 @@ class EventLog:
         return list(cached)
 
     def _cache_put(self, session_id: str, stored: list[StoredEvent]) -> None:
+        if self._outbox is None:
+            return  # without a queue there is no outage mode to serve from the copy
         previous = self._cache.pop(session_id, [])
         last = stored[-1].event_id if stored else 0
         # Writes that finished while the read ran stay in the copy.
