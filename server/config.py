@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_key: str | None = None
     redis_url: str | None = None
+    # Not in PROTOCOL.md: the prefix of the service's Redis keys and channels (one per deployment),
+    # and how long a crashed process can keep a session's turn lock.
+    redis_channel: str = "realtime"
+    turn_lock_seconds: float = Field(15, gt=0)
     # How long a storage operation is retried before it counts as failed (see the outbox).
     storage_retry_seconds: float = Field(10, gt=0)
     # One storage request's timeout (PostgreSQL command, Supabase HTTP request).

@@ -10,6 +10,7 @@ import httpx
 
 from server.config import Settings
 from server.coordination.local import LocalCoordination
+from server.coordination.redis import RedisCoordination
 from server.core.conversation import ConversationService, Limits
 from server.core.ports import Coordination, Emitter, ModelProvider, Outbox, Repository
 from server.core.tasks import TaskTracker
@@ -79,9 +80,9 @@ async def gemini_config(settings: Settings) -> GeminiConfig:
     )
 
 
-def make_coordination(settings: Settings) -> Coordination:
+async def make_coordination(settings: Settings) -> Coordination:
     if settings.redis_url:
-        raise ConfigurationError("REDIS_URL is not supported in this build yet; unset it to run one process")
+        return await RedisCoordination.open(settings.redis_url, settings.redis_channel, settings.turn_lock_seconds)
     return LocalCoordination()
 
 
@@ -109,7 +110,7 @@ class Runtime:
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
         refuse_unsupported_security(settings)
         provider = await make_provider(settings)
-        coordination = make_coordination(settings)
+        coordination = await make_coordination(settings)
         repo = await open_repository(settings)
         # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
         outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
@@ -150,6 +151,11 @@ class Runtime:
             await asyncio.wait_for(self.repo.ping(), timeout=2)
         except Exception as exc:
             problems.append(f"storage: {type(exc).__name__}")
+        if self.settings.redis_url:
+            try:
+                await asyncio.wait_for(self.coordination.ping(), timeout=2)
+            except Exception as exc:
+                problems.append(f"redis: {type(exc).__name__}")
         if self.service.storage_outage:
             problems.append(f"storage: unreachable past its retry budget; {self.service.queued_events} events queued")
         return problems

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,10 @@ import pytest
 
 from tests.fake_gemini import FakeGemini
 from tests.fakes import open_meteo_app
-from tests.harness import RunningServer, Tab, start_plain_app, test_settings
+from tests.harness import RunningServer, Tab, free_port, service_env, start_plain_app, test_settings, wait_healthy
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
+Spawner = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str]]]
 TabFactory = Callable[..., Awaitable[Tab]]
 
 
@@ -68,6 +70,28 @@ async def connect() -> AsyncIterator[TabFactory]:
     yield open_tab
     for tab in opened:
         await tab.close()
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawner]:
+    """Start `python -m server` (or any command) as a subprocess; all are killed afterwards."""
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(*argv: str, port: int | None = None, **extra: str) -> tuple[asyncio.subprocess.Process, str]:
+        port = port or free_port()
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=tmp_path, env=service_env(tmp_path, port, **extra), stdin=asyncio.subprocess.DEVNULL
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url, process)
+        return process, url
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @pytest.fixture(params=["websocket", "polling"])

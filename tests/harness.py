@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import engineio.payload
+import httpx
 import socketio
 import uvicorn
 
@@ -38,6 +40,39 @@ def listening_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `python -m server` subprocess: offline, SQLite, in `tmp_path`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "SUPABASE_", "REDIS_", "AUTH_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        HOST="127.0.0.1",
+        PORT=str(port),
+        SQLITE_PATH=str(tmp_path / "data" / "realtime.db"),
+        LLM_PROVIDER="offline",
+        STORAGE_BACKEND="sqlite",
+        SUMMARY_DELAY_SECONDS="30",
+    )
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            if process.returncode is not None:
+                raise RuntimeError(f"the service exited with {process.returncode}")
+            try:
+                if (await client.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the service did not become healthy")
 
 
 def test_settings(tmp_path: Path, port: int = 0, **overrides: Any) -> Settings:

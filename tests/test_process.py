@@ -3,70 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
-from tests.harness import Tab, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "SUPABASE_", "REDIS_", "AUTH_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        HOST="127.0.0.1",
-        PORT=str(port),
-        SQLITE_PATH=str(tmp_path / "data" / "realtime.db"),
-        LLM_PROVIDER="offline",
-        STORAGE_BACKEND="sqlite",
-        SUMMARY_DELAY_SECONDS="30",
-    )
-    env.update(extra)
-    return env
-
-
-async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            if process.returncode is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}")
-            try:
-                if (await client.get(f"{url}/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError("the service did not become healthy")
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[object]:
-    processes: list[asyncio.subprocess.Process] = []
-
-    async def start(*argv: str, port: int | None = None, **extra: str) -> tuple[asyncio.subprocess.Process, str]:
-        port = port or free_port()
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=tmp_path, env=service_env(tmp_path, port, **extra), stdin=asyncio.subprocess.DEVNULL
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        await wait_healthy(url, process)
-        return process, url
-
-    yield start
-    for process in processes:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+from tests.harness import Tab, free_port, service_env
 
 
 async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -127,7 +73,6 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
         ("AUTH_JWT_SECRET", "s3cret", "authentication"),
         ("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json", "authentication"),
         ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres"),
-        ("REDIS_URL", "redis://127.0.0.1:6379/0", "REDIS_URL"),
     ],
 )
 async def test_settings_this_build_cannot_honour_stop_it_from_starting(

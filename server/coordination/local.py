@@ -1,4 +1,4 @@
-"""Coordination for one process: plain dictionaries, no network. Issue 5 adds Redis."""
+"""Coordination for one process: plain dictionaries, no network (Redis: coordination/redis.py)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ class LocalCoordination:
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
         # One process: the summary scheduler already runs one job per emptying.
         return True
+
+    async def ping(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         self._cancel_handlers.clear()

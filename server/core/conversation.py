@@ -85,6 +85,11 @@ def _user_message_key(client_message_id: str) -> str:
     return f"user:cmid:{client_message_id}"
 
 
+def _shared_state_unavailable(exc: Exception) -> ServiceError:
+    log.warning("shared state unreachable: %r", exc)
+    return ServiceError(ErrorCode.UNAVAILABLE, "the server's shared state is unreachable; retrying is safe")
+
+
 def parse_session_id(value: str) -> str:
     """The canonical form of a session UUID, or `invalid_session_id`."""
     try:
@@ -157,20 +162,27 @@ class ConversationService:
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
 
-        if sid not in self._joined[member]:
+        newly = sid not in self._joined[member]
+        if newly:
             self._joined[member].add(sid)
             await self._emitter.add_member(member, sid)
-        clients = await self._coordination.add_member(sid, member)
+        try:
+            clients = await self._coordination.add_member(sid, member)
+            # Taken right after entering the room: every chunk is in this text or reaches the
+            # socket live, and `next_index` tells the client which live chunks to drop.
+            running = self._running.get(sid)
+            if running is not None:
+                active: ActiveTurn | None = ActiveTurn(
+                    turn_id=running.turn_id, text=running.text, next_index=len(running.parts)
+                )
+            else:
+                active = await self._coordination.turn_snapshot(sid)
+        except Exception as exc:
+            if newly:  # the join did not happen: undo it
+                self._joined[member].discard(sid)
+                await self._emitter.remove_member(member, sid)
+            raise _shared_state_unavailable(exc) from None
         self.summaries.session_joined(sid)
-        # Taken right after entering the room: every chunk is in this text or reaches the
-        # socket live, and `next_index` tells the client which live chunks to drop.
-        running = self._running.get(sid)
-        if running is not None:
-            active: ActiveTurn | None = ActiveTurn(
-                turn_id=running.turn_id, text=running.text, next_index=len(running.parts)
-            )
-        else:
-            active = await self._coordination.turn_snapshot(sid)
         if clients is not None:
             await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))
         return JoinResult(session=session, history=history, active_turn=active)
@@ -195,9 +207,9 @@ class ConversationService:
         turn_id = str(uuid.uuid4())
         try:
             acquired = await self._coordination.acquire_turn(sid, turn_id)
-        except Exception:
-            log.exception("turn lock unavailable for session %s", sid)
-            raise ServiceError(ErrorCode.UNAVAILABLE, "the turn lock is unavailable; retrying is safe") from None
+        except Exception as exc:
+            # Refused rather than run without the lock: another process might run a turn too.
+            raise _shared_state_unavailable(exc) from None
         if not acquired:
             # A retry can race the first attempt to the lock: it gets the first one's answer.
             retried = self._running_with(sid, client_message_id)
@@ -255,11 +267,19 @@ class ConversationService:
 
     async def cancel(self, member: str, session_id: str) -> str:
         sid = self._joined_session(member, session_id)
-        turn_id = await self._coordination.running_turn(sid)
         running = self._running.get(sid)
-        if turn_id is None or (running is not None and running.turn_id == turn_id and running.stop_reason):
-            raise ServiceError(ErrorCode.NO_ACTIVE_TURN, "no turn is running in this session")
-        await self._coordination.request_cancel(sid, turn_id)
+        try:
+            turn_id = await self._coordination.running_turn(sid)
+            if turn_id is None or (running is not None and running.turn_id == turn_id and running.stop_reason):
+                raise ServiceError(ErrorCode.NO_ACTIVE_TURN, "no turn is running in this session")
+            if running is not None and running.turn_id == turn_id:
+                running.stop("cancelled")  # here: at once, without a round trip
+            else:
+                await self._coordination.request_cancel(sid, turn_id)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise _shared_state_unavailable(exc) from None
         return turn_id
 
     async def leave(self, member: str, session_id: str) -> None:
@@ -271,7 +291,12 @@ class ConversationService:
         if not joined:
             del self._joined[member]
         await self._emitter.remove_member(member, sid)
-        clients = await self._coordination.remove_member(sid, member)
+        try:
+            clients = await self._coordination.remove_member(sid, member)
+        except Exception as exc:
+            # The socket is out of the room; the shared count catches up when it can (see coordination).
+            log.warning("cannot count %s out of session %s: %r", member, sid, exc)
+            return
         if clients is None:
             return
         await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))

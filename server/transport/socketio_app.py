@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,9 +26,50 @@ def room(session_id: str) -> str:
     return f"session:{session_id}"
 
 
+class RedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """Room emits reach the sockets of every process (this process's own are served first).
+
+    While Redis is away, python-socketio would try to reconnect, and log two errors, at every
+    emit: at chunk rates that floods the log and slows the stream. This says it once, and tries
+    Redis again at most once a second; local sockets are served all along.
+    """
+
+    connected: bool
+    _down_since: float | None = None
+    _next_try = 0.0
+
+    async def _publish(self, data: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._down_since is not None and loop.time() < self._next_try:
+            return None
+        try:
+            if not self.connected:
+                self._redis_connect()
+            result = await self.redis.publish(self.channel, self.json.dumps(data))
+        except Exception as exc:
+            self.connected = False
+            if self._down_since is None:
+                self._down_since = loop.time()
+                log.error("cannot publish to Redis (%r): other processes miss this process's events", exc)
+            self._next_try = loop.time() + 1.0
+            return None
+        if self._down_since is not None:
+            log.warning("publishing to Redis again after %.1f s", loop.time() - self._down_since)
+            self._down_since = None
+        return result
+
+
 def create_sio(settings: Settings) -> socketio.AsyncServer:
+    manager = None
+    if settings.redis_url:
+        manager = RedisManager(
+            settings.redis_url,
+            channel=f"{settings.redis_channel}:socketio",
+            redis_options={"socket_timeout": 2, "socket_connect_timeout": 2},
+        )
     return socketio.AsyncServer(
         async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
+        client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
         max_http_buffer_size=1_000_000,
         logger=False,

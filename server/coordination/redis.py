@@ -1,0 +1,300 @@
+"""Coordination across processes on Redis: the turn lock, cancel, presence, running text, summaries.
+
+Keys (under the `REDIS_CHANNEL` prefix):
+- `turn:{session}` = "{turn_id} {process}": the one-turn lock, with an expiry its process renews,
+  so a crashed process blocks its session for at most `TURN_LOCK_SECONDS`;
+- `text:{session}:{turn}` and `count:{session}:{turn}`: the text streamed so far and its chunk
+  count, appended in small batches, for a tab that joins on another process;
+- `members:{session}`: hash socket -> process; `proc:{process}`: a heartbeat with an expiry. A
+  member whose process stopped beating is counted out, so a crashed process leaves no ghosts;
+- `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying;
+- channel `{prefix}:cancel`: a `cancel` received anywhere reaches the process running the turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.core.models import ActiveTurn
+from server.core.ports import CancelHandler
+
+log = logging.getLogger(__name__)
+
+CHUNK_FLUSH_SECONDS = 0.02
+RUNNING_TEXT_SECONDS = 600
+
+# Count the session's members whose process still beats, dropping the others. ARGV: op, member,
+# process, proc-key prefix. Answers the new count, or -1 when the member was already in (add) or
+# not in (remove).
+_MEMBERS = """
+local key, op, member, process, procs = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local changed = 1
+if op == 'add' then
+  changed = redis.call('HSETNX', key, member, process)
+elseif op == 'remove' then
+  changed = redis.call('HDEL', key, member)
+end
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  if redis.call('EXISTS', procs .. all[i + 1]) == 0 then
+    redis.call('HDEL', key, all[i])
+  end
+end
+if changed == 0 then return -1 end
+return redis.call('HLEN', key)
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class RedisCoordination:
+    def __init__(self, redis: Redis, prefix: str, lock_seconds: float) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._lock_ms = max(1, round(lock_seconds * 1000))
+        self._process = uuid.uuid4().hex[:12]
+        self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
+        self._cancel_handlers: list[CancelHandler] = []
+        self._leaving: set[tuple[str, str]] = set()
+        self._releasing: dict[str, tuple[str, str]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._chunks_ready = asyncio.Event()
+        self._members_script = redis.register_script(_MEMBERS)
+        self._release_script = redis.register_script(_RELEASE)
+        self._renew_script = redis.register_script(_RENEW)
+
+    @classmethod
+    async def open(cls, url: str, prefix: str, lock_seconds: float) -> RedisCoordination:
+        redis = Redis.from_url(
+            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10
+        )
+        coordination = cls(redis, prefix, lock_seconds)
+        await coordination._beat()  # fails the start when Redis cannot be reached
+        coordination._spawn(coordination._beat_forever(), "redis heartbeat")
+        coordination._spawn(coordination._listen_for_cancels(), "redis cancel listener")
+        coordination._spawn(coordination._flush_chunks_forever(), "redis running text")
+        return coordination
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ the turn lock
+
+    async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
+        holder = f"{turn_id} {self._process}"
+        taken = await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms)
+        if not taken:
+            return False
+        renewal = asyncio.ensure_future(self._renew_forever(session_id, holder))
+        self._held[session_id] = (holder, renewal)
+        return True
+
+    async def _renew_forever(self, session_id: str, holder: str) -> None:
+        while True:
+            await asyncio.sleep(self._lock_ms / 3000)
+            try:
+                if not await self._renew_script(keys=[self._key("turn", session_id)], args=[holder, self._lock_ms]):
+                    log.error("the turn lock of session %s expired while its turn ran", session_id)
+                    return
+            except RedisError as exc:
+                # The turn goes on; the lock expires if Redis stays away longer than its TTL.
+                log.warning("cannot renew the turn lock of session %s: %s", session_id, exc)
+
+    async def release_turn(self, session_id: str, turn_id: str) -> None:
+        held = self._held.get(session_id)
+        if held is None or not held[0].startswith(turn_id):
+            return
+        holder, renewal = self._held.pop(session_id)
+        renewal.cancel()
+        self._chunks.pop((session_id, turn_id), None)
+        await self._release(session_id, turn_id, holder)
+
+    async def _release(self, session_id: str, turn_id: str, holder: str) -> None:
+        try:
+            await self._release_script(
+                keys=[
+                    self._key("turn", session_id),
+                    self._key("text", session_id, turn_id),
+                    self._key("count", session_id, turn_id),
+                ],
+                args=[holder],
+            )
+        except RedisError as exc:
+            log.warning("cannot release the turn lock of session %s now (retried): %s", session_id, exc)
+            self._releasing[session_id] = (turn_id, holder)
+
+    async def running_turn(self, session_id: str) -> str | None:
+        holder = await self._redis.get(self._key("turn", session_id))
+        return str(holder).split(" ")[0] if holder else None
+
+    # ------------------------------------------------------------------ the running text
+
+    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
+        parts, _ = self._chunks.get((session_id, turn_id), ([], 0))
+        parts.append(text)
+        self._chunks[(session_id, turn_id)] = (parts, index + 1)
+        self._chunks_ready.set()
+
+    async def _flush_chunks_forever(self) -> None:
+        while True:
+            await self._chunks_ready.wait()
+            await asyncio.sleep(CHUNK_FLUSH_SECONDS)  # gather a batch
+            self._chunks_ready.clear()
+            batch, self._chunks = self._chunks, {}
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (session_id, turn_id), (parts, count) in batch.items():
+                        text_key = self._key("text", session_id, turn_id)
+                        count_key = self._key("count", session_id, turn_id)
+                        pipe.append(text_key, "".join(parts))
+                        pipe.set(count_key, count)
+                        pipe.expire(text_key, RUNNING_TEXT_SECONDS)
+                        pipe.expire(count_key, RUNNING_TEXT_SECONDS)
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("cannot store the running text of %d turns: %s", len(batch), exc)
+                for key, (parts, count) in batch.items():  # keep it for the next try, in order
+                    later, later_count = self._chunks.get(key, ([], count))
+                    self._chunks[key] = ([*parts, *later], max(count, later_count))
+                self._chunks_ready.set()
+                await asyncio.sleep(1)
+
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        holder = await self._redis.get(self._key("turn", session_id))
+        if not holder:
+            return None
+        turn_id, _, process = str(holder).partition(" ")
+        if process == self._process:
+            return None  # the core reads its own turns directly
+        # Chunks sent before this tab entered the room are stored within a flush: wait one out.
+        await asyncio.sleep(2 * CHUNK_FLUSH_SECONDS)
+        text, count = await self._redis.mget(
+            self._key("text", session_id, turn_id), self._key("count", session_id, turn_id)
+        )
+        return ActiveTurn(turn_id=turn_id, text=text or "", next_index=int(count) if count else 0)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def request_cancel(self, session_id: str, turn_id: str) -> None:
+        await self._redis.publish(self._key("cancel"), json.dumps({"session_id": session_id, "turn_id": turn_id}))
+
+    def on_cancel(self, handler: CancelHandler) -> None:
+        self._cancel_handlers.append(handler)
+
+    async def _listen_for_cancels(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._key("cancel"))
+                    backoff = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._cancel(message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("cancel listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+
+    async def _cancel(self, data: Any) -> None:
+        try:
+            request = json.loads(data)
+            session_id, turn_id = str(request["session_id"]), str(request["turn_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed cancel message")
+            return
+        for handler in self._cancel_handlers:
+            await handler(session_id, turn_id)
+
+    # ------------------------------------------------------------------ presence
+
+    async def _members(self, op: str, session_id: str, member: str = "") -> int:
+        count: int = await self._members_script(
+            keys=[self._key("members", session_id)], args=[op, member, self._process, self._key("proc", "")]
+        )
+        return count
+
+    async def add_member(self, session_id: str, member: str) -> int | None:
+        count = await self._members("add", session_id, member)
+        return None if count < 0 else count
+
+    async def remove_member(self, session_id: str, member: str) -> int | None:
+        try:
+            count = await self._members("remove", session_id, member)
+        except RedisError:
+            # Counted out later, by the heartbeat, so the member is no ghost once Redis is back.
+            self._leaving.add((session_id, member))
+            raise
+        return None if count < 0 else count
+
+    async def member_count(self, session_id: str) -> int:
+        return await self._members("count", session_id)
+
+    async def _beat(self) -> None:
+        await self._redis.set(self._key("proc", self._process), "1", px=self._lock_ms)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self._lock_ms / 3000, 1.0))
+            try:
+                await self._beat()
+                # What Redis missed while it was away: locks to free, members to count out.
+                for session_id, (turn_id, holder) in list(self._releasing.items()):
+                    del self._releasing[session_id]
+                    await self._release(session_id, turn_id, holder)
+                for session_id, member in list(self._leaving):
+                    await self._members("remove", session_id, member)
+                    self._leaving.discard((session_id, member))
+            except RedisError as exc:
+                log.warning("cannot reach Redis for the process heartbeat: %s", exc)
+
+    # ------------------------------------------------------------------ summaries
+
+    async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
+        claimed = await self._redis.set(
+            self._key("summary", session_id, emptied_at.isoformat()), self._process, nx=True, ex=86_400
+        )
+        return bool(claimed)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def aclose(self) -> None:
+        for _, renewal in self._held.values():
+            renewal.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, *(r for _, r in self._held.values()), return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self._redis.delete(self._key("proc", self._process))
+        await self._redis.aclose()
+        self._cancel_handlers.clear()

@@ -1,0 +1,272 @@
+"""Several server processes sharing the real Redis and the real PostgreSQL: one session across them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from server.storage.postgres import PostgresRepository
+from tests.conftest import ServerFactory, Spawner, TabFactory
+from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, text_chunk, text_response
+from tests.harness import Tab
+from tests.pg import scratch_database
+from tests.tcp_proxy import TcpProxy
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+WORDS = [f"word{n} " for n in range(12)]
+
+
+@pytest.fixture
+async def redis_channel() -> AsyncIterator[str]:
+    """A key prefix and channel of this test's own on the real Redis, cleaned up afterwards."""
+    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except (OSError, aioredis.RedisError) as exc:
+        await client.aclose()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    channel = f"test-{uuid.uuid4().hex[:10]}"
+    yield channel
+    keys = [key async for key in client.scan_iter(f"{channel}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    async with scratch_database() as dsn:
+        await (await PostgresRepository.open(dsn)).aclose()
+        yield dsn
+
+
+def slow_answer(text: str = "", chunks: int = 12, pause: float = 0.15) -> Reply:
+    events: list[Any] = []
+    for n in range(chunks):
+        events += [Pause(pause), text_chunk(f"{text}{WORDS[n % len(WORDS)]}")]
+    events.append(text_chunk("end.", "STOP"))
+    return Reply(events=events)
+
+
+@pytest.fixture
+async def cluster(
+    spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path
+) -> AsyncIterator[tuple[str, str]]:
+    """Two `python -m server` processes on two ports, one Redis, one PostgreSQL, one fake Gemini."""
+    urls = []
+    for n in (1, 2):
+        _, url = await spawn(
+            sys.executable,
+            "-m",
+            "server",
+            LLM_PROVIDER="gemini",
+            GEMINI_API_KEY="cluster-key",
+            GEMINI_BASE_URL=fake_gemini.url,
+            STORAGE_BACKEND="postgres",
+            DATABASE_URL=database,
+            OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"),
+            REDIS_URL=REDIS_URL,
+            REDIS_CHANNEL=redis_channel,
+            TURN_LOCK_SECONDS="2",
+            SUMMARY_DELAY_SECONDS="0.3",
+        )
+        urls.append(url)
+    yield urls[0], urls[1]
+
+
+@pytest.fixture
+async def tabs() -> AsyncIterator[list[Tab]]:
+    opened: list[Tab] = []
+    yield opened
+    for tab in opened:
+        await tab.close()
+
+
+async def open_tab(tabs: list[Tab], url: str) -> Tab:
+    tab = await Tab(url, "websocket").connect()
+    tabs.append(tab)
+    return tab
+
+
+def turn_events(tab: Tab, turn_id: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, d) for n, d in tab.events if d.get("turn_id") == turn_id]
+
+
+async def test_one_session_streams_identically_on_both_processes(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    first, second = cluster
+    a = await open_tab(tabs, first)
+    b = await open_tab(tabs, second)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    # Presence is counted across processes: both hear 2.
+    for tab in (a, b):
+        await tab.wait_for(lambda ev: any(n == "presence" and d["clients"] == 2 for n, d in ev))
+
+    fake_gemini.stream(slow_answer(pause=0.05))
+    ack = await a.call("message", {"session_id": sid, "text": "stream to both"})
+    busy = await b.call("message", {"session_id": sid, "text": "me too"})
+    assert busy["error"]["code"] == "busy"
+    on_a = await a.turn(ack["turn_id"])
+    on_b = await b.turn(ack["turn_id"])
+    assert on_a == on_b
+    assert [n for n, _ in on_a] == ["user_message", *["chunk"] * 13, "done"]
+    assert on_a[-1][1]["text"] == "".join(WORDS) + "end." and on_a[-1][1]["finish_reason"] == "stop"
+
+
+async def test_cancel_on_one_process_stops_the_turn_on_the_other(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    first, second = cluster
+    a = await open_tab(tabs, first)
+    b = await open_tab(tabs, second)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    fake_gemini.stream(Reply(events=[text_chunk("Started "), HANG]))
+    ack = await a.call("message", {"session_id": sid, "text": "a long one"})
+    await b.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+    assert (await b.call("cancel", {"session_id": sid})) == {"ok": True, "turn_id": ack["turn_id"]}
+    done_a = (await a.turn(ack["turn_id"]))[-1][1]
+    done_b = (await b.turn(ack["turn_id"]))[-1][1]
+    assert done_a == done_b and (done_a["finish_reason"], done_a["text"]) == ("cancelled", "Started ")
+    await asyncio.wait_for(fake_gemini.hang_ups.wait(), 5)  # process 1 closed the upstream stream
+
+
+async def test_a_tab_joining_on_the_other_process_mid_turn_catches_up(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    first, second = cluster
+    a = await open_tab(tabs, first)
+    sid = (await a.join())["session"]["session_id"]
+    fake_gemini.stream(slow_answer(pause=0.1))
+    ack = await a.call("message", {"session_id": sid, "text": "catch me up"})
+    await a.wait_for(lambda ev: len([n for n, _ in ev if n == "chunk"]) >= 4)
+
+    late = await open_tab(tabs, second)
+    active = (await late.join(sid))["active_turn"]
+    assert active is not None and active["turn_id"] == ack["turn_id"] and active["text"]
+    done = (await late.turn(ack["turn_id"]))[-1][1]
+    live = [d for n, d in turn_events(late, ack["turn_id"]) if n == "chunk" and d["index"] >= active["next_index"]]
+    assert active["text"] + "".join(d["text"] for d in live) == done["text"]
+
+
+async def test_the_summary_is_made_once_for_the_whole_cluster(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab], database: str
+) -> None:
+    first, second = cluster
+    a = await open_tab(tabs, first)
+    b = await open_tab(tabs, second)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    ack = await a.call("message", {"session_id": sid, "text": "hello cluster"})
+    await b.turn(ack["turn_id"])
+    fake_gemini.generate(Reply(body=text_response("One summary.")), Reply(body=text_response("A second summary!")))
+    await asyncio.gather(a.call("leave", {"session_id": sid}), b.call("leave", {"session_id": sid}))
+
+    conn = await asyncpg.connect(database)
+    try:
+        async with asyncio.timeout(10):
+            while (summary := await conn.fetchval("SELECT summary FROM sessions WHERE session_id = $1", sid)) is None:
+                await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    await asyncio.sleep(1)  # time for a second summary, were one to be made
+    assert summary == "One summary." and len(fake_gemini.calls("generateContent")) == 1
+
+
+async def test_a_killed_process_does_not_keep_the_session_locked(
+    spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
+) -> None:
+    settings = {
+        "LLM_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "cluster-key",
+        "GEMINI_BASE_URL": fake_gemini.url,
+        "STORAGE_BACKEND": "postgres",
+        "DATABASE_URL": database,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_CHANNEL": redis_channel,
+        "TURN_LOCK_SECONDS": "2",
+    }
+    doomed, first = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "o1.db"), **settings)
+    _, second = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "o2.db"), **settings)
+    a = await open_tab(tabs, first)
+    b = await open_tab(tabs, second)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    fake_gemini.stream(Reply(events=[text_chunk("Mid-"), HANG]))
+    await a.call("message", {"session_id": sid, "text": "never finished"})
+    await b.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+
+    doomed.send_signal(signal.SIGKILL)
+    await doomed.wait()
+    killed_at = asyncio.get_running_loop().time()
+    assert (await b.call("message", {"session_id": sid, "text": "too soon"}))["error"]["code"] == "busy"
+    async with asyncio.timeout(10):
+        while not (ack := await b.call("message", {"session_id": sid, "text": "after expiry"}))["ok"]:
+            assert ack["error"]["code"] == "busy"
+            await asyncio.sleep(0.2)
+    # Free once the lock expired (2 s), with a margin for the machine, never held forever.
+    assert asyncio.get_running_loop().time() - killed_at < 6
+    await b.turn(ack["turn_id"])
+    # The dead process's tab is no ghost: it is no longer counted (its heartbeat stopped).
+    c = await open_tab(tabs, second)
+    await c.join(sid)
+    await c.wait_for(lambda ev: any(n == "presence" for n, _ in ev))
+    assert c.named("presence")[-1]["clients"] == 2
+
+
+@pytest.fixture
+async def redis_proxy(redis_channel: str) -> AsyncIterator[TcpProxy]:
+    """Between the service and Redis; set up before (so torn down after) the server using it."""
+    url = urlparse(REDIS_URL)
+    proxy = await TcpProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
+    yield proxy
+    await proxy.stop()
+
+
+async def test_a_redis_outage_refuses_new_turns_and_recovers(
+    redis_proxy: TcpProxy, start_server: ServerFactory, connect: TabFactory, redis_channel: str
+) -> None:
+    proxy = redis_proxy
+    server = await start_server(
+        redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_channel=redis_channel,
+        offline_chunk_delay_ms=60,
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    running = await tab.call("message", {"session_id": sid, "text": "a turn that outlives the outage"})
+    await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+
+    proxy.cut()
+    refused = await tab.call("message", {"session_id": sid, "text": "a new turn"})
+    assert refused["error"]["code"] == "unavailable"  # not run without the cluster-wide lock
+    done = (await tab.turn(running["turn_id"]))[-1][1]  # the running turn finishes
+    assert done["finish_reason"] == "stop"
+    refused = await tab.call("message", {"session_id": sid, "text": "a new turn"})
+    assert refused["error"]["code"] == "unavailable"
+    async with httpx.AsyncClient() as http:
+        ready = await http.get(f"{server.url}/readyz")
+    assert ready.status_code == 503 and any(r.startswith("redis") for r in ready.json()["reasons"])
+
+    proxy.restore()
+    async with asyncio.timeout(10):
+        while not (ack := await tab.call("message", {"session_id": sid, "text": "back again"}))["ok"]:
+            assert ack["error"]["code"] in ("unavailable", "busy")
+            await asyncio.sleep(0.2)
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["finish_reason"] == "stop"
