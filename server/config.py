@@ -16,6 +16,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Not in PROTOCOL.md: processes `python -m server` runs on the one port (needs REDIS_URL).
+    workers: int = Field(1, ge=1)
     log_level: str = "info"
 
     llm_provider: Literal["gemini", "offline"] | None = None

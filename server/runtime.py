@@ -12,7 +12,7 @@ from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.coordination.redis import RedisCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.ports import Coordination, Emitter, ModelProvider, Outbox, Repository
+from server.core.ports import Coordination, Emitter, ModelProvider, Repository
 from server.core.tasks import TaskTracker
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
@@ -104,7 +104,7 @@ class Runtime:
     http: httpx.AsyncClient
     tasks: TaskTracker
     service: ConversationService
-    outbox: Outbox | None = None
+    outbox: SqliteOutbox | None = None
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
@@ -169,8 +169,8 @@ class Runtime:
         await self.service.disconnect_all()
         await self.service.close_storage()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)
-        if self.service.queued_events:
-            log.error("%d events stay in the local queue (%s)", self.service.queued_events, self.settings.outbox_path)
+        if self.service.queued_events and self.outbox is not None:
+            log.error("%d events stay in the local queue (%s)", self.service.queued_events, self.outbox.path)
         clean = True
         closers = [self.provider.aclose, self.http.aclose, self.coordination.aclose, self.repo.aclose]
         if self.outbox is not None:

@@ -17,9 +17,9 @@ import httpx
 import socketio
 import uvicorn
 
-from server.__main__ import Server, uvicorn_config
 from server.config import Settings
 from server.main import create_app
+from server.serve import Server, uvicorn_config
 
 # python-engineio's polling client refuses a response that bundles more than 16 packets, and a
 # streamed answer easily queues more between two polls (browsers have no such limit).

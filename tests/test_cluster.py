@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, text_chunk, text_response
-from tests.harness import Tab
+from tests.harness import Tab, free_port, service_env
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
 
@@ -270,3 +270,60 @@ async def test_a_redis_outage_refuses_new_turns_and_recovers(
             assert ack["error"]["code"] in ("unavailable", "busy")
             await asyncio.sleep(0.2)
     assert (await tab.turn(ack["turn_id"]))[-1][1]["finish_reason"] == "stop"
+
+
+def workers_of(pid: int) -> list[str]:
+    """uvicorn's worker processes (multiprocessing also starts a resource tracker beside them)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def alive(pid: str) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_run_several_processes_on_one_port(
+    spawn: Spawner, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
+) -> None:
+    supervisor, url = await spawn(
+        sys.executable,
+        "-m",
+        "server",
+        WORKERS="2",
+        REDIS_URL=REDIS_URL,
+        REDIS_CHANNEL=redis_channel,
+        STORAGE_BACKEND="postgres",
+        DATABASE_URL=database,
+        OUTBOX_PATH=str(tmp_path / "queue" / "outbox.db"),
+        OFFLINE_CHUNK_DELAY_MS="5",
+    )
+    workers = workers_of(supervisor.pid)
+    assert len(workers) == 2
+    async with asyncio.timeout(10):  # each worker holds a local queue of its own
+        while sorted(p.name for p in (tmp_path / "queue").glob("*.lock")) != ["outbox-1.db.lock", "outbox.db.lock"]:
+            await asyncio.sleep(0.1)
+
+    a = await open_tab(tabs, url)
+    b = await open_tab(tabs, url)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    ack = await a.call("message", {"session_id": sid, "text": "hello workers"})
+    assert await a.turn(ack["turn_id"]) == await b.turn(ack["turn_id"])
+    for tab in tabs:
+        await tab.close()
+
+    supervisor.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(supervisor.wait(), 30) == 0
+    assert not any(alive(pid) for pid in workers)
+
+
+async def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
+    env = service_env(tmp_path, free_port(), WORKERS="2")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode != 0 and b"WORKERS > 1 needs REDIS_URL" in err

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 import aiosqlite
 
@@ -30,16 +32,38 @@ CREATE TABLE IF NOT EXISTS outbox_set_aside (
 """
 
 
+def claim_slot(path: Path) -> tuple[Path, BinaryIO]:
+    """The first queue file beside `path` no other live process holds: `path`, then `name-1`, ...
+
+    Each process drains its own file. Held by an exclusive lock on `<file>.lock`, which the OS
+    frees when the process dies, so the worker that replaces a dead one takes over its queue.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for slot in range(1024):
+        candidate = path if slot == 0 else path.with_name(f"{path.stem}-{slot}{path.suffix}")
+        # Held open for as long as this process owns the slot.
+        handle = open(candidate.with_name(candidate.name + ".lock"), "a+b")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return candidate, handle
+    raise RuntimeError(f"no free local queue file beside {path}")
+
+
 class SqliteOutbox:
-    def __init__(self, db: aiosqlite.Connection, waiting: Counter[str]) -> None:
+    def __init__(self, db: aiosqlite.Connection, waiting: Counter[str], path: Path, claim: BinaryIO) -> None:
         self._db = db
         self._waiting = waiting
+        self.path = path
+        self._claim = claim
         # One connection, hence one transaction at a time.
         self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteOutbox:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path, claim = await asyncio.to_thread(claim_slot, path)
         db = await aiosqlite.connect(path)
         await db.execute("PRAGMA journal_mode=WAL")
         # An event acknowledged from here must survive a power cut: sync every commit.
@@ -50,7 +74,7 @@ class SqliteOutbox:
         async with db.execute("SELECT session_id, count(*) FROM outbox GROUP BY session_id") as cursor:
             for session_id, count in await cursor.fetchall():
                 waiting[session_id] = count
-        return cls(db, waiting)
+        return cls(db, waiting, path, claim)
 
     @property
     def depth(self) -> int:
@@ -121,3 +145,4 @@ class SqliteOutbox:
 
     async def aclose(self) -> None:
         await self._db.close()
+        self._claim.close()  # frees the slot
