@@ -62,7 +62,7 @@ class RecordingEmitter:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.done = asyncio.Event()
 
-    async def publish(self, session_id: str, event: TurnEvent) -> None:
+    async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
         name = EVENT_NAMES[type(event)]
         self.events.append((name, event.model_dump(mode="json")))
         if name == "done":

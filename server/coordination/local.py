@@ -28,6 +28,9 @@ class LocalCoordination:
     async def running_turn(self, session_id: str) -> str | None:
         return self._turns.get(session_id)
 
+    def chunks_stay_local(self, session_id: str) -> bool:
+        return True
+
     def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
         # One process: the core reads its own running turns directly.
         return None

@@ -8,7 +8,9 @@ Keys (under the `REDIS_CHANNEL` prefix):
 - `members:{session}`: hash socket -> process; `proc:{process}`: a heartbeat with an expiry. A
   member whose process stopped beating is counted out, so a crashed process leaves no ghosts;
 - `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying;
-- channel `{prefix}:cancel`: a `cancel` received anywhere reaches the process running the turn.
+- channel `{prefix}:cancel`: a `cancel` received anywhere reaches the process running the turn;
+- channel `{prefix}:share`: a tab joined another process mid-turn, so the turn's chunks must be
+  published there too (chunks stay in their process while no other one serves the session).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from server.core.models import ActiveTurn
@@ -80,19 +81,28 @@ class RedisCoordination:
         self._releasing: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._chunks_ready = asyncio.Event()
+        self._storing = asyncio.Lock()  # batches of running text are appended in order
+        self._shared: set[str] = set()
         self._members_script = redis.register_script(_MEMBERS)
         self._release_script = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
 
     @classmethod
     async def open(cls, url: str, prefix: str, lock_seconds: float) -> RedisCoordination:
-        redis = Redis.from_url(
-            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=64,  # a bounded pool that waits: the default one fails past 100 at once
+            timeout=2,
+            decode_responses=True,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            health_check_interval=10,
         )
+        redis = Redis.from_pool(pool)
         coordination = cls(redis, prefix, lock_seconds)
         await coordination._beat()  # fails the start when Redis cannot be reached
         coordination._spawn(coordination._beat_forever(), "redis heartbeat")
-        coordination._spawn(coordination._listen_for_cancels(), "redis cancel listener")
+        coordination._spawn(coordination._listen(), "redis listener")
         coordination._spawn(coordination._flush_chunks_forever(), "redis running text")
         return coordination
 
@@ -114,6 +124,12 @@ class RedisCoordination:
             return False
         renewal = asyncio.ensure_future(self._renew_forever(session_id, holder))
         self._held[session_id] = (holder, renewal)
+        try:
+            processes = await self._redis.hvals(self._key("members", session_id))
+        except RedisError:
+            processes = ["unknown"]
+        if any(process != self._process for process in processes):
+            self._shared.add(session_id)
         return True
 
     async def _renew_forever(self, session_id: str, holder: str) -> None:
@@ -133,6 +149,7 @@ class RedisCoordination:
             return
         holder, renewal = self._held.pop(session_id)
         renewal.cancel()
+        self._shared.discard(session_id)
         self._chunks.pop((session_id, turn_id), None)
         await self._release(session_id, turn_id, holder)
 
@@ -156,6 +173,11 @@ class RedisCoordination:
 
     # ------------------------------------------------------------------ the running text
 
+    def chunks_stay_local(self, session_id: str) -> bool:
+        # Chunks are the bulk of the traffic: published to the other processes only when one of
+        # them serves a client of the session (told at turn start, or by a tab joining there).
+        return session_id not in self._shared
+
     def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
         parts, _ = self._chunks.get((session_id, turn_id), ([], 0))
         parts.append(text)
@@ -167,7 +189,19 @@ class RedisCoordination:
             await self._chunks_ready.wait()
             await asyncio.sleep(CHUNK_FLUSH_SECONDS)  # gather a batch
             self._chunks_ready.clear()
-            batch, self._chunks = self._chunks, {}
+            try:
+                await self._store_chunks(lambda _session: True)
+            except RedisError:
+                await asyncio.sleep(1)
+
+    async def _store_chunks(self, which: Callable[[str], bool]) -> None:
+        """Append the buffered text of the sessions `which` selects, in order with earlier batches."""
+        async with self._storing:
+            batch = {key: value for key, value in self._chunks.items() if which(key[0])}
+            for key in batch:
+                del self._chunks[key]
+            if not batch:
+                return
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for (session_id, turn_id), (parts, count) in batch.items():
@@ -184,7 +218,7 @@ class RedisCoordination:
                     later, later_count = self._chunks.get(key, ([], count))
                     self._chunks[key] = ([*parts, *later], max(count, later_count))
                 self._chunks_ready.set()
-                await asyncio.sleep(1)
+                raise
 
     async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
         holder = await self._redis.get(self._key("turn", session_id))
@@ -193,8 +227,18 @@ class RedisCoordination:
         turn_id, _, process = str(holder).partition(" ")
         if process == self._process:
             return None  # the core reads its own turns directly
-        # Chunks sent before this tab entered the room are stored within a flush: wait one out.
-        await asyncio.sleep(2 * CHUNK_FLUSH_SECONDS)
+        # This tab is in the room already. Ask the process running the turn to publish its chunks
+        # from now on and to store the text it streamed so far; once it says it did, that text
+        # and the live chunks together miss nothing.
+        request = uuid.uuid4().hex
+        await self._redis.publish(self._key("share"), json.dumps({"session_id": session_id, "request": request}))
+        ack = self._key("shared", session_id, request)
+        for _ in range(50):
+            if await self._redis.exists(ack):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            log.warning("the process running session %s's turn did not answer; its text may lag", session_id)
         text, count = await self._redis.mget(
             self._key("text", session_id, turn_id), self._key("count", session_id, turn_id)
         )
@@ -208,30 +252,41 @@ class RedisCoordination:
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
 
-    async def _listen_for_cancels(self) -> None:
+    async def _listen(self) -> None:
+        cancel, share = self._key("cancel"), self._key("share")
         backoff = 0.5
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._key("cancel"))
+                    await pubsub.subscribe(cancel, share)
                     backoff = 0.5
                     async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            await self._cancel(message["data"])
+                        if message.get("type") != "message":
+                            continue
+                        try:
+                            request = json.loads(message["data"])
+                            session_id = str(request["session_id"])
+                            if message["channel"] == cancel:
+                                await self._cancel(session_id, str(request["turn_id"]))
+                            else:
+                                await self._share(session_id, str(request["request"]))
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("ignoring a malformed message on %s", message.get("channel"))
             except (RedisError, OSError) as exc:
-                log.warning("cancel listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
+                log.warning("Redis listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
 
-    async def _cancel(self, data: Any) -> None:
-        try:
-            request = json.loads(data)
-            session_id, turn_id = str(request["session_id"]), str(request["turn_id"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed cancel message")
-            return
+    async def _cancel(self, session_id: str, turn_id: str) -> None:
         for handler in self._cancel_handlers:
             await handler(session_id, turn_id)
+
+    async def _share(self, session_id: str, request: str) -> None:
+        if session_id not in self._held:
+            return
+        self._shared.add(session_id)  # first: every chunk from now on is published
+        await self._store_chunks(lambda sid: sid == session_id)  # then: every chunk before is stored
+        await self._redis.set(self._key("shared", session_id, request), "1", ex=30)
 
     # ------------------------------------------------------------------ presence
 

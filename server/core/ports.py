@@ -182,7 +182,9 @@ class Outbox(Protocol):
 class Emitter(Protocol):
     """Delivers events to every client of a session (the Socket.IO room is one implementation)."""
 
-    async def publish(self, session_id: str, event: TurnEvent) -> None: ...
+    async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
+        """Deliver to the session's clients; `local`: only those connected to this process."""
+        ...
 
     async def add_member(self, member: str, session_id: str) -> None: ...
 
@@ -204,6 +206,10 @@ class Coordination(Protocol):
     async def release_turn(self, session_id: str, turn_id: str) -> None: ...
 
     async def running_turn(self, session_id: str) -> str | None: ...
+
+    def chunks_stay_local(self, session_id: str) -> bool:
+        """True while no other process serves a client of the session (no I/O: on the chunk path)."""
+        ...
 
     def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
         """Note a chunk of a turn running here, for tabs joining on other processes.

@@ -180,7 +180,9 @@ class TurnRunner:
         turn.parts.append(text)
         self._coordination.record_chunk(turn.session_id, turn.turn_id, index, text)
         await self._emitter.publish(
-            turn.session_id, ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text)
+            turn.session_id,
+            ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text),
+            local=self._coordination.chunks_stay_local(turn.session_id),
         )
 
     @staticmethod

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import socketio
 from pydantic import BaseModel, ValidationError
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from server.config import Settings
 from server.core.conversation import ConversationService
@@ -35,16 +36,28 @@ class RedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     """
 
     connected: bool
+    redis: Redis | None
     _down_since: float | None = None
     _next_try = 0.0
+
+    def _redis_connect(self) -> None:
+        # python-socketio's default pool fails an emit ("Too many connections") once 100 are
+        # in flight, which a busy process reaches; a bounded pool that waits is what it needs.
+        pool = BlockingConnectionPool.from_url(self.redis_url, max_connections=64, timeout=2, **self.redis_options)
+        old, self.redis = getattr(self, "redis", None), Redis.from_pool(pool)
+        if old is not None:
+            self._closing = asyncio.ensure_future(old.aclose())
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
 
     async def _publish(self, data: Any) -> Any:
         loop = asyncio.get_running_loop()
         if self._down_since is not None and loop.time() < self._next_try:
             return None
         try:
-            if not self.connected:
+            if not self.connected or self.redis is None:
                 self._redis_connect()
+            assert self.redis is not None
             result = await self.redis.publish(self.channel, self.json.dumps(data))
         except Exception as exc:
             self.connected = False
@@ -81,8 +94,10 @@ class SocketIOEmitter:
     def __init__(self, sio: socketio.AsyncServer) -> None:
         self._sio = sio
 
-    async def publish(self, session_id: str, event: TurnEvent) -> None:
-        await self._sio.emit(EVENT_NAMES[type(event)], event.model_dump(mode="json"), room=room(session_id))
+    async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
+        await self._sio.emit(
+            EVENT_NAMES[type(event)], event.model_dump(mode="json"), room=room(session_id), ignore_queue=local
+        )
 
     async def add_member(self, member: str, session_id: str) -> None:
         await self._sio.enter_room(member, room(session_id))
