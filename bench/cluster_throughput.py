@@ -8,7 +8,7 @@ the Node load generator (bench/node/load.mjs, the official socket.io-client, Web
 spreads `--sessions` sessions over the processes, as a load balancer would, each sending messages
 back to back. Configurations alternate for `--rounds` rounds and the median counts; the result is
 the ratio of the two, measured in one run. `--write` puts the table into docs/performance.md.
-Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/0) and Node (`npm ci` in bench/node).
+Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/0) and Node (it runs `npm ci` in bench/node).
 """
 
 from __future__ import annotations
@@ -160,6 +160,10 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     args = parser.parse_args()
+    if not (NODE / "node_modules").exists():
+        npm = await asyncio.create_subprocess_exec("npm", "ci", "--silent", cwd=NODE)
+        if await npm.wait():
+            raise SystemExit("npm ci failed in bench/node")
     runs: dict[int, list[Run]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for processes in (1, 2):
