@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import uuid
 from typing import Any
@@ -24,16 +25,22 @@ engineio.payload.Payload.max_decode_packets = 10_000
 
 
 class Chat:
-    def __init__(self, url: str, transport: str) -> None:
+    def __init__(self, url: str, transport: str, auth: dict[str, str]) -> None:
         self.url = url
         self.transport = transport
+        self.auth = auth
+        self.refusal: str | None = None
         self.sio = socketio.AsyncClient(reconnection=True)
+        self.sio.on("connect_error", self.on_connect_error)
         self.session_id: str | None = None
         self.turn_done = asyncio.Event()
         self.turn_done.set()
         self.sent_ids: set[str] = set()
         for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
             self.sio.on(name, getattr(self, f"on_{name}"))
+
+    async def on_connect_error(self, data: Any) -> None:
+        self.refusal = data.get("message") if isinstance(data, dict) else str(data)
 
     @staticmethod
     def say(text: str, end: str = "\n") -> None:
@@ -72,7 +79,10 @@ class Chat:
         self.say(f"[{data['clients']} tab(s) in this session]")
 
     async def start(self, session_id: str | None) -> None:
-        await self.sio.connect(self.url, transports=[self.transport], wait_timeout=10)
+        try:
+            await self.sio.connect(self.url, transports=[self.transport], wait_timeout=10, auth=self.auth)
+        except socketio.exceptions.ConnectionError as exc:
+            raise SystemExit(f"connection refused: {self.refusal or exc}") from None
         ack = await self.sio.call("join", {"session_id": session_id} if session_id else {})
         if not ack["ok"]:
             raise SystemExit(f"join refused: {ack['error']['code']}: {ack['error']['message']}")
@@ -122,8 +132,9 @@ async def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--session", help="a session id to rejoin")
     parser.add_argument("--transport", choices=["websocket", "polling"], default="websocket")
+    parser.add_argument("--token", default=os.environ.get("CHAT_TOKEN"), help="a JWT, when authentication is on")
     args = parser.parse_args()
-    chat = Chat(args.url, args.transport)
+    chat = Chat(args.url, args.transport, {"token": args.token} if args.token else {})
     await chat.start(args.session)
     await chat.run()
 

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     auth_jwt_secret: str | None = None
     auth_jwt_audience: str = "authenticated"
     auth_jwks_url: str | None = None
+    # Not in PROTOCOL.md: the least time between two JWKS fetches caused by an unknown key id.
+    auth_jwks_refresh_seconds: float = Field(30, ge=0)
+    # Not in PROTOCOL.md: abuse limits besides the message rate and length.
+    max_sessions_per_socket: int = Field(20, ge=1)
+    max_connections_per_address: int = Field(100, ge=1)
+    # Engine.IO's largest packet; default: the larger of 64 KiB and a MAX_MESSAGE_CHARS message.
+    max_packet_bytes: int | None = Field(None, ge=1024)
 
     # Not in PROTOCOL.md: the weather tool's upstreams and the bounds of a turn.
     weather_geocoding_url: str = "https://geocoding-api.open-meteo.com"
@@ -82,6 +89,8 @@ class Settings(BaseSettings):
         "supabase_url",
         "supabase_key",
         "redis_url",
+        "auth_jwt_secret",
+        "auth_jwks_url",
         mode="before",
     )
     @classmethod
@@ -95,6 +104,15 @@ class Settings(BaseSettings):
         if self.storage_backend is None:
             self.storage_backend = "supabase" if self.supabase_url else "sqlite"
         return self
+
+    @property
+    def packet_limit(self) -> int:
+        # A message of MAX_MESSAGE_CHARS characters of up to 4 bytes each, plus its envelope, fits.
+        return self.max_packet_bytes or max(64 * 1024, self.max_message_chars * 4 + 4096)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_jwt_secret or self.auth_jwks_url)
 
     @property
     def cors_origin_list(self) -> list[str]:

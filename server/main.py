@@ -17,6 +17,7 @@ from server.runtime import Runtime
 from server.transport.http import router
 from server.transport.origins import origin_regex
 from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
+from server.transport.tokens import TokenVerifier
 
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
@@ -44,7 +45,23 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         allow_headers=["Authorization", "Content-Type"],
     )
     api.include_router(router)
-    register_handlers(sio, lambda: api.state.runtime.service)
+    verifier = (
+        TokenVerifier(
+            secret=settings.auth_jwt_secret,
+            jwks_url=settings.auth_jwks_url,
+            audience=settings.auth_jwt_audience,
+            jwks_refresh_seconds=settings.auth_jwks_refresh_seconds,
+        )
+        if settings.auth_enabled
+        else None
+    )
+    api.state.verifier = verifier
+    register_handlers(
+        sio,
+        lambda: api.state.runtime.service,
+        verifier=verifier,
+        max_connections_per_address=settings.max_connections_per_address,
+    )
     app = socketio.ASGIApp(sio, other_asgi_app=api)
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     return app

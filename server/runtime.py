@@ -86,15 +86,6 @@ async def make_coordination(settings: Settings) -> Coordination:
     return LocalCoordination()
 
 
-def refuse_unsupported_security(settings: Settings) -> None:
-    # Failing closed: serving without the authentication an operator asked for would expose every session.
-    if settings.auth_jwt_secret or settings.auth_jwks_url:
-        raise ConfigurationError(
-            "AUTH_JWT_SECRET / AUTH_JWKS_URL are set, but this build cannot verify tokens yet; "
-            "refusing to serve without the authentication you asked for"
-        )
-
-
 @dataclass
 class Runtime:
     settings: Settings
@@ -108,7 +99,6 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
-        refuse_unsupported_security(settings)
         provider = await make_provider(settings)
         coordination = await make_coordination(settings)
         repo = await open_repository(settings)
@@ -128,6 +118,7 @@ class Runtime:
                 max_message_chars=settings.max_message_chars,
                 messages_per_minute=settings.message_rate_limit,
                 max_tool_rounds=settings.max_tool_rounds,
+                max_sessions_per_member=settings.max_sessions_per_socket,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,

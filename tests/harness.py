@@ -157,10 +157,12 @@ class Tab:
     client: socketio.AsyncClient = field(default_factory=lambda: socketio.AsyncClient(reconnection=False))
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def connect(self) -> Tab:
+    async def connect(self, auth: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Tab:
         for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
             self.client.on(name, self._recorder(name))
-        await self.client.connect(self.url, transports=[self.transport], wait_timeout=10)
+        await self.client.connect(
+            self.url, transports=[self.transport], wait_timeout=10, auth=auth, headers=headers or {}
+        )
         return self
 
     def _recorder(self, name: str) -> Callable[[dict[str, Any]], Any]:

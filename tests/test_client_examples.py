@@ -6,9 +6,11 @@ import asyncio
 import os
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import jwt
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
@@ -17,7 +19,9 @@ from tests.harness import RunningServer
 EXAMPLES = Path(__file__).resolve().parent.parent / "client_examples"
 
 
-async def run(*argv: str, stdin: bytes = b"", cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+async def run(
+    *argv: str, stdin: bytes = b"", cwd: Path | None = None, env: dict[str, str] | None = None, exit_code: int = 0
+) -> str:
     process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
@@ -28,7 +32,7 @@ async def run(*argv: str, stdin: bytes = b"", cwd: Path | None = None, env: dict
     )
     out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
     text = out.decode()
-    assert process.returncode == 0, text
+    assert process.returncode == exit_code, text
     return text
 
 
@@ -45,6 +49,25 @@ async def test_python_client_chats_and_shows_tools(server: RunningServer) -> Non
     assert "mainly clear in Delhi, India: 24.5 °C" in out
     assert out.count("[done: stop") == 2 and 'You wrote 1 words: "hello"' in out
     assert "[other tab]" not in out  # it knows its own messages
+
+
+async def test_python_client_signs_in_with_a_token(start_server: ServerFactory) -> None:
+    secret = "an-example-secret-of-more-than-32-bytes"
+    server = await start_server(auth_jwt_secret=secret)
+    valid = jwt.encode({"sub": "ada", "aud": "authenticated", "exp": int(time.time()) + 60}, secret, "HS256")
+    out = await run(
+        sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url, "--token", valid, stdin=b"hi\n/quit\n"
+    )
+    assert out.count("[done: stop") == 1
+    refused = await run(
+        sys.executable,
+        str(EXAMPLES / "python_client.py"),
+        "--url",
+        server.url,
+        env={"CHAT_TOKEN": "forged"},
+        exit_code=1,
+    )
+    assert "connection refused: unauthorized" in refused
 
 
 @pytest.fixture(scope="session")

@@ -70,14 +70,11 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
 @pytest.mark.parametrize(
     ("setting", "value", "says"),
     [
-        ("AUTH_JWT_SECRET", "s3cret", "authentication"),
-        ("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json", "authentication"),
-        ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres"),
+        ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres needs DATABASE_URL"),
+        ("STORAGE_BACKEND", "supabase", "STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY"),
     ],
 )
-async def test_settings_this_build_cannot_honour_stop_it_from_starting(
-    tmp_path: Path, setting: str, value: str, says: str
-) -> None:
+async def test_incomplete_settings_stop_it_from_starting(tmp_path: Path, setting: str, value: str, says: str) -> None:
     env = service_env(tmp_path, free_port(), **{setting: value})
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -3,6 +3,7 @@
 //   node chat.mjs "How's the weather in Delhi?"                  # a new session
 //   node chat.mjs "And tomorrow?" --session <uuid>               # the same session as another tab
 //   SERVER_URL=http://127.0.0.1:8000 node chat.mjs "hello" --transport polling
+//   CHAT_TOKEN=<jwt> node chat.mjs "hello"                        # when authentication is on
 //
 // Streams the answer as it arrives, shows tool calls, and exits after `done`.
 import { io } from "socket.io-client";
@@ -17,7 +18,9 @@ const transport = option("--transport") ?? "websocket";
 const text = args.join(" ") || "How's the weather in Delhi?";
 const url = process.env.SERVER_URL ?? "http://127.0.0.1:8000";
 
-const socket = io(url, { transports: [transport], reconnection: false, auth: {} });
+// With authentication on, the signed-in user's access token (e.g. Supabase's session.access_token).
+const token = option("--token") ?? process.env.CHAT_TOKEN;
+const socket = io(url, { transports: [transport], reconnection: false, auth: token ? { token } : {} });
 let turnId = null; // known once `message` is acknowledged
 const finished = new Set();
 

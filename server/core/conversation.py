@@ -38,6 +38,7 @@ class Limits:
     max_message_chars: int = 8000
     messages_per_minute: int = 30
     max_tool_rounds: int = 5
+    max_sessions_per_member: int = 20
     tool_timeout_seconds: float = 30.0
     # How long `done` waits for storage to confirm the AI message before sending event_id null.
     done_store_wait_seconds: float = 2.0
@@ -121,6 +122,7 @@ class ConversationService:
         self._log = EventLog(repo, tasks, outbox)
         self._log.start()
         self._rate = RateLimiter(limits.messages_per_minute)
+        self._user_rate = RateLimiter(limits.messages_per_minute)
         self._joined: defaultdict[str, set[str]] = defaultdict(set)
         self._running: dict[str, RunningTurn] = {}
         self._closing = False
@@ -147,13 +149,27 @@ class ConversationService:
     # ------------------------------------------------------------------ client requests
 
     async def join(
-        self, member: str, session_id: str | None, user_id: str | None, after_event_id: int | None
+        self,
+        member: str,
+        session_id: str | None,
+        user_id: str | None,
+        after_event_id: int | None,
+        *,
+        owner: str | None = None,
     ) -> JoinResult:
+        """`owner`: the authenticated user, who may only join sessions they created (or new ones)."""
         sid = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        if owner is not None:
+            user_id = owner
+        newly = sid not in self._joined[member]
+        if newly and len(self._joined[member]) >= self._limits.max_sessions_per_member:
+            await self._refuse_over_session_cap(sid, owner)
         try:
             if self._log.outage:
                 raise StorageUnavailable("storage is out; events wait in the local queue")
             session = await self._repo.ensure_session(sid, user_id, utc_now())
+            if owner is not None and session.user_id != owner:
+                raise ServiceError(ErrorCode.FORBIDDEN, "this session belongs to another user")
             # A history with gaps would mislead the tab: the session's queued events go first.
             await self._log.wait_stored(sid, within_seconds=self._limits.done_store_wait_seconds)
             history = await self._repo.list_events(sid, after_event_id)
@@ -162,7 +178,6 @@ class ConversationService:
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
 
-        newly = sid not in self._joined[member]
         if newly:
             self._joined[member].add(sid)
             await self._emitter.add_member(member, sid)
@@ -187,9 +202,24 @@ class ConversationService:
             await self._emitter.publish(sid, PresenceEvent(session_id=sid, clients=clients))
         return JoinResult(session=session, history=history, active_turn=active)
 
+    async def _refuse_over_session_cap(self, sid: str, owner: str | None) -> None:
+        # `forbidden` comes before `rate_limited`, and a refusal creates nothing: look, never create.
+        if owner is not None:
+            try:
+                existing = await self._repo.get_session(sid)
+            except StorageUnavailable:
+                raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
+            if existing is not None and existing.user_id != owner:
+                raise ServiceError(ErrorCode.FORBIDDEN, "this session belongs to another user")
+        raise ServiceError(
+            ErrorCode.RATE_LIMITED,
+            f"this connection is in {self._limits.max_sessions_per_member} sessions already; leave one first",
+        )
+
     async def send_message(
-        self, member: str, session_id: str, text: str, client_message_id: str | None
+        self, member: str, session_id: str, text: str, client_message_id: str | None, *, user: str | None = None
     ) -> MessageAccepted:
+        """`user`: the authenticated user, whose messages over all their connections are limited too."""
         sid = self._joined_session(member, session_id)
         if not text.strip():
             raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
@@ -201,7 +231,7 @@ class ConversationService:
             earlier = await self._earlier_answer(sid, client_message_id)
             if earlier is not None:
                 return earlier
-        if not self._rate.allows(member):
+        if not self._rate.allows(member) or (user is not None and not self._user_rate.allows(user)):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
 
         turn_id = str(uuid.uuid4())
@@ -246,6 +276,8 @@ class ConversationService:
             raise
 
         self._rate.take(member)
+        if user is not None:
+            self._user_rate.take(user)
         event_id = stored.event_id if stored is not None else None  # None: waiting in the local queue
         accepted = MessageAccepted(turn_id=turn_id, event_id=event_id)
         turn.accepted.set_result(accepted)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+MAX_BUCKETS = 10_000
+
 
 @dataclass
 class _Bucket:
@@ -22,6 +24,8 @@ class RateLimiter:
         now = time.monotonic()
         bucket = self._buckets.get(key)
         if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._prune(now)
             bucket = self._buckets[key] = _Bucket(self._capacity, now)
         else:
             bucket.tokens = min(self._capacity, bucket.tokens + (now - bucket.updated) * self._refill_per_second)
@@ -38,3 +42,9 @@ class RateLimiter:
 
     def forget(self, key: str) -> None:
         self._buckets.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        """Drop the buckets that have refilled: forgetting them changes nothing."""
+        full_after = self._capacity / self._refill_per_second
+        for key in [k for k, b in self._buckets.items() if now - b.updated >= full_after]:
+            del self._buckets[key]

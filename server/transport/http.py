@@ -9,8 +9,10 @@ from fastapi.responses import JSONResponse
 
 from server.core.conversation import parse_session_id
 from server.core.errors import ServiceError
+from server.core.models import Session
 from server.core.ports import StorageUnavailable
 from server.runtime import Runtime
+from server.transport.tokens import InvalidToken, TokenVerifier, bearer_token
 
 router = APIRouter()
 
@@ -25,6 +27,32 @@ def _session_id(value: str) -> str:
         return parse_session_id(value)
     except ServiceError as exc:
         raise HTTPException(status_code=400, detail=exc.as_dict()) from None
+
+
+async def _caller(request: Request) -> str | None:
+    """The authenticated user (401 without a valid Bearer token), or None when authentication is off."""
+    verifier: TokenVerifier | None = request.app.state.verifier
+    if verifier is None:
+        return None
+    try:
+        identity = await verifier.verify(bearer_token(request.headers.get("authorization")))
+    except InvalidToken:
+        raise HTTPException(
+            status_code=401,
+            detail={"code": "unauthorized", "message": "a valid Bearer token is needed"},
+            headers={"WWW-Authenticate": "Bearer"},
+        ) from None
+    return identity.user_id
+
+
+def _owned(session: Session | None, caller: str | None) -> Session:
+    if session is None:
+        raise HTTPException(status_code=404, detail={"code": "not_found", "message": "no such session"})
+    if caller is not None and session.user_id != caller:
+        raise HTTPException(
+            status_code=403, detail={"code": "forbidden", "message": "this session belongs to another user"}
+        )
+    return session
 
 
 @router.get("/healthz")
@@ -44,6 +72,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/api/sessions/{session_id}")
 async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+    caller = await _caller(request)
     sid = _session_id(session_id)
     try:
         session = await _runtime(request).repo.get_session(sid)
@@ -51,20 +80,18 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
         raise HTTPException(
             status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
         ) from None
-    if session is None:
-        raise HTTPException(status_code=404, detail={"code": "not_found", "message": "no such session"})
-    return session.model_dump(mode="json")
+    return _owned(session, caller).model_dump(mode="json")
 
 
 @router.get("/api/sessions/{session_id}/events")
 async def get_events(
     session_id: str, request: Request, after_event_id: int | None = Query(default=None)
 ) -> dict[str, Any]:
+    caller = await _caller(request)
     sid = _session_id(session_id)
     repo = _runtime(request).repo
     try:
-        if await repo.get_session(sid) is None:
-            raise HTTPException(status_code=404, detail={"code": "not_found", "message": "no such session"})
+        _owned(await repo.get_session(sid), caller)
         events = await repo.list_events(sid, after_event_id)
     except StorageUnavailable:
         raise HTTPException(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from server.core.errors import ErrorCode, ServiceError
 from server.core.models import EVENT_NAMES, TurnEvent
 from server.transport.origins import origin_matcher
 from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
+from server.transport.tokens import Identity, InvalidToken, TokenVerifier
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
@@ -84,7 +86,7 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
         async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
         client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
-        max_http_buffer_size=1_000_000,
+        max_http_buffer_size=settings.packet_limit,
         logger=False,
         engineio_logger=False,
     )
@@ -106,19 +108,38 @@ class SocketIOEmitter:
         await self._sio.leave_room(member, room(session_id))
 
 
-def register_handlers(sio: socketio.AsyncServer, service: Callable[[], ConversationService]) -> None:
+def register_handlers(
+    sio: socketio.AsyncServer,
+    service: Callable[[], ConversationService],
+    *,
+    verifier: TokenVerifier | None = None,
+    max_connections_per_address: int = 100,
+) -> None:
+    identities: dict[str, Identity] = {}  # socket -> its verified token, when authentication is on
+    addresses: dict[str, str] = {}  # socket -> client address, for the per-address cap
+    per_address: Counter[str] = Counter()
+
+    def user_of(sid: str) -> str | None:
+        if verifier is None:
+            return None
+        identity = identities.get(sid)
+        if identity is None or identity.expired():
+            raise ServiceError(ErrorCode.UNAUTHORIZED, "the token has expired; reconnect with a fresh one")
+        return identity.user_id
+
     def handler(
-        model: type[P], action: Callable[[ConversationService, str, P], Awaitable[Ack]]
+        model: type[P], action: Callable[[ConversationService, str, P, str | None], Awaitable[Ack]]
     ) -> Callable[..., Awaitable[Ack]]:
         async def handle(sid: str, *args: Any) -> Ack:
             try:
+                user = user_of(sid)  # `unauthorized` comes first of all errors
                 if len(args) != 1:
                     raise ServiceError(ErrorCode.INVALID_PAYLOAD, "send exactly one payload object")
                 try:
                     payload = model.model_validate(args[0])
                 except ValidationError as exc:
                     raise invalid_payload(exc) from None
-                return {"ok": True, **await action(service(), sid, payload)}
+                return {"ok": True, **await action(service(), sid, payload, user)}
             except ServiceError as exc:
                 return {"ok": False, "error": exc.as_dict()}
             except Exception:
@@ -127,22 +148,22 @@ def register_handlers(sio: socketio.AsyncServer, service: Callable[[], Conversat
 
         return handle
 
-    async def join(svc: ConversationService, sid: str, p: JoinPayload) -> Ack:
-        result = await svc.join(sid, p.session_id, p.user_id, p.after_event_id)
+    async def join(svc: ConversationService, sid: str, p: JoinPayload, user: str | None) -> Ack:
+        result = await svc.join(sid, p.session_id, p.user_id, p.after_event_id, owner=user)
         return {
             "session": result.session.model_dump(mode="json"),
             "history": [event.public() for event in result.history],
             "active_turn": result.active_turn.model_dump(mode="json") if result.active_turn else None,
         }
 
-    async def message(svc: ConversationService, sid: str, p: MessagePayload) -> Ack:
-        accepted = await svc.send_message(sid, p.session_id, p.text, p.client_message_id)
+    async def message(svc: ConversationService, sid: str, p: MessagePayload, user: str | None) -> Ack:
+        accepted = await svc.send_message(sid, p.session_id, p.text, p.client_message_id, user=user)
         return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
 
-    async def cancel(svc: ConversationService, sid: str, p: SessionPayload) -> Ack:
+    async def cancel(svc: ConversationService, sid: str, p: SessionPayload, user: str | None) -> Ack:
         return {"turn_id": await svc.cancel(sid, p.session_id)}
 
-    async def leave(svc: ConversationService, sid: str, p: SessionPayload) -> Ack:
+    async def leave(svc: ConversationService, sid: str, p: SessionPayload, user: str | None) -> Ack:
         await svc.leave(sid, p.session_id)
         return {}
 
@@ -157,12 +178,31 @@ def register_handlers(sio: socketio.AsyncServer, service: Callable[[], Conversat
     def lifecycle(sid: str) -> bool:
         return not sio.manager.is_connected(sid, "/")
 
-    async def connect(sid: str, *_environ_and_auth: Any) -> None:
-        return None
+    async def connect(sid: str, environ: Any = None, auth: Any = None, *_: Any) -> None:
+        if not lifecycle(sid):
+            return
+        # Refused here, before the socket can join any room.
+        address = _client_address(environ)
+        if per_address[address] >= max_connections_per_address:
+            raise socketio.exceptions.ConnectionRefusedError("rate_limited")
+        if verifier is not None:
+            try:
+                identities[sid] = await verifier.verify(auth.get("token") if isinstance(auth, dict) else None)
+            except InvalidToken as exc:
+                log.info("refused a connection from %s: invalid token (%s)", address, exc)
+                raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
+        addresses[sid] = address
+        per_address[address] += 1
 
     async def disconnect(sid: str, *_reason: Any) -> None:
         if not lifecycle(sid):
             return
+        identities.pop(sid, None)
+        address = addresses.pop(sid, None)
+        if address is not None:
+            per_address[address] -= 1
+            if per_address[address] <= 0:
+                del per_address[address]
         try:
             await service().disconnect(sid)
         except Exception:
@@ -170,3 +210,13 @@ def register_handlers(sio: socketio.AsyncServer, service: Callable[[], Conversat
 
     sio.on("connect", connect)
     sio.on("disconnect", disconnect)
+
+
+def _client_address(environ: Any) -> str:
+    """The peer's address (behind a proxy, uvicorn's proxy headers make it the client's)."""
+    if isinstance(environ, dict):
+        client = environ.get("asgi.scope", {}).get("client")
+        if client:
+            return str(client[0])
+        return str(environ.get("REMOTE_ADDR", "unknown"))
+    return "unknown"
