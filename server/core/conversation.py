@@ -338,6 +338,7 @@ class ConversationService:
     async def disconnect(self, member: str) -> None:
         for sid in list(self._joined.get(member, ())):
             await self.leave(member, sid)
+        self._joined.pop(member, None)  # also the empty entry of a socket whose joins were all refused
         self._rate.forget(member)
 
     async def disconnect_all(self) -> None:
