@@ -135,6 +135,9 @@ class FakePostgrest:
             if column in ("select", "order", "limit", "on_conflict", "columns"):
                 continue
             op, _, value = condition.partition(".")
+            if op in ("is", "not") and value.endswith("null"):  # is.null, not.is.null
+                clauses.append(f'"{column}" IS {"NOT " if op == "not" else ""}NULL')
+                continue
             args.append(value)
             clauses.append(f'"{column}" {OPERATORS[op]} ${len(args)}::text::{self._cast(table, column)}')
         return " WHERE " + " AND ".join(clauses) if clauses else ""

@@ -482,3 +482,27 @@ async def test_readiness_needs_an_api_key_but_no_model_call(
     tab, sid = await open_session(keyless, connect)
     done, _ = await ask(tab, sid, "Hello?")
     assert done["finish_reason"] == "error" and done["error"]["code"] == "provider_not_configured"
+
+
+async def test_a_summary_left_undone_by_a_stopped_server_is_made_after_its_restart(
+    start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory, tmp_path: Path
+) -> None:
+    database = tmp_path / "kept.db"
+    fake.generate(*[error_reply(400, "FAILED_PRECONDITION") for _ in range(3)])
+    first = await start_gemini(sqlite_path=database, summary_delay_seconds=0.05, summary_retry_seconds=60)
+    tab, sid = await open_session(first, connect)
+    await ask(tab, sid, "Remember me")
+    await tab.call("leave", {"session_id": sid})
+    async with asyncio.timeout(10):
+        while not fake.calls("generateContent"):
+            await asyncio.sleep(0.05)
+    await tab.close()
+    await first.stop()  # the summary failed and waits for a retry that this process will not make
+
+    fake.generate_replies.clear()
+    fake.generate(Reply(body=text_response("Made after the restart.")))
+    await asyncio.sleep(1.1)  # past the grace period the rescan leaves to jobs still waiting
+    second = await start_gemini(sqlite_path=database)
+    session = await wait_for_summary(second, sid)
+    assert session.summary == "Made after the restart."
+    assert await second.runtime.repo.due_summaries(10) == []

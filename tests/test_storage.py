@@ -200,3 +200,22 @@ def test_key_roles_are_read_from_the_key() -> None:
     assert supabase_storage.key_role("sb_publishable_abc") == "anon"
     assert supabase_storage.key_role("sb_secret_abc") == "service_role"
     assert supabase_storage.key_role("not a jwt") is None
+
+
+async def test_summaries_due_are_remembered_until_written(repo: Repository) -> None:
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    start = datetime.now(UTC)
+    for sid in (first, second):
+        await repo.ensure_session(sid, None, start)
+    emptied = start + timedelta(seconds=30)
+    await repo.mark_summary_due(second, emptied + timedelta(seconds=5))
+    await repo.mark_summary_due(first, emptied)
+    assert await repo.due_summaries(10) == [(first, emptied), (second, emptied + timedelta(seconds=5))]
+    assert await repo.due_summaries(1) == [(first, emptied)]
+
+    await repo.write_summary(first, "done", emptied, 30)
+    assert await repo.due_summaries(10) == [(second, emptied + timedelta(seconds=5))]
+    # The session emptied again after the emptying this summary is for: still due.
+    await repo.mark_summary_due(second, emptied + timedelta(seconds=60))
+    await repo.write_summary(second, "an older summary", emptied + timedelta(seconds=5), 35)
+    assert await repo.due_summaries(10) == [(second, emptied + timedelta(seconds=60))]

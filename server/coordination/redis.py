@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_FLUSH_SECONDS = 0.02
 RUNNING_TEXT_SECONDS = 600
+SUMMARY_CLAIM_SECONDS = 600
 
 # Count the session's members whose process still beats, dropping the others. ARGV: op, member,
 # process, proc-key prefix. Answers the new count, or -1 when the member was already in (add) or
@@ -333,8 +334,9 @@ class RedisCoordination:
     # ------------------------------------------------------------------ summaries
 
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
+        # Expires: should the claiming process stop before summarising, another takes it over then.
         claimed = await self._redis.set(
-            self._key("summary", session_id, emptied_at.isoformat()), self._process, nx=True, ex=86_400
+            self._key("summary", session_id, emptied_at.isoformat()), self._process, nx=True, ex=SUMMARY_CLAIM_SECONDS
         )
         return bool(claimed)
 

@@ -145,6 +145,7 @@ class ConversationService:
             wait_turn_end=self.wait_turn_end,
         )
         coordination.on_cancel(self._cancel_local)
+        self.summaries.start()
 
     # ------------------------------------------------------------------ client requests
 

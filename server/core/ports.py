@@ -128,7 +128,17 @@ class Repository(Protocol):
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]: ...
 
-    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None: ...
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
+        """Write the summary of the emptying at `end_time`; a summary due for it or earlier is done."""
+        ...
+
+    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+        """Remember, durably, that the session emptied at `emptied_at` and needs its summary."""
+        ...
+
+    async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
+        """Sessions still waiting for a summary, with when they emptied, oldest first."""
+        ...
 
     async def ping(self) -> None:
         """Raise when storage does not answer."""

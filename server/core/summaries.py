@@ -7,16 +7,19 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from server.core.event_log import EventLog
 from server.core.history import conversation_from_events
+from server.core.models import utc_now
 from server.core.ports import Coordination, ModelProvider, ProviderError, Repository, StorageUnavailable
 from server.core.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
 EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
 MAX_RETRY_SECONDS = 3600.0
+RESCAN_SECONDS = 300.0
+RESCAN_BATCH = 100
 
 
 @dataclass
@@ -52,8 +55,29 @@ class SummaryScheduler:
 
     def session_emptied(self, session_id: str, emptied_at: datetime) -> None:
         self.session_joined(session_id)
-        task = self._tasks.spawn(self._summarise_later(session_id, emptied_at), name=f"summary {session_id}")
+        self._schedule(session_id, emptied_at, self._delay, mark=True)
+
+    def _schedule(self, session_id: str, emptied_at: datetime, delay: float, *, mark: bool) -> None:
+        task = self._tasks.spawn(
+            self._summarise_later(session_id, emptied_at, delay, mark=mark), name=f"summary {session_id}"
+        )
         self._pending[session_id] = _Pending(task)
+
+    def start(self) -> None:
+        """Pick up the summaries still due in storage: failed earlier, or left by a stopped process."""
+        self._tasks.spawn(self._rescan_forever(), name="due summaries")
+
+    async def _rescan_forever(self) -> None:
+        while not self._hurry.is_set():
+            try:
+                # A recent mark belongs to a job still in its grace period somewhere: leave it be.
+                settled = utc_now() - timedelta(seconds=self._delay + 1)
+                for session_id, emptied_at in await self._repo.due_summaries(RESCAN_BATCH):
+                    if session_id not in self._pending and emptied_at <= settled:
+                        self._schedule(session_id, emptied_at, 0.0, mark=False)
+            except StorageUnavailable as exc:
+                log.warning("cannot list the summaries still due: %s", exc)
+            await self._pause(RESCAN_SECONDS)
 
     def session_joined(self, session_id: str) -> None:
         pending = self._pending.get(session_id)
@@ -65,9 +89,14 @@ class SummaryScheduler:
         """Shutdown: skip the grace period of every waiting job."""
         self._hurry.set()
 
-    async def _summarise_later(self, session_id: str, emptied_at: datetime) -> None:
+    async def _summarise_later(self, session_id: str, emptied_at: datetime, delay: float, *, mark: bool) -> None:
         try:
-            await self._pause(self._delay)
+            if mark:
+                try:
+                    await self._repo.mark_summary_due(session_id, emptied_at)
+                except StorageUnavailable as exc:
+                    log.warning("cannot note session %s's summary as due (%s); made from memory", session_id, exc)
+            await self._pause(delay)
             await self._wait_turn_end(session_id)
             if await self._coordination.member_count(session_id) > 0:
                 return
@@ -102,7 +131,7 @@ class SummaryScheduler:
                 if self._hurry.is_set():
                     log.error(
                         "summary of session %s failed (%s) while the server stops; "
-                        "it is written when the session next empties",
+                        "it stays due in storage and is made after the next start",
                         session_id,
                         reason,
                     )

@@ -179,7 +179,9 @@ class PostgresRepository:
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
-                "UPDATE sessions SET summary = $2, end_time = $3, duration_seconds = $4 WHERE session_id = $1",
+                "UPDATE sessions SET summary = $2, end_time = $3, duration_seconds = $4,"
+                " summary_due_at = CASE WHEN summary_due_at <= $3 THEN NULL ELSE summary_due_at END"
+                " WHERE session_id = $1",
                 session_id,
                 storable(summary),
                 end_time,
@@ -187,6 +189,23 @@ class PostgresRepository:
             )
 
         await self._retrying(op, "write summary")
+
+    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute("UPDATE sessions SET summary_due_at = $2 WHERE session_id = $1", session_id, emptied_at)
+
+        await self._retrying(op, "mark summary due")
+
+    async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
+        async def op(conn: asyncpg.Connection) -> list[tuple[str, datetime]]:
+            rows = await conn.fetch(
+                "SELECT session_id, summary_due_at FROM sessions WHERE summary_due_at IS NOT NULL"
+                " ORDER BY summary_due_at LIMIT $1",
+                limit,
+            )
+            return [(str(row["session_id"]), row["summary_due_at"]) for row in rows]
+
+        return await self._retrying(op, "list due summaries")
 
     async def ping(self) -> None:
         async with self._pool.acquire(timeout=2) as conn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     start_time       TEXT NOT NULL,
     end_time         TEXT,
     summary          TEXT,
-    duration_seconds INTEGER
+    duration_seconds INTEGER,
+    summary_due_at   TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id   INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -45,6 +46,11 @@ _SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration
 def _transient(exc: BaseException) -> bool:
     # "database is locked" / "disk I/O error": another writer or the disk, worth retrying.
     return isinstance(exc, sqlite3.OperationalError)
+
+
+def _stamp(moment: datetime) -> str:
+    # One fixed format (UTC, microseconds), so text comparison orders moments correctly.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _session(row: sqlite3.Row) -> Session:
@@ -89,6 +95,10 @@ class SqliteRepository:
         # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
         await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
         await db.executescript(SCHEMA)
+        async with db.execute("PRAGMA table_info(sessions)") as cursor:
+            columns = {row["name"] for row in await cursor.fetchall()}
+        if "summary_due_at" not in columns:  # a file made before the column existed
+            await db.execute("ALTER TABLE sessions ADD COLUMN summary_due_at TEXT")
         await db.commit()
         return cls(db, retry_seconds)
 
@@ -181,12 +191,35 @@ class SqliteRepository:
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op() -> None:
             await self._db.execute(
-                "UPDATE sessions SET summary = ?, end_time = ?, duration_seconds = ? WHERE session_id = ?",
-                (summary, end_time.isoformat(), duration_seconds, session_id),
+                "UPDATE sessions SET summary = ?, end_time = ?, duration_seconds = ?,"
+                " summary_due_at = CASE WHEN summary_due_at <= ? THEN NULL ELSE summary_due_at END"
+                " WHERE session_id = ?",
+                (summary, _stamp(end_time), duration_seconds, _stamp(end_time), session_id),
             )
             await self._db.commit()
 
         await self._retrying(op, "write summary")
+
+    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+        async def op() -> None:
+            await self._db.execute(
+                "UPDATE sessions SET summary_due_at = ? WHERE session_id = ?", (_stamp(emptied_at), session_id)
+            )
+            await self._db.commit()
+
+        await self._retrying(op, "mark summary due")
+
+    async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
+        async def op() -> list[tuple[str, datetime]]:
+            async with self._db.execute(
+                "SELECT session_id, summary_due_at FROM sessions WHERE summary_due_at IS NOT NULL"
+                " ORDER BY summary_due_at LIMIT ?",
+                (limit,),
+            ) as cursor:
+                rows = await cursor.fetchall()
+            return [(row["session_id"], datetime.fromisoformat(row["summary_due_at"])) for row in rows]
+
+        return await self._retrying(op, "list due summaries")
 
     async def ping(self) -> None:
         async with self._db.execute("SELECT 1") as cursor:

@@ -206,8 +206,42 @@ class SupabaseRepository:
                 .eq("session_id", session_id)
                 .execute()
             )
+            # Done, unless the session emptied again after this summary's emptying.
+            await (
+                self._client.table("sessions")
+                .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
+                .eq("session_id", session_id)
+                .lte("summary_due_at", end_time.isoformat())
+                .execute()
+            )
 
         await self._retrying(op, "write summary")
+
+    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+        async def op() -> None:
+            await (
+                self._client.table("sessions")
+                .update({"summary_due_at": emptied_at.isoformat()}, returning=ReturnMethod.minimal)
+                .eq("session_id", session_id)
+                .execute()
+            )
+
+        await self._retrying(op, "mark summary due")
+
+    async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
+        async def op() -> list[tuple[str, datetime]]:
+            response = await (
+                self._client.table("sessions")
+                .select("session_id,summary_due_at")
+                .not_.is_("summary_due_at", "null")
+                .order("summary_due_at")
+                .limit(limit)
+                .execute()
+            )
+            rows: list[Any] = response.data
+            return [(row["session_id"], datetime.fromisoformat(row["summary_due_at"])) for row in rows]
+
+        return await self._retrying(op, "list due summaries")
 
     async def ping(self) -> None:
         await self._client.table("sessions").select("session_id").limit(1).execute()
