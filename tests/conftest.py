@@ -94,6 +94,15 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawner]:
             await process.wait()
 
 
+@pytest.fixture
+async def tabs() -> AsyncIterator[list[Tab]]:
+    """Tabs a test opens by hand (other URLs, tokens, headers); all are closed afterwards."""
+    opened: list[Tab] = []
+    yield opened
+    for tab in opened:
+        await tab.close()
+
+
 @pytest.fixture(params=["websocket", "polling"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)

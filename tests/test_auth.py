@@ -61,9 +61,11 @@ def token(
     algorithm: str = "HS256",
     kid: str | None = None,
     audience: str = AUDIENCE,
-    expires_in: float = 300,
+    expires_in: float | None = 300,
 ) -> str:
-    claims: dict[str, Any] = {"aud": audience, "exp": int(time.time() + expires_in), "role": "authenticated"}
+    claims: dict[str, Any] = {"aud": audience, "role": "authenticated"}
+    if expires_in is not None:
+        claims["exp"] = int(time.time() + expires_in)
     if sub is not None:
         claims["sub"] = sub
     return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid} if kid else None)
@@ -86,14 +88,6 @@ async def secured(start_server: ServerFactory, keys: KeyServer) -> RunningServer
         auth_jwks_refresh_seconds=0.5,
         offline_chunk_delay_ms=0,
     )
-
-
-@pytest.fixture
-async def tabs() -> AsyncIterator[list[Tab]]:
-    opened: list[Tab] = []
-    yield opened
-    for tab in opened:
-        await tab.close()
 
 
 async def signed_in(tabs: list[Tab], server: RunningServer, bearer: str | None, transport: str = "websocket") -> Tab:
@@ -152,8 +146,19 @@ async def close_refused(client: socketio.AsyncClient) -> None:
         {"token": token(audience="anon")},
         {"token": token(expires_in=-60)},
         {"token": token(sub=None)},
+        {"token": token(expires_in=None)},
     ],
-    ids=["no-auth", "no-token", "empty", "garbage", "bad-signature", "wrong-audience", "expired", "no-subject"],
+    ids=[
+        "no-auth",
+        "no-token",
+        "empty",
+        "garbage",
+        "bad-signature",
+        "wrong-audience",
+        "expired",
+        "no-subject",
+        "no-expiry",
+    ],
 )
 async def test_bad_tokens_are_refused_at_connect(secured: RunningServer, auth: Any) -> None:
     assert await refused(secured, auth, "websocket") == "unauthorized"

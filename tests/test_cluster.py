@@ -62,44 +62,53 @@ def slow_answer(text: str = "", chunks: int = 12, pause: float = 0.15) -> Reply:
     return Reply(events=events)
 
 
+def cluster_env(fake_gemini: FakeGemini, redis_channel: str, database: str) -> dict[str, str]:
+    """What every process of a test cluster shares: Redis, PostgreSQL, the fake Gemini."""
+    return {
+        "LLM_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "cluster-key",
+        "GEMINI_BASE_URL": fake_gemini.url,
+        "STORAGE_BACKEND": "postgres",
+        "DATABASE_URL": database,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_CHANNEL": redis_channel,
+        "TURN_LOCK_SECONDS": "2",
+    }
+
+
 @pytest.fixture
 async def cluster(
     spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path
 ) -> AsyncIterator[tuple[str, str]]:
     """Two `python -m server` processes on two ports, one Redis, one PostgreSQL, one fake Gemini."""
+    env = cluster_env(fake_gemini, redis_channel, database)
     urls = []
     for n in (1, 2):
         _, url = await spawn(
             sys.executable,
             "-m",
             "server",
-            LLM_PROVIDER="gemini",
-            GEMINI_API_KEY="cluster-key",
-            GEMINI_BASE_URL=fake_gemini.url,
-            STORAGE_BACKEND="postgres",
-            DATABASE_URL=database,
             OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"),
-            REDIS_URL=REDIS_URL,
-            REDIS_CHANNEL=redis_channel,
-            TURN_LOCK_SECONDS="2",
             SUMMARY_DELAY_SECONDS="0.3",
+            **env,
         )
         urls.append(url)
     yield urls[0], urls[1]
-
-
-@pytest.fixture
-async def tabs() -> AsyncIterator[list[Tab]]:
-    opened: list[Tab] = []
-    yield opened
-    for tab in opened:
-        await tab.close()
 
 
 async def open_tab(tabs: list[Tab], url: str) -> Tab:
     tab = await Tab(url, "websocket").connect()
     tabs.append(tab)
     return tab
+
+
+async def both_in_one_session(tabs: list[Tab], first: str, second: str) -> tuple[Tab, Tab, str]:
+    """Tab a on the first process starts a session; tab b on the second joins it."""
+    a = await open_tab(tabs, first)
+    b = await open_tab(tabs, second)
+    sid = (await a.join())["session"]["session_id"]
+    await b.join(sid)
+    return a, b, sid
 
 
 def turn_events(tab: Tab, turn_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -110,10 +119,7 @@ async def test_one_session_streams_identically_on_both_processes(
     cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
 ) -> None:
     first, second = cluster
-    a = await open_tab(tabs, first)
-    b = await open_tab(tabs, second)
-    sid = (await a.join())["session"]["session_id"]
-    await b.join(sid)
+    a, b, sid = await both_in_one_session(tabs, first, second)
     # Presence is counted across processes: both hear 2.
     for tab in (a, b):
         await tab.wait_for(lambda ev: any(n == "presence" and d["clients"] == 2 for n, d in ev))
@@ -133,10 +139,7 @@ async def test_cancel_on_one_process_stops_the_turn_on_the_other(
     cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
 ) -> None:
     first, second = cluster
-    a = await open_tab(tabs, first)
-    b = await open_tab(tabs, second)
-    sid = (await a.join())["session"]["session_id"]
-    await b.join(sid)
+    a, b, sid = await both_in_one_session(tabs, first, second)
     fake_gemini.stream(Reply(events=[text_chunk("Started "), HANG]))
     ack = await a.call("message", {"session_id": sid, "text": "a long one"})
     await b.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
@@ -169,10 +172,7 @@ async def test_the_summary_is_made_once_for_the_whole_cluster(
     cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab], database: str
 ) -> None:
     first, second = cluster
-    a = await open_tab(tabs, first)
-    b = await open_tab(tabs, second)
-    sid = (await a.join())["session"]["session_id"]
-    await b.join(sid)
+    a, b, sid = await both_in_one_session(tabs, first, second)
     ack = await a.call("message", {"session_id": sid, "text": "hello cluster"})
     await b.turn(ack["turn_id"])
     fake_gemini.generate(Reply(body=text_response("One summary.")), Reply(body=text_response("A second summary!")))
@@ -192,22 +192,10 @@ async def test_the_summary_is_made_once_for_the_whole_cluster(
 async def test_a_killed_process_does_not_keep_the_session_locked(
     spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
 ) -> None:
-    settings = {
-        "LLM_PROVIDER": "gemini",
-        "GEMINI_API_KEY": "cluster-key",
-        "GEMINI_BASE_URL": fake_gemini.url,
-        "STORAGE_BACKEND": "postgres",
-        "DATABASE_URL": database,
-        "REDIS_URL": REDIS_URL,
-        "REDIS_CHANNEL": redis_channel,
-        "TURN_LOCK_SECONDS": "2",
-    }
+    settings = cluster_env(fake_gemini, redis_channel, database)
     doomed, first = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "o1.db"), **settings)
     _, second = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "o2.db"), **settings)
-    a = await open_tab(tabs, first)
-    b = await open_tab(tabs, second)
-    sid = (await a.join())["session"]["session_id"]
-    await b.join(sid)
+    a, b, sid = await both_in_one_session(tabs, first, second)
     fake_gemini.stream(Reply(events=[text_chunk("Mid-"), HANG]))
     await a.call("message", {"session_id": sid, "text": "never finished"})
     await b.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))

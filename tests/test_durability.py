@@ -177,17 +177,24 @@ async def postgrest(database: str) -> AsyncIterator[FakePostgrest]:
     await task
 
 
-async def test_supabase_503s_and_a_lost_response_are_retried_without_duplicates(
-    start_server: ServerFactory, connect: TabFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
-) -> None:
-    server = await start_server(
+async def on_supabase(
+    start_server: ServerFactory, postgrest: FakePostgrest, tmp_path: Path, storage_retry_seconds: float
+) -> RunningServer:
+    """The service on the PostgREST stand-in with the real supabase client, short timeouts."""
+    return await start_server(
         storage_backend="supabase",
         supabase_url=postgrest.url,
         supabase_key=make_key("service_role"),
         outbox_path=tmp_path / "outbox.db",
-        storage_retry_seconds=5,
+        storage_retry_seconds=storage_retry_seconds,
         storage_timeout_seconds=0.5,
     )
+
+
+async def test_supabase_503s_and_a_lost_response_are_retried_without_duplicates(
+    start_server: ServerFactory, connect: TabFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
+) -> None:
+    server = await on_supabase(start_server, postgrest, tmp_path, storage_retry_seconds=5)
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
 
@@ -207,14 +214,7 @@ async def test_supabase_503s_and_a_lost_response_are_retried_without_duplicates(
 async def test_supabase_down_then_back(
     start_server: ServerFactory, connect: TabFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
 ) -> None:
-    server = await start_server(
-        storage_backend="supabase",
-        supabase_url=postgrest.url,
-        supabase_key=make_key("service_role"),
-        outbox_path=tmp_path / "outbox.db",
-        storage_retry_seconds=0.5,
-        storage_timeout_seconds=0.5,
-    )
+    server = await on_supabase(start_server, postgrest, tmp_path, storage_retry_seconds=0.5)
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
     await say(tab, sid, "first")

@@ -133,12 +133,12 @@ async def test_history_comes_back_whole_and_in_order(
     assert await repo.list_events(sid, written[-1].event_id) == []
 
 
-async def test_text_a_database_cannot_hold_is_still_stored(repo: Repository) -> None:
+async def test_text_a_database_cannot_hold_is_still_stored(repo: Repository, backend: Backend) -> None:
     sid = str(uuid.uuid4())
     await repo.ensure_session(sid, None, datetime.now(UTC))
     stored = await repo.append_event(draft(sid, "nul", "before\x00after"))
     # PostgreSQL text cannot hold NUL: it becomes U+FFFD there, rather than losing the event.
-    assert stored.content in ("before\x00after", "before\ufffdafter")
+    assert stored.content == ("before\x00after" if backend.name == "sqlite" else "before\ufffdafter")
     assert (await repo.list_events(sid))[0].content == stored.content
 
 

@@ -363,8 +363,9 @@ def _retry_delay_asked(exc: BaseException | None) -> float | None:
     """The wait a 429/503 asks for: google.rpc.RetryInfo's retryDelay, or a Retry-After header."""
     if not isinstance(exc, errors.APIError):
         return None
-    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
-    for detail in details.get("details") or [] if isinstance(details, dict) else []:
+    body = exc.details if isinstance(exc.details, dict) else {}
+    error = body.get("error", body)
+    for detail in (error.get("details") if isinstance(error, dict) else None) or []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
             match = _DURATION.match(str(detail.get("retryDelay", "")))
             if match:

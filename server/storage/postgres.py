@@ -12,15 +12,15 @@ from urllib.parse import urlparse
 
 import asyncpg
 
-from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.core.models import EventDraft, Session, StoredEvent
 from server.storage.retry import with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "supabase" / "migrations"
-_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key"
-_SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
+_EVENT_COLUMNS = "event_id, session_id::text AS session_id, event_type, content, timestamp, turn_id, event_key"
+_SESSION_COLUMNS = "session_id::text AS session_id, user_id, start_time, end_time, summary, duration_seconds"
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
 
@@ -36,29 +36,6 @@ def transient(exc: BaseException) -> bool:
 def storable(text: str) -> str:
     # PostgreSQL text cannot hold NUL; a model answer that contains one must still be stored.
     return text.replace("\x00", "\ufffd")
-
-
-def _session(row: asyncpg.Record) -> Session:
-    return Session(
-        session_id=str(row["session_id"]),
-        user_id=row["user_id"],
-        start_time=row["start_time"],
-        end_time=row["end_time"],
-        summary=row["summary"],
-        duration_seconds=row["duration_seconds"],
-    )
-
-
-def _event(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(
-        event_id=row["event_id"],
-        session_id=str(row["session_id"]),
-        event_type=EventType(row["event_type"]),
-        content=row["content"],
-        timestamp=row["timestamp"],
-        turn_id=row["turn_id"],
-        event_key=row["event_key"],
-    )
 
 
 class PostgresRepository:
@@ -121,14 +98,14 @@ class PostgresRepository:
             if row is None:
                 row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
             assert row is not None
-            return _session(row)
+            return Session.model_validate(dict(row))
 
         return await self._retrying(op, "ensure session")
 
     async def get_session(self, session_id: str) -> Session | None:
         async def op(conn: asyncpg.Connection) -> Session | None:
             row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
-            return _session(row) if row else None
+            return Session.model_validate(dict(row)) if row else None
 
         return await self._retrying(op, "read session")
 
@@ -148,14 +125,14 @@ class PostgresRepository:
             if row is None:  # written before (a retry after a lost answer): that row is the answer
                 row = await self._fetch_event(conn, draft.session_id, draft.event_key)
             assert row is not None
-            return _event(row)
+            return StoredEvent.model_validate(dict(row))
 
         return await self._retrying(op, "append event")
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
         async def op(conn: asyncpg.Connection) -> StoredEvent | None:
             row = await self._fetch_event(conn, session_id, event_key)
-            return _event(row) if row else None
+            return StoredEvent.model_validate(dict(row)) if row else None
 
         return await self._retrying(op, "find event")
 
@@ -172,7 +149,7 @@ class PostgresRepository:
                 session_id,
                 after_event_id if after_event_id is not None else -1,
             )
-            return [_event(r) for r in rows]
+            return [StoredEvent.model_validate(dict(r)) for r in rows]
 
         return await self._retrying(op, "list events")
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import aiosqlite
 
-from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.core.models import EventDraft, Session, StoredEvent
 from server.storage.retry import with_retries
 
 SCHEMA = """
@@ -51,29 +51,6 @@ def _transient(exc: BaseException) -> bool:
 def _stamp(moment: datetime) -> str:
     # One fixed format (UTC, microseconds), so text comparison orders moments correctly.
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _session(row: sqlite3.Row) -> Session:
-    return Session(
-        session_id=row["session_id"],
-        user_id=row["user_id"],
-        start_time=datetime.fromisoformat(row["start_time"]),
-        end_time=datetime.fromisoformat(row["end_time"]) if row["end_time"] else None,
-        summary=row["summary"],
-        duration_seconds=row["duration_seconds"],
-    )
-
-
-def _event(row: sqlite3.Row) -> StoredEvent:
-    return StoredEvent(
-        event_id=row["event_id"],
-        session_id=row["session_id"],
-        event_type=EventType(row["event_type"]),
-        content=row["content"],
-        timestamp=datetime.fromisoformat(row["timestamp"]),
-        turn_id=row["turn_id"],
-        event_key=row["event_key"],
-    )
 
 
 class SqliteRepository:
@@ -139,7 +116,7 @@ class SqliteRepository:
             f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
         ) as cursor:
             row = await cursor.fetchone()
-        return _session(row) if row else None
+        return Session.model_validate(dict(row)) if row else None
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
         async def op() -> StoredEvent:
@@ -159,7 +136,7 @@ class SqliteRepository:
                 row = await cursor.fetchone()
             await self._db.commit()
             if row is not None:
-                return _event(row)
+                return StoredEvent.model_validate(dict(row))
             existing = await self._fetch_event(draft.session_id, draft.event_key)
             assert existing is not None
             return existing
@@ -175,7 +152,7 @@ class SqliteRepository:
             (session_id, event_key),
         ) as cursor:
             row = await cursor.fetchone()
-        return _event(row) if row else None
+        return StoredEvent.model_validate(dict(row)) if row else None
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         async def op() -> list[StoredEvent]:
@@ -184,7 +161,7 @@ class SqliteRepository:
                 (session_id, after_event_id if after_event_id is not None else -1),
             ) as cursor:
                 rows = await cursor.fetchall()
-            return [_event(r) for r in rows]
+            return [StoredEvent.model_validate(dict(r)) for r in rows]
 
         return await self._retrying(op, "list events")
 

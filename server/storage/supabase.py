@@ -20,7 +20,7 @@ from postgrest import ReturnMethod
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from server.core.models import EventDraft, EventType, Session, StoredEvent
+from server.core.models import EventDraft, Session, StoredEvent
 from server.storage.postgres import storable
 from server.storage.retry import with_retries
 
@@ -60,22 +60,6 @@ def key_role(key: str) -> str | None:
         return None
     role = claims.get("role") if isinstance(claims, dict) else None
     return role if isinstance(role, str) else None
-
-
-def _session(row: Any) -> Session:
-    return Session.model_validate(row)
-
-
-def _event(row: Any) -> StoredEvent:
-    return StoredEvent(
-        event_id=row["event_id"],
-        session_id=row["session_id"],
-        event_type=EventType(row["event_type"]),
-        content=row["content"],
-        timestamp=datetime.fromisoformat(row["timestamp"]),
-        turn_id=row["turn_id"],
-        event_key=row["event_key"],
-    )
 
 
 class SupabaseRepository:
@@ -127,7 +111,7 @@ class SupabaseRepository:
 
     async def _fetch_session(self, session_id: str) -> Session | None:
         response = await self._client.table("sessions").select(_SESSION_COLUMNS).eq("session_id", session_id).execute()
-        return _session(response.data[0]) if response.data else None
+        return Session.model_validate(response.data[0]) if response.data else None
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
         async def op() -> StoredEvent:
@@ -148,7 +132,7 @@ class SupabaseRepository:
                 .execute()
             )
             if response.data:
-                return _event(response.data[0])
+                return StoredEvent.model_validate(response.data[0])
             # Nothing inserted: written before (a retry after a lost answer); that row is the answer.
             existing = await self._fetch_event(draft.session_id, draft.event_key)
             assert existing is not None
@@ -167,7 +151,7 @@ class SupabaseRepository:
             .eq("event_key", event_key)
             .execute()
         )
-        return _event(response.data[0]) if response.data else None
+        return StoredEvent.model_validate(response.data[0]) if response.data else None
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         async def op() -> list[StoredEvent]:
@@ -183,7 +167,7 @@ class SupabaseRepository:
                     .limit(PAGE_SIZE)
                     .execute()
                 )
-                page = [_event(row) for row in response.data]
+                page = [StoredEvent.model_validate(row) for row in response.data]
                 events.extend(page)
                 if len(page) < PAGE_SIZE:
                     return events
