@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt constraints.txt | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck format lock clean
+.PHONY: run test bench lint typecheck format lock clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,14 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 run: $(STAMP)
 	$(BIN)/python -m server
+
+# The benchmark (a few minutes; needs Node): writes docs/performance.md and docs/latency-vs-load.png.
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --write
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt -c constraints.txt
+	rm -f $(VENV)/.bench-* && touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check server tests client_examples bench
@@ -31,11 +40,11 @@ format: $(STAMP)
 # Re-pin the whole dependency tree from the requirements files, in a scratch venv.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-bench.txt
 	{ echo "# Every package the venv holds, pinned: make installs requirements-dev.txt under these constraints."; \
 	  echo "# Regenerate after changing a requirements file: make lock"; \
 	  .lock-venv/bin/python -m pip freeze; } > constraints.txt
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/node/node_modules

@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import socket
 import statistics
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import redis.asyncio as aioredis
+from common import SERVICE_ENV, ServerProcess, cpu_seconds, ensure_node_modules, run_load, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE = ROOT / "bench" / "node"
-REPORT = ROOT / "docs" / "performance.md"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -49,77 +41,30 @@ class Run:
         return 1000 * self.server_cpu_seconds / max(self.chunks, 1) * 1000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-async def start_server(data: str, channel: str, n: int) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PORT": str(port),
-        "REDIS_URL": REDIS_URL,
-        "REDIS_CHANNEL": channel,
-        "LLM_PROVIDER": "offline",
-        "OFFLINE_CHUNK_DELAY_MS": "0",
-        "STORAGE_BACKEND": "sqlite",
-        "SQLITE_PATH": f"{data}/process-{n}.db",
-        "MESSAGE_RATE_LIMIT": "1000000",
-        "LOG_LEVEL": "warning",
-    }
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", env=env, cwd=data)
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient() as http:
-        for _ in range(200):
-            try:
-                if (await http.get(f"{url}/readyz")).status_code == 200:
-                    return process, url
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError("the server did not start")
-
-
 async def measure(processes: int, sessions: int, seconds: float) -> Run:
     channel = f"bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as data:
-        servers = [await start_server(data, channel, n) for n in range(processes)]
-        try:
-            before = sum(cpu_seconds(p.pid) for p, _ in servers)
-            load = await asyncio.create_subprocess_exec(
-                "node",
-                "load.mjs",
-                "--urls",
-                ",".join(url for _, url in servers),
-                "--sessions",
-                str(sessions),
-                "--seconds",
-                str(seconds),
-                cwd=NODE,
-                stdout=asyncio.subprocess.PIPE,
+        servers = [
+            await ServerProcess.start(
+                ["-m", "server"],
+                {**SERVICE_ENV, "REDIS_URL": REDIS_URL, "REDIS_CHANNEL": channel, "SQLITE_PATH": f"{data}/{n}.db"},
+                data,
             )
-            out, _ = await load.communicate()
-            after = sum(cpu_seconds(p.pid) for p, _ in servers)
+            for n in range(processes)
+        ]
+        cpu: dict[str, float] = {}
+        try:
+            result = await run_load(
+                ["--urls", ",".join(s.url for s in servers), "--sessions", str(sessions), "--seconds", str(seconds)],
+                lambda phase: cpu.__setitem__(phase["phase"], sum(cpu_seconds(s.pid) for s in servers)),
+            )
         finally:
-            for process, _ in servers:
-                process.terminate()
-            await asyncio.gather(*(p.wait() for p, _ in servers))
+            await asyncio.gather(*(s.stop() for s in servers))
         await clean(channel)
-    result = json.loads(out)
-    # Server CPU over the whole run (warm-up included) is scaled to the measured window's share.
-    total = result["seconds"] + 2
     return Run(
         processes=processes,
         chunks_per_second=result["chunks_per_second"],
-        server_cpu_seconds=(after - before) * result["seconds"] / total,
+        server_cpu_seconds=cpu["end"] - cpu["measure"],
         chunks=result["chunks"],
         generator_cpu_seconds=result["generator_cpu_seconds"],
     )
@@ -160,10 +105,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     args = parser.parse_args()
-    if not (NODE / "node_modules").exists():
-        npm = await asyncio.create_subprocess_exec("npm", "ci", "--silent", cwd=NODE)
-        if await npm.wait():
-            raise SystemExit("npm ci failed in bench/node")
+    await ensure_node_modules()
     runs: dict[int, list[Run]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for processes in (1, 2):
@@ -178,15 +120,7 @@ async def main() -> None:
     table = report(runs, args.sessions, args.seconds)
     print(table)
     if args.write:
-        text = REPORT.read_text() if REPORT.exists() else "# Performance\n\n"
-        marker = "## Scaling across processes (Redis)"
-        if marker in text:
-            head, _, rest = text.partition(marker)
-            tail = rest.split("\n## ", 1)
-            text = head + table + ("\n## " + tail[1] if len(tail) > 1 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        REPORT.write_text(text)
+        write_section("cluster", table)
 
 
 if __name__ == "__main__":

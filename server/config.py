@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     gemini_retry_initial_seconds: float = Field(0.5, gt=0)
     gemini_retry_budget_seconds: float = Field(20, gt=0)
     offline_chunk_delay_ms: float = Field(40, ge=0)
+    # Not in PROTOCOL.md: merge text deltas arriving within this window into one `chunk` (0: off).
+    chunk_coalesce_ms: float = Field(0, ge=0)
+    # Not in PROTOCOL.md, benchmark only: chunks carry `ts`, the monotonic clock in ms at the delta.
+    bench_chunk_timestamps: bool = False
 
     storage_backend: Literal["sqlite", "postgres", "supabase"] | None = None
     sqlite_path: Path = Path("./data/realtime.db")

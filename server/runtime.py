@@ -119,6 +119,8 @@ class Runtime:
                 messages_per_minute=settings.message_rate_limit,
                 max_tool_rounds=settings.max_tool_rounds,
                 max_sessions_per_member=settings.max_sessions_per_socket,
+                chunk_coalesce_seconds=settings.chunk_coalesce_ms / 1000,
+                chunk_timestamps=settings.bench_chunk_timestamps,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,

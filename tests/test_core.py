@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -378,3 +379,66 @@ async def test_done_does_not_wait_long_for_storage_and_the_answer_is_still_store
             await asyncio.sleep(0.02)
     stored = await core.repo.list_events(sid)
     assert [(e.event_type, e.content) for e in stored][-1] == ("ai_message", "slowly stored")
+
+
+async def test_coalescing_merges_deltas_of_a_window_and_keeps_order_around_tool_calls(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        if n == 1:
+            for word in ("Let ", "me ", "look. "):
+                yield TextDelta(word)
+            yield ToolCallRequest(call_id="a", name="get_weather", args={"location": "Paris"})
+        else:
+            for word in ("It ", "is ", "sunny."):
+                yield TextDelta(word)
+        yield Finished("stop")
+
+    async def weather(args: dict[str, Any]) -> dict[str, Any]:
+        return {"conditions": "sunny"}
+
+    # A window far longer than the turn: only the tool call and the end of the turn send text.
+    core, _ = await make_core(script, tools=[Tool(WEATHER_SPEC, weather)], chunk_coalesce_seconds=60)
+    events, stored = await core.turn()
+    assert [n for n, _ in events] == ["user_message", "chunk", "tool_call", "tool_result", "chunk", "done"]
+    chunks = [d for n, d in events if n == "chunk"]
+    assert [(c["index"], c["text"]) for c in chunks] == [(0, "Let me look. "), (1, "It is sunny.")]
+    assert events[-1][1]["text"] == "Let me look. It is sunny." == stored[-1].content
+    assert json.loads(stored[1].content)["text_offset"] == len("Let me look. ")
+
+
+async def test_coalesced_text_goes_out_when_its_window_ends_even_if_the_model_pauses(make_core: Any) -> None:
+    resume = asyncio.Event()
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("held ")
+        yield TextDelta("briefly")
+        await resume.wait()  # the model stalls: the window's timer must send the held text
+        yield TextDelta(" then more")
+        yield Finished("stop")
+
+    core, _ = await make_core(script, chunk_coalesce_seconds=0.02)
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    await core.service.send_message("member", sid, "hi", None)
+    for _ in range(500):
+        if any(n == "chunk" for n, _ in core.emitter.events):
+            break
+        await asyncio.sleep(0.01)
+    assert [(n, d.get("text")) for n, d in core.emitter.events if n == "chunk"] == [("chunk", "held briefly")]
+    resume.set()
+    await asyncio.wait_for(core.emitter.done.wait(), 10)
+    chunks = [d for n, d in core.emitter.events if n == "chunk"]
+    assert [(c["index"], c["text"]) for c in chunks] == [(0, "held briefly"), (1, " then more")]
+
+
+async def test_chunks_carry_a_timestamp_only_when_the_benchmark_asks(make_core: Any) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta("timed")
+        yield Finished("stop")
+
+    plain, _ = await make_core(script)
+    events, _ = await plain.turn()
+    assert "ts" not in next(d for n, d in events if n == "chunk")
+    timed, _ = await make_core(script, chunk_timestamps=True)
+    before = time.monotonic() * 1000
+    events, _ = await timed.turn()
+    stamp = next(d for n, d in events if n == "chunk")["ts"]
+    assert before <= stamp <= time.monotonic() * 1000

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from server.providers.offline import _echo_answer
+from server.providers.offline import echo_answer
 from tests.conftest import ServerFactory, TabFactory
 from tests.fakes import SLOW_SECONDS
 from tests.harness import RunningServer, Tab, wait_for_summary
@@ -199,7 +199,7 @@ async def test_cancel_mid_turn_stores_the_partial_text(
     events = await tab.turn(ack["turn_id"])
     done = assert_well_formed_turn(events, sid, ack["turn_id"])
     assert done["finish_reason"] == "cancelled" and done["error"] is None
-    full = _echo_answer("tell me something long")
+    full = echo_answer("tell me something long")
     assert len(done["text"]) >= len("[offline scripted ") and full.startswith(done["text"])
     assert len(done["text"]) < len(full)
     assert await other.turn(ack["turn_id"]) == events
@@ -305,7 +305,7 @@ async def test_a_turn_goes_on_when_its_last_tab_leaves(start_server: ServerFacto
     session = await wait_for_summary(server, sid)
     stored = await server.runtime.repo.list_events(sid)
     assert [e.event_type for e in stored] == ["user_message", "ai_message"]
-    assert stored[1].turn_id == ack["turn_id"] and stored[1].content == _echo_answer("keep going without me")
+    assert stored[1].turn_id == ack["turn_id"] and stored[1].content == echo_answer("keep going without me")
     # The summary waited for the turn, so it covers the answer too.
     assert "1 user messages and 1 answers" in session.summary
 

@@ -1,8 +1,18 @@
-// Many sessions streaming at once: each connects (WebSocket only), starts a session and sends
-// messages back to back for the given time, counting the chunks it receives. Prints JSON.
+// Load generator for the benchmarks: the official socket.io-client, WebSocket only.
 //
+// Streaming (default): `--sessions` sessions, each joined by `--tabs` sockets; the first tab sends
+// messages back to back (the next once every tab has its `done`). Counts the chunks every tab
+// receives, per-chunk latency (receipt minus the chunk's `ts`, both CLOCK_MONOTONIC on this
+// machine) and message -> first chunk, during `--seconds` after `--warmup`.
 //   node load.mjs --urls http://127.0.0.1:8000,http://127.0.0.1:8001 --sessions 100 --seconds 10
-// Sessions are spread over the URLs round robin, as a load balancer would.
+// Sessions are spread over the URLs round robin, as a load balancer would. `--stagger S` starts
+// the sessions' first messages spread over S seconds (so paced streams do not tick in step).
+//
+// Idle: `--idle 1000,5000` opens that many sockets (each joins a session of its own), 100 at a
+// time, and prints a checkpoint line at each count, then holds them `--hold` seconds.
+//
+// Prints JSON lines on stdout: {"phase":"measure"} when counting starts, {"phase":"end"} when it
+// stops (so the caller can read the server's CPU over exactly that window), then the result.
 import { io } from "socket.io-client";
 
 const arg = (name, fallback) => {
@@ -11,57 +21,141 @@ const arg = (name, fallback) => {
 };
 const urls = arg("urls", "http://127.0.0.1:8000").split(",");
 const sessions = Number(arg("sessions", "100"));
+const tabs = Number(arg("tabs", "1"));
 const seconds = Number(arg("seconds", "10"));
 const warmup = Number(arg("warmup", "2"));
+const stagger = Number(arg("stagger", "0"));
+const idle = arg("idle", "");
+const hold = Number(arg("hold", "3"));
 
-let chunks = 0;
-let counting = false;
-let turns = 0;
-let failures = 0;
+const say = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const now = () => Number(process.hrtime.bigint()) / 1e6; // CLOCK_MONOTONIC, ms
 
-async function session(n) {
-  const socket = io(urls[n % urls.length], { transports: ["websocket"], reconnection: false });
+async function connect(url) {
+  const socket = io(url, { transports: ["websocket"], reconnection: false, timeout: 60000 });
   await new Promise((resolve, reject) => {
     socket.once("connect", resolve);
     socket.once("connect_error", reject);
   });
-  socket.on("chunk", () => {
-    if (counting) chunks += 1;
-  });
-  const joined = await socket.emitWithAck("join", {});
-  const sid = joined.session.session_id;
-  const stop = Date.now() + (warmup + seconds) * 1000;
-  while (Date.now() < stop) {
-    const done = new Promise((resolve) => socket.once("done", resolve));
-    const ack = await socket.emitWithAck("message", { session_id: sid, text: `load from session ${n}` });
-    if (!ack.ok) {
-      failures += 1;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      continue;
-    }
-    await done;
-    if (counting) turns += 1;
-  }
-  socket.disconnect();
+  return socket;
 }
 
-const running = Array.from({ length: sessions }, (_, n) => session(n));
-await new Promise((resolve) => setTimeout(resolve, warmup * 1000));
-counting = true;
-const started = process.hrtime.bigint();
-const cpuStart = process.cpuUsage();
-await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
-counting = false;
-const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
-const cpu = process.cpuUsage(cpuStart);
-await Promise.allSettled(running);
-console.log(
-  JSON.stringify({
+async function join(socket, sessionId) {
+  const ack = await socket.timeout(60000).emitWithAck("join", sessionId ? { session_id: sessionId } : {});
+  if (!ack.ok) throw new Error(`join refused: ${JSON.stringify(ack.error)}`);
+  return ack.session.session_id;
+}
+
+function percentile(sorted, p) {
+  if (sorted.length === 0) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+function summary(samples) {
+  const sorted = Float64Array.from(samples).sort();
+  return { n: sorted.length, p50: percentile(sorted, 50), p99: percentile(sorted, 99), max: percentile(sorted, 100) };
+}
+
+async function streaming() {
+  let counting = false;
+  let chunks = 0;
+  let turns = 0;
+  let failures = 0;
+  let ended = false;
+  const latencies = [];
+  const firstChunk = [];
+
+  async function session(n) {
+    const url = urls[n % urls.length];
+    const sockets = [await connect(url)];
+    const sid = await join(sockets[0]);
+    for (let t = 1; t < tabs; t++) {
+      sockets.push(await connect(url));
+      await join(sockets[t], sid);
+    }
+    let sentAt = null;
+    for (const socket of sockets) {
+      socket.on("chunk", (chunk) => {
+        if (!counting) return;
+        const at = now();
+        chunks += 1;
+        if (chunk.ts !== undefined) latencies.push(at - chunk.ts);
+        if (socket === sockets[0] && chunk.index === 0 && sentAt !== null) firstChunk.push(at - sentAt);
+      });
+    }
+    if (stagger) await sleep(Math.random() * stagger * 1000);
+    while (!ended) {
+      const done = sockets.map((socket) => new Promise((resolve) => socket.once("done", resolve)));
+      sentAt = counting ? now() : null;
+      const ack = await sockets[0].timeout(60000).emitWithAck("message", {
+        session_id: sid,
+        text: `load from session ${n}`,
+      });
+      if (!ack.ok) {
+        failures += 1;
+        await sleep(50);
+        continue;
+      }
+      await Promise.all(done);
+      if (counting) turns += 1;
+    }
+    for (const socket of sockets) socket.disconnect();
+  }
+
+  const running = Array.from({ length: sessions }, (_, n) => session(n));
+  const connected = Promise.all(running.map((r) => r.catch((e) => e)));
+  await sleep(warmup * 1000);
+  say({ phase: "measure" });
+  counting = true;
+  const started = now();
+  const cpuStart = process.cpuUsage();
+  await sleep(seconds * 1000);
+  counting = false;
+  const elapsed = (now() - started) / 1000;
+  const cpu = process.cpuUsage(cpuStart);
+  say({ phase: "end" });
+  ended = true;
+  const outcomes = await connected;
+  const errors = outcomes.filter((o) => o instanceof Error).map((e) => e.message);
+  say({
     chunks,
     turns,
     failures,
+    errors: errors.slice(0, 3),
+    error_count: errors.length,
     seconds: elapsed,
     chunks_per_second: chunks / elapsed,
+    latency_ms: summary(latencies),
+    first_chunk_ms: summary(firstChunk),
     generator_cpu_seconds: (cpu.user + cpu.system) / 1e6,
-  }),
-);
+  });
+}
+
+async function idleConnections() {
+  const checkpoints = idle.split(",").map(Number);
+  const sockets = [];
+  const started = now();
+  for (const target of checkpoints) {
+    while (sockets.length < target) {
+      const batch = Math.min(100, target - sockets.length);
+      const opened = await Promise.all(
+        Array.from({ length: batch }, async (_, i) => {
+          const socket = await connect(urls[(sockets.length + i) % urls.length]);
+          await join(socket);
+          return socket;
+        }),
+      );
+      sockets.push(...opened);
+    }
+    await sleep(hold * 1000); // let the server settle before its memory is read
+    say({ phase: "checkpoint", connections: sockets.length, connect_seconds: (now() - started) / 1000 });
+    await sleep(1000);
+  }
+  for (const socket of sockets) socket.disconnect();
+  say({ connections: sockets.length });
+}
+
+if (idle) await idleConnections();
+else await streaming();
+process.exit(0);

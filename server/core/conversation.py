@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from server.core.errors import ErrorCode, ServiceError
-from server.core.event_log import EventLog
+from server.core.event_log import EventLog, HistoryEvent
 from server.core.models import (
     ActiveTurn,
     EventDraft,
@@ -42,6 +42,9 @@ class Limits:
     tool_timeout_seconds: float = 30.0
     # How long `done` waits for storage to confirm the AI message before sending event_id null.
     done_store_wait_seconds: float = 2.0
+    # Text deltas arriving within this window go out as one chunk (0: every delta is a chunk).
+    chunk_coalesce_seconds: float = 0.0
+    chunk_timestamps: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class RunningTurn:
     stop_reason: StopReason | None = None
     generation: asyncio.Task[object] | None = None
     runner: asyncio.Task[None] | None = None
+    # The user message, and the session's history read while it was being written.
+    question: EventDraft | None = None
+    history: asyncio.Task[list[HistoryEvent]] | None = None
 
     @property
     def text(self) -> str:
@@ -263,10 +269,13 @@ class ConversationService:
             turn_id=turn_id,
             timestamp=utc_now(),
         )
+        turn.question = draft
+        turn.history = self._tasks.spawn(self._log.history(sid), name=f"history {turn_id}")
         try:
-            stored = await self._log.submit(draft)
+            stored = await self._log.append(draft)
         except BaseException as exc:
             # Whatever went wrong, the turn never started: free the session for the next message.
+            turn.history.cancel()
             del self._running[sid]
             await self._coordination.release_turn(sid, turn_id)
             error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from server.core.models import EventDraft, StoredEvent
 from server.core.ports import Outbox, Repository, StorageUnavailable
@@ -17,8 +19,15 @@ log = logging.getLogger(__name__)
 
 HistoryEvent = StoredEvent | EventDraft  # stored, or waiting in the outbox
 CACHED_SESSIONS = 1000
+CACHED_EVENTS = 100_000
 DRAIN_BATCH = 100
 MAX_DRAIN_BACKOFF_SECONDS = 10.0
+
+
+@dataclass
+class _Copy:
+    events: list[StoredEvent]
+    read_upto: int  # the last event_id read from storage; later rows are read at the next turn
 
 
 class EventLog:
@@ -36,9 +45,12 @@ class EventLog:
         self._repo = repo
         self._tasks = tasks
         self._outbox = outbox
-        self._tails: dict[str, asyncio.Task[StoredEvent | None]] = {}
+        # Each session's last write not finished yet: later writes and reads wait for it.
+        self._tails: dict[str, asyncio.Future[Any]] = {}
         self._outage = False
-        self._cache: OrderedDict[str, list[StoredEvent]] = OrderedDict()
+        # Each session's events as this process last read and wrote them (least recently used first).
+        self._cache: OrderedDict[str, _Copy] = OrderedDict()
+        self._cached_events = 0
         self._wake = asyncio.Event()
         self._closing = False
         self._drainer: asyncio.Task[None] | None = None
@@ -85,9 +97,21 @@ class EventLog:
         task.add_done_callback(forget)
         return task
 
-    async def _write_after(
-        self, previous: asyncio.Task[StoredEvent | None] | None, draft: EventDraft
-    ) -> StoredEvent | None:
+    async def append(self, draft: EventDraft) -> StoredEvent | None:
+        """`submit`, but written by the calling task: a caller that waits for the row anyway (a
+        user message's ack) saves the two event-loop turns of starting a task and hearing it end."""
+        session_id = draft.session_id
+        previous = self._tails.get(session_id)
+        marker: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._tails[session_id] = marker
+        try:
+            return await self._write_after(previous, draft)
+        finally:
+            marker.set_result(None)
+            if self._tails.get(session_id) is marker:
+                del self._tails[session_id]
+
+    async def _write_after(self, previous: asyncio.Future[Any] | None, draft: EventDraft) -> StoredEvent | None:
         if previous is not None:
             # Order only: the previous write's failure is reported by its own task.
             await asyncio.wait([previous])
@@ -145,20 +169,61 @@ class EventLog:
 
     # ------------------------------------------------------------------ reads
 
-    async def history(self, session_id: str) -> list[HistoryEvent]:
-        """The session's events for a model: from storage, or while it is out, from this process's copy."""
-        await self.flush(session_id)
+    def history(self, session_id: str) -> Coroutine[Any, Any, list[HistoryEvent]]:
+        """The session's events for a model: from storage, or while it is out, from this process's copy.
+
+        The read waits for the writes submitted before this call, not for later ones: a turn reads
+        its history while its user message is being written.
+        """
+        return self._read_history(session_id, self._tails.get(session_id))
+
+    async def _read_history(self, session_id: str, earlier: asyncio.Future[Any] | None) -> list[HistoryEvent]:
+        if earlier is not None:
+            await asyncio.wait([earlier])
         if not self._outage:
             try:
-                stored = await self._repo.list_events(session_id)
+                stored = await self._read_stored(session_id)
             except StorageUnavailable:
                 stored = self._cached(session_id)
-            else:
-                self._cache_put(session_id, stored)
         else:
             stored = self._cached(session_id)
         waiting: Sequence[EventDraft] = await self._outbox.waiting(session_id) if self._outbox is not None else []
         return [*stored, *waiting]
+
+    async def _read_stored(self, session_id: str) -> list[StoredEvent]:
+        """The stored history, reading only the events after those this process has read before.
+
+        event_ids increase in the order events are stored within a session (the contract that
+        `join.after_event_id` rests on too), so the rows after the last one read are all that is
+        new, whichever process wrote them. A turn then reads a few rows, not the whole session.
+        """
+        copy = self._cache.get(session_id)
+        if copy is None:
+            stored = await self._repo.list_events(session_id)
+            self.note_history(session_id, stored)
+            return stored
+        read_upto = copy.read_upto
+        new = await self._repo.list_events(session_id, read_upto)
+        current = self._cache.get(session_id) or copy
+        if current is copy and copy.read_upto == read_upto:
+            # The usual case, kept linear in what is new: this process's own writes past the last
+            # read are in `new` too, so they make way for the rows as stored.
+            before = len(copy.events)
+            while copy.events and copy.events[-1].event_id > read_upto:
+                copy.events.pop()
+            copy.events.extend(new)
+            copy.read_upto = new[-1].event_id if new else read_upto
+            self._cached_events += len(copy.events) - before
+            self._cache.move_to_end(session_id)
+            self._evict()
+            return list(copy.events)
+        # Another read of the session finished meanwhile: merge by event_id.
+        known = {e.event_id: e for e in current.events if e.event_id <= max(current.read_upto, copy.read_upto)}
+        known.update((e.event_id, e) for e in new)
+        read_upto = max(current.read_upto, new[-1].event_id if new else copy.read_upto)
+        events = sorted(known.values(), key=lambda e: e.event_id)
+        self._put(session_id, _Copy(events, read_upto))
+        return list(events)
 
     async def find(self, session_id: str, event_key: str) -> HistoryEvent | None:
         """The event with this key, stored or waiting; during an outage only the outbox is asked."""
@@ -179,29 +244,36 @@ class EventLog:
             return None
 
     def note_history(self, session_id: str, stored: list[StoredEvent]) -> None:
-        """A whole history just read (a join): the copy a turn uses should storage go away."""
-        self._cache_put(session_id, stored)
-
-    def _cached(self, session_id: str) -> list[StoredEvent]:
-        cached = self._cache.get(session_id)
-        if cached is None:
-            raise StorageUnavailable(f"storage is unreachable and session {session_id} was not read here before")
-        return list(cached)
-
-    def _cache_put(self, session_id: str, stored: list[StoredEvent]) -> None:
-        if self._outbox is None:
-            return  # without a queue there is no outage mode to serve from the copy
-        previous = self._cache.pop(session_id, [])
+        """A whole history just read (a join, or a turn's first read here)."""
+        copy = self._cache.get(session_id)
         last = stored[-1].event_id if stored else 0
         # Writes that finished while the read ran stay in the copy.
-        self._cache[session_id] = [*stored, *(e for e in previous if e.event_id > last)]
-        while len(self._cache) > CACHED_SESSIONS:
-            self._cache.popitem(last=False)
+        later = [e for e in copy.events if e.event_id > last] if copy is not None else []
+        self._put(session_id, _Copy([*stored, *later], last))
+
+    def _cached(self, session_id: str) -> list[StoredEvent]:
+        copy = self._cache.get(session_id)
+        if copy is None:
+            raise StorageUnavailable(f"storage is unreachable and session {session_id} was not read here before")
+        return list(copy.events)
+
+    def _put(self, session_id: str, copy: _Copy) -> None:
+        previous = self._cache.pop(session_id, None)
+        self._cached_events += len(copy.events) - (len(previous.events) if previous is not None else 0)
+        self._cache[session_id] = copy
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._cache and (len(self._cache) > CACHED_SESSIONS or self._cached_events > CACHED_EVENTS):
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_events -= len(evicted.events)
 
     def _remember(self, stored: StoredEvent) -> StoredEvent:
-        cached = self._cache.get(stored.session_id)
-        if cached is not None and (not cached or cached[-1].event_id < stored.event_id):
-            cached.append(stored)
+        """A write of this process: in the copy at once, for reads during an outage."""
+        copy = self._cache.get(stored.session_id)
+        if copy is not None and (not copy.events or copy.events[-1].event_id < stored.event_id):
+            copy.events.append(stored)
+            self._cached_events += 1
         return stored
 
     # ------------------------------------------------------------------ the drainer

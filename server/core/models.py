@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 JSON = Any
 
@@ -107,6 +107,8 @@ class ChunkEvent(BaseModel):
     turn_id: str
     index: int
     text: str
+    # Benchmark only (BENCH_CHUNK_TIMESTAMPS): CLOCK_MONOTONIC in ms when the provider yielded the text.
+    ts: float | None = Field(None, exclude_if=lambda ts: ts is None)
 
 
 class ToolCallEvent(BaseModel):

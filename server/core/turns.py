@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +52,53 @@ log = logging.getLogger(__name__)
 SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
 
 
+class ChunkCoalescer:
+    """Sends a turn's text deltas as chunks; with a window, the deltas arriving within it as one.
+
+    A window starts with the first delta held and ends on a timer, so held text never waits for
+    the next delta. Chunks leave one at a time under a lock, so a timer's flush and the turn's own
+    (before a tool call, at the end) keep their order.
+    """
+
+    def __init__(self, send: Callable[[str, float | None], Awaitable[None]], window_seconds: float) -> None:
+        self._send = send
+        self._window = window_seconds
+        self._held: list[str] = []
+        self._stamp: float | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def add(self, text: str, stamp: float | None) -> None:
+        if self._window <= 0:
+            await self._send(text, stamp)
+            return
+        self._held.append(text)
+        if self._stamp is None:
+            self._stamp = stamp
+        if self._timer is None:
+            self._timer = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._window)
+        self._timer = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if self._timer is not None:  # a flush before the window's end ends the window
+                self._timer.cancel()
+                self._timer = None
+            if not self._held:
+                return
+            text, stamp = "".join(self._held), self._stamp
+            self._held, self._stamp = [], None
+            await self._send(text, stamp)
+
+    async def close(self) -> None:
+        """The turn is over: send what is held (a timer mid-flush finishes first)."""
+        await self.flush()
+
+
 @dataclass
 class _TurnState:
     """What a turn's model rounds produced; kept outside the generation task so it survives a cancel."""
@@ -58,6 +107,7 @@ class _TurnState:
     error: ErrorInfo | None = None
     usage: Usage | None = None
     call_ids: set[str] = field(default_factory=set)
+    chunks: ChunkCoalescer | None = None
 
 
 class TurnRunner:
@@ -80,6 +130,9 @@ class TurnRunner:
 
     async def run(self, turn: RunningTurn) -> None:
         state = _TurnState()
+        state.chunks = ChunkCoalescer(
+            lambda text, stamp: self._chunk(turn, text, stamp), self._limits.chunk_coalesce_seconds
+        )
         generation = asyncio.create_task(self._generate(turn, state), name=f"generate {turn.turn_id}")
         turn.generation = generation
         if turn.stop_reason is not None:
@@ -117,6 +170,8 @@ class TurnRunner:
 
     async def _finish(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
         self._settle(turn, generation, state)
+        if state.chunks is not None:
+            await state.chunks.close()  # held text goes out before `done`, which repeats it
         text = turn.text
         write = self._log.submit(
             EventDraft(
@@ -145,9 +200,15 @@ class TurnRunner:
         )
 
     async def _generate(self, turn: RunningTurn, state: _TurnState) -> None:
-        events = await self._log.history(turn.session_id)
+        events = await (turn.history or self._log.history(turn.session_id))
+        if turn.question is not None:
+            # Read while the question was being written: it may or may not be in there yet.
+            key = turn.question.event_key
+            events = [*(e for e in events if e.event_key != key), turn.question]
         conversation: list[ConversationItem] = conversation_from_events(events)
         tools = self._tools.specs
+        assert state.chunks is not None
+        chunks = state.chunks
         for _round in range(self._limits.max_tool_rounds + 1):
             round_start = len(turn.parts)
             calls: list[ToolCallItem] = []
@@ -156,7 +217,8 @@ class TurnRunner:
                 async for event in stream:
                     if isinstance(event, TextDelta):
                         if event.text:
-                            await self._chunk(turn, event.text)
+                            stamp = time.monotonic() * 1000 if self._limits.chunk_timestamps else None
+                            await chunks.add(event.text, stamp)
                     elif isinstance(event, ToolCallRequest):
                         calls.append(self._tool_call_item(state, event))
                     elif isinstance(event, UsageReport):
@@ -165,6 +227,7 @@ class TurnRunner:
                         state.finish_reason = event.reason
             if not calls or state.finish_reason != "stop":
                 return
+            await chunks.flush()  # the round's text goes out, and counts, before its tool calls
             if _round == self._limits.max_tool_rounds:
                 raise ProviderError(
                     "tool_rounds_exceeded", f"the model asked for tools more than {self._limits.max_tool_rounds} times"
@@ -175,13 +238,13 @@ class TurnRunner:
             conversation.extend(calls)
             conversation.extend(await self._run_tools(turn, calls, text_offset=len(turn.text)))
 
-    async def _chunk(self, turn: RunningTurn, text: str) -> None:
+    async def _chunk(self, turn: RunningTurn, text: str, stamp: float | None) -> None:
         index = len(turn.parts)
         turn.parts.append(text)
         self._coordination.record_chunk(turn.session_id, turn.turn_id, index, text)
         await self._emitter.publish(
             turn.session_id,
-            ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text),
+            ChunkEvent(session_id=turn.session_id, turn_id=turn.turn_id, index=index, text=text, ts=stamp),
             local=self._coordination.chunks_stay_local(turn.session_id),
         )
 

@@ -28,6 +28,11 @@ _TRAILING_FILLER = re.compile(r"\s+(?:today|tonight|tomorrow|right now|now|pleas
 _WORD = re.compile(r"\S+\s*")
 
 
+def words(text: str) -> list[str]:
+    """The pieces the script streams an answer in: a word with the spaces after it."""
+    return _WORD.findall(text)
+
+
 def weather_place(text: str) -> str | None:
     """The place a message asks the weather for ("How's the weather in Delhi?" -> "Delhi")."""
     match = _WEATHER.search(text)
@@ -58,7 +63,8 @@ def _weather_answer(place: str, result: ToolResultItem) -> str:
     )
 
 
-def _echo_answer(question: str) -> str:
+def echo_answer(question: str) -> str:
+    """The script's answer to a message that asks for no tool."""
     return (
         f'{LABEL} You wrote {len(question.split())} words: "{_excerpt(question)}". '
         "This reply comes from a deterministic script for trying the service without a model; "
@@ -98,16 +104,16 @@ class OfflineProvider:
             yield Finished("stop")
             return
 
-        answer = _weather_answer(place, results[-1]) if place and results else _echo_answer(question)
-        words = _WORD.findall(answer)
-        for word in words:
+        answer = _weather_answer(place, results[-1]) if place and results else echo_answer(question)
+        pieces = words(answer)
+        for word in pieces:
             if self._delay:
                 await asyncio.sleep(self._delay)
             else:
                 await asyncio.sleep(0)  # still a stream: let other sessions run between words
             yield TextDelta(word)
         # Word counts, labelled as tokens: the offline script has no tokenizer.
-        yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=len(words)))
+        yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=len(pieces)))
         yield Finished("stop")
 
     async def summarise(self, conversation: Sequence[ConversationItem]) -> str:

@@ -16,6 +16,7 @@ from server.config import Settings
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.core.models import EVENT_NAMES, TurnEvent
+from server.transport import fast_json
 from server.transport.origins import origin_matcher
 from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
 from server.transport.tokens import Identity, InvalidToken, TokenVerifier
@@ -87,6 +88,7 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
         client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
         max_http_buffer_size=settings.packet_limit,
+        json=fast_json,
         logger=False,
         engineio_logger=False,
     )

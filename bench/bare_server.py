@@ -1,0 +1,66 @@
+"""The bare limit of the stack: python-socketio on the service's uvicorn settings, no logic, no storage.
+
+    PORT=8001 BARE_CHUNK_DELAY_MS=0 .venv/bin/python bench/bare_server.py
+
+It answers `join` (enters a room) and `message` (acks, then emits to the room what the service
+emits for the same message: `user_message`, the offline script's answer a word at a time as
+`chunk` events with `ts`, then `done`). Stock python-socketio: its own JSON, no coalescing.
+BARE_CHUNK_DELAY_MS pauses before each chunk, as OFFLINE_CHUNK_DELAY_MS does in the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import socketio
+import uvicorn
+
+from server.config import Settings
+from server.providers.offline import echo_answer, words
+from server.serve import uvicorn_config
+
+sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*", logger=False, engineio_logger=False)
+app = socketio.ASGIApp(sio)
+delay = float(os.environ.get("BARE_CHUNK_DELAY_MS", "0")) / 1000
+streams: set[asyncio.Task[None]] = set()
+stored = 0
+
+
+@sio.on("join")  # type: ignore[misc]
+async def join(sid: str, data: dict[str, Any]) -> dict[str, Any]:
+    session_id = data.get("session_id") or str(uuid.uuid4())
+    await sio.enter_room(sid, session_id)
+    return {"ok": True, "session": {"session_id": session_id}, "history": [], "active_turn": None}
+
+
+@sio.on("message")  # type: ignore[misc]
+async def message(sid: str, data: dict[str, Any]) -> dict[str, Any]:
+    global stored
+    stored += 1
+    turn_id = uuid.uuid4().hex
+    task = asyncio.create_task(stream(data["session_id"], turn_id, data["text"], stored))
+    streams.add(task)
+    task.add_done_callback(streams.discard)
+    return {"ok": True, "turn_id": turn_id, "event_id": stored}
+
+
+async def stream(session_id: str, turn_id: str, text: str, event_id: int) -> None:
+    ids = {"session_id": session_id, "turn_id": turn_id}
+    await sio.emit(
+        "user_message", {**ids, "event_id": event_id, "text": text, "client_message_id": None}, room=session_id
+    )
+    answer = echo_answer(text)
+    for index, word in enumerate(words(answer)):
+        await asyncio.sleep(delay)
+        chunk = {**ids, "index": index, "text": word, "ts": time.monotonic() * 1000}
+        await sio.emit("chunk", chunk, room=session_id)
+    done = {**ids, "text": answer, "finish_reason": "stop", "usage": None, "event_id": event_id, "error": None}
+    await sio.emit("done", done, room=session_id)
+
+
+if __name__ == "__main__":
+    uvicorn.Server(uvicorn_config(Settings(), app)).run()

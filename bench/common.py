@@ -1,0 +1,122 @@
+"""What the benchmark scripts share: starting a server process, the Node load generator, /proc readings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = ROOT / "bench" / "node"
+REPORT = ROOT / "docs" / "performance.md"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+# The service as the benchmark drives it: the offline script, storage on, no limit in the way.
+SERVICE_ENV = {
+    "LLM_PROVIDER": "offline",
+    "OFFLINE_CHUNK_DELAY_MS": "0",
+    "STORAGE_BACKEND": "sqlite",
+    "MESSAGE_RATE_LIMIT": "1000000",
+    "MAX_CONNECTIONS_PER_ADDRESS": "100000",
+    "LOG_LEVEL": "warning",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+
+
+class ServerProcess:
+    """A server in its own process on a free port: `python -m server`, or a script such as the bare server."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, args: Sequence[str], env: Mapping[str, str], cwd: str) -> ServerProcess:
+        port = free_port()
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(port), **env}
+        process = await asyncio.create_subprocess_exec(sys.executable, *args, env=full_env, cwd=cwd)
+        server = cls(process, f"http://127.0.0.1:{port}")
+        async with httpx.AsyncClient() as http:
+            for _ in range(400):
+                if process.returncode is not None:
+                    break
+                try:
+                    # The bare server has no routes of its own: any HTTP answer means it listens.
+                    await http.get(f"{server.url}/readyz")
+                    return server
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        await server.stop()
+        raise RuntimeError(f"{' '.join(args)} did not start")
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+async def ensure_node_modules() -> None:
+    if not (NODE / "node_modules").exists():
+        npm = await asyncio.create_subprocess_exec("npm", "ci", "--silent", cwd=NODE)
+        if await npm.wait():
+            raise SystemExit("npm ci failed in bench/node")
+
+
+async def run_load(args: Sequence[str], on_phase: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Runs bench/node/load.mjs; hands each phase line to `on_phase` as it comes, returns the result."""
+    load = await asyncio.create_subprocess_exec("node", "load.mjs", *args, cwd=NODE, stdout=asyncio.subprocess.PIPE)
+    assert load.stdout is not None
+    result: dict[str, Any] = {}
+    async for line in load.stdout:
+        message = json.loads(line)
+        if "phase" in message:
+            if on_phase is not None:
+                on_phase(message)
+        else:
+            result = message
+    if await load.wait():
+        raise RuntimeError(f"the load generator failed ({load.returncode})")
+    return result
+
+
+def write_section(name: str, body: str) -> None:
+    """Replaces the part of docs/performance.md between this section's markers (or appends it)."""
+    begin, end = f"<!-- begin {name}: generated, do not edit -->", f"<!-- end {name} -->"
+    text = REPORT.read_text() if REPORT.exists() else "# Performance\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + block + rest.partition(end)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    REPORT.write_text(text)
