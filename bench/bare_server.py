@@ -6,6 +6,8 @@ It answers `join` (enters a room) and `message` (acks, then emits to the room wh
 emits for the same message: `user_message`, the offline script's answer a word at a time as
 `chunk` events with `ts`, then `done`). Stock python-socketio: its own JSON, no coalescing.
 BARE_CHUNK_DELAY_MS pauses before each chunk, as OFFLINE_CHUNK_DELAY_MS does in the service.
+To measure one of the service's own settings on the bare stack (`bench/run.py --variant`):
+BARE_FAST_JSON=1 encodes packets with orjson, BARE_TUNED=1 applies the service's interpreter tuning.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ import uvicorn
 
 from server.config import Settings
 from server.providers.offline import echo_answer, words
-from server.serve import uvicorn_config
+from server.serve import tune_interpreter, uvicorn_config
+from server.transport import fast_json
 
-sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*", logger=False, engineio_logger=False)
-app = socketio.ASGIApp(sio)
+sio = socketio.AsyncServer(
+    async_mode="asgi",
+    cors_allowed_origins="*",
+    logger=False,
+    engineio_logger=False,
+    **({"json": fast_json} if os.environ.get("BARE_FAST_JSON") else {}),
+)
+app = socketio.ASGIApp(sio, on_startup=tune_interpreter if os.environ.get("BARE_TUNED") else None)
 delay = float(os.environ.get("BARE_CHUNK_DELAY_MS", "0")) / 1000
 streams: set[asyncio.Task[None]] = set()
 stored = 0

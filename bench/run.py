@@ -65,6 +65,7 @@ class Stream:
     """One streaming run: what the load generator saw, and the server's CPU over the same window."""
 
     chunks_per_second: float
+    turns_per_second: float
     latency_p50: float | None
     latency_p99: float | None
     first_chunk_p50: float | None
@@ -119,6 +120,7 @@ async def stream(kind: Kind, *, sessions: int, tabs: int, seconds: float, delay_
         print(f"  ! {kind.label}: {failures} refused messages or failed sessions: {result['errors']}")
     return Stream(
         chunks_per_second=result["chunks_per_second"],
+        turns_per_second=result["turns"] / result["seconds"],
         latency_p50=latency["p50"],
         latency_p99=latency["p99"],
         first_chunk_p50=first["p50"],
@@ -271,6 +273,7 @@ def report(
     ]
     figures = [
         ("chunks/s delivered", "chunks_per_second", 0),
+        ("turns/s", "turns_per_second", 0),
         ("chunk latency p50 ms", "latency_p50", 1),
         ("chunk latency p99 ms", "latency_p99", 1),
         ("message → first chunk p50 ms", "first_chunk_p50", 1),
@@ -380,7 +383,7 @@ def plot(kinds: list[Kind], paced: dict[float, dict[str, Stream]], capacity: flo
 
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
     for kind, colour in zip(kinds, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
-        loads = [100 * paced[s][kind.label].chunks_per_second / capacity for s in paced]
+        loads = [100 * share for share in paced]
         for attr, style, name in (("latency_p99", "-o", "p99"), ("latency_p50", "--s", "p50")):
             axis.plot(
                 loads,
@@ -389,7 +392,7 @@ def plot(kinds: list[Kind], paced: dict[float, dict[str, Stream]], capacity: flo
                 color=colour,
                 label=f"{kind.label} {name}",
             )
-    axis.set_xlabel(f"delivered load, % of the bare server's capacity at (b) ({capacity:,.0f} chunks/s)")
+    axis.set_xlabel(f"offered load: sessions × 10 chunks/s, % of the bare server's chunks/s at (b) ({capacity:,.0f})")
     axis.set_ylabel("chunk latency, ms (provider yield → client receipt)")
     axis.set_title("(d) sessions streaming 10 chunks/s each")
     axis.grid(alpha=0.3)

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     port: int = 8000
     # Not in PROTOCOL.md: processes `python -m server` runs on the one port (needs REDIS_URL).
     workers: int = Field(1, ge=1)
+    # Not in PROTOCOL.md: GC and GIL settings for the serving process (server/serve.py, measured).
+    tune_interpreter: bool = True
     log_level: str = "info"
 
     llm_provider: Literal["gemini", "offline"] | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import socket
+import sys
 from typing import Any
 
 import uvicorn
@@ -14,8 +16,42 @@ from server.config import Settings
 from server.main import create_app, prepare_shutdown
 
 
+def tune_interpreter() -> None:
+    """Process-wide settings for a server whose loop is busy and whose blocking work is in threads.
+
+    Both measured with bench/run.py (docs/performance.md):
+    - The cyclic garbage collector walked the tens of thousands of objects the imports leave
+      (google-genai, pydantic schemas, supabase) and stalled the event loop for 100-200 ms about
+      once a second: that was the whole p99 chunk latency under paced load. What exists after
+      start-up is frozen out of its reach, and gen-0 collections run every 50,000 allocations
+      (700 by default).
+    - A thread that has finished blocking work (aiosqlite's, a DNS lookup) waits for the busy loop
+      thread to hand over the GIL, by default for up to 5 ms, and SQLite takes it back after every
+      step. Under a saturated loop a user message's write took 150 ms that way; at 0.2 ms the time
+      from `message` to first chunk fell about fourfold, with no loss of throughput.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
+    sys.setswitchinterval(0.0002)
+
+
 class Server(uvicorn.Server):
-    """uvicorn closes connections before the lifespan shutdown; end turns first so clients get `done`."""
+    """uvicorn closes connections before the lifespan shutdown; end turns first so clients get `done`.
+
+    `owns_process`: this server is the process's only job (`python -m server`, a worker), so it may
+    tune the interpreter (see tune_interpreter) once the app has started; TUNE_INTERPRETER=false
+    leaves it as it is.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, owns_process: bool = False) -> None:
+        super().__init__(config)
+        self._owns_process = owns_process
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._owns_process:
+            tune_interpreter()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.app
@@ -29,7 +65,7 @@ class WorkerProcess(multiprocess.Process):
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = Server(config=self.config)
+            self._server = Server(self.config, owns_process=Settings().tune_interpreter)
         return self._server
 
 
@@ -66,4 +102,4 @@ def main() -> None:
     if settings.workers > 1:
         serve_workers(settings)
         return
-    Server(uvicorn_config(settings, create_app(settings))).run()
+    Server(uvicorn_config(settings, create_app(settings)), owns_process=settings.tune_interpreter).run()

@@ -28,6 +28,8 @@ class LocalCoordination:
     async def running_turn(self, session_id: str) -> str | None:
         return self._turns.get(session_id)
 
+    single_process = True
+
     def chunks_stay_local(self, session_id: str) -> bool:
         return True
 

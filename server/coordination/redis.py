@@ -174,6 +174,8 @@ class RedisCoordination:
 
     # ------------------------------------------------------------------ the running text
 
+    single_process = False
+
     def chunks_stay_local(self, session_id: str) -> bool:
         # Chunks are the bulk of the traffic: published to the other processes only when one of
         # them serves a client of the session (told at turn start, or by a tab joining there).

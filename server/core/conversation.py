@@ -125,7 +125,7 @@ class ConversationService:
         self._coordination = coordination
         self._tasks = tasks
         self._limits = limits
-        self._log = EventLog(repo, tasks, outbox)
+        self._log = EventLog(repo, tasks, outbox, sole_writer=coordination.single_process)
         self._log.start()
         self._rate = RateLimiter(limits.messages_per_minute)
         self._user_rate = RateLimiter(limits.messages_per_minute)

@@ -209,6 +209,10 @@ CancelHandler = Callable[[str, str], Awaitable[None]]
 class Coordination(Protocol):
     """State shared by every process serving a session: in one process, or across many on Redis."""
 
+    # True when this process is the only one serving sessions: then nothing but this process
+    # writes a session's events, and what it has read and written of a session is all of it.
+    single_process: bool
+
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
         """Take the session's one-turn lock; False when another turn holds it."""
         ...
