@@ -17,7 +17,7 @@ import pytest
 
 from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.models import EVENT_NAMES, ActiveTurn, TurnEvent, Usage
+from server.core.models import EVENT_NAMES, ActiveTurn, EventDraft, EventType, TurnEvent, Usage, utc_now
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -92,6 +92,8 @@ class Core:
 
 class SharedCoordination(LocalCoordination):
     """Stands in for a cross-process backend: records chunks, and knows of a turn on another process."""
+
+    single_process = False  # other processes may write the sessions' events
 
     def __init__(self) -> None:
         super().__init__()
@@ -266,6 +268,43 @@ async def test_history_given_to_the_provider_is_rebuilt_from_storage(make_core: 
         await asyncio.wait_for(core.emitter.done.wait(), 5)
     seen = [(type(i).__name__, getattr(i, "text", None)) for i in provider.requests[1].conversation]
     assert seen == [("UserText", "one"), ("ModelText", "answer 1"), ("UserText", "two")]
+
+
+@pytest.mark.parametrize("single_process", [True, False])
+async def test_each_turn_sees_the_whole_history_read_incrementally(make_core: Any, single_process: bool) -> None:
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield TextDelta(f"answer {n}")
+        yield Finished("stop")
+
+    coordination = LocalCoordination() if single_process else SharedCoordination()
+    core, provider = await make_core(script, coordination=coordination)
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+
+    async def turn(text: str) -> None:
+        core.emitter.done.clear()
+        await core.service.send_message("member", sid, text, None)
+        await asyncio.wait_for(core.emitter.done.wait(), 5)
+        await core.service.wait_turn_end(sid)
+
+    await turn("one")
+    # Another process (when there are others) answers in the session meanwhile.
+    elsewhere = EventDraft(
+        session_id=sid,
+        event_type=EventType.USER_MESSAGE,
+        content="from another process",
+        event_key="user:turn:elsewhere",
+        turn_id="elsewhere",
+        timestamp=utc_now(),
+    )
+    if not single_process:
+        await core.repo.append_event(elsewhere)
+    await turn("two")
+    await turn("three")
+    seen = [getattr(i, "text", None) for i in provider.requests[2].conversation]
+    expected = ["one", "answer 1", *([] if single_process else ["from another process"]), "two", "answer 2", "three"]
+    assert seen == expected
+    stored = [e.content for e in await core.repo.list_events(sid)]
+    assert stored == [*expected, "answer 3"]
 
 
 async def test_text_written_between_tool_rounds_is_rebuilt_where_the_model_wrote_it(make_core: Any) -> None:

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from server.core.errors import ErrorCode, ServiceError
 from server.core.event_log import EventLog, HistoryEvent
@@ -304,7 +305,7 @@ class ConversationService:
             )
         finally:
             # The message is stored, so its turn runs (and ends in `done`) even if that emit failed.
-            turn.runner = self._tasks.spawn(self._run(turn), name=f"turn {turn_id}")
+            turn.runner = self._tasks.spawn(self._run(turn, self._runner.start(turn)), name=f"turn {turn_id}")
         return accepted
 
     async def cancel(self, member: str, session_id: str) -> str:
@@ -384,9 +385,9 @@ class ConversationService:
             return None
         return MessageAccepted(turn_id=earlier.turn_id, event_id=getattr(earlier, "event_id", None))
 
-    async def _run(self, turn: RunningTurn) -> None:
+    async def _run(self, turn: RunningTurn, supervise: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._runner.run(turn)
+            await supervise
         finally:
             if self._running.get(turn.session_id) is turn:
                 del self._running[turn.session_id]

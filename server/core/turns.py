@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.core.event_log import EventLog
 from server.core.history import conversation_from_events, tool_call_content, tool_result_content
@@ -128,7 +128,11 @@ class TurnRunner:
         self._log = event_log
         self._limits = limits
 
-    async def run(self, turn: RunningTurn) -> None:
+    def start(self, turn: RunningTurn) -> Coroutine[Any, Any, None]:
+        """Start the turn's generation now, and return what ends it (run it as a task).
+
+        Starting the generation here, not in that task, saves the first chunk a turn of the loop.
+        """
         state = _TurnState()
         state.chunks = ChunkCoalescer(
             lambda text, stamp: self._chunk(turn, text, stamp), self._limits.chunk_coalesce_seconds
@@ -137,6 +141,9 @@ class TurnRunner:
         turn.generation = generation
         if turn.stop_reason is not None:
             generation.cancel()
+        return self._supervise(turn, generation, state)
+
+    async def _supervise(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
         try:
             await asyncio.wait([generation])
         except asyncio.CancelledError:

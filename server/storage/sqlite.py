@@ -101,22 +101,27 @@ class SqliteRepository:
         return Session.model_validate(dict(rows[0])) if rows else None
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
-        rows = await self._run(
-            "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING"
-            f" RETURNING {_EVENT_COLUMNS}",
-            (
-                draft.session_id,
-                draft.timestamp.isoformat(),
-                draft.event_type.value,
-                draft.content,
-                draft.turn_id,
-                draft.event_key,
-            ),
-            "append event",
+        # Without RETURNING the insert is one SQLite step, hence one GIL hand-back from the thread.
+        async def attempt() -> tuple[int, int | None]:
+            cursor = await self._db.execute(
+                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING",
+                (
+                    draft.session_id,
+                    draft.timestamp.isoformat(),
+                    draft.event_type.value,
+                    draft.content,
+                    draft.turn_id,
+                    draft.event_key,
+                ),
+            )
+            return cursor.rowcount, cursor.lastrowid
+
+        inserted, event_id = await with_retries(
+            attempt, transient=_transient, what="append event", budget_seconds=self._retry_seconds
         )
-        if rows:
-            return StoredEvent.model_validate(dict(rows[0]))
+        if inserted == 1 and event_id is not None:
+            return StoredEvent(event_id=event_id, **draft.model_dump())
         existing = await self.find_event(draft.session_id, draft.event_key)  # stored before: a retry
         assert existing is not None
         return existing
