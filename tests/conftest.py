@@ -10,7 +10,7 @@ import pytest
 
 from tests.fake_gemini import FakeGemini
 from tests.fakes import open_meteo_app
-from tests.harness import RunningServer, Tab, free_port, service_env, start_plain_app, test_settings, wait_healthy
+from tests.harness import RunningServer, Tab, free_port, service_env, serving, test_settings, wait_healthy
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 Spawner = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str]]]
@@ -19,20 +19,16 @@ TabFactory = Callable[..., Awaitable[Tab]]
 
 @pytest.fixture
 async def weather_url() -> AsyncIterator[str]:
-    server, task, url = await start_plain_app(open_meteo_app())
-    yield url
-    server.should_exit = True
-    await task
+    async with serving(open_meteo_app()) as url:
+        yield url
 
 
 @pytest.fixture
 async def fake_gemini() -> AsyncIterator[FakeGemini]:
     """A local server speaking Gemini's REST API (see tests/fake_gemini.py)."""
     gemini = FakeGemini()
-    server, task, gemini.url = await start_plain_app(gemini.app)
-    yield gemini
-    server.should_exit = True
-    await task
+    async with serving(gemini.app) as gemini.url:
+        yield gemini
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,18 +133,23 @@ class RunningServer:
         self.socket.close()
 
 
-async def start_plain_app(app: Any, lifespan: str = "off") -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """Serve any ASGI app (the fakes) on a free port."""
+@contextlib.asynccontextmanager
+async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
+    """Serve any ASGI app (the fakes) on a free port while the block runs; yields its URL."""
     sock = listening_socket()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     task.add_done_callback(lambda _: sock.close())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    return server, task, f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @dataclass

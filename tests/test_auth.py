@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from tests.conftest import ServerFactory
 from tests.fake_gemini import FakeGemini, error_reply
-from tests.harness import RunningServer, Tab, start_plain_app
+from tests.harness import RunningServer, Tab, serving
 
 SECRET = "a-test-jwt-secret-of-more-than-32-bytes!"
 AUDIENCE = "authenticated"
@@ -74,10 +74,8 @@ def token(
 @pytest.fixture
 async def keys() -> AsyncIterator[KeyServer]:
     server = KeyServer()
-    uvicorn_server, task, server.url = await start_plain_app(server.app)
-    yield server
-    uvicorn_server.should_exit = True
-    await task
+    async with serving(server.app) as server.url:
+        yield server
 
 
 @pytest.fixture

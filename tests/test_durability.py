@@ -26,7 +26,7 @@ from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
-from tests.harness import RunningServer, Tab, start_plain_app
+from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
 
@@ -171,10 +171,8 @@ async def test_the_queue_survives_a_restart(
 @pytest.fixture
 async def postgrest(database: str) -> AsyncIterator[FakePostgrest]:
     stand_in = FakePostgrest(database)
-    server, task, stand_in.url = await start_plain_app(stand_in.app, lifespan="on")
-    yield stand_in
-    server.should_exit = True
-    await task
+    async with serving(stand_in.app, lifespan="on") as stand_in.url:
+        yield stand_in
 
 
 async def on_supabase(

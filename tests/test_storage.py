@@ -22,7 +22,7 @@ from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import SupabaseRepository
 from tests.fake_postgrest import FakePostgrest, make_key
-from tests.harness import start_plain_app
+from tests.harness import serving
 from tests.pg import scratch_database
 
 
@@ -55,16 +55,12 @@ async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
             return
         await (await PostgresRepository.open(dsn)).aclose()  # the schema, as `supabase db push` would
         postgrest = FakePostgrest(dsn)
-        server, task, postgrest.url = await start_plain_app(postgrest.app, lifespan="on")
-        try:
+        async with serving(postgrest.app, lifespan="on") as postgrest.url:
             yield Backend(
                 "supabase",
                 lambda: SupabaseRepository.open(postgrest.url, make_key("service_role"), retry_seconds=1),
                 postgrest,
             )
-        finally:
-            server.should_exit = True
-            await task
 
 
 @pytest.fixture(params=["sqlite", "postgres", "supabase"])

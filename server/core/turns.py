@@ -94,10 +94,6 @@ class ChunkCoalescer:
             self._held, self._stamp = [], None
             await self._send(text, stamp)
 
-    async def close(self) -> None:
-        """The turn is over: send what is held (a timer mid-flush finishes first)."""
-        await self.flush()
-
 
 @dataclass
 class _TurnState:
@@ -178,7 +174,8 @@ class TurnRunner:
     async def _finish(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
         self._settle(turn, generation, state)
         if state.chunks is not None:
-            await state.chunks.close()  # held text goes out before `done`, which repeats it
+            # Held text goes out before `done`, which repeats it (a timer mid-flush finishes first).
+            await state.chunks.flush()
         text = turn.text
         write = self._log.submit(
             EventDraft(
