@@ -17,6 +17,7 @@ import pytest
 
 from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService, Limits
+from server.core.errors import ErrorCode, ServiceError
 from server.core.models import EVENT_NAMES, ActiveTurn, EventDraft, EventType, TurnEvent, Usage, utc_now
 from server.core.ports import (
     ConversationItem,
@@ -24,6 +25,7 @@ from server.core.ports import (
     ModelEvent,
     ModelRequest,
     ProviderError,
+    StorageUnavailable,
     TextDelta,
     ToolCallRequest,
     ToolResultItem,
@@ -481,3 +483,86 @@ async def test_chunks_carry_a_timestamp_only_when_the_benchmark_asks(make_core: 
     events, _ = await timed.turn()
     stamp = next(d for n, d in events if n == "chunk")["ts"]
     assert before <= stamp <= time.monotonic() * 1000
+
+
+async def test_the_model_streams_while_the_message_is_written_and_its_output_waits_for_it(make_core: Any) -> None:
+    streamed = asyncio.Event()
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        if n == 1:
+            yield TextDelta("Let ")
+            yield TextDelta("me look. ")
+            streamed.set()
+            yield ToolCallRequest(call_id="a", name="get_weather", args={"location": "Paris"})
+        else:
+            yield TextDelta("Sunny.")
+        yield Finished("stop")
+
+    async def weather(args: dict[str, Any]) -> dict[str, Any]:
+        return {"conditions": "sunny"}
+
+    core, provider = await make_core(script, tools=[Tool(WEATHER_SPEC, weather)])
+    real_append = core.repo.append_event
+    write_may_finish = asyncio.Event()
+
+    async def slow_user_messages(draft: Any) -> Any:
+        if draft.event_type == "user_message":
+            await write_may_finish.wait()
+        return await real_append(draft)
+
+    core.repo.append_event = slow_user_messages  # type: ignore[method-assign]
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    core.emitter.events.clear()
+    sending = asyncio.create_task(core.service.send_message("member", sid, "weather in Paris?", None))
+    await asyncio.wait_for(streamed.wait(), 5)
+    # The model was asked and has answered, but nothing may reach a client before `user_message`.
+    await asyncio.sleep(0.05)
+    assert len(provider.requests) == 1 and core.emitter.events == [] and not sending.done()
+
+    write_may_finish.set()
+    accepted = await asyncio.wait_for(sending, 5)
+    assert accepted.event_id is not None
+    await asyncio.wait_for(core.emitter.done.wait(), 5)
+    names = [n for n, _ in core.emitter.events]
+    assert names == ["user_message", "chunk", "chunk", "tool_call", "tool_result", "chunk", "done"]
+    chunks = [(d["index"], d["text"]) for n, d in core.emitter.events if n == "chunk"]
+    assert chunks == [(0, "Let "), (1, "me look. "), (2, "Sunny.")]
+    await asyncio.sleep(0.05)  # let the ordered log store the AI message
+    stored = await core.repo.list_events(sid)
+    assert [e.event_type for e in stored] == ["user_message", "tool_call", "tool_result", "ai_message"]
+    assert stored[-1].content == "Let me look. Sunny."
+
+
+async def test_when_the_message_cannot_be_stored_nothing_the_model_said_is_sent(make_core: Any) -> None:
+    asked = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        try:
+            yield TextDelta("never ")
+            asked.set()
+            await asyncio.sleep(60)
+            yield TextDelta("seen")
+        finally:
+            stopped.set()
+
+    core, _ = await make_core(script)
+    real_append = core.repo.append_event
+    failures = [StorageUnavailable("storage is down")]
+
+    async def append_event(draft: Any) -> Any:
+        await asyncio.wait_for(asked.wait(), 5)  # fails only once the model has streamed
+        if failures:
+            raise failures.pop()
+        return await real_append(draft)
+
+    core.repo.append_event = append_event  # type: ignore[method-assign]
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    core.emitter.events.clear()
+    with pytest.raises(ServiceError) as refused:
+        await core.service.send_message("member", sid, "first", None)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert stopped.is_set()  # the model's stream was closed with the refusal
+    await asyncio.sleep(0.05)
+    assert core.emitter.events == [] and await core.repo.list_events(sid) == []
+    assert await core.service._coordination.running_turn(sid) is None

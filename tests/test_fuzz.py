@@ -6,10 +6,11 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TabFactory
+from tests.conftest import ServerFactory, TabFactory
 from tests.harness import RunningServer
 from tests.test_turns import assert_well_formed_turn
 
@@ -53,6 +54,12 @@ payloads = st.one_of(
 )
 events = st.sampled_from(["join", "message", "cancel", "leave", "nonsense", "disconnect", "connect", "valid message"])
 valid_text = st.text(max_size=40)  # any Unicode that UTF-8 can encode
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> RunningServer:
+    # The bystander sends its next message as soon as a turn ends, far more than 30 a minute.
+    return await start_server(message_rate_limit=100_000)
 
 
 async def test_malformed_payloads_never_disconnect_or_disturb(server: RunningServer, connect: TabFactory) -> None:

@@ -271,12 +271,15 @@ class ConversationService:
             timestamp=utc_now(),
         )
         turn.question = draft
+        # Read, and the model asked, while the message is written: their output waits for it.
         turn.history = self._tasks.spawn(self._log.history(sid), name=f"history {turn_id}")
+        generation = self._runner.start(turn)
         try:
             stored = await self._log.append(draft)
         except BaseException as exc:
             # Whatever went wrong, the turn never started: free the session for the next message.
             turn.history.cancel()
+            await self._runner.abandon(generation)
             del self._running[sid]
             await self._coordination.release_turn(sid, turn_id)
             error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
@@ -303,9 +306,12 @@ class ConversationService:
                     client_message_id=client_message_id,
                 ),
             )
+            await self._runner.release(turn, generation)
         finally:
             # The message is stored, so its turn runs (and ends in `done`) even if that emit failed.
-            turn.runner = self._tasks.spawn(self._run(turn, self._runner.start(turn)), name=f"turn {turn_id}")
+            turn.runner = self._tasks.spawn(
+                self._run(turn, self._runner.finish(turn, generation)), name=f"turn {turn_id}"
+            )
         return accepted
 
     async def cancel(self, member: str, session_id: str) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 from server.core.models import JSON, EventDraft, EventType, StoredEvent
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
@@ -33,19 +34,48 @@ def tool_result_content(result: ToolResultItem) -> str:
 
 
 def conversation_from_events(events: Iterable[StoredEvent | EventDraft]) -> list[ConversationItem]:
-    items: list[ConversationItem] = []
-    # Per turn: (position in items, text offset) of each tool round that followed some answer text.
-    rounds: dict[str, list[tuple[int, int]]] = {}
-    for event in events:
+    builder = ConversationBuilder()
+    builder.extend(events)
+    return builder.items
+
+
+class ConversationBuilder:
+    """Stored events -> what a model reads, one event at a time, so a session's next turn can
+    start from this one's result and convert only the events that are new."""
+
+    def __init__(self) -> None:
+        self.items: list[ConversationItem] = []
+        # Per turn: (position in items, text offset) of each tool round that followed some answer text.
+        self._rounds: dict[str, list[tuple[int, int]]] = {}
+        self.consumed = 0  # events added so far
+        self.last_key: str | None = None  # the event_key of the last one
+
+    def copy(self) -> ConversationBuilder:
+        twin = ConversationBuilder()
+        twin.items = list(self.items)
+        twin._rounds = {turn: list(rounds) for turn, rounds in self._rounds.items()}
+        twin.consumed, twin.last_key = self.consumed, self.last_key
+        return twin
+
+    def continues(self, events: Sequence[StoredEvent | EventDraft]) -> bool:
+        """Whether `events` starts with the events added here (event_keys are unique in a session)."""
+        return 0 < self.consumed <= len(events) and events[self.consumed - 1].event_key == self.last_key
+
+    def extend(self, events: Iterable[StoredEvent | EventDraft]) -> None:
+        for event in events:
+            self.add(event)
+
+    def add(self, event: StoredEvent | EventDraft) -> None:
+        items = self.items
         if event.event_type is EventType.USER_MESSAGE:
             items.append(UserText(event.content))
         elif event.event_type is EventType.AI_MESSAGE:
-            _insert_answer(items, event.content, rounds.pop(event.turn_id or "", []))
+            _insert_answer(items, event.content, self._rounds.pop(event.turn_id or "", []))
         elif event.event_type is EventType.TOOL_CALL:
             body = json.loads(event.content)
             offset = body.get("text_offset")
             if event.turn_id and isinstance(offset, int) and offset > 0:
-                turn_rounds = rounds.setdefault(event.turn_id, [])
+                turn_rounds = self._rounds.setdefault(event.turn_id, [])
                 if not turn_rounds or turn_rounds[-1][1] < offset:
                     turn_rounds.append((len(items), offset))
             items.append(
@@ -63,7 +93,45 @@ def conversation_from_events(events: Iterable[StoredEvent | EventDraft]) -> list
                     call_id=body["call_id"], name=body["name"], result=body.get("result"), error=body.get("error")
                 )
             )
-    return items
+        self.consumed += 1
+        self.last_key = event.event_key
+
+
+class ConversationCache:
+    """Each session's conversation as its last turn built it (least recently used first), so a
+    turn converts only the events stored since: O(new events), not O(history), per turn."""
+
+    def __init__(self, max_sessions: int = 1000) -> None:
+        self._max = max_sessions
+        self._builders: OrderedDict[str, ConversationBuilder] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+    def conversation(
+        self, session_id: str, events: Sequence[StoredEvent | EventDraft], question: EventDraft | None = None
+    ) -> list[ConversationItem]:
+        """The conversation of `events` (then `question`, unless it is already their last), as a
+        new list the caller may change."""
+        if question is not None and events and events[-1].event_key == question.event_key:
+            events = events[:-1]  # read while the question was written: it may or may not be in there
+        cached = self._builders.get(session_id)
+        if cached is not None and cached.continues(events):
+            builder = cached.copy()
+            builder.extend(events[cached.consumed :])
+        else:
+            builder = ConversationBuilder()
+            builder.extend(events)
+        # Kept without the question: it is not stored yet (if its write fails, the next turn's
+        # history differs from it), and the next turn reads it back as stored.
+        self._builders[session_id] = builder
+        self._builders.move_to_end(session_id)
+        while len(self._builders) > self._max:
+            self._builders.popitem(last=False)
+        items = list(builder.items)
+        if question is not None:
+            items.append(UserText(question.content))
+        return items
 
 
 def _insert_answer(items: list[ConversationItem], text: str, turn_rounds: list[tuple[int, int]]) -> None:

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from server.core.event_log import EventLog
-from server.core.history import conversation_from_events, tool_call_content, tool_result_content
+from server.core.history import ConversationCache, tool_call_content, tool_result_content
 from server.core.models import (
     JSON,
     ChunkEvent,
@@ -26,7 +27,6 @@ from server.core.models import (
     utc_now,
 )
 from server.core.ports import (
-    ConversationItem,
     Coordination,
     Emitter,
     Finished,
@@ -96,14 +96,23 @@ class ChunkCoalescer:
 
 
 @dataclass
-class _TurnState:
-    """What a turn's model rounds produced; kept outside the generation task so it survives a cancel."""
+class Generation:
+    """A turn's model rounds, started while its user message is still being written.
 
+    What they stream is held until `TurnRunner.release` (the message is stored and announced), so
+    the model's time to its first token overlaps the write. Kept apart from the task, so what the
+    rounds produced survives a cancel.
+    """
+
+    task: asyncio.Task[None] = field(init=False)
+    chunks: ChunkCoalescer = field(init=False)
+    held: deque[tuple[str, float | None]] = field(default_factory=deque)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    release_failure: Exception | None = None
     finish_reason: FinishReason = "stop"
     error: ErrorInfo | None = None
     usage: Usage | None = None
     call_ids: set[str] = field(default_factory=set)
-    chunks: ChunkCoalescer | None = None
 
 
 class TurnRunner:
@@ -123,59 +132,86 @@ class TurnRunner:
         self._emitter = emitter
         self._log = event_log
         self._limits = limits
+        self._conversations = ConversationCache()
 
-    def start(self, turn: RunningTurn) -> Coroutine[Any, Any, None]:
-        """Start the turn's generation now, and return what ends it (run it as a task).
-
-        Starting the generation here, not in that task, saves the first chunk a turn of the loop.
-        """
-        state = _TurnState()
-        state.chunks = ChunkCoalescer(
-            lambda text, stamp: self._chunk(turn, text, stamp), self._limits.chunk_coalesce_seconds
+    def start(self, turn: RunningTurn) -> Generation:
+        """Start the turn's model rounds now, their output held until `release`."""
+        generation = Generation()
+        generation.chunks = ChunkCoalescer(
+            lambda text, stamp: self._chunk(turn, generation, text, stamp), self._limits.chunk_coalesce_seconds
         )
-        generation = asyncio.create_task(self._generate(turn, state), name=f"generate {turn.turn_id}")
-        turn.generation = generation
+        generation.task = asyncio.create_task(self._generate(turn, generation), name=f"generate {turn.turn_id}")
+        turn.generation = generation.task
         if turn.stop_reason is not None:
-            generation.cancel()
-        return self._supervise(turn, generation, state)
+            generation.task.cancel()
+        return generation
 
-    async def _supervise(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
+    async def release(self, turn: RunningTurn, generation: Generation) -> None:
+        """The user message is stored and announced: send the chunks held so far, then stream.
+
+        The caller (the `message` handler) sends them in the same step as `user_message`, a turn
+        of the loop sooner than the generation task could. A chunk that cannot be sent ends the
+        turn in an error, as it would have in the generation task.
+        """
         try:
-            await asyncio.wait([generation])
+            while generation.held:
+                text, stamp = generation.held.popleft()
+                await self._send_chunk(turn, text, stamp)
+        except Exception as exc:
+            generation.release_failure = exc
+            generation.task.cancel()
+        finally:
+            # Set only once `held` is empty, with no await since: chunks keep their order.
+            generation.released.set()
+
+    async def abandon(self, generation: Generation) -> None:
+        """The user message could not be stored: the turn never started, and nothing it held is sent."""
+        generation.task.cancel()
+        await asyncio.wait([generation.task])
+
+    async def finish(self, turn: RunningTurn, generation: Generation) -> None:
+        """Wait for the model rounds, then end the turn with its `done` (run this as the turn's task)."""
+        try:
+            if not generation.released.is_set():  # the handler failed before releasing
+                await self.release(turn, generation)
+            await asyncio.wait([generation.task])
         except asyncio.CancelledError:
             # Only the tracker's last-resort drain cancels a runner: still end the turn.
             turn.stop("shutdown")
-            await asyncio.wait([generation])
-            await self._finish(turn, generation, state)
+            generation.released.set()
+            await asyncio.wait([generation.task])
+            await self._finish(turn, generation)
             raise
-        await self._finish(turn, generation, state)
+        await self._finish(turn, generation)
 
     @staticmethod
-    def _settle(turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
-        """Turn how the generation ended into the turn's finish reason and error."""
-        if generation.cancelled():
-            if turn.stop_reason == "cancelled":
-                state.finish_reason, state.error = "cancelled", None
-            else:
-                state.finish_reason, state.error = "error", SHUTDOWN
-            return
-        exc = generation.exception()
+    def _settle(turn: RunningTurn, generation: Generation) -> None:
+        """Turn how the model rounds ended into the turn's finish reason and error."""
+        task = generation.task
+        exc: BaseException | None = generation.release_failure
+        if exc is None:
+            if task.cancelled():
+                if turn.stop_reason == "cancelled":
+                    generation.finish_reason, generation.error = "cancelled", None
+                else:
+                    generation.finish_reason, generation.error = "error", SHUTDOWN
+                return
+            exc = task.exception()
         if exc is None:
             return
-        state.finish_reason = "error"
+        generation.finish_reason = "error"
         if isinstance(exc, ProviderError):
-            state.error = ErrorInfo(code=exc.code, message=exc.message)
+            generation.error = ErrorInfo(code=exc.code, message=exc.message)
         elif isinstance(exc, StorageUnavailable):
-            state.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
+            generation.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
         else:
             log.error("turn %s failed", turn.turn_id, exc_info=exc)
-            state.error = ErrorInfo(code="provider_error", message="the model could not answer")
+            generation.error = ErrorInfo(code="provider_error", message="the model could not answer")
 
-    async def _finish(self, turn: RunningTurn, generation: asyncio.Task[None], state: _TurnState) -> None:
-        self._settle(turn, generation, state)
-        if state.chunks is not None:
-            # Held text goes out before `done`, which repeats it (a timer mid-flush finishes first).
-            await state.chunks.flush()
+    async def _finish(self, turn: RunningTurn, generation: Generation) -> None:
+        self._settle(turn, generation)
+        # Held text goes out before `done`, which repeats it (a timer mid-flush finishes first).
+        await generation.chunks.flush()
         text = turn.text
         write = self._log.submit(
             EventDraft(
@@ -196,22 +232,17 @@ class TurnRunner:
                 session_id=turn.session_id,
                 turn_id=turn.turn_id,
                 text=text,
-                finish_reason=state.finish_reason,
-                usage=state.usage,
+                finish_reason=generation.finish_reason,
+                usage=generation.usage,
                 event_id=event_id,
-                error=state.error,
+                error=generation.error,
             ),
         )
 
-    async def _generate(self, turn: RunningTurn, state: _TurnState) -> None:
+    async def _generate(self, turn: RunningTurn, state: Generation) -> None:
         events = await (turn.history or self._log.history(turn.session_id))
-        if turn.question is not None:
-            # Read while the question was being written: it may or may not be in there yet.
-            key = turn.question.event_key
-            events = [*(e for e in events if e.event_key != key), turn.question]
-        conversation: list[ConversationItem] = conversation_from_events(events)
+        conversation = self._conversations.conversation(turn.session_id, events, turn.question)
         tools = self._tools.specs
-        assert state.chunks is not None
         chunks = state.chunks
         for _round in range(self._limits.max_tool_rounds + 1):
             round_start = len(turn.parts)
@@ -231,7 +262,10 @@ class TurnRunner:
                         state.finish_reason = event.reason
             if not calls or state.finish_reason != "stop":
                 return
-            await chunks.flush()  # the round's text goes out, and counts, before its tool calls
+            # Tool events are stored and sent after the user message; the round's text goes out,
+            # and counts, before its tool calls.
+            await state.released.wait()
+            await chunks.flush()
             if _round == self._limits.max_tool_rounds:
                 raise ProviderError(
                     "tool_rounds_exceeded", f"the model asked for tools more than {self._limits.max_tool_rounds} times"
@@ -242,7 +276,13 @@ class TurnRunner:
             conversation.extend(calls)
             conversation.extend(await self._run_tools(turn, calls, text_offset=len(turn.text)))
 
-    async def _chunk(self, turn: RunningTurn, text: str, stamp: float | None) -> None:
+    async def _chunk(self, turn: RunningTurn, generation: Generation, text: str, stamp: float | None) -> None:
+        if not generation.released.is_set():
+            generation.held.append((text, stamp))
+            return
+        await self._send_chunk(turn, text, stamp)
+
+    async def _send_chunk(self, turn: RunningTurn, text: str, stamp: float | None) -> None:
         index = len(turn.parts)
         turn.parts.append(text)
         self._coordination.record_chunk(turn.session_id, turn.turn_id, index, text)
@@ -253,7 +293,7 @@ class TurnRunner:
         )
 
     @staticmethod
-    def _tool_call_item(state: _TurnState, call: ToolCallRequest) -> ToolCallItem:
+    def _tool_call_item(state: Generation, call: ToolCallRequest) -> ToolCallItem:
         # call_id keys the stored tool events, so it must be unique within the turn.
         call_id = call.call_id
         if not call_id or call_id in state.call_ids:

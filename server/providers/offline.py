@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
@@ -96,7 +97,7 @@ class OfflineProvider:
             if isinstance(item, ToolResultItem):
                 results.insert(0, item)
         place = weather_place(question)
-        prompt_words = sum(len(_text_of(item).split()) for item in conversation)
+        prompt_words = sum(_word_count(_text_of(item)) for item in conversation)
 
         if place and not results and any(tool.name == "get_weather" for tool in request.tools):
             yield ToolCallRequest(call_id="offline-weather-1", name="get_weather", args={"location": place})
@@ -132,3 +133,9 @@ class OfflineProvider:
 
 def _text_of(item: ConversationItem) -> str:
     return item.text if isinstance(item, UserText | ModelText) else ""
+
+
+@functools.lru_cache(maxsize=16384)
+def _word_count(text: str) -> int:
+    # Every turn counts the whole conversation again: each text is split once (a str keeps its hash).
+    return len(text.split())
