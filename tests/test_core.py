@@ -67,7 +67,7 @@ class RecordingEmitter:
 
     async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
         name = EVENT_NAMES[type(event)]
-        self.events.append((name, event.model_dump(mode="json")))
+        self.events.append((name, event.payload()))
         if name == "done":
             self.done.set()
 

@@ -27,6 +27,8 @@ def assert_well_formed_turn(events: Events, session_id: str, turn_id: str) -> di
         assert data["session_id"] == session_id and data["turn_id"] == turn_id
     chunks = [data for name, data in events if name == "chunk"]
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert all(set(c) == {"session_id", "turn_id", "index", "text"} for c in chunks)
+    assert all(isinstance(c["index"], int) and isinstance(c["text"], str) and c["text"] for c in chunks)
     done = events[-1][1]
     assert "".join(c["text"] for c in chunks) == done["text"]
     assert set(done) == {"session_id", "turn_id", "text", "finish_reason", "usage", "event_id", "error"}

@@ -146,9 +146,7 @@ class SocketIOEmitter:
         self._sio = sio
 
     async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
-        await self._sio.emit(
-            EVENT_NAMES[type(event)], event.model_dump(mode="json"), room=room(session_id), ignore_queue=local
-        )
+        await self._sio.emit(EVENT_NAMES[type(event)], event.payload(), room=room(session_id), ignore_queue=local)
 
     async def add_member(self, member: str, session_id: str) -> None:
         await self._sio.enter_room(member, room(session_id))
