@@ -215,3 +215,22 @@ async def test_summaries_due_are_remembered_until_written(repo: Repository) -> N
     await repo.mark_summary_due(second, emptied + timedelta(seconds=60))
     await repo.write_summary(second, "an older summary", emptied + timedelta(seconds=5), 35)
     assert await repo.due_summaries(10) == [(second, emptied + timedelta(seconds=60))]
+
+
+async def test_sqlite_checkpoints_in_the_background_not_in_a_write(tmp_path: Path) -> None:
+    path = tmp_path / "checkpointed.db"
+    repo = await SqliteRepository.open(path, retry_seconds=1, checkpoint_seconds=0.05)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, None, datetime.now(UTC))
+        # Far past the 1,000 pages at which SQLite would checkpoint inside a commit.
+        body = "x" * 6000
+        events = [await repo.append_event(draft(sid, f"k{n}", body)) for n in range(700)]
+        async with asyncio.timeout(5):
+            # Written only by checkpoints: the database file itself holds the rows once one has run.
+            while path.stat().st_size < 700 * 6000:
+                await asyncio.sleep(0.05)
+        assert [e.event_id for e in await repo.list_events(sid)] == [e.event_id for e in events]
+    finally:
+        await repo.aclose()
+    assert not path.with_name(path.name + "-wal").exists()  # closing checkpointed the rest
