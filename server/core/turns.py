@@ -256,11 +256,11 @@ class TurnRunner:
             ),
         )
 
-    async def _generate(self, turn: RunningTurn, state: Generation) -> None:
+    async def _generate(self, turn: RunningTurn, generation: Generation) -> None:
         events = await (turn.history or self._log.history(turn.session_id))
         conversation = self._conversations.conversation(turn.session_id, events, turn.question)
         tools = self._tools.specs
-        chunks = state.chunks
+        chunks = generation.chunks
         for _round in range(self._limits.max_tool_rounds + 1):
             round_start = len(turn.parts)
             calls: list[ToolCallItem] = []
@@ -272,16 +272,16 @@ class TurnRunner:
                             stamp = time.monotonic() * 1000 if self._limits.chunk_timestamps else None
                             await chunks.add(event.text, stamp)
                     elif isinstance(event, ToolCallRequest):
-                        calls.append(self._tool_call_item(state, event))
+                        calls.append(self._tool_call_item(generation, event))
                     elif isinstance(event, UsageReport):
-                        state.usage = event.usage if state.usage is None else state.usage + event.usage
+                        generation.usage = event.usage if generation.usage is None else generation.usage + event.usage
                     elif isinstance(event, Finished):
-                        state.finish_reason = event.reason
-            if not calls or state.finish_reason != "stop":
+                        generation.finish_reason = event.reason
+            if not calls or generation.finish_reason != "stop":
                 return
             # Tool events are stored and sent after the user message; the round's text goes out,
             # and counts, before its tool calls.
-            await state.released.wait()
+            await generation.released.wait()
             await chunks.flush()
             if _round == self._limits.max_tool_rounds:
                 raise ProviderError(
@@ -310,12 +310,12 @@ class TurnRunner:
         )
 
     @staticmethod
-    def _tool_call_item(state: Generation, call: ToolCallRequest) -> ToolCallItem:
+    def _tool_call_item(generation: Generation, call: ToolCallRequest) -> ToolCallItem:
         # call_id keys the stored tool events, so it must be unique within the turn.
         call_id = call.call_id
-        if not call_id or call_id in state.call_ids:
-            call_id = f"call-{len(state.call_ids) + 1}"
-        state.call_ids.add(call_id)
+        if not call_id or call_id in generation.call_ids:
+            call_id = f"call-{len(generation.call_ids) + 1}"
+        generation.call_ids.add(call_id)
         return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
 
     async def _run_tools(
