@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,8 +10,6 @@ import aiosqlite
 
 from server.core.models import EventDraft, Session, StoredEvent
 from server.storage.retry import with_retries
-
-log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -59,22 +55,14 @@ class SqliteRepository:
     No transaction is ever left open on the shared connection, so a failing write cannot roll back
     a concurrent one that was already acknowledged, and nothing waits for a lock: under load each
     extra trip costs an event-loop turn, which is what the time to first chunk is made of.
-
-    Checkpoints (copying the write-ahead log into the database file, with an fsync) run on a second
-    connection, in its own thread, once every `checkpoint_seconds`: SQLite's automatic checkpoint
-    runs inside the commit that crosses 1,000 pages, so a user message's write waited for it.
     """
 
-    def __init__(
-        self, db: aiosqlite.Connection, retry_seconds: float, checkpointer: aiosqlite.Connection | None = None
-    ) -> None:
+    def __init__(self, db: aiosqlite.Connection, retry_seconds: float) -> None:
         self._db = db
         self._retry_seconds = retry_seconds
-        self._checkpointer = checkpointer
-        self._checkpoints: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path, retry_seconds: float = 10.0, checkpoint_seconds: float = 1.0) -> SqliteRepository:
+    async def open(cls, path: Path, retry_seconds: float = 10.0) -> SqliteRepository:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row
@@ -87,21 +75,7 @@ class SqliteRepository:
         columns = {row["name"] for row in await db.execute_fetchall("PRAGMA table_info(sessions)")}
         if "summary_due_at" not in columns:  # a file made before the column existed
             await db.execute("ALTER TABLE sessions ADD COLUMN summary_due_at TEXT")
-        await db.execute("PRAGMA wal_autocheckpoint=0")
-        checkpointer = await aiosqlite.connect(path, isolation_level=None)
-        repo = cls(db, retry_seconds, checkpointer)
-        repo._checkpoints = asyncio.create_task(repo._checkpoint_every(checkpoint_seconds), name="sqlite checkpoints")
-        return repo
-
-    async def _checkpoint_every(self, seconds: float) -> None:
-        assert self._checkpointer is not None
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                # PASSIVE: copies what it can without waiting for, or blocking, the writer.
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:
-                log.warning("SQLite checkpoint failed (tried again in %.0f s): %r", seconds, exc)
+        return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
         async def attempt() -> list[sqlite3.Row]:
@@ -197,9 +171,4 @@ class SqliteRepository:
         await self._db.execute_fetchall("SELECT 1")
 
     async def aclose(self) -> None:
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
-            await asyncio.wait([self._checkpoints])
-        if self._checkpointer is not None:
-            await self._checkpointer.close()
-        await self._db.close()  # the last connection to close checkpoints the rest
+        await self._db.close()
