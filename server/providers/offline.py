@@ -135,7 +135,8 @@ def _text_of(item: ConversationItem) -> str:
     return item.text if isinstance(item, UserText | ModelText) else ""
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=4096)
 def _word_count(text: str) -> int:
-    # Every turn counts the whole conversation again: each text is split once (a str keeps its hash).
+    # Every turn counts the whole conversation again: each text is split once (a str keeps its
+    # hash). Bounded to 4,096 texts: 33 million characters at worst, at 8,000 per message.
     return len(text.split())
