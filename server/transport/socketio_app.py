@@ -18,7 +18,7 @@ from server.config import Settings
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.core.models import EVENT_NAMES, TurnEvent
-from server.transport import fast_json
+from server.transport import engineio_socket, fast_json
 from server.transport.origins import origin_matcher
 from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
 from server.transport.tokens import Identity, InvalidToken, TokenVerifier
@@ -124,6 +124,7 @@ class RedisManager(socketio.AsyncRedisManager, DirectEmitManager):  # type: igno
 
 
 def create_sio(settings: Settings) -> socketio.AsyncServer:
+    engineio_socket.install()
     manager: socketio.AsyncManager = DirectEmitManager()
     if settings.redis_url:
         manager = RedisManager(

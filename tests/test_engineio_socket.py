@@ -1,0 +1,160 @@
+"""Engine.IO's WebSocket loop with fewer event-loop turns (server/transport/engineio_socket.py), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import engineio
+import socketio
+import uvicorn
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from server.transport import engineio_socket
+from server.transport.engineio_socket import FastWebSocket
+from tests.conftest import ServerFactory
+from tests.harness import listening_socket
+
+# sha256 of python-engineio 4.15.1's AsyncSocket._websocket_handler, which FastWebSocket copies.
+UPSTREAM_HANDLER_SHA256 = "27f120df4d717a24478b7b0f7389ce19eea8a881dd07e2c81fb1cf2493e006a5"
+
+
+def test_the_copied_handler_matches_the_pinned_python_engineio() -> None:
+    upstream = FastWebSocket.__mro__[1]._websocket_handler
+    digest = hashlib.sha256(inspect.getsource(upstream).encode()).hexdigest()
+    assert digest == UPSTREAM_HANDLER_SHA256, (
+        "python-engineio's _websocket_handler changed: carry the change into "
+        "server/transport/engineio_socket.py, then update the digest here"
+    )
+
+
+@asynccontextmanager
+async def engineio_server(**options: Any) -> AsyncIterator[tuple[engineio.AsyncServer, str, list[str]]]:
+    """A bare Engine.IO server using FastWebSocket under uvicorn (the service's WebSocket
+    implementation); yields it, its ws:// URL and the sids it saw disconnect."""
+    engineio_socket.install()
+    eio = engineio.AsyncServer(async_mode="asgi", **options)
+    gone: list[str] = []
+
+    @eio.on("disconnect")  # type: ignore[misc]
+    async def disconnect(sid: str, reason: Any) -> None:
+        gone.append(sid)
+
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        engineio.ASGIApp(eio), ws="websockets-sansio", log_level="warning", lifespan="off", loop="asyncio"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield eio, f"ws://127.0.0.1:{port}/engine.io/?EIO=4&transport=websocket", gone
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def test_packets_queued_in_bursts_arrive_complete_and_in_order() -> None:
+    async with engineio_server() as (eio, url, _gone):
+
+        @eio.on("message")  # type: ignore[misc]
+        async def burst(sid: str, data: Any) -> None:
+            # Bursts queued within one step, then single packets a turn apart: the writer sends
+            # some at once and gathers others over its rest.
+            for i in range(300):
+                await eio.send(sid, str(i))
+                if i % 50 == 49:
+                    await asyncio.sleep(0)
+            for i in range(300, 330):
+                await eio.send(sid, str(i))
+                await asyncio.sleep(0)
+
+        async with ws_connect(url) as ws:
+            assert str(await ws.recv()).startswith("0")  # OPEN
+            await ws.send("4go")
+            received = [int(str(await asyncio.wait_for(ws.recv(), 10))[1:]) for _ in range(330)]
+        assert received == list(range(330))
+
+
+async def test_a_socket_that_stops_answering_pings_is_closed_and_its_disconnect_runs() -> None:
+    async with engineio_server(ping_interval=0.2, ping_timeout=0.2) as (_eio, url, gone):
+        async with ws_connect(url) as ws:
+            opened = json.loads(str(await ws.recv())[1:])
+            pings = 0
+            try:
+                async with asyncio.timeout(5):
+                    while True:
+                        if await ws.recv() == "2":
+                            pings += 1  # never answered
+            except ConnectionClosed:
+                pass
+            assert pings >= 1
+        for _ in range(100):
+            if gone:
+                break
+            await asyncio.sleep(0.02)
+        assert gone == [opened["sid"]]
+
+
+async def test_a_frame_over_the_size_limit_closes_only_that_socket() -> None:
+    async with engineio_server(max_http_buffer_size=100) as (eio, url, gone):
+        echoed: list[str] = []
+
+        @eio.on("message")  # type: ignore[misc]
+        async def echo(sid: str, data: Any) -> None:
+            echoed.append(data)
+            await eio.send(sid, data)
+
+        async with ws_connect(url) as bystander, ws_connect(url) as offender:
+            bystander_sid = json.loads(str(await bystander.recv())[1:])["sid"]
+            offender_sid = json.loads(str(await offender.recv())[1:])["sid"]
+            await offender.send("4" + "x" * 500)
+            try:
+                async with asyncio.timeout(5):
+                    while True:
+                        await offender.recv()
+            except ConnectionClosed:
+                pass
+            await bystander.send("4still here")
+            assert await asyncio.wait_for(bystander.recv(), 5) == "4still here"
+        assert echoed == ["still here"]  # the oversized frame reached no handler
+        assert gone[0] == offender_sid and bystander_sid not in gone[:1]
+
+
+async def test_the_service_uses_it_and_a_client_that_starts_with_polling_upgrades(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server()
+    client = socketio.AsyncClient(reconnection=False)
+    chunks: list[dict[str, Any]] = []
+    done = asyncio.Event()
+    client.on("chunk", chunks.append)
+    client.on("done", lambda data: done.set())
+    await client.connect(server.url, transports=["polling", "websocket"], wait_timeout=10)
+    try:
+        for _ in range(200):
+            if client.transport() == "websocket":
+                break
+            await asyncio.sleep(0.02)
+        assert client.transport() == "websocket"
+        sockets = list(server.app.engineio_server.eio.sockets.values())
+        assert sockets and all(isinstance(s, FastWebSocket) for s in sockets)
+
+        joined = await client.call("join", {}, timeout=10)
+        ack = await client.call("message", {"session_id": joined["session"]["session_id"], "text": "hello"}, timeout=10)
+        assert ack["ok"], ack
+        await asyncio.wait_for(done.wait(), 10)
+        assert [c["index"] for c in chunks] == list(range(len(chunks))) and chunks
+    finally:
+        await client.disconnect()
