@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -592,3 +593,36 @@ async def test_a_finished_turn_is_freed_without_the_cyclic_garbage_collector(mak
         gc.enable()
     assert events[-1][1]["text"] == "freed at once"
     assert left == []
+
+
+async def test_a_stream_with_many_chunks_ready_lets_other_tasks_run_between_them(make_core: Any) -> None:
+    go = asyncio.Event()
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        await go.wait()
+        for i in range(20):  # all ready at once, as from one network read
+            yield TextDelta(f"{i} ")
+        yield Finished("stop")
+
+    core, _ = await make_core(script)
+    sid = (await core.service.join("member", None, None, None)).session.session_id
+    ticking = True
+
+    async def other_session() -> None:
+        while ticking:
+            core.emitter.events.append(("tick", {}))
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_session())
+    try:
+        await core.service.send_message("member", sid, "hi", None)
+        go.set()
+        await asyncio.wait_for(core.emitter.done.wait(), 10)
+    finally:
+        ticking = False
+        await ticker
+    names = [name for name, _ in core.emitter.events if name in ("chunk", "tick")]
+    first, last = names.index("chunk"), len(names) - 1 - names[::-1].index("chunk")
+    between = names[first : last + 1]
+    assert between.count("chunk") == 20
+    assert ("chunk", "chunk") not in set(itertools.pairwise(between))

@@ -271,6 +271,12 @@ class TurnRunner:
                         if event.text:
                             stamp = time.monotonic() * 1000 if self._limits.chunk_timestamps else None
                             await chunks.add(event.text, stamp)
+                            # A turn of the loop for everyone else after each chunk: a stream with
+                            # several chunks ready (one network read can bring many) would send
+                            # them all before another session's chunk or a new message's next step.
+                            # Under load this halves the loop's turns, which the time to a first
+                            # chunk is counted in (docs/performance.md).
+                            await asyncio.sleep(0)
                     elif isinstance(event, ToolCallRequest):
                         calls.append(self._tool_call_item(generation, event))
                     elif isinstance(event, UsageReport):
