@@ -274,8 +274,8 @@ class TurnRunner:
                             # A turn of the loop for everyone else after each chunk: a stream with
                             # several chunks ready (one network read can bring many) would send
                             # them all before another session's chunk or a new message's next step.
-                            # Under load this halves the loop's turns, which the time to a first
-                            # chunk is counted in (docs/performance.md).
+                            # At saturation each turn of the loop then carries a chunk of half the
+                            # streams, and a first chunk waits a few such turns (docs/performance.md).
                             await asyncio.sleep(0)
                     elif isinstance(event, ToolCallRequest):
                         calls.append(self._tool_call_item(generation, event))
