@@ -11,8 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import engineio
+import pytest
 import socketio
 import uvicorn
+from engineio.async_drivers import asgi as asgi_driver
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -163,3 +165,54 @@ async def test_the_service_uses_it_and_a_client_that_starts_with_polling_upgrade
         assert [c["index"] for c in chunks] == list(range(len(chunks))) and chunks
     finally:
         await client.disconnect()
+
+
+async def test_a_frame_reaches_its_handler_and_a_queued_packet_its_socket_within_a_turn_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Counted in turns of the event loop, not time: python-engineio's own loop takes three each way.
+    turns = 0
+    marks: dict[str, int] = {}
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    receive, send = asgi_driver.WebSocket.wait, asgi_driver.WebSocket.send
+
+    async def wait(self: Any) -> Any:
+        data = await receive(self)
+        if data == "4ping me":
+            marks["received"] = turns
+        return data
+
+    async def sent(self: Any, data: Any) -> None:
+        if data == "4pong":
+            marks["sent"] = turns
+        await send(self, data)
+
+    monkeypatch.setattr(asgi_driver.WebSocket, "wait", wait)
+    monkeypatch.setattr(asgi_driver.WebSocket, "send", sent)
+    async with engineio_server() as (eio, url, _gone):
+
+        @eio.on("message")  # type: ignore[misc]
+        async def answer(sid: str, data: Any) -> None:
+            marks["handled"] = turns
+            await asyncio.sleep(0.05)  # the writer is idle again
+            marks["queued"] = turns
+            await eio.send(sid, "pong")
+
+        counter = asyncio.create_task(count_turns())
+        try:
+            async with ws_connect(url) as ws:
+                await ws.recv()  # OPEN
+                await asyncio.sleep(0.05)
+                await ws.send("4ping me")
+                assert await asyncio.wait_for(ws.recv(), 5) == "4pong"
+        finally:
+            counter.cancel()
+    # Engine.IO starts the handler as a task: one turn; the writer wakes one turn after the put.
+    assert marks["handled"] - marks["received"] <= 1, marks
+    assert marks["sent"] - marks["queued"] <= 1, marks
