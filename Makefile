@@ -1,18 +1,26 @@
-# `make run` serves; `make test` runs lint, types and the whole suite. Both create .venv first.
+# `make run` serves (installing what running needs); `make test` runs lint, types and the whole suite
+# (installing the test tools too). Both create .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# One stamp per set of requirements: running needs requirements.txt, testing requirements-dev.txt too.
+RUN_STAMP := $(VENV)/.run-$(shell cat requirements.txt constraints.txt | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt constraints.txt | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt constraints.txt | cksum | cut -d' ' -f1)
 
 .PHONY: run test bench lint typecheck format lock clean
+
+$(RUN_STAMP): requirements.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	rm -f $(VENV)/.run-* && touch $@
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python -m server
 
 # The benchmark (a few minutes; needs Node): writes docs/performance.md and docs/latency-vs-load.png.

@@ -10,9 +10,11 @@ import httpx
 
 from server.config import Settings
 from server.coordination.local import LocalCoordination
+from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.ports import Coordination, Emitter, ModelProvider, Repository
+from server.core.ports import Coordination, Emitter, MessageQuota, ModelProvider, Repository
+from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
@@ -95,6 +97,7 @@ class Runtime:
     http: httpx.AsyncClient
     tasks: TaskTracker
     service: ConversationService
+    user_quota: MessageQuota
     outbox: SqliteOutbox | None = None
 
     @classmethod
@@ -107,6 +110,12 @@ class Runtime:
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
         tasks = TaskTracker()
+        # A user's limit counts their messages on every process (the socket's stays local).
+        user_quota: MessageQuota = (
+            RedisQuota(settings.redis_url, settings.redis_channel, settings.message_rate_limit)
+            if settings.redis_url
+            else LocalQuota(settings.message_rate_limit)
+        )
         service = ConversationService(
             repo=repo,
             provider=provider,
@@ -125,6 +134,7 @@ class Runtime:
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
             outbox=outbox,
+            user_quota=user_quota,
         )
         log.info(
             "serving with provider=%s%s storage=%s%s",
@@ -133,7 +143,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, coordination, http, tasks, service, outbox)
+        return cls(settings, repo, provider, coordination, http, tasks, service, user_quota, outbox)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -165,7 +175,13 @@ class Runtime:
         if self.service.queued_events and self.outbox is not None:
             log.error("%d events stay in the local queue (%s)", self.service.queued_events, self.outbox.path)
         clean = True
-        closers = [self.provider.aclose, self.http.aclose, self.coordination.aclose, self.repo.aclose]
+        closers = [
+            self.provider.aclose,
+            self.http.aclose,
+            self.coordination.aclose,
+            self.user_quota.aclose,
+            self.repo.aclose,
+        ]
         if self.outbox is not None:
             closers.append(self.outbox.aclose)
         for close in closers:

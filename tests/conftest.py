@@ -1,16 +1,28 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from tests.fake_gemini import FakeGemini
 from tests.fakes import open_meteo_app
-from tests.harness import RunningServer, Tab, free_port, service_env, serving, test_settings, wait_healthy
+from tests.harness import (
+    REDIS_URL,
+    RunningServer,
+    Tab,
+    free_port,
+    service_env,
+    serving,
+    test_settings,
+    wait_healthy,
+)
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 Spawner = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str]]]
@@ -108,3 +120,22 @@ def transport(request: pytest.FixtureRequest) -> str:
 async def http(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+async def redis_channel() -> AsyncIterator[str]:
+    """A key prefix and channel of this test's own on the real Redis, cleaned up afterwards."""
+    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except (OSError, aioredis.RedisError) as exc:
+        await client.aclose()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    channel = f"test-{uuid.uuid4().hex[:10]}"
+    yield channel
+    keys = [key async for key in client.scan_iter(f"{channel}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

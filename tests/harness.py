@@ -43,6 +43,7 @@ def listening_socket() -> socket.socket:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,36 +13,15 @@ from urllib.parse import urlparse
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, text_chunk, text_response
-from tests.harness import Tab, free_port, service_env
+from tests.harness import REDIS_URL, Tab, free_port, service_env
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORDS = [f"word{n} " for n in range(12)]
-
-
-@pytest.fixture
-async def redis_channel() -> AsyncIterator[str]:
-    """A key prefix and channel of this test's own on the real Redis, cleaned up afterwards."""
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        await client.ping()
-    except (OSError, aioredis.RedisError) as exc:
-        await client.aclose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
-    channel = f"test-{uuid.uuid4().hex[:10]}"
-    yield channel
-    keys = [key async for key in client.scan_iter(f"{channel}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture

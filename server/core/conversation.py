@@ -22,8 +22,16 @@ from server.core.models import (
     UserMessageEvent,
     utc_now,
 )
-from server.core.ports import Coordination, Emitter, ModelProvider, Outbox, Repository, StorageUnavailable
-from server.core.rate_limit import RateLimiter
+from server.core.ports import (
+    Coordination,
+    Emitter,
+    MessageQuota,
+    ModelProvider,
+    Outbox,
+    Repository,
+    StorageUnavailable,
+)
+from server.core.rate_limit import LocalQuota, RateLimiter
 from server.core.summaries import SummaryScheduler
 from server.core.tasks import TaskTracker
 from server.core.turns import TurnRunner
@@ -120,6 +128,7 @@ class ConversationService:
         summary_delay_seconds: float,
         summary_retry_seconds: float = 30.0,
         outbox: Outbox | None = None,
+        user_quota: MessageQuota | None = None,
     ) -> None:
         self._repo = repo
         self._emitter = emitter
@@ -129,8 +138,10 @@ class ConversationService:
         self._log = EventLog(repo, tasks, outbox, sole_writer=coordination.single_process)
         self._log.start()
         self._rate = RateLimiter(limits.messages_per_minute)
-        self._user_rate = RateLimiter(limits.messages_per_minute)
+        self._user_quota = user_quota or LocalQuota(limits.messages_per_minute)
         self._joined: defaultdict[str, set[str]] = defaultdict(set)
+        # Sessions a member's joins are still working on: they count against its cap already.
+        self._joining: defaultdict[str, set[str]] = defaultdict(set)
         self._running: dict[str, RunningTurn] = {}
         self._closing = False
         self._runner = TurnRunner(
@@ -169,9 +180,31 @@ class ConversationService:
         sid = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
         if owner is not None:
             user_id = owner
-        newly = sid not in self._joined[member]
-        if newly and len(self._joined[member]) >= self._limits.max_sessions_per_member:
+        if not self._reserve_join(member, sid):
             await self._refuse_over_session_cap(sid, owner)
+        try:
+            return await self._join(member, sid, user_id, after_event_id, owner)
+        finally:
+            self._joining[member].discard(sid)
+            if not self._joining[member]:
+                del self._joining[member]
+            if not self._joined.get(member, True):
+                del self._joined[member]
+
+    def _reserve_join(self, member: str, sid: str) -> bool:
+        """Count the session against the member's cap now, before any await: joins sent at once are
+        counted as if sent one after another. False when the cap is reached."""
+        joined, joining = self._joined[member], self._joining[member]
+        if sid in joined or sid in joining:
+            return True
+        if len(joined) + len(joining) >= self._limits.max_sessions_per_member:
+            return False
+        joining.add(sid)
+        return True
+
+    async def _join(
+        self, member: str, sid: str, user_id: str | None, after_event_id: int | None, owner: str | None
+    ) -> JoinResult:
         try:
             if self._log.outage:
                 raise StorageUnavailable("storage is out; events wait in the local queue")
@@ -186,6 +219,7 @@ class ConversationService:
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe") from None
 
+        newly = sid not in self._joined[member]
         if newly:
             self._joined[member].add(sid)
             await self._emitter.add_member(member, sid)
@@ -239,9 +273,42 @@ class ConversationService:
             earlier = await self._earlier_answer(sid, client_message_id)
             if earlier is not None:
                 return earlier
-        if not self._rate.allows(member) or (user is not None and not self._user_rate.allows(user)):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
+        await self._take_quota(member, user)
+        try:
+            accepted, started = await self._start_turn(sid, text, client_message_id)
+        except BaseException:
+            await self._give_back_quota(member, user)
+            raise
+        if not started:  # a retry answered like the first attempt: it does not count
+            await self._give_back_quota(member, user)
+        return accepted
 
+    async def _take_quota(self, member: str, user: str | None) -> None:
+        """Count the message against the socket's and the user's limits, or refuse it."""
+        if not self._rate.try_take(member):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
+        if user is None:
+            return
+        try:
+            allowed = await self._user_quota.take(user)
+        except Exception as exc:
+            self._rate.give_back(member)
+            raise _shared_state_unavailable(exc) from None
+        if not allowed:
+            self._rate.give_back(member)
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages from this user; wait a little")
+
+    async def _give_back_quota(self, member: str, user: str | None) -> None:
+        self._rate.give_back(member)
+        if user is not None:
+            try:
+                await self._user_quota.give_back(user)
+            except Exception as exc:
+                log.warning("cannot give back a refused message's place in the user's limit: %r", exc)
+
+    async def _start_turn(self, sid: str, text: str, client_message_id: str | None) -> tuple[MessageAccepted, bool]:
+        """Take the session's turn lock and store the user message; the turn then runs on its own.
+        The answer, and False when it is an earlier attempt's (a retry with the same client_message_id)."""
         turn_id = str(uuid.uuid4())
         try:
             acquired = await self._coordination.acquire_turn(sid, turn_id)
@@ -252,7 +319,7 @@ class ConversationService:
             # A retry can race the first attempt to the lock: it gets the first one's answer.
             retried = self._running_with(sid, client_message_id)
             if retried is not None:
-                return await asyncio.shield(retried.accepted)
+                return await asyncio.shield(retried.accepted), False
             raise ServiceError(ErrorCode.BUSY, "a turn is already running in this session")
         if self._closing:
             await self._coordination.release_turn(sid, turn_id)
@@ -289,9 +356,6 @@ class ConversationService:
                 raise error from None
             raise
 
-        self._rate.take(member)
-        if user is not None:
-            self._user_rate.take(user)
         event_id = stored.event_id if stored is not None else None  # None: waiting in the local queue
         accepted = MessageAccepted(turn_id=turn_id, event_id=event_id)
         turn.accepted.set_result(accepted)
@@ -312,7 +376,7 @@ class ConversationService:
             turn.runner = self._tasks.spawn(
                 self._run(turn, self._runner.finish(turn, generation)), name=f"turn {turn_id}"
             )
-        return accepted
+        return accepted, True
 
     async def cancel(self, member: str, session_id: str) -> str:
         sid = self._joined_session(member, session_id)

@@ -206,6 +206,23 @@ class Emitter(Protocol):
 CancelHandler = Callable[[str, str], Awaitable[None]]
 
 
+class MessageQuota(Protocol):
+    """How many messages one user may send per minute, over every process serving them.
+
+    `take` decides and counts in one step (an atomic operation where the count is shared), so
+    messages sent at once are counted as if sent one after another. A message refused after its
+    take (busy, storage down) is given back: refused messages do not count.
+    """
+
+    async def take(self, key: str) -> bool:
+        """Count one message for `key`; False, counting nothing, when its limit is reached."""
+        ...
+
+    async def give_back(self, key: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Coordination(Protocol):
     """State shared by every process serving a session: in one process, or across many on Redis."""
 

@@ -1,4 +1,4 @@
-"""Token buckets: `limit` accepted messages per minute per key, refilled continuously."""
+"""Message limits: a token bucket per key, refilled continuously, decided and counted in one step."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ class _Bucket:
 
 
 class RateLimiter:
+    """`limit` accepted messages per minute per key, in this process.
+
+    `try_take` decides and counts with no await in between, so requests handled at once are
+    counted as if they came one after another; `give_back` returns the token of a request that
+    was refused later (busy, storage down), since refused messages do not count.
+    """
+
     def __init__(self, per_minute: int) -> None:
         self._capacity = float(per_minute)
         self._refill_per_second = per_minute / 60.0
@@ -32,13 +39,17 @@ class RateLimiter:
             bucket.updated = now
         return bucket
 
-    def allows(self, key: str) -> bool:
-        """Whether one more message would be accepted now (takes nothing)."""
-        return self._bucket(key).tokens >= 1.0
-
-    def take(self, key: str) -> None:
+    def try_take(self, key: str) -> bool:
+        """Take one message's token if there is one; False (and nothing taken) when there is not."""
         bucket = self._bucket(key)
-        bucket.tokens = max(0.0, bucket.tokens - 1.0)
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def give_back(self, key: str) -> None:
+        bucket = self._bucket(key)
+        bucket.tokens = min(self._capacity, bucket.tokens + 1.0)
 
     def forget(self, key: str) -> None:
         self._buckets.pop(key, None)
@@ -48,3 +59,19 @@ class RateLimiter:
         full_after = self._capacity / self._refill_per_second
         for key in [k for k, b in self._buckets.items() if now - b.updated >= full_after]:
             del self._buckets[key]
+
+
+class LocalQuota:
+    """A user's message limit when this process is the only one: the same bucket, per user."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._limiter = RateLimiter(per_minute)
+
+    async def take(self, key: str) -> bool:
+        return self._limiter.try_take(key)
+
+    async def give_back(self, key: str) -> None:
+        self._limiter.give_back(key)
+
+    async def aclose(self) -> None:
+        return None

@@ -232,26 +232,35 @@ def register_handlers(
             return
         # Refused here, before the socket can join any room.
         address = _client_address(environ)
+        # Counted before the token is verified (a JWKS fetch may be awaited): connections opened
+        # at once are counted as if opened one after another.
         if per_address[address] >= max_connections_per_address:
             raise socketio.exceptions.ConnectionRefusedError("rate_limited")
+        addresses[sid] = address
+        per_address[address] += 1
         if verifier is not None:
             try:
                 identities[sid] = await verifier.verify(auth.get("token") if isinstance(auth, dict) else None)
             except InvalidToken as exc:
                 log.info("refused a connection from %s: invalid token (%s)", address, exc)
+                forget_address(sid)
                 raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
-        addresses[sid] = address
-        per_address[address] += 1
+            except BaseException:
+                forget_address(sid)
+                raise
 
-    async def disconnect(sid: str, *_reason: Any) -> None:
-        if not lifecycle(sid):
-            return
-        identities.pop(sid, None)
+    def forget_address(sid: str) -> None:
         address = addresses.pop(sid, None)
         if address is not None:
             per_address[address] -= 1
             if per_address[address] <= 0:
                 del per_address[address]
+
+    async def disconnect(sid: str, *_reason: Any) -> None:
+        if not lifecycle(sid):
+            return
+        identities.pop(sid, None)
+        forget_address(sid)
         try:
             await service().disconnect(sid)
         except Exception:
