@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import engineio
+import httpx
 import pytest
 import socketio
 import uvicorn
@@ -216,3 +217,53 @@ async def test_a_frame_reaches_its_handler_and_a_queued_packet_its_socket_within
     # Engine.IO starts the handler as a task: one turn; the writer wakes one turn after the put.
     assert marks["handled"] - marks["received"] <= 1, marks
     assert marks["sent"] - marks["queued"] <= 1, marks
+
+
+async def test_a_cancelled_loop_cleans_up_and_passes_the_cancellation_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = FastWebSocket._websocket_handler
+    running: list[asyncio.Task[Any]] = []
+    outcome: list[str] = []
+
+    async def watched(self: FastWebSocket, ws: Any) -> Any:
+        running.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            result = await handler(self, ws)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("returned")
+        return result
+
+    monkeypatch.setattr(FastWebSocket, "_websocket_handler", watched)
+    async with engineio_server() as (_eio, url, gone):
+        async with ws_connect(url) as ws:
+            opened = json.loads(str(await ws.recv())[1:])
+            for _ in range(100):
+                if running:
+                    break
+                await asyncio.sleep(0.01)
+            running[0].cancel()
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        for _ in range(100):
+            if outcome and gone:
+                break
+            await asyncio.sleep(0.02)
+    assert outcome == ["cancelled"]  # python-engineio's loop swallowed it and returned
+    assert gone == [opened["sid"]]  # the socket was still cleaned up
+
+
+async def test_garbage_instead_of_the_upgrade_probe_closes_cleanly() -> None:
+    async with engineio_server() as (_eio, url, _gone):
+        http_url = url.replace("ws://", "http://").replace("transport=websocket", "transport=polling")
+        async with httpx.AsyncClient() as http:
+            sid = json.loads((await http.get(http_url)).text[1:])["sid"]
+        async with ws_connect(f"{url}&sid={sid}") as ws:
+            await ws.send("How's the weather in Delhi ?")
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        assert closed.value.rcvd is not None

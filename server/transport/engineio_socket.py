@@ -14,6 +14,11 @@ chunk is a count of such turns. This socket:
   woken for every chunk: without the rest the server spent a third more CPU per chunk. (Each
   packet is still its own frame and, with uvloop, its own write to the socket.)
 
+Two more departures, for hostile clients: a frame that is not an Engine.IO packet (plain text,
+an unknown packet type) closes its connection with a WebSocket close frame and one log line,
+where python-engineio raised out of the loop (a traceback per frame, no close frame); and a
+cancellation of the loop is passed on once the socket is cleaned up, not swallowed.
+
 Everything else is python-engineio's `_websocket_handler`, as it is in the version pinned in
 constraints.txt; `tests/test_engineio_socket.py` fails when that version's method changes, so
 an upgrade is read before it lands. Measured in docs/performance.md.
@@ -22,18 +27,37 @@ an upgrade is read before it lands. Measured in docs/performance.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from engineio import async_socket, exceptions, packet
 
+log = logging.getLogger(__name__)
+
 # Turns of the event loop a streaming socket's writer lets pass between batches.
 WRITER_REST_TURNS = 2
+
+
+class MalformedFrame(ValueError):
+    """A WebSocket frame that is not an Engine.IO packet."""
+
+
+def decode_frame(frame: str | bytes) -> packet.Packet:
+    """The Engine.IO packet in a frame, or MalformedFrame (plain text, an unknown packet type)."""
+    try:
+        pkt = packet.Packet(encoded_packet=frame)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MalformedFrame(type(exc).__name__) from None
+    if not 0 <= pkt.packet_type < len(packet.packet_names):
+        raise MalformedFrame(f"unknown packet type {pkt.packet_type}")
+    return pkt
 
 
 class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     connected: bool
     upgraded: bool
     upgrading: bool
+    sid: str
 
     async def _next_batch(self) -> list[packet.Packet]:
         """The packets queued for this socket, waiting for the first one if there is none; [] once
@@ -45,7 +69,7 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
             else:
                 first = self.queue.get_nowait()
             self.queue.task_done()
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
             raise exceptions.QueueEmpty() from None
         if first is None:
             return []
@@ -74,9 +98,14 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 
             try:
                 pkt = await websocket_wait()
+                decoded_pkt = decode_frame(pkt)
+            except MalformedFrame as exc:
+                self._refuse_frame(exc)
+                self.upgrading = False
+                await ws.close()
+                return
             except OSError:
                 return
-            decoded_pkt = packet.Packet(encoded_packet=pkt)
             if decoded_pkt.packet_type != packet.PING or decoded_pkt.data != "probe":
                 self.server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
                 self.upgrading = False
@@ -86,10 +115,15 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 
             try:
                 pkt = await websocket_wait()
+                decoded_pkt = decode_frame(pkt)
+            except MalformedFrame as exc:
+                self._refuse_frame(exc)
+                self.upgrading = False
+                await ws.close()
+                return
             except OSError:
                 self.upgrading = False
                 return
-            decoded_pkt = packet.Packet(encoded_packet=pkt)
             if decoded_pkt.packet_type != packet.UPGRADE:
                 self.upgraded = False
                 self.server.logger.info(
@@ -117,7 +151,7 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 try:
                     for pkt in packets:
                         await ws.send(pkt.encode())
-                except BaseException:  # as python-engineio: any failure, a cancel included, ends the writer
+                except Exception:  # as python-engineio: a failed send ends the writer
                     break
                 for _ in range(WRITER_REST_TURNS):
                     await asyncio.sleep(0)
@@ -127,17 +161,25 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
 
+        cancelled = False
         while True:
             p = None
             try:
                 async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
                     p = await websocket_wait()
-            except (asyncio.CancelledError, Exception):  # as python-engineio: a cancel ends the loop too
+            except asyncio.CancelledError:
+                cancelled = True  # cleaned up below, then passed on
+                break
+            except Exception:  # as python-engineio: a timeout or a failed read ends the loop
                 break
             if p is None:
                 # connection closed by client
                 break
-            pkt = packet.Packet(encoded_packet=p)
+            try:
+                pkt = decode_frame(p)
+            except MalformedFrame as exc:
+                self._refuse_frame(exc)
+                break
             try:
                 await self.receive(pkt)
             except exceptions.UnknownPacketError:
@@ -150,9 +192,18 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 # the connection properly
                 self.server.logger.exception("Unknown receive error")
 
-        await self.queue.put(None)  # unlock the writer task so it can exit
-        await asyncio.wait_for(writer_task, timeout=None)
-        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        try:
+            await self.queue.put(None)  # unlock the writer task so it can exit
+            await asyncio.wait_for(writer_task, timeout=None)
+            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        finally:
+            if cancelled:
+                writer_task.cancel()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _refuse_frame(self, error: MalformedFrame) -> None:
+        log.info("closing Engine.IO connection %s: a frame that is not an Engine.IO packet (%s)", self.sid, error)
 
 
 def install() -> None:

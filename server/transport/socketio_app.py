@@ -123,6 +123,27 @@ class RedisManager(socketio.AsyncRedisManager, DirectEmitManager):  # type: igno
         return result
 
 
+class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
+    """python-socketio's server, except that an Engine.IO message that is not a Socket.IO packet
+    (`42[`, a binary frame no binary event announced) closes its connection with one log line.
+    python-socketio raises out of its handler task instead: a traceback per message, and the
+    connection stays open for more."""
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            self._binary_packet.pop(eio_sid, None)
+            socket = self.eio.sockets.get(eio_sid)
+            if socket is None or socket.closing:  # closed by an earlier malformed packet
+                return
+            log.info("closing Socket.IO connection %s: a malformed packet (%s)", eio_sid, type(exc).__name__)
+            await self.eio.disconnect(eio_sid)
+            # After its CLOSE packet, end the writer too, which closes the WebSocket: a client
+            # that ignores the packet is not left connected.
+            await socket.queue.put(None)
+
+
 def create_sio(settings: Settings) -> socketio.AsyncServer:
     engineio_socket.install()
     manager: socketio.AsyncManager = DirectEmitManager()
@@ -132,7 +153,7 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
             channel=f"{settings.redis_channel}:socketio",
             redis_options={"socket_timeout": 2, "socket_connect_timeout": 2},
         )
-    return socketio.AsyncServer(
+    return GuardedServer(
         async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
         client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
