@@ -163,8 +163,7 @@ class FakePostgrest:
         for row in rows:
             placeholders = []
             for column in columns:
-                value = row.get(column)
-                args.append(None if value is None else str(value))
+                args.append(_as_text(row.get(column)))
                 placeholders.append(f"${len(args)}::text::{self._cast(table, column)}")
             values.append(f"({', '.join(placeholders)})")
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(values)}"
@@ -184,12 +183,19 @@ class FakePostgrest:
         args: list[Any] = []
         sets = []
         for column, value in body.items():
-            args.append(None if value is None else str(value))
+            args.append(_as_text(value))
             sets.append(f'"{column}" = ${len(args)}::text::{self._cast(table, column)}')
         sql = f"UPDATE {table} SET {', '.join(sets)}{self._where(table, request, args)}"
         return json.loads(
             await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
         )
+
+
+def _as_text(value: Any) -> str | None:
+    """A JSON value as PostgreSQL reads it from text (objects and arrays, for jsonb, as JSON)."""
+    if value is None:
+        return None
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
 def _role_of(key: str) -> str:

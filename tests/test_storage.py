@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
 
+import asyncpg
 import pytest
 from postgrest.exceptions import APIError
 
-from server.core.models import EventDraft, EventType
+from server.core.models import ErrorInfo, EventDraft, EventType
 from server.core.ports import Repository
 from server.storage import supabase as supabase_storage
 from server.storage.postgres import PostgresRepository
@@ -41,17 +43,41 @@ def draft(session_id: str, key: str, content: str = "hi", kind: EventType = Even
 class Backend:
     name: str
     open: Callable[[], Awaitable[Repository]]  # another repository on the same data
+    # Runs one SQL statement as an operator would (the original design's SQL; `?` placeholders).
+    sql: Callable[..., Awaitable[None]]
     postgrest: FakePostgrest | None = None
+
+
+def sqlite_statement(path: Path) -> Callable[..., Awaitable[None]]:
+    async def run(statement: str, *args: object) -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute(statement, args)
+
+    return run
+
+
+def postgres_statement(dsn: str) -> Callable[..., Awaitable[None]]:
+    async def run(statement: str, *args: object) -> None:
+        parts = statement.split("?")
+        numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(numbered, *args)
+        finally:
+            await conn.close()
+
+    return run
 
 
 @contextlib.asynccontextmanager
 async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
     if name == "sqlite":
-        yield Backend("sqlite", lambda: SqliteRepository.open(tmp_path / "store.db", retry_seconds=1))
+        path = tmp_path / "store.db"
+        yield Backend("sqlite", lambda: SqliteRepository.open(path, retry_seconds=1), sqlite_statement(path))
         return
     async with scratch_database(supabase_roles=name == "supabase") as dsn:
         if name == "postgres":
-            yield Backend("postgres", lambda: PostgresRepository.open(dsn, retry_seconds=1))
+            yield Backend("postgres", lambda: PostgresRepository.open(dsn, retry_seconds=1), postgres_statement(dsn))
             return
         await (await PostgresRepository.open(dsn)).aclose()  # the schema, as `supabase db push` would
         postgrest = FakePostgrest(dsn)
@@ -59,6 +85,7 @@ async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
             yield Backend(
                 "supabase",
                 lambda: SupabaseRepository.open(postgrest.url, make_key("service_role"), retry_seconds=1),
+                postgres_statement(dsn),
                 postgrest,
             )
 
@@ -204,15 +231,15 @@ async def test_summaries_due_are_remembered_until_written(repo: Repository) -> N
     for sid in (first, second):
         await repo.ensure_session(sid, None, start)
     emptied = start + timedelta(seconds=30)
-    await repo.mark_summary_due(second, emptied + timedelta(seconds=5))
-    await repo.mark_summary_due(first, emptied)
+    await repo.mark_emptied(second, emptied + timedelta(seconds=5))
+    await repo.mark_emptied(first, emptied)
     assert await repo.due_summaries(10) == [(first, emptied), (second, emptied + timedelta(seconds=5))]
     assert await repo.due_summaries(1) == [(first, emptied)]
 
     await repo.write_summary(first, "done", emptied, 30)
     assert await repo.due_summaries(10) == [(second, emptied + timedelta(seconds=5))]
     # The session emptied again after the emptying this summary is for: still due.
-    await repo.mark_summary_due(second, emptied + timedelta(seconds=60))
+    await repo.mark_emptied(second, emptied + timedelta(seconds=60))
     await repo.write_summary(second, "an older summary", emptied + timedelta(seconds=5), 35)
     assert await repo.due_summaries(10) == [(second, emptied + timedelta(seconds=60))]
 
@@ -233,3 +260,108 @@ async def test_the_sqlite_log_stays_bounded_under_writes_without_a_pause(tmp_pat
     finally:
         await repo.aclose()
     assert not wal.exists()  # closing checkpointed the rest
+
+
+async def test_rows_written_with_the_original_designs_sql_are_valid_and_in_history(
+    repo: Repository, backend: Backend
+) -> None:
+    sid = str(uuid.uuid4())
+    await backend.sql("insert into sessions (session_id, user_id) values (?, ?)", sid, "ops")
+    await backend.sql("insert into events (session_id, event_type, content) values (?, 'user_message', 'hi')", sid)
+    await backend.sql("insert into events (session_id, event_type, content) values (?, 'user_message', 'hi')", sid)
+    await backend.sql("insert into events (session_id, event_type, content) values (?, 'ai_message', 'hello')", sid)
+    session = await repo.ensure_session(sid, "someone else", datetime.now(UTC))
+    assert session.user_id == "ops" and abs((datetime.now(UTC) - session.start_time).total_seconds()) < 60
+
+    # The service's own idempotent writes stay unique beside them.
+    own = await repo.append_event(draft(sid, "user:turn:1", "mine"))
+    assert await repo.append_event(draft(sid, "user:turn:1", "a retry")) == own
+    history = await repo.list_events(sid)
+    assert [(e.event_type, e.content) for e in history] == [
+        (EventType.USER_MESSAGE, "hi"),
+        (EventType.USER_MESSAGE, "hi"),
+        (EventType.AI_MESSAGE, "hello"),
+        (EventType.USER_MESSAGE, "mine"),
+    ]
+    keys = [e.event_key for e in history]
+    assert len(set(keys)) == 4 and all(k and k.startswith("external:") for k in keys[:3])
+    assert all(abs((datetime.now(UTC) - e.timestamp).total_seconds()) < 60 for e in history)
+    assert history[2].public()["finish_reason"] is None and history[2].public()["error"] is None
+
+
+async def test_an_answer_keeps_how_its_turn_ended(repo: Repository) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    failed = draft(sid, "ai:1", "", EventType.AI_MESSAGE).model_copy(
+        update={"finish_reason": "error", "error": ErrorInfo(code="provider_unavailable", message="down")}
+    )
+    cancelled = draft(sid, "ai:2", "half an", EventType.AI_MESSAGE).model_copy(update={"finish_reason": "cancelled"})
+    written = [await repo.append_event(failed), await repo.append_event(cancelled)]
+    for stored in (written, await repo.list_events(sid)):
+        assert [(e.finish_reason, e.error) for e in stored] == [
+            ("error", ErrorInfo(code="provider_unavailable", message="down")),
+            ("cancelled", None),
+        ]
+    assert (await repo.list_events(sid))[0].public()["error"] == {"code": "provider_unavailable", "message": "down"}
+
+
+async def test_an_emptied_session_has_its_end_before_its_summary(repo: Repository) -> None:
+    sid = str(uuid.uuid4())
+    start = datetime.now(UTC).replace(microsecond=0)
+    await repo.ensure_session(sid, None, start)
+    await repo.mark_emptied(sid, start + timedelta(seconds=75))
+    session = await repo.get_session(sid)
+    assert session is not None and session.summary is None
+    assert (session.end_time, session.duration_seconds) == (start + timedelta(seconds=75), 75)
+    assert await repo.due_summaries(10) == [(sid, start + timedelta(seconds=75))]
+
+
+# The SQLite schema as files were made before it was versioned (the summary_due_at column came later).
+UNVERSIONED_SQLITE_SCHEMA = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY, user_id TEXT, start_time TEXT NOT NULL, end_time TEXT, summary TEXT,
+    duration_seconds INTEGER
+);
+CREATE TABLE events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    timestamp TEXT NOT NULL,
+    event_type TEXT NOT NULL CHECK (event_type IN ('user_message', 'ai_message', 'tool_call', 'tool_result')),
+    content TEXT NOT NULL, turn_id TEXT, event_key TEXT NOT NULL, UNIQUE (session_id, event_key)
+);
+CREATE INDEX events_session_order ON events (session_id, event_id);
+INSERT INTO sessions VALUES ('6a1f0c2e-0000-4000-8000-000000000001', 'ada', '2026-11-27T10:00:00+00:00',
+    NULL, NULL, NULL);
+INSERT INTO events VALUES (7, '6a1f0c2e-0000-4000-8000-000000000001', '2026-11-27T10:00:01+00:00', 'user_message',
+    'kept', 't1', 'user:turn:t1');
+"""
+
+
+async def test_an_sqlite_file_from_before_the_schema_was_versioned_is_rebuilt_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(UNVERSIONED_SQLITE_SCHEMA)
+    sid = "6a1f0c2e-0000-4000-8000-000000000001"
+    for _ in range(2):  # and opening it again changes nothing
+        repo = await SqliteRepository.open(path, retry_seconds=1)
+        try:
+            assert (await repo.get_session(sid)).user_id == "ada"  # type: ignore[union-attr]
+            assert [(e.event_id, e.content) for e in await repo.list_events(sid)] == [(7, "kept")]
+        finally:
+            await repo.aclose()
+    await sqlite_statement(path)(
+        "insert into events (session_id, event_type, content) values (?, 'ai_message', 'x')", sid
+    )
+    await sqlite_statement(path)("insert into sessions (session_id, user_id) values (?, 'ops')", str(uuid.uuid4()))
+    repo = await SqliteRepository.open(path, retry_seconds=1)
+    try:
+        events = await repo.list_events(sid)
+        assert [e.event_id for e in events] == [7, 8] and events[1].finish_reason is None
+        await repo.mark_emptied(sid, datetime(2026, 11, 27, 10, 1, tzinfo=UTC))
+        assert (await repo.due_summaries(5)) == [(sid, datetime(2026, 11, 27, 10, 1, tzinfo=UTC))]
+    finally:
+        await repo.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert {r[1] for r in db.execute("PRAGMA index_list(events)")} >= {"events_session_order"}

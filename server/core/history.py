@@ -65,29 +65,37 @@ class ConversationBuilder:
         elif event.event_type is EventType.AI_MESSAGE:
             _insert_answer(items, event.content, self._rounds.pop(event.turn_id or "", []))
         elif event.event_type is EventType.TOOL_CALL:
-            body = json.loads(event.content)
-            offset = body.get("text_offset")
-            if event.turn_id and isinstance(offset, int) and offset > 0:
-                turn_rounds = self._rounds.setdefault(event.turn_id, [])
-                if not turn_rounds or turn_rounds[-1][1] < offset:
-                    turn_rounds.append((len(items), offset))
-            items.append(
-                ToolCallItem(
-                    call_id=body["call_id"],
-                    name=body["name"],
-                    args=body.get("args") or {},
-                    provider_data=body.get("provider_data"),
-                )
-            )
+            call = _tool_body(event.content)  # None: not written the way this service writes tool events
+            if call is not None:
+                self._add_tool_call(event.turn_id, call)
         elif event.event_type is EventType.TOOL_RESULT:
-            body = json.loads(event.content)
-            items.append(
-                ToolResultItem(
-                    call_id=body["call_id"], name=body["name"], result=body.get("result"), error=body.get("error")
+            result = _tool_body(event.content)
+            if result is not None:
+                items.append(
+                    ToolResultItem(
+                        call_id=result["call_id"],
+                        name=result["name"],
+                        result=result.get("result"),
+                        error=result.get("error"),
+                    )
                 )
-            )
         self.consumed += 1
         self.last_key = event.event_key
+
+    def _add_tool_call(self, turn_id: str | None, body: dict[str, JSON]) -> None:
+        offset = body.get("text_offset")
+        if turn_id and isinstance(offset, int) and offset > 0:
+            turn_rounds = self._rounds.setdefault(turn_id, [])
+            if not turn_rounds or turn_rounds[-1][1] < offset:
+                turn_rounds.append((len(self.items), offset))
+        self.items.append(
+            ToolCallItem(
+                call_id=body["call_id"],
+                name=body["name"],
+                args=body.get("args") or {},
+                provider_data=body.get("provider_data"),
+            )
+        )
 
 
 class ConversationCache:
@@ -125,6 +133,17 @@ class ConversationCache:
         if question is not None:
             items.append(UserText(question.content))
         return items
+
+
+def _tool_body(content: str) -> dict[str, JSON] | None:
+    """A tool event's JSON content, or None when it is not the shape this service stores."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("call_id"), str) or not isinstance(body.get("name"), str):
+        return None
+    return body
 
 
 def _insert_answer(items: list[ConversationItem], text: str, turn_rounds: list[tuple[int, int]]) -> None:

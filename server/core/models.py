@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_serializer
+from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
 
 JSON = Any
 
@@ -41,8 +42,24 @@ class Session(BaseModel):
         return iso(moment) if moment is not None else None
 
 
+FinishReason = Literal["stop", "cancelled", "error", "max_tokens", "safety"]
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+def _error_from_storage(value: object) -> object:
+    # Stored as JSON text (SQLite, asyncpg's jsonb) or as an object (PostgREST).
+    return json.loads(value) if isinstance(value, str) else value
+
+
 class EventDraft(BaseModel):
-    """An event not yet stored. `event_key` makes its write idempotent within the session."""
+    """An event not yet stored. `event_key` makes its write idempotent within the session.
+
+    `finish_reason` and `error`: how the turn ended, on its `ai_message` only (as its `done` said).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -52,6 +69,8 @@ class EventDraft(BaseModel):
     event_key: str
     turn_id: str | None = None
     timestamp: datetime
+    finish_reason: FinishReason | None = None
+    error: ErrorInfo | None = None
 
 
 class StoredEvent(BaseModel):
@@ -61,24 +80,30 @@ class StoredEvent(BaseModel):
     content: str
     timestamp: datetime
     turn_id: str | None = None
+    # None only for rows written by others without one (the column's default gives them a key).
     event_key: str | None = None
+    finish_reason: FinishReason | None = None
+    error: ErrorInfo | None = None
+
+    _parse_error = field_validator("error", mode="before")(_error_from_storage)
 
     def public(self) -> dict[str, JSON]:
         """The shape of `history` items and of `GET /api/sessions/{id}/events`."""
-        return {
+        body: dict[str, JSON] = {
             "event_id": self.event_id,
             "event_type": self.event_type.value,
             "content": self.content,
             "timestamp": iso(self.timestamp),
         }
+        if self.event_type is EventType.AI_MESSAGE:
+            body["finish_reason"] = self.finish_reason
+            body["error"] = self.error.model_dump() if self.error is not None else None
+        return body
 
 
-FinishReason = Literal["stop", "cancelled", "error", "max_tokens", "safety"]
-
-
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
+def error_json(error: ErrorInfo | None) -> str | None:
+    """`error` as storage keeps it: JSON text."""
+    return error.model_dump_json() if error is not None else None
 
 
 class Usage(BaseModel):

@@ -132,8 +132,9 @@ class Repository(Protocol):
         """Write the summary of the emptying at `end_time`; a summary due for it or earlier is done."""
         ...
 
-    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
-        """Remember, durably, that the session emptied at `emptied_at` and needs its summary."""
+    async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
+        """The last client left at `emptied_at`: write `end_time` and `duration_seconds` now, and
+        remember, durably, that the session needs its summary (which follows, retried on its own)."""
         ...
 
     async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:

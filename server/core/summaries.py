@@ -93,9 +93,13 @@ class SummaryScheduler:
         try:
             if mark:
                 try:
-                    await self._repo.mark_summary_due(session_id, emptied_at)
+                    await self._repo.mark_emptied(session_id, emptied_at)
                 except StorageUnavailable as exc:
-                    log.warning("cannot note session %s's summary as due (%s); made from memory", session_id, exc)
+                    log.warning(
+                        "cannot note session %s as ended (%s); its summary writes that, made from memory",
+                        session_id,
+                        exc,
+                    )
             await self._pause(delay)
             await self._wait_turn_end(session_id)
             if await self._coordination.member_count(session_id) > 0:

@@ -238,6 +238,8 @@ class TurnRunner:
                 event_key=f"ai:{turn.turn_id}",
                 turn_id=turn.turn_id,
                 timestamp=utc_now(),
+                finish_reason=generation.finish_reason,
+                error=generation.error,
             )
         )
         await asyncio.wait([write], timeout=self._limits.done_store_wait_seconds)

@@ -12,14 +12,16 @@ from urllib.parse import urlparse
 
 import asyncpg
 
-from server.core.models import EventDraft, Session, StoredEvent
+from server.core.models import EventDraft, Session, StoredEvent, error_json
 from server.storage.retry import with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "supabase" / "migrations"
-_EVENT_COLUMNS = "event_id, session_id::text AS session_id, event_type, content, timestamp, turn_id, event_key"
+_EVENT_COLUMNS = (
+    "event_id, session_id::text AS session_id, event_type, content, timestamp, turn_id, event_key, finish_reason, error"
+)
 _SESSION_COLUMNS = "session_id::text AS session_id, user_id, start_time, end_time, summary, duration_seconds"
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
@@ -112,8 +114,8 @@ class PostgresRepository:
     async def append_event(self, draft: EventDraft) -> StoredEvent:
         async def op(conn: asyncpg.Connection) -> StoredEvent:
             row = await conn.fetchrow(
-                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
-                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, event_key) DO NOTHING"
+                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key, finish_reason,"
+                " error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
                 f" RETURNING {_EVENT_COLUMNS}",
                 draft.session_id,
                 draft.timestamp,
@@ -121,6 +123,8 @@ class PostgresRepository:
                 storable(draft.content),
                 draft.turn_id,
                 draft.event_key,
+                draft.finish_reason,
+                error_json(draft.error),
             )
             if row is None:  # written before (a retry after a lost answer): that row is the answer
                 row = await self._fetch_event(conn, draft.session_id, draft.event_key)
@@ -167,11 +171,17 @@ class PostgresRepository:
 
         await self._retrying(op, "write summary")
 
-    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+    async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         async def op(conn: asyncpg.Connection) -> None:
-            await conn.execute("UPDATE sessions SET summary_due_at = $2 WHERE session_id = $1", session_id, emptied_at)
+            await conn.execute(
+                "UPDATE sessions SET end_time = $2, summary_due_at = $2,"
+                " duration_seconds = greatest(0, round(extract(epoch FROM $2 - start_time)))::integer"
+                " WHERE session_id = $1",
+                session_id,
+                emptied_at,
+            )
 
-        await self._retrying(op, "mark summary due")
+        await self._retrying(op, "mark session emptied")
 
     async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
         async def op(conn: asyncpg.Connection) -> list[tuple[str, datetime]]:

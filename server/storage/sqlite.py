@@ -8,35 +8,81 @@ from pathlib import Path
 
 import aiosqlite
 
-from server.core.models import EventDraft, Session, StoredEvent
+from server.core.models import EventDraft, Session, StoredEvent, error_json
 from server.storage.retry import with_retries
 
-SCHEMA = """
+# The schema, as of SCHEMA_VERSION (PRAGMA user_version). Every added column has a default, so the
+# original design's `insert into sessions (session_id, user_id)` and `insert into events
+# (session_id, event_type, content)` work; such an event gets a key of its own ('external:...'),
+# which the service's keys ('user:...', 'ai:...', 'tool_call:...') never collide with.
+_NOW = "(strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'))"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     session_id       TEXT PRIMARY KEY,
     user_id          TEXT,
-    start_time       TEXT NOT NULL,
+    start_time       TEXT NOT NULL DEFAULT {_NOW},
     end_time         TEXT,
     summary          TEXT,
     duration_seconds INTEGER,
     summary_due_at   TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
-    event_id   INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
-    timestamp  TEXT NOT NULL,
-    event_type TEXT NOT NULL
+    event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id    TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    timestamp     TEXT NOT NULL DEFAULT {_NOW},
+    event_type    TEXT NOT NULL
         CHECK (event_type IN ('user_message', 'ai_message', 'tool_call', 'tool_result')),
-    content    TEXT NOT NULL,
-    turn_id    TEXT,
-    event_key  TEXT NOT NULL,
+    content       TEXT NOT NULL,
+    turn_id       TEXT,
+    event_key     TEXT NOT NULL DEFAULT ('external:' || lower(hex(randomblob(16)))),
+    finish_reason TEXT,
+    error         TEXT,
     UNIQUE (session_id, event_key)
 );
 CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
 """
+SCHEMA_VERSION = 1
 
-_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key"
+# A file made before versioning (user_version 0) has the tables without the defaults and the
+# outcome columns: SQLite cannot add a default to a column, so they are rebuilt, rows kept.
+_REBUILD_UNVERSIONED = f"""
+BEGIN;
+ALTER TABLE events RENAME TO events_unversioned;
+ALTER TABLE sessions RENAME TO sessions_unversioned;
+DROP INDEX IF EXISTS events_session_order;
+{SCHEMA}
+INSERT INTO sessions (session_id, user_id, start_time, end_time, summary, duration_seconds, summary_due_at)
+    SELECT session_id, user_id, start_time, end_time, summary, duration_seconds, summary_due_at
+    FROM sessions_unversioned;
+INSERT INTO events (event_id, session_id, timestamp, event_type, content, turn_id, event_key)
+    SELECT event_id, session_id, timestamp, event_type, content, turn_id, event_key FROM events_unversioned;
+DROP TABLE events_unversioned;
+DROP TABLE sessions_unversioned;
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key, finish_reason, error"
 _SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
+
+
+async def migrate(db: aiosqlite.Connection) -> None:
+    """Bring the file to SCHEMA_VERSION: create the tables, or rebuild those of an older file."""
+    (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+    if version >= SCHEMA_VERSION:
+        return
+    tables = {row[0] for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "events" not in tables:
+        await db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return
+    columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(sessions)")}
+    if "summary_due_at" not in columns:  # made before that column existed
+        await db.execute("ALTER TABLE sessions ADD COLUMN summary_due_at TEXT")
+    await db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops tables rows refer to
+    try:
+        await db.executescript(_REBUILD_UNVERSIONED)
+    finally:
+        await db.execute("PRAGMA foreign_keys=ON")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -71,10 +117,7 @@ class SqliteRepository:
         await db.execute("PRAGMA foreign_keys=ON")
         # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
         await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
-        await db.executescript(SCHEMA)
-        columns = {row["name"] for row in await db.execute_fetchall("PRAGMA table_info(sessions)")}
-        if "summary_due_at" not in columns:  # a file made before the column existed
-            await db.execute("ALTER TABLE sessions ADD COLUMN summary_due_at TEXT")
+        await migrate(db)
         return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
@@ -104,8 +147,8 @@ class SqliteRepository:
         # Without RETURNING the insert is one SQLite step, hence one GIL hand-back from the thread.
         async def attempt() -> tuple[int, int | None]:
             cursor = await self._db.execute(
-                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING",
+                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key, finish_reason,"
+                " error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING",
                 (
                     draft.session_id,
                     draft.timestamp.isoformat(),
@@ -113,6 +156,8 @@ class SqliteRepository:
                     draft.content,
                     draft.turn_id,
                     draft.event_key,
+                    draft.finish_reason,
+                    error_json(draft.error),
                 ),
             )
             return cursor.rowcount, cursor.lastrowid
@@ -151,11 +196,13 @@ class SqliteRepository:
             "write summary",
         )
 
-    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+    async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         await self._run(
-            "UPDATE sessions SET summary_due_at = ? WHERE session_id = ?",
+            "UPDATE sessions SET end_time = ?1, summary_due_at = ?1,"
+            " duration_seconds = max(0, CAST(round((julianday(?1) - julianday(start_time)) * 86400) AS INTEGER))"
+            " WHERE session_id = ?2",
             (_stamp(emptied_at), session_id),
-            "mark summary due",
+            "mark session emptied",
         )
 
     async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:

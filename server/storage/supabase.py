@@ -27,7 +27,7 @@ from server.storage.retry import with_retries
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_EVENT_COLUMNS = "event_id,session_id,event_type,content,timestamp,turn_id,event_key"
+_EVENT_COLUMNS = "event_id,session_id,event_type,content,timestamp,turn_id,event_key,finish_reason,error"
 _SESSION_COLUMNS = "session_id,user_id,start_time,end_time,summary,duration_seconds"
 # Supabase caps a response at 1,000 rows by default: history is read in pages.
 PAGE_SIZE = 1000
@@ -125,6 +125,8 @@ class SupabaseRepository:
                         "content": storable(draft.content),
                         "turn_id": draft.turn_id,
                         "event_key": draft.event_key,
+                        "finish_reason": draft.finish_reason,
+                        "error": draft.error.model_dump() if draft.error is not None else None,
                     },
                     on_conflict="session_id,event_key",
                     ignore_duplicates=True,
@@ -201,16 +203,27 @@ class SupabaseRepository:
 
         await self._retrying(op, "write summary")
 
-    async def mark_summary_due(self, session_id: str, emptied_at: datetime) -> None:
+    async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         async def op() -> None:
+            session = await self._fetch_session(session_id)  # PostgREST updates set values, not expressions
+            if session is None:
+                return
+            duration = max(0, round((emptied_at - session.start_time).total_seconds()))
             await (
                 self._client.table("sessions")
-                .update({"summary_due_at": emptied_at.isoformat()}, returning=ReturnMethod.minimal)
+                .update(
+                    {
+                        "end_time": emptied_at.isoformat(),
+                        "duration_seconds": duration,
+                        "summary_due_at": emptied_at.isoformat(),
+                    },
+                    returning=ReturnMethod.minimal,
+                )
                 .eq("session_id", session_id)
                 .execute()
             )
 
-        await self._retrying(op, "mark summary due")
+        await self._retrying(op, "mark session emptied")
 
     async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
         async def op() -> list[tuple[str, datetime]]:
