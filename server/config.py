@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CORS_ORIGINS = r"http://localhost:*,http://127.0.0.1:*"
@@ -15,12 +15,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
     # Not in PROTOCOL.md: processes `python -m server` runs on the one port (needs REDIS_URL).
     workers: int = Field(1, ge=1)
     # Not in PROTOCOL.md: GC and GIL settings for the serving process (server/serve.py, measured).
     tune_interpreter: bool = True
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     llm_provider: Literal["gemini", "offline"] | None = None
     gemini_api_key: str | None = None
@@ -103,12 +103,23 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("log_level", "llm_provider", "storage_backend", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
         if self.llm_provider is None:
             self.llm_provider = "gemini" if self.gemini_api_key else "offline"
         if self.storage_backend is None:
             self.storage_backend = "supabase" if self.supabase_url else "sqlite"
+        if self.storage_backend == "postgres" and not self.database_url:
+            raise ValueError("STORAGE_BACKEND=postgres needs DATABASE_URL (a PostgreSQL DSN)")
+        if self.storage_backend == "supabase" and not (self.supabase_url and self.supabase_key):
+            raise ValueError("STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY (the service-role key)")
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError("WORKERS > 1 needs REDIS_URL: without it each process would keep sessions of its own")
         return self
 
     @property
@@ -123,3 +134,24 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def load_settings() -> Settings:
+    """The settings, or an exit with one message per unusable setting (no stack trace)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(describe_invalid(exc)) from None
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """Each unusable setting by its variable's name, with its value and what it accepts."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        accepts = problem["msg"].removeprefix("Value error, ").removeprefix("Input ")
+        if problem["loc"]:
+            variable = str(problem["loc"][0]).upper()
+            lines.append(f"{variable}={problem['input']!r} cannot be used: it {accepts}")
+        else:
+            lines.append(accepts)
+    return "invalid settings (from the environment or .env):\n  " + "\n  ".join(lines)

@@ -12,7 +12,7 @@ import socketio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.config import Settings
+from server.config import Settings, load_settings
 from server.runtime import Runtime
 from server.transport.http import router
 from server.transport.origins import origin_regex
@@ -21,7 +21,7 @@ from server.transport.tokens import TokenVerifier
 
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
-    settings = settings or Settings()
+    settings = settings or load_settings()
     configure_logging(settings.log_level)
     sio = create_sio(settings)
 

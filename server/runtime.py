@@ -36,13 +36,11 @@ async def open_repository(settings: Settings) -> Repository:
     if settings.storage_backend == "sqlite":
         return await SqliteRepository.open(settings.sqlite_path, settings.storage_retry_seconds)
     if settings.storage_backend == "postgres":
-        if not settings.database_url:
-            raise ConfigurationError("STORAGE_BACKEND=postgres needs DATABASE_URL")
+        assert settings.database_url  # Settings requires it
         return await PostgresRepository.open(
             settings.database_url, settings.storage_retry_seconds, command_timeout=settings.storage_timeout_seconds
         )
-    if not (settings.supabase_url and settings.supabase_key):
-        raise ConfigurationError("STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY")
+    assert settings.supabase_url and settings.supabase_key  # Settings requires them
     return await SupabaseRepository.open(
         settings.supabase_url,
         settings.supabase_key,

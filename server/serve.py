@@ -12,7 +12,7 @@ import uvicorn
 from uvicorn.importer import import_from_string
 from uvicorn.supervisors import multiprocess
 
-from server.config import Settings
+from server.config import Settings, load_settings
 from server.main import create_app, prepare_shutdown
 
 
@@ -65,14 +65,12 @@ class WorkerProcess(multiprocess.Process):
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = Server(self.config, owns_process=Settings().tune_interpreter)
+            self._server = Server(self.config, owns_process=load_settings().tune_interpreter)
         return self._server
 
 
 def serve_workers(settings: Settings) -> None:
-    """WORKERS processes on one port, sharing Redis: each imports `server.main:app` itself."""
-    if not settings.redis_url:
-        raise SystemExit("WORKERS > 1 needs REDIS_URL: without it each process would keep sessions of its own")
+    """WORKERS processes on one port, sharing Redis (Settings requires it): each imports `server.main:app` itself."""
     config = uvicorn_config(settings, "server.main:app")
     config.workers = settings.workers
     # uvicorn's supervisor makes its workers from this module attribute.
@@ -98,8 +96,11 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 
 
 def main() -> None:
-    settings = Settings()
+    settings = load_settings()
     if settings.workers > 1:
         serve_workers(settings)
         return
-    Server(uvicorn_config(settings, create_app(settings)), owns_process=settings.tune_interpreter).run()
+    config = uvicorn_config(settings, create_app(settings))
+    # Bound before the app starts: on a busy port the process stops before it opens its storage.
+    sock = config.bind_socket()
+    Server(config, owns_process=settings.tune_interpreter).run(sockets=[sock])

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
-from tests.harness import Tab, free_port, service_env
+from tests.harness import Tab, free_port, listening_socket, service_env
 
 
 async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -67,29 +67,65 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
     assert await asyncio.wait_for(process.wait(), 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once clean
 
 
+UNUSABLE_SETTINGS = [
+    ("PORT", "abc", "PORT='abc' cannot be used: it should be a valid integer"),
+    ("PORT", "99999", "PORT='99999' cannot be used: it should be less than or equal to 65535"),
+    ("STORAGE_BACKEND", "mysql", "STORAGE_BACKEND='mysql' cannot be used: it should be 'sqlite', 'postgres' or"),
+    ("MAX_MESSAGE_CHARS", "-5", "MAX_MESSAGE_CHARS='-5' cannot be used: it should be greater than 0"),
+    ("LOG_LEVEL", "loud", "LOG_LEVEL='loud' cannot be used: it should be 'critical', 'error', 'warning'"),
+    ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres needs DATABASE_URL"),
+    ("STORAGE_BACKEND", "supabase", "STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY"),
+    ("WORKERS", "2", "WORKERS > 1 needs REDIS_URL"),
+]
+
+
+@pytest.mark.parametrize("command", ["python -m server", "uvicorn server.main:app"])
 @pytest.mark.parametrize(
-    ("setting", "value", "says"),
-    [
-        ("STORAGE_BACKEND", "postgres", "STORAGE_BACKEND=postgres needs DATABASE_URL"),
-        ("STORAGE_BACKEND", "supabase", "STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY"),
-    ],
+    ("setting", "value", "says"), UNUSABLE_SETTINGS, ids=[f"{s}={v}" for s, v, _ in UNUSABLE_SETTINGS]
 )
-async def test_incomplete_settings_stop_it_from_starting(tmp_path: Path, setting: str, value: str, says: str) -> None:
-    env = service_env(tmp_path, free_port(), **{setting: value})
+async def test_an_unusable_setting_stops_it_with_one_message_and_no_traceback(
+    tmp_path: Path, command: str, setting: str, value: str, says: str
+) -> None:
+    env = service_env(tmp_path, free_port(), **{setting: value}, SUPABASE_KEY="s3cret")
+    argv = ["-m", "server"] if command == "python -m server" else ["-m", "uvicorn", "server.main:app"]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "server",
+        *argv,
         cwd=tmp_path,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
     assert process.returncode != 0
-    assert says in out.decode() and "Application startup failed" in out.decode()
-    assert "s3cret" not in out.decode()
+    assert says in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) <= 3, out
+    assert "s3cret" not in out
+    assert not (tmp_path / "data").exists()  # nothing was opened or created
+
+
+async def test_a_second_server_on_a_busy_port_stops_before_it_opens_anything(tmp_path: Path) -> None:
+    busy = listening_socket()
+    busy.listen()
+    try:
+        env = service_env(tmp_path, busy.getsockname()[1])
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            cwd=tmp_path,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    finally:
+        busy.close()
+    assert process.returncode != 0
+    assert "address already in use" in out.lower() and "startup complete" not in out, out
+    assert not (tmp_path / "data").exists()  # the database was never opened
 
 
 async def test_a_gemini_api_key_alone_switches_the_model_to_gemini(spawn, fake_gemini: FakeGemini) -> None:  # type: ignore[no-untyped-def]
