@@ -47,7 +47,7 @@ async def test_python_client_chats_and_shows_tools(server: RunningServer) -> Non
     assert "session " in out and "[1 tab(s) in this session]" in out
     assert "-> tool call get_weather({'location': 'Delhi'})" in out and "<- tool result {'location': 'Delhi'" in out
     assert "mainly clear in Delhi, India: 24.5 °C" in out
-    assert out.count("[done: stop") == 2 and 'You wrote 1 words: "hello"' in out
+    assert out.count("[done: stop") == 2 and 'You wrote 1 word: "hello"' in out
     assert "[other tab]" not in out  # it knows its own messages
 
 

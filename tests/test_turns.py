@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 
 from server.providers.offline import echo_answer
 from tests.conftest import ServerFactory, TabFactory
 from tests.fakes import SLOW_SECONDS
-from tests.harness import RunningServer, Tab, wait_for_summary
+from tests.harness import RunningServer, Tab, free_port, wait_for_summary
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -174,8 +176,6 @@ async def test_weather_for_an_unknown_place_is_a_tool_error_and_the_turn_goes_on
 
 
 async def test_weather_service_unreachable_is_a_tool_error(start_server: ServerFactory, connect: TabFactory) -> None:
-    from tests.harness import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"
     server = await start_server(weather_geocoding_url=dead, weather_forecast_url=dead)
     tab = await connect(server)
@@ -184,6 +184,37 @@ async def test_weather_service_unreachable_is_a_tool_error(start_server: ServerF
     result = next(d for n, d in events if n == "tool_result")
     assert result["error"] == {"code": "weather_unavailable", "message": "the weather service could not be reached"}
     assert done["finish_reason"] == "stop" and done["error"] is None
+
+
+async def test_every_offline_tool_call_has_an_id_of_its_own(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient
+) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    calls = []
+    for place in ("Delhi", "Paris", "Delhi"):
+        events, _ = await whole_turn(tab, sid, f"How's the weather in {place}?")
+        calls += [d["call_id"] for n, d in events if n == "tool_call"]
+    assert len(calls) == 3 and len(set(calls)) == 3, calls
+    stored = (await http.get(f"/api/sessions/{sid}/events")).json()["events"]
+    stored_calls = [json.loads(e["content"])["call_id"] for e in stored if e["event_type"] == "tool_call"]
+    assert stored_calls == calls
+
+
+async def test_each_tool_failure_logs_one_warning_without_the_arguments(
+    start_server: ServerFactory, connect: TabFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = await start_server(weather_geocoding_url=dead, weather_forecast_url=dead)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    with caplog.at_level(logging.WARNING, logger="server"):
+        await whole_turn(tab, sid, "How's the weather in Zanzibarville?")
+        await whole_turn(tab, sid, "How's the weather in Zanzibarville?")
+    failures = [r for r in caplog.records if "tool get_weather failed" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.WARNING]
+    assert all("weather_unavailable (ConnectError)" in r.getMessage() for r in failures)
+    assert "Zanzibarville" not in caplog.text
 
 
 async def test_cancel_mid_turn_stores_the_partial_text(

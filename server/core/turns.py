@@ -365,10 +365,16 @@ class TurnRunner:
             async with asyncio.timeout(self._limits.tool_timeout_seconds):
                 result: JSON = await self._tools.call(call.name, call.args)
         except ToolError as exc:
+            # The code and the cause's kind, never the message: it may quote the arguments.
+            cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+            log.warning("tool %s failed: %s%s", call.name, exc.code, cause)
             return ToolResultItem(
                 call_id=call.call_id, name=call.name, error={"code": exc.code, "message": exc.message}
             )
         except TimeoutError:
+            log.warning(
+                "tool %s failed: tool_timeout (no answer in %.0f s)", call.name, self._limits.tool_timeout_seconds
+            )
             return ToolResultItem(
                 call_id=call.call_id,
                 name=call.name,

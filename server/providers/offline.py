@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 
@@ -66,8 +67,9 @@ def _weather_answer(place: str, result: ToolResultItem) -> str:
 
 def echo_answer(question: str) -> str:
     """The script's answer to a message that asks for no tool."""
+    count = len(question.split())
     return (
-        f'{LABEL} You wrote {len(question.split())} words: "{_excerpt(question)}". '
+        f'{LABEL} You wrote {count} word{"" if count == 1 else "s"}: "{_excerpt(question)}". '
         "This reply comes from a deterministic script for trying the service without a model; "
         "set GEMINI_API_KEY to talk to Gemini."
     )
@@ -100,7 +102,9 @@ class OfflineProvider:
         prompt_words = sum(_word_count(_text_of(item)) for item in conversation)
 
         if place and not results and any(tool.name == "get_weather" for tool in request.tools):
-            yield ToolCallRequest(call_id="offline-weather-1", name="get_weather", args={"location": place})
+            # Unique per call, as a model's call ids are: stored tool events are keyed by them.
+            call_id = f"offline-{uuid.uuid4().hex[:12]}"
+            yield ToolCallRequest(call_id=call_id, name="get_weather", args={"location": place})
             yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=1))
             yield Finished("stop")
             return
