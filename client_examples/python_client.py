@@ -2,6 +2,7 @@
 
     python client_examples/python_client.py                     # a new session
     python client_examples/python_client.py --session <uuid>    # rejoin one (from another tab, too)
+    python client_examples/python_client.py --url http://host:8000   # or SERVER_URL=http://host:8000
 
 Type a message and press Enter; the answer streams in as it is generated. `/cancel` stops the
 running answer, `/quit` leaves. Every tab of the same session sees the same stream.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import uuid
@@ -40,7 +42,9 @@ class Chat:
             self.sio.on(name, getattr(self, f"on_{name}"))
 
     async def on_connect_error(self, data: Any) -> None:
-        self.refusal = data.get("message") if isinstance(data, dict) else str(data)
+        # The server's refusal is an object ({"message": "unauthorized"}); a network failure is not.
+        if isinstance(data, dict):
+            self.refusal = str(data.get("message"))
 
     @staticmethod
     def say(text: str, end: str = "\n") -> None:
@@ -57,13 +61,10 @@ class Chat:
         self.say(data["text"], end="")
 
     async def on_tool_call(self, data: dict[str, Any]) -> None:
-        self.say(f"\n  -> tool call {data['name']}({data['args']})")
+        self.say("\n" + tool_call_line(data))
 
     async def on_tool_result(self, data: dict[str, Any]) -> None:
-        if data["error"]:
-            self.say(f"  <- tool error {data['error']['code']}: {data['error']['message']}")
-        else:
-            self.say(f"  <- tool result {data['result']}")
+        self.say(tool_result_line(data))
         self.say("assistant: ", end="")
 
     async def on_done(self, data: dict[str, Any]) -> None:
@@ -82,15 +83,16 @@ class Chat:
         try:
             await self.sio.connect(self.url, transports=[self.transport], wait_timeout=10, auth=self.auth)
         except socketio.exceptions.ConnectionError as exc:
-            raise SystemExit(f"connection refused: {self.refusal or exc}") from None
+            if self.refusal:
+                raise Refused(f"connection refused by {self.url}: {self.refusal}") from None
+            raise Refused(f"cannot connect to {self.url} ({exc}); set the server with --url or SERVER_URL") from None
         ack = await self.sio.call("join", {"session_id": session_id} if session_id else {})
         if not ack["ok"]:
-            raise SystemExit(f"join refused: {ack['error']['code']}: {ack['error']['message']}")
+            raise Refused(f"join refused: {ack['error']['code']}: {ack['error']['message']}")
         self.session_id = ack["session"]["session_id"]
         self.say(f"session {self.session_id}  (rejoin with --session {self.session_id})")
         for event in ack["history"]:
-            who = {"user_message": "you", "ai_message": "assistant"}.get(event["event_type"], event["event_type"])
-            self.say(f"  {who}: {event['content']}")
+            self.say(history_line(event))
         if ack["active_turn"]:
             self.turn_done.clear()
             self.say(f"assistant (answer in progress): {ack['active_turn']['text']}", end="")
@@ -124,20 +126,69 @@ class Chat:
                 await self.send(line.strip())
         if not interactive:
             await self.turn_done.wait()
+
+    async def close(self) -> None:
         await self.sio.disconnect()
+        http = self.sio.eio.http  # left open by a connection that was refused
+        if http is not None and not http.closed:
+            await http.close()
 
 
-async def main() -> None:
+class Refused(Exception):
+    """The server refused the connection or the join: said in one line, then the client exits."""
+
+
+def tool_call_line(call: dict[str, Any]) -> str:
+    return f"  -> tool call {call['name']}({call.get('args', {})})"
+
+
+def tool_result_line(result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return f"  <- tool error {result['error']['code']}: {result['error']['message']}"
+    return f"  <- tool result {result.get('result')}"
+
+
+def history_line(event: dict[str, Any]) -> str:
+    """A stored event, printed as the live one was."""
+    kind, content = event["event_type"], event["content"]
+    if kind in ("tool_call", "tool_result"):
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "name" in body:
+            return tool_call_line(body) if kind == "tool_call" else tool_result_line(body)
+    if kind == "user_message":
+        return f"you: {content}"
+    if kind == "ai_message":
+        ending = event.get("finish_reason")
+        note = f" [{ending}]" if ending not in (None, "stop") else ""
+        return f"assistant: {content}{note}"
+    return f"{kind}: {content}"
+
+
+async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SERVER_URL", "http://127.0.0.1:8000"),
+        help="the server (default: SERVER_URL, else http://127.0.0.1:8000)",
+    )
     parser.add_argument("--session", help="a session id to rejoin")
     parser.add_argument("--transport", choices=["websocket", "polling"], default="websocket")
     parser.add_argument("--token", default=os.environ.get("CHAT_TOKEN"), help="a JWT, when authentication is on")
     args = parser.parse_args()
     chat = Chat(args.url, args.transport, {"token": args.token} if args.token else {})
-    await chat.start(args.session)
-    await chat.run()
+    try:
+        await chat.start(args.session)
+        await chat.run()
+    except Refused as refusal:
+        print(refusal, file=sys.stderr)
+        return 1
+    finally:
+        await chat.close()
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

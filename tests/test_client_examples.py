@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
-from tests.harness import RunningServer
+from tests.harness import RunningServer, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "client_examples"
 
@@ -67,7 +67,35 @@ async def test_python_client_signs_in_with_a_token(start_server: ServerFactory) 
         env={"CHAT_TOKEN": "forged"},
         exit_code=1,
     )
-    assert "connection refused: unauthorized" in refused
+    assert refused.strip() == f"connection refused by {server.url}: unauthorized"
+
+
+async def test_python_client_says_a_refusal_in_one_line(server: RunningServer) -> None:
+    out = await run(
+        sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url, "--session", "abc", exit_code=1
+    )
+    assert out.strip() == "join refused: invalid_session_id: session_id must be a UUID", out
+
+
+async def test_python_client_names_the_server_it_cannot_reach() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = await run(sys.executable, str(EXAMPLES / "python_client.py"), env={"SERVER_URL": dead}, exit_code=1)
+    assert len(out.strip().splitlines()) == 1 and dead in out and "--url or SERVER_URL" in out, out
+    usage = await run(sys.executable, str(EXAMPLES / "python_client.py"), "--help")
+    assert "--url" in usage and "SERVER_URL" in usage
+
+
+async def test_python_client_replays_history_as_it_shows_live_events(server: RunningServer) -> None:
+    first = await run(
+        sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url, stdin=b"How's the weather in Delhi?\n"
+    )
+    sid = first.split("session ", 1)[1].split()[0]
+    again = await run(sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url, "--session", sid)
+    live = [line for line in first.splitlines() if "-> tool call" in line or "<- tool result" in line]
+    assert len(live) == 2
+    for line in live:
+        assert line in again.splitlines(), again
+    assert "you: How's the weather in Delhi?" in again and '"call_id"' not in again
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +120,18 @@ def installed_node_example(node_example: Path) -> Path:
 @pytest.fixture
 async def node_client(installed_node_example: Path) -> AsyncIterator[Path]:
     yield installed_node_example
+
+
+async def test_node_client_says_a_refusal_in_one_line(server: RunningServer, node_client: Path) -> None:
+    out = await run(
+        "node", "chat.mjs", "hi", "--session", "abc", cwd=node_client, env={"SERVER_URL": server.url}, exit_code=1
+    )
+    assert out.strip() == "join refused: invalid_session_id: session_id must be a UUID", out
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = await run("node", "chat.mjs", "hi", "--url", dead, cwd=node_client, exit_code=1)
+    assert len(out.strip().splitlines()) == 1 and dead in out and "--url or SERVER_URL" in out, out
+    usage = await run("node", "chat.mjs", "--help", cwd=node_client)
+    assert "--url" in usage and "SERVER_URL" in usage
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
