@@ -80,9 +80,11 @@ async def gemini_config(settings: Settings) -> GeminiConfig:
     )
 
 
-async def make_coordination(settings: Settings) -> Coordination:
+async def make_coordination(settings: Settings, tasks: TaskTracker) -> Coordination:
     if settings.redis_url:
-        return await RedisCoordination.open(settings.redis_url, settings.redis_channel, settings.turn_lock_seconds)
+        return await RedisCoordination.open(
+            settings.redis_url, settings.redis_channel, settings.turn_lock_seconds, tasks
+        )
     return LocalCoordination()
 
 
@@ -100,14 +102,14 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
+        tasks = TaskTracker()
         provider = await make_provider(settings)
-        coordination = await make_coordination(settings)
+        coordination = await make_coordination(settings, tasks)
         repo = await open_repository(settings)
         # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
         outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
-        tasks = TaskTracker()
         # A user's limit counts their messages on every process (the socket's stays local).
         user_quota: MessageQuota = (
             RedisQuota(settings.redis_url, settings.redis_channel, settings.message_rate_limit)
@@ -188,5 +190,6 @@ class Runtime:
             except Exception:
                 clean = False
                 log.exception("closing %s failed", getattr(close, "__self__", close))
+        await self.tasks.close()
         if clean:
             log.info("stopped cleanly")

@@ -116,12 +116,16 @@ async def make_core(tmp_path: Path) -> Any:
     made: list[tuple[TaskTracker, SqliteRepository]] = []
 
     async def make(
-        script: Script, tools: list[Tool] | None = None, coordination: LocalCoordination | None = None, **limits: Any
+        script: Script,
+        tools: list[Tool] | None = None,
+        coordination: LocalCoordination | None = None,
+        emitter: RecordingEmitter | None = None,
+        **limits: Any,
     ) -> tuple[Core, ScriptedProvider]:
         provider = ScriptedProvider(script)
         repo = await SqliteRepository.open(tmp_path / f"core-{len(made)}.db")
         tasks = TaskTracker()
-        emitter = RecordingEmitter()
+        emitter = emitter or RecordingEmitter()
         service = ConversationService(
             repo=repo,
             provider=provider,
@@ -241,6 +245,38 @@ async def test_a_failing_tool_is_reported_and_the_turn_goes_on(make_core: Any) -
     assert (
         events[-1][1]["finish_reason"] == "stop" and events[-1][1]["text"] == "tools failed: tool_failed,unknown_tool"
     )
+
+
+async def test_no_tool_call_outlives_a_round_that_failed(make_core: Any) -> None:
+    """A round that fails with something else than a cancel (here, delivering a tool_result)
+    stops its other tool calls, and the turn still ends in one `done`."""
+    slow_stopped = asyncio.Event()
+
+    class FailingResults(RecordingEmitter):
+        async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
+            if EVENT_NAMES[type(event)] == "tool_result":
+                raise ConnectionError("the room could not be reached")
+            await super().publish(session_id, event, local=local)
+
+    async def tool(args: dict[str, Any]) -> Any:
+        if args["location"] == "fast":
+            return "sunny"
+        try:
+            await asyncio.sleep(30)
+        finally:
+            slow_stopped.set()
+
+    async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
+        yield ToolCallRequest(call_id="fast", name="get_weather", args={"location": "fast"})
+        yield ToolCallRequest(call_id="slow", name="get_weather", args={"location": "slow"})
+        yield Finished("stop")
+
+    core, _ = await make_core(script, tools=[Tool(WEATHER_SPEC, tool)], emitter=FailingResults())
+    events, stored = await core.turn()
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "error"
+    await asyncio.wait_for(slow_stopped.wait(), 1)  # cancelled with its round, not left running
+    results = [json.loads(e.content) for e in stored if e.event_type == EventType.TOOL_RESULT]
+    assert [(r["call_id"], r.get("error", {}).get("code")) for r in results] == [("fast", None), ("slow", "cancelled")]
 
 
 async def test_a_model_that_never_stops_asking_for_tools_is_bounded(make_core: Any) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
+
+from server.core import summaries
 from tests.conftest import ServerFactory, TabFactory
 from tests.harness import wait_for_summary
 
@@ -101,3 +106,30 @@ async def test_an_empty_session_is_closed_without_asking_the_model(
     session = await wait_for_summary(server, sid)
     assert session.summary == "No messages were exchanged in this session." and asked == []
     assert session.end_time is not None and session.duration_seconds == 0
+
+
+async def test_the_rescan_for_due_summaries_outlives_an_unexpected_failure(
+    start_server: ServerFactory, connect: TabFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(summaries, "RESCAN_SECONDS", 0.2)
+    server = await start_server(summary_delay_seconds=0.1)
+    repo = server.runtime.repo
+    real = repo.due_summaries
+    failures = 0
+
+    async def fails_once(limit: int) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RuntimeError("a bug, or a row nobody expected")
+        return await real(limit)
+
+    monkeypatch.setattr(repo, "due_summaries", fails_once)
+    await asyncio.sleep(0.5)  # a rescan failed meanwhile
+    assert failures == 1
+    # A summary left due by a process that stopped (nothing in this process waits for it).
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC) - timedelta(minutes=5))
+    await repo.mark_emptied(sid, datetime.now(UTC) - timedelta(minutes=1))
+    session = await wait_for_summary(server, sid, timeout=5)
+    assert session.summary == "No messages were exchanged in this session."

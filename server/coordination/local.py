@@ -47,6 +47,9 @@ class LocalCoordination:
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
 
+    def on_turn_lost(self, handler: CancelHandler) -> None:
+        return None  # a lock in this process's memory does not expire
+
     async def add_member(self, session_id: str, member: str) -> int | None:
         members = self._members[session_id]
         if member in members:

@@ -20,14 +20,16 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from server.core.models import ActiveTurn
 from server.core.ports import CancelHandler
+from server.core.tasks import TaskTracker, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,16 @@ return 0
 
 
 class RedisCoordination:
-    def __init__(self, redis: Redis, prefix: str, lock_seconds: float) -> None:
+    def __init__(self, redis: Redis, prefix: str, lock_seconds: float, tasks: TaskTracker) -> None:
         self._redis = redis
+        self._tasks = tasks
         self._prefix = prefix
         self._lock_ms = max(1, round(lock_seconds * 1000))
         self._process = uuid.uuid4().hex[:12]
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
         self._cancel_handlers: list[CancelHandler] = []
+        self._lost_handlers: list[CancelHandler] = []
         self._leaving: set[tuple[str, str]] = set()
         self._releasing: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -89,7 +93,7 @@ class RedisCoordination:
         self._renew_script = redis.register_script(_RENEW)
 
     @classmethod
-    async def open(cls, url: str, prefix: str, lock_seconds: float) -> RedisCoordination:
+    async def open(cls, url: str, prefix: str, lock_seconds: float, tasks: TaskTracker) -> RedisCoordination:
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=64,  # a bounded pool that waits: the default one fails past 100 at once
@@ -100,7 +104,7 @@ class RedisCoordination:
             health_check_interval=10,
         )
         redis = Redis.from_pool(pool)
-        coordination = cls(redis, prefix, lock_seconds)
+        coordination = cls(redis, prefix, lock_seconds, tasks)
         await coordination._beat()  # fails the start when Redis cannot be reached
         coordination._spawn(coordination._beat_forever(), "redis heartbeat")
         coordination._spawn(coordination._listen(), "redis listener")
@@ -110,9 +114,9 @@ class RedisCoordination:
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        # Through the service's tracker, which logs a loop that fails.
+        task = self._tasks.spawn_loop(coro, name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -123,7 +127,7 @@ class RedisCoordination:
         taken = await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms)
         if not taken:
             return False
-        renewal = asyncio.ensure_future(self._renew_forever(session_id, holder))
+        renewal = self._tasks.spawn_loop(self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}")
         self._held[session_id] = (holder, renewal)
         try:
             processes = await self._redis.hvals(self._key("members", session_id))
@@ -133,16 +137,21 @@ class RedisCoordination:
             self._shared.add(session_id)
         return True
 
-    async def _renew_forever(self, session_id: str, holder: str) -> None:
+    async def _renew_forever(self, session_id: str, turn_id: str, holder: str) -> None:
         while True:
             await asyncio.sleep(self._lock_ms / 3000)
             try:
-                if not await self._renew_script(keys=[self._key("turn", session_id)], args=[holder, self._lock_ms]):
-                    log.error("the turn lock of session %s expired while its turn ran", session_id)
-                    return
+                renewed = await self._renew_script(keys=[self._key("turn", session_id)], args=[holder, self._lock_ms])
             except RedisError as exc:
                 # The turn goes on; the lock expires if Redis stays away longer than its TTL.
                 log.warning("cannot renew the turn lock of session %s: %s", session_id, exc)
+                continue
+            if not renewed:
+                # Expired (Redis was away past its TTL), so another process may run a turn now.
+                log.error("the turn lock of session %s expired while turn %s ran", session_id, turn_id)
+                for handler in self._lost_handlers:
+                    await handler(session_id, turn_id)
+                return
 
     async def release_turn(self, session_id: str, turn_id: str) -> None:
         held = self._held.get(session_id)
@@ -195,6 +204,9 @@ class RedisCoordination:
             try:
                 await self._store_chunks(lambda _session: True)
             except RedisError:
+                await asyncio.sleep(1)
+            except Exception:
+                log.exception("storing the running text in Redis failed; trying again")
                 await asyncio.sleep(1)
 
     async def _store_chunks(self, which: Callable[[str], bool]) -> None:
@@ -255,6 +267,9 @@ class RedisCoordination:
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
 
+    def on_turn_lost(self, handler: CancelHandler) -> None:
+        self._lost_handlers.append(handler)
+
     async def _listen(self) -> None:
         cancel, share = self._key("cancel"), self._key("share")
         backoff = 0.5
@@ -277,6 +292,11 @@ class RedisCoordination:
                             log.warning("ignoring a malformed message on %s", message.get("channel"))
             except (RedisError, OSError) as exc:
                 log.warning("Redis listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+            except Exception:
+                # Without it no cancel or catch-up request reaches this process: listen again.
+                log.exception("the Redis listener failed; listening again in %.1f s", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
 
@@ -332,6 +352,9 @@ class RedisCoordination:
                     self._leaving.discard((session_id, member))
             except RedisError as exc:
                 log.warning("cannot reach Redis for the process heartbeat: %s", exc)
+            except Exception:
+                # Without its heartbeat this process's clients are counted out elsewhere: keep beating.
+                log.exception("the Redis heartbeat failed; trying again")
 
     # ------------------------------------------------------------------ summaries
 
@@ -348,11 +371,8 @@ class RedisCoordination:
         await self._redis.ping()
 
     async def aclose(self) -> None:
-        for _, renewal in self._held.values():
-            renewal.cancel()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, *(r for _, r in self._held.values()), return_exceptions=True)
+        self._lost_handlers.clear()
+        await cancel_and_wait({*self._background, *(renewal for _, renewal in self._held.values())})
         with contextlib.suppress(RedisError):
             await self._redis.delete(self._key("proc", self._process))
         await self._redis.aclose()

@@ -39,7 +39,7 @@ from server.tools.registry import ToolRegistry
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["cancelled", "shutdown"]
+StopReason = Literal["cancelled", "shutdown", "lock_lost"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ class ConversationService:
             coordination=coordination,
             event_log=self._log,
             limits=limits,
+            tasks=tasks,
         )
         self.summaries = SummaryScheduler(
             repo=repo,
@@ -163,6 +164,7 @@ class ConversationService:
             wait_turn_end=self.wait_turn_end,
         )
         coordination.on_cancel(self._cancel_local)
+        coordination.on_turn_lost(self._turn_lost)
         self.summaries.start()
 
     # ------------------------------------------------------------------ client requests
@@ -467,6 +469,13 @@ class ConversationService:
         turn = self._running.get(session_id)
         if turn is not None and turn.turn_id == turn_id:
             turn.stop("cancelled")
+
+    async def _turn_lost(self, session_id: str, turn_id: str) -> None:
+        """The turn's session lock expired and may be another's now: two turns must not run at once."""
+        turn = self._running.get(session_id)
+        if turn is not None and turn.turn_id == turn_id:
+            log.error("turn %s of session %s lost its session lock: it is stopped", turn_id, session_id)
+            turn.stop("lock_lost")
 
     async def wait_turn_end(self, session_id: str) -> None:
         """Return once no turn runs in the session (here or, with shared coordination, anywhere)."""

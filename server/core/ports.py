@@ -260,6 +260,11 @@ class Coordination(Protocol):
 
     def on_cancel(self, handler: CancelHandler) -> None: ...
 
+    def on_turn_lost(self, handler: CancelHandler) -> None:
+        """Call `handler(session_id, turn_id)` when a turn held here lost its lock (it expired, so
+        another process may hold it now): the turn must stop."""
+        ...
+
     async def add_member(self, session_id: str, member: str) -> int | None:
         """Count the member in; the new count, or None when it was already in."""
         ...

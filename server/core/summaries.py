@@ -77,6 +77,9 @@ class SummaryScheduler:
                         self._schedule(session_id, emptied_at, 0.0, mark=False)
             except StorageUnavailable as exc:
                 log.warning("cannot list the summaries still due: %s", exc)
+            except Exception:
+                # Whatever went wrong, the next rescan may succeed: stopping would leave them undone.
+                log.exception("listing the summaries still due failed; trying again in %.0f s", RESCAN_SECONDS)
             await self._pause(RESCAN_SECONDS)
 
     def session_joined(self, session_id: str) -> None:

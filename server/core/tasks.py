@@ -1,4 +1,5 @@
-"""Every background task the service starts is tracked here, so shutdown can finish or cancel it."""
+"""Every background task the service starts is tracked here, so shutdown can finish or cancel it,
+and a task that fails is logged."""
 
 from __future__ import annotations
 
@@ -14,20 +15,35 @@ T = TypeVar("T")
 class TaskTracker:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Loops that run as long as their owner (heartbeats, listeners): shutdown's drain does not
+        # wait for them; their owner cancels them when it closes, and `close` cancels what is left.
+        self._loops: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Work that finishes by itself (a turn, a write, a summary): shutdown waits for it."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return task
 
+    def spawn_loop(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """A loop that runs until its owner cancels it."""
+        task = asyncio.create_task(coro, name=name)
+        self._loops.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._loops.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._tasks or task in self._loops
 
     async def drain(self, grace_seconds: float) -> None:
         """Wait for the running tasks (and those they start) up to `grace_seconds`, then cancel the rest."""
@@ -41,6 +57,19 @@ class TaskTracker:
         leftovers = set(self._tasks)
         for task in leftovers:
             log.warning("cancelling background task %s at shutdown", task.get_name())
+        await cancel_and_wait(leftovers)
+
+    async def close(self) -> None:
+        """Last of all: cancel the loops whose owners did not (they should have)."""
+        await cancel_and_wait(set(self._loops))
+
+
+async def cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until they end, cancelling again those that go on: a library can
+    turn a cancel that lands in the middle of its I/O into an error of its own (redis-py does),
+    which a loop that outlives its errors would then outlive too."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
             task.cancel()
-        if leftovers:
-            await asyncio.gather(*leftovers, return_exceptions=True)
+        _, pending = await asyncio.wait(pending, timeout=0.5)

@@ -41,6 +41,7 @@ from server.core.ports import (
     ToolResultItem,
     UsageReport,
 )
+from server.core.tasks import TaskTracker
 from server.tools.registry import ToolError, ToolRegistry
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 
 SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
+LOCK_LOST = ErrorInfo(
+    code="turn_lock_lost", message="this turn lost its session lock (shared state was unreachable too long)"
+)
 
 
 class ChunkCoalescer:
@@ -60,9 +64,12 @@ class ChunkCoalescer:
     (before a tool call, at the end) keep their order.
     """
 
-    def __init__(self, send: Callable[[str, float | None], Awaitable[None]], window_seconds: float) -> None:
+    def __init__(
+        self, send: Callable[[str, float | None], Awaitable[None]], window_seconds: float, tasks: TaskTracker
+    ) -> None:
         self._send = send
         self._window = window_seconds
+        self._tasks = tasks
         self._held: list[str] = []
         self._stamp: float | None = None
         self._timer: asyncio.Task[None] | None = None
@@ -76,7 +83,7 @@ class ChunkCoalescer:
         if self._stamp is None:
             self._stamp = stamp
         if self._timer is None:
-            self._timer = asyncio.create_task(self._flush_later())
+            self._timer = self._tasks.spawn(self._flush_later(), name="chunk window")
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._window)
@@ -135,8 +142,10 @@ class TurnRunner:
         coordination: Coordination,
         event_log: EventLog,
         limits: Limits,
+        tasks: TaskTracker,
     ) -> None:
         self._coordination = coordination
+        self._tasks = tasks
         self._provider = provider
         self._tools = tools
         self._emitter = emitter
@@ -148,9 +157,11 @@ class TurnRunner:
         """Start the turn's model rounds now, their output held until `release`."""
         generation = Generation()
         generation.chunks = ChunkCoalescer(
-            lambda text, stamp: self._chunk(turn, generation, text, stamp), self._limits.chunk_coalesce_seconds
+            lambda text, stamp: self._chunk(turn, generation, text, stamp),
+            self._limits.chunk_coalesce_seconds,
+            self._tasks,
         )
-        generation.task = asyncio.create_task(self._generate(turn, generation), name=f"generate {turn.turn_id}")
+        generation.task = self._tasks.spawn(self._generate(turn, generation), name=f"generate {turn.turn_id}")
         turn.generation = generation.task
         if turn.stop_reason is not None:
             generation.task.cancel()
@@ -210,6 +221,8 @@ class TurnRunner:
             if task.cancelled():
                 if turn.stop_reason == "cancelled":
                     generation.finish_reason, generation.error = "cancelled", None
+                elif turn.stop_reason == "lock_lost":
+                    generation.finish_reason, generation.error = "error", LOCK_LOST
                 else:
                     generation.finish_reason, generation.error = "error", SHUTDOWN
                 return
@@ -342,21 +355,24 @@ class TurnRunner:
                     args=call.args,
                 ),
             )
-        pending = [asyncio.create_task(self._run_tool(call)) for call in calls]
+        pending = [self._tasks.spawn(self._run_tool(call), name=f"tool {call.name} {turn.turn_id}") for call in calls]
         results: list[ToolResultItem] = []
         try:
             for task in pending:
                 results.append(await task)
                 await self._publish_result(turn, results[-1])
-        except asyncio.CancelledError:
-            # Every stored tool_call gets its tool_result, so the history stays valid for a model.
+        except BaseException:
+            # Whatever stopped the round (a cancel, a failed publish), no tool call outlives it, and
+            # every stored tool_call gets its tool_result, so the history stays valid for a model.
             for task in pending:
                 task.cancel()
+            await asyncio.wait(pending)
             for call in calls[len(results) :]:
                 cancelled = ToolResultItem(
                     call_id=call.call_id, name=call.name, error={"code": "cancelled", "message": "the turn was stopped"}
                 )
-                await self._publish_result(turn, cancelled)
+                with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
+                    await self._publish_result(turn, cancelled)
             raise
         return results
 

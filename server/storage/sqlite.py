@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +11,8 @@ import aiosqlite
 
 from server.core.models import EventDraft, Session, StoredEvent, error_json
 from server.storage.retry import with_retries
+
+log = logging.getLogger(__name__)
 
 # The schema, as of SCHEMA_VERSION (PRAGMA user_version). Every added column has a default, so the
 # original design's `insert into sessions (session_id, user_id)` and `insert into events
@@ -212,7 +215,13 @@ class SqliteRepository:
             (limit,),
             "list due summaries",
         )
-        return [(row["session_id"], datetime.fromisoformat(row["summary_due_at"])) for row in rows]
+        due = []
+        for row in rows:
+            try:
+                due.append((row["session_id"], datetime.fromisoformat(row["summary_due_at"])))
+            except (TypeError, ValueError):  # a column without types: someone else wrote something else
+                log.warning("session %s has an unreadable summary_due_at; skipped", row["session_id"])
+        return due
 
     async def ping(self) -> None:
         await self._db.execute_fetchall("SELECT 1")
