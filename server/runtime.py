@@ -13,7 +13,7 @@ from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination
 from server.core.conversation import ConversationService, Limits
-from server.core.ports import Coordination, Emitter, MessageQuota, ModelProvider, Repository
+from server.core.ports import Coordination, Emitter, MessageQuota, ModelProvider, Repository, StorageRefused
 from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
@@ -152,6 +152,8 @@ class Runtime:
             problems.append(f"provider: {reason}")
         try:
             await asyncio.wait_for(self.repo.ping(), timeout=2)
+        except StorageRefused as exc:
+            problems.append(f"storage: {exc}")
         except Exception as exc:
             problems.append(f"storage: {type(exc).__name__}")
         if self.settings.redis_url:

@@ -268,3 +268,45 @@ async def test_an_event_storage_refuses_for_good_is_set_aside_not_dropped(databa
         await tasks.drain(1)
         await outbox.aclose()
         await repo.aclose()
+
+
+async def test_readiness_says_when_the_supabase_key_cannot_write(
+    start_server: ServerFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
+) -> None:
+    """The anon key, as the original design's README said to use: every write is refused by row
+    level security, so the service is not ready, and says which key it needs."""
+    anon = await start_server(
+        storage_backend="supabase",
+        supabase_url=postgrest.url,
+        supabase_key=make_key("anon"),
+        outbox_path=tmp_path / "anon-outbox.db",
+    )
+    async with httpx.AsyncClient(base_url=anon.url) as http:
+        answer = await http.get("/readyz")
+    assert answer.status_code == 503
+    (reason,) = answer.json()["reasons"]
+    assert reason.startswith("storage: SUPABASE_KEY has the role anon") and "service_role key" in reason
+
+    # A key that claims the service role but whose role lost its rights: the write probe finds out.
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute("REVOKE UPDATE ON public.sessions FROM service_role")
+    finally:
+        await conn.close()
+    service = await on_supabase(start_server, postgrest, tmp_path, storage_retry_seconds=1)
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        answer = await http.get("/readyz")
+    assert answer.status_code == 503
+    assert "permission denied" in answer.json()["reasons"][0], answer.json()
+
+
+async def test_readiness_with_the_service_role_key_is_ok(
+    start_server: ServerFactory, postgrest: FakePostgrest, tmp_path: Path
+) -> None:
+    server = await on_supabase(start_server, postgrest, tmp_path, storage_retry_seconds=1)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        answer = await http.get("/readyz")
+    assert answer.status_code == 200, answer.json()
+    assert any(
+        method == "PATCH" and "00000000-0000-0000-0000-000000000000" in path for method, path in postgrest.requests
+    )

@@ -113,6 +113,11 @@ class StorageUnavailable(Exception):
     """Storage could not take or give the data within the retry budget."""
 
 
+class StorageRefused(Exception):
+    """Storage answers but will not take the service's writes (e.g. a key without the rights):
+    waiting does not help, the configuration must change. The message says what to change."""
+
+
 class Repository(Protocol):
     """Sessions and events. Every write is idempotent, so retrying one is always safe."""
 
@@ -142,7 +147,7 @@ class Repository(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Raise when storage does not answer."""
+        """Raise when storage does not answer; StorageRefused when it would refuse the service's writes."""
         ...
 
     async def aclose(self) -> None: ...

@@ -21,6 +21,7 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from server.core.models import EventDraft, Session, StoredEvent
+from server.core.ports import StorageRefused
 from server.storage.postgres import storable
 from server.storage.retry import with_retries
 
@@ -62,11 +63,23 @@ def key_role(key: str) -> str | None:
     return role if isinstance(role, str) else None
 
 
+_NO_SESSION = "00000000-0000-0000-0000-000000000000"
+_PERMISSION_DENIED = frozenset({"42501", "401", "403"})
+_NEEDS_SERVICE_ROLE = (
+    "SUPABASE_KEY has the role {role}, and row level security refuses its writes: the server needs "
+    "the service_role key (Supabase dashboard, Project Settings > API Keys: the service_role key, or a "
+    "secret key sb_secret_...)"
+)
+
+
 class SupabaseRepository:
-    def __init__(self, client: AsyncClient, http: httpx.AsyncClient, retry_seconds: float) -> None:
+    def __init__(
+        self, client: AsyncClient, http: httpx.AsyncClient, retry_seconds: float, role: str | None = None
+    ) -> None:
         self._client = client
         self._http = http
         self._retry_seconds = retry_seconds
+        self._role = role  # the key's, when it says (None: a key of unknown shape)
 
     @classmethod
     async def open(
@@ -76,14 +89,14 @@ class SupabaseRepository:
         if role is not None and role != "service_role":
             log.warning(
                 "SUPABASE_KEY looks like the %s key: the server needs the service-role key, or row level "
-                "security refuses its reads and writes",
+                "security refuses its reads and writes (/readyz answers 503 until it has it)",
                 role,
             )
         http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds))
         client = await acreate_client(
             url, key, options=AsyncClientOptions(httpx_client=http, postgrest_client_retry=False)
         )
-        return cls(client, http, retry_seconds)
+        return cls(client, http, retry_seconds, role)
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         return await with_retries(operation, transient=transient, what=what, budget_seconds=self._retry_seconds)
@@ -241,7 +254,24 @@ class SupabaseRepository:
         return await self._retrying(op, "list due summaries")
 
     async def ping(self) -> None:
-        await self._client.table("sessions").select("session_id").limit(1).execute()
+        """Whether the key may write: an update that matches no row is refused (permission denied)
+        when the key's role lacks the rights, e.g. the anon key under this project's policies."""
+        if self._role is not None and self._role != "service_role":
+            raise StorageRefused(_NEEDS_SERVICE_ROLE.format(role=self._role))
+        try:
+            await (
+                self._client.table("sessions")
+                .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
+                .eq("session_id", _NO_SESSION)
+                .execute()
+            )
+        except APIError as exc:
+            if str(exc.code) in _PERMISSION_DENIED:
+                raise StorageRefused(
+                    f"SUPABASE_KEY may not write the tables ({exc.code}: permission denied); "
+                    + _NEEDS_SERVICE_ROLE.format(role=self._role or "unknown")
+                ) from None
+            raise
 
     async def aclose(self) -> None:
         await self._http.aclose()
