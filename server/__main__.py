@@ -1,6 +1,9 @@
 """`python -m server`: serve on HOST:PORT (see server/serve.py)."""
 
-from server.serve import main
+from server.config import load_settings
 
 if __name__ == "__main__":
+    load_settings()  # an unusable setting stops it here, before the heavy imports below
+    from server.serve import main
+
     main()

@@ -79,9 +79,14 @@ UNUSABLE_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("command", ["python -m server", "uvicorn server.main:app"])
+# Every setting through `python -m server`; uvicorn's import of the app checks them the same way.
+CASES = [("python -m server", *case) for case in UNUSABLE_SETTINGS] + [
+    ("uvicorn server.main:app", *case) for case in (UNUSABLE_SETTINGS[0], UNUSABLE_SETTINGS[5])
+]
+
+
 @pytest.mark.parametrize(
-    ("setting", "value", "says"), UNUSABLE_SETTINGS, ids=[f"{s}={v}" for s, v, _ in UNUSABLE_SETTINGS]
+    ("command", "setting", "value", "says"), CASES, ids=[f"{c.split()[0]}-{s}={v}" for c, s, v, _ in CASES]
 )
 async def test_an_unusable_setting_stops_it_with_one_message_and_no_traceback(
     tmp_path: Path, command: str, setting: str, value: str, says: str
