@@ -20,6 +20,8 @@ MALFORMED = {
     "an unknown packet type": "9zz",
     "a Socket.IO packet of no known type": "4zz",
     "an event that is not a list": '42{"a":1}',
+    "an event without a name": "42[]",
+    "a packet only the server sends": '44{"message":"x"}',
     "an empty frame": "",
     "a binary frame": b"\x00\x01binary",
 }

@@ -123,25 +123,61 @@ class RedisManager(socketio.AsyncRedisManager, DirectEmitManager):  # type: igno
         return result
 
 
+# The Socket.IO packets a client may send (CONNECT_ERROR is the server's to send).
+_CLIENT_PACKETS = frozenset(
+    {
+        sio_packet.CONNECT,
+        sio_packet.DISCONNECT,
+        sio_packet.EVENT,
+        sio_packet.ACK,
+        sio_packet.BINARY_EVENT,
+        sio_packet.BINARY_ACK,
+    }
+)
+
+
 class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
-    """python-socketio's server, except that an Engine.IO message that is not a Socket.IO packet
-    (`42[`, a binary frame no binary event announced) closes its connection with one log line.
-    python-socketio raises out of its handler task instead: a traceback per message, and the
-    connection stays open for more."""
+    """python-socketio's server, except that an Engine.IO message that is not a Socket.IO packet a
+    client may send (`42[`, `42{}`, an unknown type, a binary frame no binary event announced)
+    closes its connection with one log line. python-socketio raises out of its handler task
+    instead: a traceback per message, and the connection stays open for more."""
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if eio_sid not in self._binary_packet:  # else: an attachment the packet before announced
+            problem = _malformed(self.packet_class, data)
+            if problem is not None:
+                await self._close_malformed(eio_sid, problem)
+                return
         try:
             await super()._handle_eio_message(eio_sid, data)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            self._binary_packet.pop(eio_sid, None)
-            socket = self.eio.sockets.get(eio_sid)
-            if socket is None or socket.closing:  # closed by an earlier malformed packet
-                return
-            log.info("closing Socket.IO connection %s: a malformed packet (%s)", eio_sid, type(exc).__name__)
-            await self.eio.disconnect(eio_sid)
-            # After its CLOSE packet, end the writer too, which closes the WebSocket: a client
-            # that ignores the packet is not left connected.
-            await socket.queue.put(None)
+        except ValueError as exc:  # python-socketio's word for a packet out of place ("Unexpected ...")
+            await self._close_malformed(eio_sid, str(exc))
+
+    async def _close_malformed(self, eio_sid: str, problem: str) -> None:
+        self._binary_packet.pop(eio_sid, None)
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.closing:  # closed by an earlier malformed packet
+            return
+        log.info("closing Socket.IO connection %s: a malformed packet (%s)", eio_sid, problem)
+        await self.eio.disconnect(eio_sid)
+        # After its CLOSE packet, end the writer too, which closes the WebSocket: a client that
+        # ignores the packet is not left connected.
+        await socket.queue.put(None)
+
+
+def _malformed(packet_class: Any, data: Any) -> str | None:
+    """Why `data` is no Socket.IO packet a client may send, or None when it is one."""
+    try:
+        pkt = packet_class(encoded_packet=data)
+    except (ValueError, TypeError, IndexError) as exc:
+        return f"undecodable: {type(exc).__name__}"
+    if pkt.packet_type not in _CLIENT_PACKETS:
+        return f"packet type {pkt.packet_type}"
+    if pkt.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT) and not (
+        isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)
+    ):
+        return "an event that is not [name, ...]"
+    return None
 
 
 def create_sio(settings: Settings) -> socketio.AsyncServer:
