@@ -23,6 +23,17 @@ async def opened(tabs: list[Tab], url: str, bearer: str | None = None) -> Tab:
     return await tab.connect(auth={"token": bearer} if bearer else None)
 
 
+def clustered(redis_channel: str, message_rate_limit: int) -> dict[str, Any]:
+    """Settings of servers that share Redis, with authentication on."""
+    return {
+        "redis_url": REDIS_URL,
+        "redis_channel": redis_channel,
+        "auth_jwt_secret": SECRET,
+        "message_rate_limit": message_rate_limit,
+        "offline_chunk_delay_ms": 0,
+    }
+
+
 async def test_joins_sent_at_once_count_against_the_session_cap(start_server: ServerFactory, tabs: list[Tab]) -> None:
     server = await start_server(max_sessions_per_socket=3)
     tab = await opened(tabs, server.url)
@@ -110,13 +121,7 @@ async def test_connections_opened_at_once_while_keys_are_fetched_are_capped(
 async def test_a_users_limit_counts_their_messages_on_every_process(
     start_server: ServerFactory, tabs: list[Tab], redis_channel: str
 ) -> None:
-    shared = {
-        "redis_url": REDIS_URL,
-        "redis_channel": redis_channel,
-        "auth_jwt_secret": SECRET,
-        "message_rate_limit": 2,
-        "offline_chunk_delay_ms": 0,
-    }
+    shared = clustered(redis_channel, message_rate_limit=2)
     one, two = await start_server(**shared), await start_server(**shared)
     on_one = await opened(tabs, one.url, token("hana"))
     on_two = await opened(tabs, two.url, token("hana"))
@@ -139,13 +144,7 @@ async def test_a_users_limit_counts_their_messages_on_every_process(
 async def test_a_users_messages_sent_at_once_to_two_processes_are_counted_one_by_one(
     start_server: ServerFactory, tabs: list[Tab], redis_channel: str
 ) -> None:
-    shared = {
-        "redis_url": REDIS_URL,
-        "redis_channel": redis_channel,
-        "auth_jwt_secret": SECRET,
-        "message_rate_limit": 3,
-        "offline_chunk_delay_ms": 0,
-    }
+    shared = clustered(redis_channel, message_rate_limit=3)
     servers = [await start_server(**shared), await start_server(**shared)]
     sent: list[Any] = []
     for server in servers:

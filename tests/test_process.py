@@ -67,6 +67,21 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
     assert await asyncio.wait_for(process.wait(), 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once clean
 
 
+async def run_to_the_end(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int | None, str]:
+    """Run Python with `argv` until it exits: its status and its whole output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    return process.returncode, out
+
+
 UNUSABLE_SETTINGS = [
     ("PORT", "abc", "PORT='abc' cannot be used: it should be a valid integer"),
     ("PORT", "99999", "PORT='99999' cannot be used: it should be less than or equal to 65535"),
@@ -93,17 +108,8 @@ async def test_an_unusable_setting_stops_it_with_one_message_and_no_traceback(
 ) -> None:
     env = service_env(tmp_path, free_port(), **{setting: value}, SUPABASE_KEY="s3cret")
     argv = ["-m", "server"] if command == "python -m server" else ["-m", "uvicorn", "server.main:app"]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
-    assert process.returncode != 0
+    returncode, out = await run_to_the_end(argv, tmp_path, env)
+    assert returncode != 0
     assert says in out and "Traceback" not in out, out
     assert len(out.strip().splitlines()) <= 3, out
     assert "s3cret" not in out
@@ -114,21 +120,10 @@ async def test_a_second_server_on_a_busy_port_stops_before_it_opens_anything(tmp
     busy = listening_socket()
     busy.listen()
     try:
-        env = service_env(tmp_path, busy.getsockname()[1])
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+        returncode, out = await run_to_the_end(["-m", "server"], tmp_path, service_env(tmp_path, busy.getsockname()[1]))
     finally:
         busy.close()
-    assert process.returncode != 0
+    assert returncode != 0
     assert "address already in use" in out.lower() and "startup complete" not in out, out
     assert not (tmp_path / "data").exists()  # the database was never opened
 

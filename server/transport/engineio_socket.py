@@ -92,19 +92,25 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 raise ValueError("packet is too large")
             return data
 
+        async def upgrade_packet() -> packet.Packet | None:
+            """The next packet of an upgrade; None once a frame that is none closed the socket."""
+            try:
+                return decode_frame(await websocket_wait())
+            except MalformedFrame as exc:
+                self._refuse_frame(exc)
+                self.upgrading = False
+                await ws.close()
+                return None
+
         if self.connected:
             # the socket was already connected, so this is an upgrade
             self.upgrading = True  # hold packet sends during the upgrade
 
             try:
-                pkt = await websocket_wait()
-                decoded_pkt = decode_frame(pkt)
-            except MalformedFrame as exc:
-                self._refuse_frame(exc)
-                self.upgrading = False
-                await ws.close()
-                return
+                decoded_pkt = await upgrade_packet()
             except OSError:
+                return
+            if decoded_pkt is None:
                 return
             if decoded_pkt.packet_type != packet.PING or decoded_pkt.data != "probe":
                 self.server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
@@ -114,22 +120,18 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
             await self.queue.put(packet.Packet(packet.NOOP))  # end poll
 
             try:
-                pkt = await websocket_wait()
-                decoded_pkt = decode_frame(pkt)
-            except MalformedFrame as exc:
-                self._refuse_frame(exc)
-                self.upgrading = False
-                await ws.close()
-                return
+                decoded_pkt = await upgrade_packet()
             except OSError:
                 self.upgrading = False
+                return
+            if decoded_pkt is None:
                 return
             if decoded_pkt.packet_type != packet.UPGRADE:
                 self.upgraded = False
                 self.server.logger.info(
                     "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
                     self.sid,
-                    pkt,
+                    packet.packet_names[decoded_pkt.packet_type],
                 )
                 self.upgrading = False
                 return
