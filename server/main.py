@@ -9,13 +9,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import socketio
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.config import Settings, load_settings
 from server.runtime import Runtime
+from server.transport.clients import ConnectionGate
 from server.transport.http import router
-from server.transport.origins import origin_regex
+from server.transport.origins import origin_matcher, origin_regex
+from server.transport.plain_ws import GOING_AWAY, PlainHub, serve_plain_client
 from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
 from server.transport.tokens import TokenVerifier
 
@@ -23,11 +25,12 @@ from server.transport.tokens import TokenVerifier
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
-    sio = create_sio(settings)
+    hub = PlainHub()
+    sio = create_sio(settings, hub)
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, SocketIOEmitter(sio))
+        runtime = await Runtime.start(settings, SocketIOEmitter(sio, hub))
         api.state.runtime = runtime
         try:
             yield
@@ -56,14 +59,25 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         else None
     )
     api.state.verifier = verifier
-    register_handlers(
-        sio,
-        lambda: api.state.runtime.service,
-        verifier=verifier,
-        max_connections_per_address=settings.max_connections_per_address,
-    )
+    gate = ConnectionGate(verifier, settings.max_connections_per_address)
+    register_handlers(sio, lambda: api.state.runtime.service, gate)
+    origins = origin_matcher(settings.cors_origin_list)
+
+    @api.websocket("/ws/session/{session_id}")
+    async def plain_session(websocket: WebSocket, session_id: str) -> None:
+        await serve_plain_client(
+            websocket,
+            session_id,
+            service=api.state.runtime.service,
+            gate=gate,
+            hub=hub,
+            origin_allowed=origins,
+            packet_limit=settings.packet_limit,
+        )
+
     app = socketio.ASGIApp(sio, other_asgi_app=api)
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
+    app.plain_hub = hub
     return app
 
 
@@ -72,6 +86,10 @@ async def prepare_shutdown(app: Any) -> None:
     runtime: Runtime | None = getattr(app.api.state, "runtime", None)
     if runtime is not None:
         await runtime.drain_turns()
+    # Plain WebSocket clients get what is queued for them (the turns' `done`), then 1001.
+    plain = [client.closed for client in app.plain_hub.close_all(GOING_AWAY)]
+    if plain:
+        await asyncio.wait(plain, timeout=1)
     # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
     # interval) and is a "transport close" to clients, so they reconnect to another process.
     # Best effort: a client that vanished never reads its close packet, so do not wait long.

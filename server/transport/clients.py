@@ -1,0 +1,139 @@
+"""What every transport's client shares: who it is, the limits it counts against, and how a request
+becomes an acknowledgement in the contract's error order.
+
+A transport (Socket.IO, the plain WebSocket) decodes frames into a request name and a payload,
+calls `ClientConnection.request`, and encodes the answer; it never decides a refusal itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from server.core.conversation import ConversationService
+from server.core.errors import ErrorCode, ServiceError
+from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
+from server.transport.tokens import Identity, InvalidToken, TokenVerifier
+
+log = logging.getLogger(__name__)
+P = TypeVar("P", bound=BaseModel)
+Ack = dict[str, Any]
+Transport = Literal["socketio", "websocket"]
+
+
+@dataclass(eq=False)
+class ClientConnection:
+    """One connected client, on either transport. `member` is its name in the core (unique)."""
+
+    member: str
+    transport: Transport
+    address: str
+    identity: Identity | None
+    authenticating: bool  # authentication is on: every request needs a valid identity
+
+    def user(self) -> str | None:
+        """The authenticated user; `unauthorized` once the token expired (it comes first of all errors)."""
+        if not self.authenticating:
+            return None
+        if self.identity is None or self.identity.expired():
+            raise ServiceError(ErrorCode.UNAUTHORIZED, "the token has expired; reconnect with a fresh one")
+        return self.identity.user_id
+
+    async def request(
+        self,
+        service: ConversationService,
+        action: Callable[[ConversationService, ClientConnection, Any, str | None], Awaitable[Ack]],
+        model: type[P],
+        payload: object,
+    ) -> Ack:
+        """Run one request: the ack `{ok: true, ...}` or `{ok: false, error: {code, message}}`."""
+        try:
+            user = self.user()
+            try:
+                parsed = model.model_validate(payload)
+            except ValidationError as exc:
+                raise invalid_payload(exc) from None
+            return {"ok": True, **await action(service, self, parsed, user)}
+        except ServiceError as exc:
+            return {"ok": False, "error": exc.as_dict()}
+        except Exception:
+            log.exception("unexpected failure handling a request from %s", self.member)
+            return {"ok": False, "error": {"code": "unavailable", "message": "the server could not do this now"}}
+
+
+class ConnectionGate:
+    """Admits clients of both transports: connections per address (counted across both, and before
+    the token is verified, so connections opened at once count as if opened one by one) and the
+    token when authentication is on."""
+
+    def __init__(self, verifier: TokenVerifier | None, max_per_address: int) -> None:
+        self._verifier = verifier
+        self._max = max_per_address
+        self._per_address: Counter[str] = Counter()
+
+    @property
+    def authenticating(self) -> bool:
+        return self._verifier is not None
+
+    async def admit(self, member: str, transport: Transport, address: str, token: object) -> ClientConnection:
+        """The connection, or ServiceError `rate_limited` / `unauthorized` (then nothing is counted)."""
+        if self._per_address[address] >= self._max:
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many connections from this address")
+        self._per_address[address] += 1
+        try:
+            identity = await self._verifier.verify(token) if self._verifier is not None else None
+        except InvalidToken as exc:
+            log.info("refused a %s connection from %s: invalid token (%s)", transport, address, exc)
+            self._forget(address)
+            raise ServiceError(ErrorCode.UNAUTHORIZED, "a valid token is needed") from None
+        except BaseException:
+            self._forget(address)
+            raise
+        return ClientConnection(member, transport, address, identity, self.authenticating)
+
+    def release(self, connection: ClientConnection) -> None:
+        self._forget(connection.address)
+
+    def _forget(self, address: str) -> None:
+        self._per_address[address] -= 1
+        if self._per_address[address] <= 0:
+            del self._per_address[address]
+
+
+# ---------------------------------------------------------------- the requests, as both transports name them
+
+
+async def join(svc: ConversationService, client: ClientConnection, p: JoinPayload, user: str | None) -> Ack:
+    result = await svc.join(client.member, p.session_id, p.user_id, p.after_event_id, owner=user)
+    return {
+        "session": result.session.model_dump(mode="json"),
+        "history": [event.public() for event in result.history],
+        "active_turn": result.active_turn.model_dump(mode="json") if result.active_turn else None,
+    }
+
+
+async def message(svc: ConversationService, client: ClientConnection, p: MessagePayload, user: str | None) -> Ack:
+    accepted = await svc.send_message(client.member, p.session_id, p.text, p.client_message_id, user=user)
+    return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
+
+
+async def cancel(svc: ConversationService, client: ClientConnection, p: SessionPayload, user: str | None) -> Ack:
+    return {"turn_id": await svc.cancel(client.member, p.session_id)}
+
+
+async def leave(svc: ConversationService, client: ClientConnection, p: SessionPayload, user: str | None) -> Ack:
+    await svc.leave(client.member, p.session_id)
+    return {}
+
+
+REQUESTS: dict[str, tuple[type[BaseModel], Callable[..., Awaitable[Ack]]]] = {
+    "join": (JoinPayload, join),
+    "message": (MessagePayload, message),
+    "cancel": (SessionPayload, cancel),
+    "leave": (SessionPayload, leave),
+}

@@ -1,0 +1,287 @@
+"""The original design's plain WebSocket endpoint, `/ws/session/{session_id}` (PROTOCOL.md).
+
+A second door into the same rooms: the client joins the session in its URL when it connects and
+leaves it when it closes; every text frame is a request (plain text is a `message`), answered by
+one `ack` frame before any event it causes; the session's events arrive as `{event, data}` frames
+with the Socket.IO events' payloads. Everything a transport shares (identity, limits, the error
+order) is transport/clients.py; this module decodes frames and encodes events.
+
+Delivery: `PlainHub.deliver` is called by the Socket.IO manager's room emit, which every event of a
+session passes through on every process (local ones and those read back from Redis), so plain
+clients on any process get the session's events, each encoded once for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from server.core.conversation import ConversationService
+from server.core.errors import ErrorCode, ServiceError
+from server.transport import fast_json
+from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate
+from server.transport.tokens import bearer_token
+
+log = logging.getLogger(__name__)
+
+CLOSE_CODES = {
+    ErrorCode.INVALID_SESSION_ID: 4400,
+    ErrorCode.INVALID_PAYLOAD: 4400,
+    ErrorCode.UNAUTHORIZED: 4401,
+    ErrorCode.FORBIDDEN: 4403,
+    ErrorCode.RATE_LIMITED: 4429,
+}
+# Not in PROTOCOL.md's list: storage or shared state could not take the join; retrying is safe.
+TRY_AGAIN_LATER = 1013
+GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009
+
+
+def frame(event: str, data: Any) -> str:
+    return fast_json.dumps({"event": event, "data": data})
+
+
+class PlainClient:
+    """One plain WebSocket: frames wait in order in its queue, and a writer task sends them.
+
+    While one of its requests runs, the events for it are held, so its `ack` goes out before the
+    events the request caused (a `user_message`, the first chunks)."""
+
+    def __init__(self, websocket: WebSocket, connection: ClientConnection) -> None:
+        self.websocket = websocket
+        self.connection = connection
+        self._queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()  # a frame, or (close code, reason)
+        self._held: list[str] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def member(self) -> str:
+        return self.connection.member
+
+    def send(self, text: str) -> None:
+        if self._held is not None:
+            self._held.append(text)
+        else:
+            self._queue.put_nowait(text)
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[list[str]]:
+        """Hold events while a request runs; what the block appends to the list goes out first."""
+        first: list[str] = []
+        self._held = []
+        try:
+            yield first
+        finally:
+            held, self._held = self._held, None
+            for text in [*first, *held]:
+                self._queue.put_nowait(text)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close once the frames queued so far are sent."""
+        self._queue.put_nowait((code, reason))
+
+    async def write(self) -> None:
+        """The writer: sends frames in order until a close code, or until the socket is gone."""
+        try:
+            await self._write()
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, tuple):
+                    with contextlib.suppress(RuntimeError, OSError):
+                        await self.websocket.close(code=item[0], reason=item[1])
+                    return
+                await self.websocket.send_text(item)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client went away; the reader notices too
+
+
+class PlainHub:
+    """The plain WebSocket clients of this process, by the session rooms they are in."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, PlainClient] = {}
+        self._rooms: defaultdict[str, set[PlainClient]] = defaultdict(set)
+
+    def knows(self, member: str) -> bool:
+        return member in self._clients
+
+    def register(self, client: PlainClient) -> None:
+        self._clients[client.member] = client
+
+    def unregister(self, client: PlainClient) -> None:
+        self._clients.pop(client.member, None)
+
+    def enter(self, member: str, room: str) -> None:
+        client = self._clients.get(member)
+        if client is not None:
+            self._rooms[room].add(client)
+
+    def leave(self, member: str, room: str) -> None:
+        clients, client = self._rooms.get(room), self._clients.get(member)
+        if clients is not None and client is not None:
+            clients.discard(client)
+            if not clients:
+                del self._rooms[room]
+
+    def deliver(self, room: str, event: str, data: Any) -> None:
+        """An event of the room, for its plain clients here: encoded once, queued for each (no wait)."""
+        clients = self._rooms.get(room)
+        if not clients:
+            return
+        text = frame(event, data)
+        for client in clients:
+            client.send(text)
+
+    def close_all(self, code: int) -> list[PlainClient]:
+        clients = list(self._clients.values())
+        for client in clients:
+            client.close(code)
+        return clients
+
+
+async def serve_plain_client(
+    websocket: WebSocket,
+    session_id: str,
+    *,
+    service: ConversationService,
+    gate: ConnectionGate,
+    hub: PlainHub,
+    origin_allowed: Any,
+    packet_limit: int,
+) -> None:
+    """The whole life of one plain WebSocket connection."""
+    origin = websocket.headers.get("origin")
+    if origin is not None and not _allowed(origin_allowed, origin):
+        await websocket.close(code=1008)  # before the handshake completes: HTTP 403
+        return
+    await websocket.accept()
+    query = websocket.query_params
+    address = websocket.client.host if websocket.client else "unknown"
+    token = query.get("token") or bearer_token(websocket.headers.get("authorization"))
+    member = f"ws:{uuid.uuid4().hex}"
+    try:
+        connection = await gate.admit(member, "websocket", address, token)
+    except ServiceError as exc:
+        await _refuse(websocket, exc)
+        return
+    client = PlainClient(websocket, connection)
+    hub.register(client)
+    writer = asyncio.create_task(client.write(), name=f"plain writer {member}")
+    try:
+        if await _join(client, service, session_id, query):
+            await _read(client, service, session_id, packet_limit)
+    finally:
+        try:
+            await service.disconnect(member)  # closing is leaving: presence, the last-leave summary
+        except Exception:
+            log.exception("failed to clean up after %s disconnected", member)
+        hub.unregister(client)
+        gate.release(connection)
+        client.close(1000)
+        await writer
+
+
+async def _join(client: PlainClient, service: ConversationService, session_id: str, query: Any) -> bool:
+    """Join the URL's session: the `session` frame first, or a refusal (error frame, close code)."""
+    payload: dict[str, Any] = {"session_id": session_id}
+    if "after_event_id" in query:
+        try:
+            payload["after_event_id"] = int(query["after_event_id"])
+        except ValueError:
+            payload["after_event_id"] = query["after_event_id"]  # refused as invalid_payload below
+    if "user_id" in query and not client.connection.authenticating:
+        payload["user_id"] = query["user_id"]
+    model, action = REQUESTS["join"]
+    async with client.holding() as first:
+        ack = await client.connection.request(service, action, model, payload)
+        if ack["ok"]:
+            first.append(frame("session", {k: v for k, v in ack.items() if k != "ok"}))
+            return True
+        first.append(frame("error", ack["error"]))
+    code = ack["error"]["code"]
+    client.close(_close_code(code), reason=code)
+    return False
+
+
+def _close_code(code: str) -> int:
+    try:
+        return CLOSE_CODES.get(ErrorCode(code), TRY_AGAIN_LATER)
+    except ValueError:
+        return TRY_AGAIN_LATER
+
+
+async def _read(client: PlainClient, service: ConversationService, session_id: str, packet_limit: int) -> None:
+    websocket = client.websocket
+    while True:
+        try:
+            received = await websocket.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        if received["type"] == "websocket.disconnect":
+            return
+        text, data = received.get("text"), received.get("bytes")
+        size = len(text) if text is not None else len(data or b"")
+        if size > packet_limit:
+            log.info("closing plain WebSocket %s: a frame of %d characters", client.member, size)
+            client.close(MESSAGE_TOO_BIG)
+            return
+        request, payload = _command(text, session_id)
+        async with client.holding() as first:
+            ack = await _answer(client, service, request, payload)
+            first.append(frame("ack", {"request": request, **ack}))
+
+
+def _command(text: str | None, session_id: str) -> tuple[str | None, Any]:
+    """A frame as a request: (name, payload); a name of None or a payload of None is refused."""
+    if text is None:  # a binary frame
+        return "message", None
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, dict) or "event" not in decoded:
+        return "message", {"session_id": session_id, "text": text}
+    name = decoded["event"]
+    if name not in ("message", "cancel"):
+        return None, None
+    data = decoded.get("data", {})
+    if not isinstance(data, dict):
+        return name, None
+    return name, {**data, "session_id": session_id}  # the URL's session, whatever `data` says
+
+
+async def _answer(client: PlainClient, service: ConversationService, request: str | None, payload: Any) -> Ack:
+    if request is None or payload is None:
+        try:
+            client.connection.user()  # `unauthorized` comes first of all errors
+        except ServiceError as exc:
+            return {"ok": False, "error": exc.as_dict()}
+        what = "a binary frame" if request == "message" else "an unknown command (message and cancel are known)"
+        return {"ok": False, "error": {"code": "invalid_payload", "message": f"{what} is not a request"}}
+    model, action = REQUESTS[request]
+    return await client.connection.request(service, action, model, payload)
+
+
+async def _refuse(websocket: WebSocket, error: ServiceError) -> None:
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+        await websocket.send_text(frame("error", error.as_dict()))
+        if websocket.application_state is not WebSocketState.DISCONNECTED:
+            await websocket.close(code=_close_code(error.code.value), reason=error.code.value)
+
+
+def _allowed(matcher: Any, origin: str) -> bool:
+    return matcher == "*" or bool(callable(matcher) and matcher(origin))
