@@ -32,6 +32,11 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, SocketIOEmitter(sio, hub))
         api.state.runtime = runtime
+        # python-socketio starts its manager (with REDIS_URL: the listener for other processes'
+        # events) at the first Socket.IO connection; plain WebSocket clients need it from the start.
+        if not sio.manager_initialized:
+            sio.manager_initialized = True
+            sio.manager.initialize()
         try:
             yield
         finally:
