@@ -110,6 +110,8 @@ async def stream(kind: Kind, *, sessions: int, tabs: int, seconds: float, delay_
                     # Paced runs open hundreds of sockets (about 300 a second): connect before counting.
                     *("--seconds", str(seconds), "--warmup", str(3 + sessions / 250 if paced else 2)),
                     *("--stagger", "1" if paced else "0"),
+                    # A variant's BENCH_PLAIN_CLIENTS=N: a plain WebSocket client in each of the first N sessions.
+                    *("--plain", kind.env.get("BENCH_PLAIN_CLIENTS", "0")),
                 ],
                 lambda phase: cpu.__setitem__(phase["phase"], cpu_seconds(server.pid)),
             )

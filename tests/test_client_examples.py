@@ -158,3 +158,32 @@ async def test_node_client_streams_a_turn_seen_by_another_tab(
     done = python_tab.named("done")
     assert len(done) == 1 and done[0]["text"] in out  # the JS tab printed exactly the streamed answer
     assert python_tab.named("user_message")[0]["text"] == "How's the weather in Delhi?"
+
+
+async def test_plain_websocket_client_chats_beside_a_socketio_tab(server: RunningServer, connect: TabFactory) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    out = await run(
+        sys.executable,
+        str(EXAMPLES / "plain_ws_client.py"),
+        "--url",
+        server.url,
+        "--session",
+        sid,
+        stdin=b"How's the weather in Delhi?\nhello\n",
+    )
+    assert out.startswith(f"session {sid} (0 events before)")
+    assert "-> tool call get_weather({'location': 'Delhi'})" in out and "<- tool result {'location': 'Delhi'" in out
+    assert out.count("[done: stop]") == 2
+    done = await tab.wait_for(lambda ev: [d for n, d in ev if n == "done"][1:])
+    assert done[0]["text"] in out  # the plain client printed exactly what the tab received
+
+
+async def test_plain_websocket_client_says_a_refusal_in_one_line(server: RunningServer) -> None:
+    out = await run(
+        sys.executable, str(EXAMPLES / "plain_ws_client.py"), "--url", server.url, "--session", "abc", exit_code=1
+    )
+    assert out.strip() == "refused: invalid_session_id: session_id must be a UUID", out
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = await run(sys.executable, str(EXAMPLES / "plain_ws_client.py"), env={"SERVER_URL": dead}, exit_code=1)
+    assert len(out.strip().splitlines()) == 1 and "--url or SERVER_URL" in out and str(dead.split(":")[-1]) in out

@@ -14,6 +14,7 @@
 // Prints JSON lines on stdout: {"phase":"measure"} when counting starts, {"phase":"end"} when it
 // stops (so the caller can read the server's CPU over exactly that window), then the result.
 import { io } from "socket.io-client";
+import WebSocket from "ws";
 
 const arg = (name, fallback) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -21,6 +22,8 @@ const arg = (name, fallback) => {
 };
 const urls = arg("urls", "http://127.0.0.1:8000").split(",");
 const sessions = Number(arg("sessions", "100"));
+// A plain WebSocket client (/ws/session/{id}) that only reads, in each of the first N sessions.
+const plain = Number(arg("plain", "0"));
 const tabs = Number(arg("tabs", "1"));
 const seconds = Number(arg("seconds", "10"));
 const warmup = Number(arg("warmup", "2"));
@@ -57,6 +60,15 @@ function summary(samples) {
   return { n: sorted.length, p50: percentile(sorted, 50), p99: percentile(sorted, 99), max: percentile(sorted, 100) };
 }
 
+async function openPlain(url, sid) {
+  const ws = new WebSocket(`${url.replace(/^http/, "ws")}/ws/session/${sid}`);
+  await new Promise((resolve, reject) => {
+    ws.once("message", resolve); // the `session` frame
+    ws.once("error", reject);
+  });
+  return ws;
+}
+
 async function streaming() {
   let counting = false;
   let chunks = 0;
@@ -74,6 +86,7 @@ async function streaming() {
       sockets.push(await connect(url));
       await join(sockets[t], sid);
     }
+    const reader = n < plain ? await openPlain(url, sid) : null;
     let sentAt = null;
     for (const socket of sockets) {
       socket.on("chunk", (chunk) => {
@@ -101,6 +114,7 @@ async function streaming() {
       if (counting) turns += 1;
     }
     for (const socket of sockets) socket.disconnect();
+    if (reader) reader.close();
   }
 
   const running = Array.from({ length: sessions }, (_, n) => session(n));
