@@ -308,7 +308,12 @@ async def test_a_disallowed_origin_is_refused_at_the_handshake(server: RunningSe
 async def test_a_mixed_room_across_two_processes_on_redis(
     start_server: ServerFactory, tabs: list[Tab], redis_channel: str, tmp_path: Any
 ) -> None:
-    shared = {"redis_url": REDIS_URL, "redis_channel": redis_channel, "sqlite_path": tmp_path / "shared.db"}
+    shared = {
+        "redis_url": REDIS_URL,
+        "redis_channel": redis_channel,
+        "sqlite_path": tmp_path / "shared.db",
+        "offline_chunk_delay_ms": 20,
+    }
     one, two = await start_server(**shared), await start_server(**shared)
     tab = Tab(two.url)
     tabs.append(tab)
@@ -324,6 +329,9 @@ async def test_a_mixed_room_across_two_processes_on_redis(
         await client.turn(from_plain["turn_id"])
         kinds = ("user_message", "chunk", "done")
         assert [(n, d) for n, d in client.frames if n in kinds] == [(n, d) for n, d in tab.events if n in kinds]
-        busy = await tab.call("message", {"session_id": sid, "text": "again"})
-        assert (await client.ack("me too"))["error"]["code"] == "busy"
-        await client.turn(busy["turn_id"])
+        running = await tab.call("message", {"session_id": sid, "text": "again, at length"})
+        assert (await client.ack("me too"))["error"]["code"] == "busy"  # busy across processes and doors
+        await client.wait_for(lambda f: any(n == "chunk" and d["turn_id"] == running["turn_id"] for n, d in f))
+        assert (await client.ack(json.dumps({"event": "cancel"})))["turn_id"] == running["turn_id"]
+        assert (await client.turn(running["turn_id"]))[-1][1]["finish_reason"] == "cancelled"
+        assert (await tab.turn(running["turn_id"]))[-1][1]["finish_reason"] == "cancelled"
