@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
 from tests.harness import Tab, free_port, listening_socket, service_env
@@ -61,6 +64,14 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
         ack = await tab.call("message", {"session_id": sid, "text": "hello uvicorn"})
         done = (await tab.turn(ack["turn_id"]))[-1][1]
         assert done["finish_reason"] == "stop"
+        # The original design's way in, as its instructions had it: a plain WebSocket, plain text.
+        async with ws_connect(url.replace("http://", "ws://") + f"/ws/session/{uuid.uuid4()}") as ws:
+            assert json.loads(await ws.recv())["event"] == "session"
+            await ws.send("How's the weather in Delhi ?")
+            frames = []
+            while not frames or frames[-1]["event"] != "done":
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        assert [f["event"] for f in frames][:2] == ["presence", "ack"] and frames[-1]["data"]["finish_reason"] == "stop"
     finally:
         await tab.close()
     process.send_signal(signal.SIGTERM)
