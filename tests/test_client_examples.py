@@ -30,7 +30,12 @@ async def run(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
+    finally:
+        if process.returncode is None:  # a client that hangs: leave nothing behind
+            process.kill()
+            await process.wait()
     text = out.decode()
     assert process.returncode == exit_code, text
     return text

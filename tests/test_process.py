@@ -89,7 +89,12 @@ async def run_to_the_end(argv: list[str], cwd: Path, env: dict[str, str]) -> tup
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    try:
+        out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    finally:
+        if process.returncode is None:  # it did not stop (the failure under test): leave nothing behind
+            process.kill()
+            await process.wait()
     return process.returncode, out
 
 
