@@ -13,7 +13,9 @@ Workloads: (a) one session, one client; (b) 100 sessions at once; (c) one sessio
 (d) sessions streaming 10 chunks/s each, as many as make 25, 50 and 75 % of the bare server's
 chunks/s at (b); (e) idle sockets, each joined to a session: RSS per socket at 1,000 and 5,000.
 A `--variant label=bare|service:KEY=VALUE,...` runs beside them with extra environment, to measure
-one setting's effect in the same run. Configurations alternate within each round; medians count.
+one setting's effect in the same run (`BENCH_PLAIN_CLIENTS=N` adds a reading plain WebSocket client
+to each of the first N sessions; `PYTHONPATH=<checkout>` runs another commit's code).
+Configurations alternate within each round; medians count.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
 from tests.conftest import ServerFactory, TabFactory
@@ -161,6 +161,10 @@ async def test_bad_frames_are_answered_and_the_socket_stays_open(
         await client.wait_for(lambda f: f[:1])
         ack = await client.ack(frame)
         assert (ack["request"], ack["ok"], ack["error"]["code"]) == (asked, False, code)
+        if isinstance(frame, bytes):
+            assert ack["error"]["message"] == "a binary frame is not a request"
+        elif asked is None:
+            assert ack["error"]["message"].startswith("an unknown command")
         ok = await client.ack("still here")
         assert ok["ok"]
         await client.turn(ok["turn_id"])
@@ -221,7 +225,25 @@ async def test_authentication_by_query_token_or_header_and_ownership(start_serve
             assert await refused(server, {"token": token("kim")}) == "rate_limited"  # counted across both doors
 
 
-async def test_a_mixed_room_sees_the_same_turns_in_the_same_order(server: RunningServer, connect: TabFactory) -> None:
+async def test_the_message_limit_and_an_expired_token_hold_on_the_plain_door(start_server: ServerFactory) -> None:
+    server = await start_server(auth_jwt_secret=SECRET, message_rate_limit=1, offline_chunk_delay_ms=0)
+    async with plain(server, str(uuid.uuid4()), f"token={token('max')}") as client:
+        await client.wait_for(lambda f: f[:1])
+        first = await client.ack("one")
+        await client.turn(first["turn_id"])
+        assert (await client.ack("two"))["error"]["code"] == "rate_limited"
+    # Already past `exp` but within the 10 s leeway for clock skew: accepted, for about 2 s more.
+    async with plain(server, str(uuid.uuid4()), f"token={token('max', expires_in=-8)}") as client:
+        await client.wait_for(lambda f: f[:1])
+        await asyncio.sleep(2.5)
+        assert (await client.ack("still me?"))["error"]["code"] == "unauthorized"
+        assert (await client.ack(b"binary"))["error"]["code"] == "unauthorized"  # before every other error
+
+
+async def test_a_mixed_room_sees_the_same_turns_in_the_same_order(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=20)
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
     async with plain(server, sid) as client:
@@ -232,13 +254,14 @@ async def test_a_mixed_room_sees_the_same_turns_in_the_same_order(server: Runnin
         from_plain = await client.ack("and hello from the plain door")
         await client.turn(from_plain["turn_id"])
         await tab.turn(from_plain["turn_id"])
-        busy = await tab.call("message", {"session_id": sid, "text": "x"})
-        assert busy["ok"]  # nothing ran: accepted
+        running = await tab.call("message", {"session_id": sid, "text": "x"})
+        assert running["ok"]
         refused = await client.ack("now")
         assert refused["error"]["code"] == "busy"  # busy across the two doors
-        assert (await client.ack(json.dumps({"event": "cancel"})))["turn_id"] == busy["turn_id"]
-        await tab.turn(busy["turn_id"])
-        await client.turn(busy["turn_id"])
+        await client.wait_for(lambda f: any(n == "chunk" and d["turn_id"] == running["turn_id"] for n, d in f))
+        assert (await client.ack(json.dumps({"event": "cancel"})))["turn_id"] == running["turn_id"]
+        await tab.turn(running["turn_id"])
+        await client.turn(running["turn_id"])
         plain_turns = [
             (n, d) for n, d in client.frames if n in ("user_message", "chunk", "tool_call", "tool_result", "done")
         ]
@@ -264,7 +287,7 @@ async def test_a_plain_client_joining_mid_turn_and_replaying_history(
         assert active["turn_id"] == ack["turn_id"] and active["text"]
         done = (await late.turn(ack["turn_id"]))[-1][1]
         live = [d for n, d in late.frames if n == "chunk" and d["index"] >= active["next_index"]]
-        assert active["text"][: len(active["text"])] + "".join(c["text"] for c in live) == done["text"]
+        assert active["text"] + "".join(c["text"] for c in live) == done["text"]
     history = (await tab.join(sid))["history"]
     after = history[0]["event_id"]
     async with plain(server, sid, f"after_event_id={after}") as replay:
@@ -298,9 +321,10 @@ async def test_shutdown_mid_turn_sends_done_then_closes_with_1001(start_server: 
 
 async def test_a_disallowed_origin_is_refused_at_the_handshake(server: RunningServer) -> None:
     url = server.url.replace("http://", "ws://") + f"/ws/session/{uuid.uuid4()}"
-    with pytest.raises(Exception, match="403"):
+    with pytest.raises(InvalidStatus) as refused_handshake:
         async with connect(url, origin="https://evil.example"):  # type: ignore[arg-type]
             pass
+    assert refused_handshake.value.response.status_code == 403
     async with connect(url, origin="http://localhost:3000") as ws:  # type: ignore[arg-type]
         assert json.loads(await ws.recv())["event"] == "session"
 

@@ -44,6 +44,14 @@ class ClientConnection:
             raise ServiceError(ErrorCode.UNAUTHORIZED, "the token has expired; reconnect with a fresh one")
         return self.identity.user_id
 
+    def undecodable(self, message: str) -> Ack:
+        """The ack for a frame or event that is no request at all: `unauthorized` still comes first."""
+        try:
+            self.user()
+        except ServiceError as exc:
+            return {"ok": False, "error": exc.as_dict()}
+        return {"ok": False, "error": {"code": ErrorCode.INVALID_PAYLOAD.value, "message": message}}
+
     async def request(
         self,
         service: ConversationService,

@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.transport import fast_json
-from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate
+from server.transport.clients import REQUESTS, ClientConnection, ConnectionGate
 from server.transport.tokens import bearer_token
 
 log = logging.getLogger(__name__)
@@ -239,41 +239,34 @@ async def _read(client: PlainClient, service: ConversationService, session_id: s
             log.info("closing plain WebSocket %s: a frame of %d characters", client.member, size)
             client.close(MESSAGE_TOO_BIG)
             return
-        request, payload = _command(text, session_id)
+        request, payload, problem = _command(text, session_id)
         async with client.holding() as first:
-            ack = await _answer(client, service, request, payload)
+            if problem is not None:
+                ack = client.connection.undecodable(problem)
+            else:
+                assert request is not None
+                model, action = REQUESTS[request]
+                ack = await client.connection.request(service, action, model, payload)
             first.append(frame("ack", {"request": request, **ack}))
 
 
-def _command(text: str | None, session_id: str) -> tuple[str | None, Any]:
-    """A frame as a request: (name, payload); a name of None or a payload of None is refused."""
-    if text is None:  # a binary frame
-        return "message", None
+def _command(text: str | None, session_id: str) -> tuple[str | None, Any, str | None]:
+    """A frame as a request: (its name, its payload, why it is no request, if it is not)."""
+    if text is None:
+        return "message", None, "a binary frame is not a request"
     try:
         decoded = json.loads(text)
     except ValueError:
         decoded = None
     if not isinstance(decoded, dict) or "event" not in decoded:
-        return "message", {"session_id": session_id, "text": text}
+        return "message", {"session_id": session_id, "text": text}, None
     name = decoded["event"]
     if name not in ("message", "cancel"):
-        return None, None
+        return None, None, "an unknown command (message and cancel are known) is not a request"
     data = decoded.get("data", {})
     if not isinstance(data, dict):
-        return name, None
-    return name, {**data, "session_id": session_id}  # the URL's session, whatever `data` says
-
-
-async def _answer(client: PlainClient, service: ConversationService, request: str | None, payload: Any) -> Ack:
-    if request is None or payload is None:
-        try:
-            client.connection.user()  # `unauthorized` comes first of all errors
-        except ServiceError as exc:
-            return {"ok": False, "error": exc.as_dict()}
-        what = "a binary frame" if request == "message" else "an unknown command (message and cancel are known)"
-        return {"ok": False, "error": {"code": "invalid_payload", "message": f"{what} is not a request"}}
-    model, action = REQUESTS[request]
-    return await client.connection.request(service, action, model, payload)
+        return name, data, None  # refused by the payload's validation, as on Socket.IO
+    return name, {**data, "session_id": session_id}, None  # the URL's session, whatever `data` says
 
 
 async def _refuse(websocket: WebSocket, error: ServiceError) -> None:

@@ -240,11 +240,7 @@ def register_handlers(
             if client is None:  # an event racing its socket's disconnect
                 return {"ok": False, "error": {"code": "unavailable", "message": "the connection is closing"}}
             if len(args) != 1:
-                try:
-                    client.user()  # `unauthorized` comes first of all errors
-                except ServiceError as exc:
-                    return {"ok": False, "error": exc.as_dict()}
-                return {"ok": False, "error": {"code": "invalid_payload", "message": "send exactly one payload object"}}
+                return client.undecodable("send exactly one payload object")
             return await client.request(service(), action, model, args[0])
 
         return handle
