@@ -12,17 +12,18 @@ from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination
-from server.core.conversation import ConversationService, Limits
+from server.core.conversation import ConversationService
+from server.core.limits import Limits
 from server.core.ports import Coordination, Emitter, MessageQuota, ModelProvider, Repository, StorageRefused
 from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
+from server.core.tools import ToolRegistry
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import SupabaseRepository
-from server.tools.registry import ToolRegistry
 from server.tools.weather import weather_tool
 
 log = logging.getLogger("server")

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from server.coordination.local import LocalCoordination
-from server.core.conversation import ConversationService, Limits
+from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
+from server.core.limits import Limits
 from server.core.models import EVENT_NAMES, ActiveTurn, EventDraft, EventType, TurnEvent, Usage, utc_now
 from server.core.ports import (
     ConversationItem,
@@ -34,8 +35,8 @@ from server.core.ports import (
     UsageReport,
 )
 from server.core.tasks import TaskTracker
+from server.core.tools import Tool, ToolRegistry
 from server.storage.sqlite import SqliteRepository
-from server.tools.registry import Tool, ToolRegistry
 from server.tools.weather import SPEC as WEATHER_SPEC
 
 Script = Callable[[ModelRequest, int], AsyncGenerator[ModelEvent, None]]

@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from server.core.event_log import EventLog
+from server.core.event_store import EventStore
 from server.core.models import EventDraft, EventType
 from server.core.tasks import TaskTracker
 from server.storage.outbox import SqliteOutbox
@@ -253,8 +253,8 @@ async def test_an_event_storage_refuses_for_good_is_set_aside_not_dropped(databa
     # Left by an earlier run: one event of a session storage does not know, then a good one.
     await outbox.put(draft(orphan, "orphan"))
     await outbox.put(draft(sid, "good"))
-    event_log = EventLog(repo, tasks, outbox)
-    event_log.start()
+    store = EventStore(repo, tasks, outbox)
+    store.start()
     try:
         async with asyncio.timeout(10):
             while outbox.depth:
@@ -264,7 +264,7 @@ async def test_an_event_storage_refuses_for_good_is_set_aside_not_dropped(databa
             (aside,) = kept.execute("SELECT session_id, reason FROM outbox_set_aside").fetchall()
         assert aside[0] == orphan and "ForeignKeyViolation" in aside[1]
     finally:
-        await event_log.close()
+        await store.close()
         await tasks.drain(1)
         await outbox.aclose()
         await repo.aclose()

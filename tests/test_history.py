@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from itertools import count
+from pathlib import Path
 
-from server.core.history import ConversationCache, conversation_from_events
+import pytest
+
+from server.core.event_store import EventStore
+from server.core.history import HistoryCache
 from server.core.models import EventDraft, EventType, StoredEvent, utc_now
+from server.core.replay import conversation_from_events
+from server.core.tasks import TaskTracker
+from server.storage.sqlite import SqliteRepository
+
+CacheFactory = Callable[..., HistoryCache]
 
 SESSION = "5f0c2b1e-8d4a-4c1e-9a57-3b0f6f2d9e10"
 ids = count(1)
@@ -39,6 +49,13 @@ def stored(draft: EventDraft) -> StoredEvent:
     return StoredEvent(event_id=next(ids), **draft.model_dump())
 
 
+@pytest.fixture
+async def make_cache(tmp_path: Path) -> AsyncIterator[CacheFactory]:
+    repo = await SqliteRepository.open(tmp_path / "history.db")
+    yield lambda **bounds: HistoryCache(repo, EventStore(repo, TaskTracker()), **bounds)
+    await repo.aclose()
+
+
 def turn_with_a_tool(turn_id: str) -> list[StoredEvent]:
     """What a turn stores after its question: text, a tool round, more text."""
     call = {"call_id": "a", "name": "get_weather", "args": {"location": "Oslo"}, "text_offset": 5}
@@ -50,13 +67,14 @@ def turn_with_a_tool(turn_id: str) -> list[StoredEvent]:
     ]
 
 
-def test_turn_by_turn_the_conversation_equals_one_built_from_scratch() -> None:
-    cache = ConversationCache()
+async def test_turn_by_turn_the_conversation_equals_one_built_from_scratch(make_cache: CacheFactory) -> None:
+    cache = make_cache()
     history: list[StoredEvent] = []
     for n in range(4):
         asked = question(f"question {n}", f"t{n}")
         # The history is read while the question is written: some turns see it, some do not.
         read = [*history, stored(asked)] if n % 2 else list(history)
+        cache.note(SESSION, read)
         conversation = cache.conversation(SESSION, read, asked)
         assert conversation == conversation_from_events([*history, asked])
         conversation.append(conversation[0])  # the turn's own list: changing it changes no later turn
@@ -65,21 +83,39 @@ def test_turn_by_turn_the_conversation_equals_one_built_from_scratch() -> None:
     assert texts[:6] == ["question 0", "Look.", None, None, " It snows.", "question 1"]
 
 
-def test_a_history_that_is_not_the_one_built_on_is_built_again() -> None:
-    cache = ConversationCache()
+async def test_a_history_that_is_not_the_one_built_on_is_built_again(make_cache: CacheFactory) -> None:
+    cache = make_cache()
     first = question("first", "t1")
+    cache.note(SESSION, [])
     cache.conversation(SESSION, [], first)
     # The first question's write failed: the next turn's history holds another question instead.
     other = [stored(question("retried elsewhere", "t9")), event(EventType.AI_MESSAGE, "ok", "ai:t9", "t9")]
     then = question("then", "t2")
+    cache.note(SESSION, other)
     conversation = cache.conversation(SESSION, other, then)
     assert [item.text for item in conversation] == ["retried elsewhere", "ok", "then"]  # type: ignore[union-attr]
 
 
-def test_sessions_beyond_the_cap_are_forgotten_and_still_built_right() -> None:
-    cache = ConversationCache(max_sessions=1)
+async def test_sessions_beyond_the_cap_are_forgotten_and_still_built_right(make_cache: CacheFactory) -> None:
+    cache = make_cache(max_sessions=1)
     a = [stored(question("a", "ta"))]
+    cache.note(SESSION, a)
     cache.conversation(SESSION, a)
+    cache.note("another session", [])
     cache.conversation("another session", [])
     assert len(cache) == 1
     assert cache.conversation(SESSION, a) == conversation_from_events(a)
+
+
+async def test_the_cache_is_bounded_by_events_as_well_as_sessions(make_cache: CacheFactory) -> None:
+    cache = make_cache(max_events=5)
+    long = [stored(question(f"q{n}", f"t{n}")) for n in range(4)]
+    cache.note(SESSION, long)
+    cache.conversation(SESSION, long)
+    short = [stored(question("other", "tx")), stored(question("again", "ty"))]
+    cache.note("another session", short)
+    assert len(cache) == 1 and cache.events == 2  # the least recently used session made way
+    cache.remember(stored(question("more", "tz")).model_copy(update={"session_id": "another session"}))
+    assert cache.events == 3
+    # Forgotten, the long session is still built right from what storage gives.
+    assert cache.conversation(SESSION, long) == conversation_from_events(long)

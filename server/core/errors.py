@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
+
+log = logging.getLogger(__name__)
 
 
 class ErrorCode(StrEnum):
@@ -29,3 +32,13 @@ class ServiceError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
+
+
+def storage_unavailable() -> ServiceError:
+    return ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe")
+
+
+def shared_state_unavailable(cause: Exception) -> ServiceError:
+    """Refused rather than served without the shared state (another process might do the same)."""
+    log.warning("shared state unreachable: %r", cause)
+    return ServiceError(ErrorCode.UNAVAILABLE, "the server's shared state is unreachable; retrying is safe")

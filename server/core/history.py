@@ -1,161 +1,168 @@
-"""Stored events <-> what a model provider reads, and the JSON content of tool events."""
+"""Each session's history as this process last read and wrote it, with the conversation a model
+reads built from it: the one cache of a session's history, bounded by events."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from server.core.models import JSON, EventDraft, EventType, StoredEvent
-from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+from server.core.event_store import EventStore, HistoryEvent
+from server.core.models import EventDraft, StoredEvent
+from server.core.ports import ConversationItem, Repository, StorageUnavailable, UserText
+from server.core.replay import ConversationBuilder
 
-
-def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
-    """`text_offset`: how much of the turn's answer text the model had streamed before this call.
-
-    The answer is stored once, as the turn's `ai_message`; the offset lets a rebuilt history put
-    the text the model wrote before calling a tool back before the call, where the model wrote it.
-    """
-    body: dict[str, JSON] = {"call_id": call.call_id, "name": call.name, "args": call.args}
-    if text_offset:
-        body["text_offset"] = text_offset
-    if call.provider_data:
-        body["provider_data"] = call.provider_data
-    return json.dumps(body, ensure_ascii=False)
+CACHED_SESSIONS = 1000
+CACHED_EVENTS = 100_000
 
 
-def tool_result_content(result: ToolResultItem) -> str:
-    body: dict[str, JSON] = {"call_id": result.call_id, "name": result.name}
-    if result.error is not None:
-        body["error"] = result.error
-    else:
-        body["result"] = result.result
-    return json.dumps(body, ensure_ascii=False)
+@dataclass
+class _Copy:
+    events: list[StoredEvent]
+    read_upto: int  # the last event_id read from storage; later rows are read at the next turn
+    # The conversation of a prefix of `events`, as the session's last turn built it.
+    built: ConversationBuilder = field(default_factory=ConversationBuilder)
 
 
-def conversation_from_events(events: Iterable[StoredEvent | EventDraft]) -> list[ConversationItem]:
-    builder = ConversationBuilder()
-    builder.extend(events)
-    return builder.items
+class HistoryCache:
+    """Reads from storage only the events after those read before; while storage is out, a turn
+    reads its history from this copy (and the outbox). Least recently used sessions go first."""
 
-
-class ConversationBuilder:
-    """Stored events -> what a model reads, one event at a time, so a session's next turn can
-    start from this one's result and convert only the events that are new."""
-
-    def __init__(self) -> None:
-        self.items: list[ConversationItem] = []
-        # Per turn: (position in items, text offset) of each tool round that followed some answer text.
-        self._rounds: dict[str, list[tuple[int, int]]] = {}
-        self.consumed = 0  # events added so far
-        self.last_key: str | None = None  # the event_key of the last one
-
-    def continues(self, events: Sequence[StoredEvent | EventDraft]) -> bool:
-        """Whether `events` starts with the events added here (event_keys are unique in a session)."""
-        return 0 < self.consumed <= len(events) and events[self.consumed - 1].event_key == self.last_key
-
-    def extend(self, events: Iterable[StoredEvent | EventDraft]) -> None:
-        for event in events:
-            self.add(event)
-
-    def add(self, event: StoredEvent | EventDraft) -> None:
-        items = self.items
-        if event.event_type is EventType.USER_MESSAGE:
-            items.append(UserText(event.content))
-        elif event.event_type is EventType.AI_MESSAGE:
-            _insert_answer(items, event.content, self._rounds.pop(event.turn_id or "", []))
-        elif event.event_type is EventType.TOOL_CALL:
-            call = _tool_body(event.content)  # None: not written the way this service writes tool events
-            if call is not None:
-                self._add_tool_call(event.turn_id, call)
-        elif event.event_type is EventType.TOOL_RESULT:
-            result = _tool_body(event.content)
-            if result is not None:
-                items.append(
-                    ToolResultItem(
-                        call_id=result["call_id"],
-                        name=result["name"],
-                        result=result.get("result"),
-                        error=result.get("error"),
-                    )
-                )
-        self.consumed += 1
-        self.last_key = event.event_key
-
-    def _add_tool_call(self, turn_id: str | None, body: dict[str, JSON]) -> None:
-        offset = body.get("text_offset")
-        if turn_id and isinstance(offset, int) and offset > 0:
-            turn_rounds = self._rounds.setdefault(turn_id, [])
-            if not turn_rounds or turn_rounds[-1][1] < offset:
-                turn_rounds.append((len(self.items), offset))
-        self.items.append(
-            ToolCallItem(
-                call_id=body["call_id"],
-                name=body["name"],
-                args=body.get("args") or {},
-                provider_data=body.get("provider_data"),
-            )
-        )
-
-
-class ConversationCache:
-    """Each session's conversation as its last turn built it (least recently used first), so a
-    turn converts only the events stored since: O(new events), not O(history), per turn."""
-
-    def __init__(self, max_sessions: int = 1000) -> None:
-        self._max = max_sessions
-        self._builders: OrderedDict[str, ConversationBuilder] = OrderedDict()
+    def __init__(
+        self,
+        repo: Repository,
+        store: EventStore,
+        *,
+        sole_writer: bool = False,
+        max_sessions: int = CACHED_SESSIONS,
+        max_events: int = CACHED_EVENTS,
+    ) -> None:
+        self._repo = repo
+        self._store = store
+        # Only this process writes the sessions' events: a session read once is known from then on.
+        self._sole_writer = sole_writer
+        self._max_sessions = max_sessions
+        self._max_events = max_events
+        self._copies: OrderedDict[str, _Copy] = OrderedDict()
+        self._events = 0
 
     def __len__(self) -> int:
-        return len(self._builders)
+        return len(self._copies)
+
+    @property
+    def events(self) -> int:
+        return self._events
+
+    async def read(self, session_id: str, after: asyncio.Future[Any] | None = None) -> list[HistoryEvent]:
+        """The session's events for a model: stored (or this copy, while storage is out), then those
+        waiting in the outbox. `after`: a write to wait for first."""
+        if after is not None:
+            await asyncio.wait([after])
+        if self._store.outage:
+            stored = self._cached(session_id)
+        else:
+            try:
+                stored = await self._read_stored(session_id)
+            except StorageUnavailable:
+                stored = self._cached(session_id)
+        return [*stored, *await self._store.waiting(session_id)]
+
+    def note(self, session_id: str, stored: list[StoredEvent]) -> None:
+        """A whole history just read (a join, or a turn's first read here)."""
+        copy = self._copies.get(session_id)
+        last = stored[-1].event_id if stored else 0
+        # Writes that finished while the read ran stay in the copy.
+        later = [e for e in copy.events if e.event_id > last] if copy is not None else []
+        self._put(session_id, _Copy([*stored, *later], last, copy.built if copy is not None else ConversationBuilder()))
+
+    def remember(self, stored: StoredEvent) -> None:
+        """A write of this process: in the copy at once, for reads during an outage."""
+        copy = self._copies.get(stored.session_id)
+        if copy is not None and (not copy.events or copy.events[-1].event_id < stored.event_id):
+            copy.events.append(stored)
+            self._events += 1
+            self._evict()
 
     def conversation(
-        self, session_id: str, events: Sequence[StoredEvent | EventDraft], question: EventDraft | None = None
+        self, session_id: str, events: Sequence[HistoryEvent], question: EventDraft | None = None
     ) -> list[ConversationItem]:
         """The conversation of `events` (then `question`, unless it is already their last), as a
-        new list the caller may change."""
+        new list the caller may change. Only the events the session's last turn did not see are
+        converted: O(new events), not O(history), per turn."""
         if question is not None and events and events[-1].event_key == question.event_key:
             events = events[:-1]  # read while the question was written: it may or may not be in there
-        cached = self._builders.get(session_id)
-        if cached is not None and cached.continues(events):
-            builder = cached  # extended in place: turns of a session run one at a time
-            builder.extend(events[cached.consumed :])
+        copy = self._copies.get(session_id)
+        built = copy.built if copy is not None else None
+        if built is not None and built.continues(events):
+            built.extend(events[built.consumed :])  # in place: a session's turns run one at a time
         else:
-            builder = ConversationBuilder()
-            builder.extend(events)
+            built = ConversationBuilder()
+            built.extend(events)
+            if copy is not None:
+                copy.built = built
         # Kept without the question: it is not stored yet (if its write fails, the next turn's
         # history differs from it), and the next turn reads it back as stored.
-        self._builders[session_id] = builder
-        self._builders.move_to_end(session_id)
-        while len(self._builders) > self._max:
-            self._builders.popitem(last=False)
-        items = list(builder.items)
+        items = list(built.items)
         if question is not None:
             items.append(UserText(question.content))
         return items
 
+    async def _read_stored(self, session_id: str) -> list[StoredEvent]:
+        """event_ids increase in the order events are stored within a session (the contract that
+        `join.after_event_id` rests on too), so the rows after the last one read are all that is
+        new, whichever process wrote them. A turn then reads a few rows, not the whole session."""
+        copy = self._copies.get(session_id)
+        if copy is None:
+            stored = await self._repo.list_events(session_id)
+            self.note(session_id, stored)
+            return stored
+        if self._sole_writer:
+            # Every write of the session went through this process (and the ones before this read
+            # have finished): the copy is the stored history, without a trip to storage.
+            self._copies.move_to_end(session_id)
+            return list(copy.events)
+        read_upto = copy.read_upto
+        new = await self._repo.list_events(session_id, read_upto)
+        current = self._copies.get(session_id)
+        if current is copy and copy.read_upto == read_upto:
+            self._extend(session_id, copy, new)
+            return list(copy.events)
+        # Another read of the session finished meanwhile (or the copy was evicted): merge by event_id.
+        base = current or copy
+        known = {e.event_id: e for e in base.events if e.event_id <= max(base.read_upto, copy.read_upto)}
+        known.update((e.event_id, e) for e in new)
+        read_upto = max(base.read_upto, new[-1].event_id if new else copy.read_upto)
+        events = sorted(known.values(), key=lambda e: e.event_id)
+        self._put(session_id, _Copy(events, read_upto, base.built))
+        return list(events)
 
-def _tool_body(content: str) -> dict[str, JSON] | None:
-    """A tool event's JSON content, or None when it is not the shape this service stores."""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or not isinstance(body.get("call_id"), str) or not isinstance(body.get("name"), str):
-        return None
-    return body
+    def _extend(self, session_id: str, copy: _Copy, new: list[StoredEvent]) -> None:
+        """The usual case, kept linear in what is new: this process's own writes past the last read
+        are in `new` too, so they make way for the rows as stored."""
+        before = len(copy.events)
+        while copy.events and copy.events[-1].event_id > copy.read_upto:
+            copy.events.pop()
+        copy.events.extend(new)
+        copy.read_upto = new[-1].event_id if new else copy.read_upto
+        self._events += len(copy.events) - before
+        self._copies.move_to_end(session_id)
+        self._evict()
 
+    def _cached(self, session_id: str) -> list[StoredEvent]:
+        copy = self._copies.get(session_id)
+        if copy is None:
+            raise StorageUnavailable(f"storage is unreachable and session {session_id} was not read here before")
+        return list(copy.events)
 
-def _insert_answer(items: list[ConversationItem], text: str, turn_rounds: list[tuple[int, int]]) -> None:
-    """Split a turn's answer around its tool rounds: each piece goes where the model wrote it."""
-    pieces: list[tuple[int, str]] = []
-    start = 0
-    for position, offset in turn_rounds:
-        end = min(offset, len(text))
-        if end > start:
-            pieces.append((position, text[start:end]))
-            start = end
-    for position, piece in reversed(pieces):
-        items.insert(position, ModelText(piece))
-    if text[start:]:
-        items.append(ModelText(text[start:]))
+    def _put(self, session_id: str, copy: _Copy) -> None:
+        previous = self._copies.pop(session_id, None)
+        self._events += len(copy.events) - (len(previous.events) if previous is not None else 0)
+        self._copies[session_id] = copy
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._copies and (len(self._copies) > self._max_sessions or self._events > self._max_events):
+            _, evicted = self._copies.popitem(last=False)
+            self._events -= len(evicted.events)

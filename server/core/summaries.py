@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from server.core.event_log import EventLog
-from server.core.history import conversation_from_events
 from server.core.models import utc_now
 from server.core.ports import Coordination, ModelProvider, ProviderError, Repository, StorageUnavailable
+from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
+from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
 EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
@@ -36,7 +36,7 @@ class SummaryScheduler:
         repo: Repository,
         provider: ModelProvider,
         coordination: Coordination,
-        event_log: EventLog,
+        writer: OrderedWriter,
         tasks: TaskTracker,
         delay_seconds: float,
         retry_seconds: float,
@@ -45,7 +45,7 @@ class SummaryScheduler:
         self._repo = repo
         self._provider = provider
         self._coordination = coordination
-        self._event_log = event_log
+        self._writer = writer
         self._tasks = tasks
         self._delay = delay_seconds
         self._retry_seconds = retry_seconds
@@ -161,7 +161,7 @@ class SummaryScheduler:
             attempt += 1
 
     async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
-        await self._event_log.require_stored(session_id)  # else: retried once the queue is written
+        await self._writer.require_stored(session_id)  # else: retried once the queue is written
         session = await self._repo.get_session(session_id)
         if session is None:
             return

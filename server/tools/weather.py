@@ -6,7 +6,7 @@ import httpx
 
 from server.core.models import JSON
 from server.core.ports import ToolSpec
-from server.tools.registry import Tool, ToolError
+from server.core.tools import Tool, ToolError
 
 SPEC = ToolSpec(
     name="get_weather",

@@ -1,4 +1,4 @@
-"""The tools a model may call, by name."""
+"""The tools a model may call, by name: the registry the core asks. Each tool is an adapter (server/tools/)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""A session's stored events replayed as what a model reads, and the JSON content of tool events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+from server.core.models import JSON, EventDraft, EventType, StoredEvent
+from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+
+
+def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
+    """`text_offset`: how much of the turn's answer text the model had streamed before this call.
+
+    The answer is stored once, as the turn's `ai_message`; the offset lets a rebuilt history put
+    the text the model wrote before calling a tool back before the call, where the model wrote it.
+    """
+    body: dict[str, JSON] = {"call_id": call.call_id, "name": call.name, "args": call.args}
+    if text_offset:
+        body["text_offset"] = text_offset
+    if call.provider_data:
+        body["provider_data"] = call.provider_data
+    return json.dumps(body, ensure_ascii=False)
+
+
+def tool_result_content(result: ToolResultItem) -> str:
+    body: dict[str, JSON] = {"call_id": result.call_id, "name": result.name}
+    if result.error is not None:
+        body["error"] = result.error
+    else:
+        body["result"] = result.result
+    return json.dumps(body, ensure_ascii=False)
+
+
+def conversation_from_events(events: Iterable[StoredEvent | EventDraft]) -> list[ConversationItem]:
+    builder = ConversationBuilder()
+    builder.extend(events)
+    return builder.items
+
+
+class ConversationBuilder:
+    """Stored events -> what a model reads, one event at a time, so a session's next turn can
+    start from this one's result and convert only the events that are new."""
+
+    def __init__(self) -> None:
+        self.items: list[ConversationItem] = []
+        # Per turn: (position in items, text offset) of each tool round that followed some answer text.
+        self._rounds: dict[str, list[tuple[int, int]]] = {}
+        self.consumed = 0  # events added so far
+        self.last_key: str | None = None  # the event_key of the last one
+
+    def continues(self, events: Sequence[StoredEvent | EventDraft]) -> bool:
+        """Whether `events` starts with the events added here (event_keys are unique in a session)."""
+        return 0 < self.consumed <= len(events) and events[self.consumed - 1].event_key == self.last_key
+
+    def extend(self, events: Iterable[StoredEvent | EventDraft]) -> None:
+        for event in events:
+            self.add(event)
+
+    def add(self, event: StoredEvent | EventDraft) -> None:
+        items = self.items
+        if event.event_type is EventType.USER_MESSAGE:
+            items.append(UserText(event.content))
+        elif event.event_type is EventType.AI_MESSAGE:
+            _insert_answer(items, event.content, self._rounds.pop(event.turn_id or "", []))
+        elif event.event_type is EventType.TOOL_CALL:
+            call = _tool_body(event.content)  # None: not written the way this service writes tool events
+            if call is not None:
+                self._add_tool_call(event.turn_id, call)
+        elif event.event_type is EventType.TOOL_RESULT:
+            result = _tool_body(event.content)
+            if result is not None:
+                items.append(
+                    ToolResultItem(
+                        call_id=result["call_id"],
+                        name=result["name"],
+                        result=result.get("result"),
+                        error=result.get("error"),
+                    )
+                )
+        self.consumed += 1
+        self.last_key = event.event_key
+
+    def _add_tool_call(self, turn_id: str | None, body: dict[str, JSON]) -> None:
+        offset = body.get("text_offset")
+        if turn_id and isinstance(offset, int) and offset > 0:
+            turn_rounds = self._rounds.setdefault(turn_id, [])
+            if not turn_rounds or turn_rounds[-1][1] < offset:
+                turn_rounds.append((len(self.items), offset))
+        self.items.append(
+            ToolCallItem(
+                call_id=body["call_id"],
+                name=body["name"],
+                args=body.get("args") or {},
+                provider_data=body.get("provider_data"),
+            )
+        )
+
+
+def _tool_body(content: str) -> dict[str, JSON] | None:
+    """A tool event's JSON content, or None when it is not the shape this service stores."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("call_id"), str) or not isinstance(body.get("name"), str):
+        return None
+    return body
+
+
+def _insert_answer(items: list[ConversationItem], text: str, turn_rounds: list[tuple[int, int]]) -> None:
+    """Split a turn's answer around its tool rounds: each piece goes where the model wrote it."""
+    pieces: list[tuple[int, str]] = []
+    start = 0
+    for position, offset in turn_rounds:
+        end = min(offset, len(text))
+        if end > start:
+            pieces.append((position, text[start:end]))
+            start = end
+    for position, piece in reversed(pieces):
+        items.insert(position, ModelText(piece))
+    if text[start:]:
+        items.append(ModelText(text[start:]))

@@ -1,0 +1,468 @@
+"""One turn of a session, from its lock to its `done`, in the order it happens:
+
+1. `start` (in the task of the `message` that asked for it): take the session's lock, start the
+   model while the user message is stored (its output held), announce the message, send what was
+   held; the turn then goes on as a task of its own.
+2. `_generate`: model rounds and tool calls, streamed as `chunk`, `tool_call` and `tool_result`.
+3. `_end`: however the rounds ended (finished, cancelled, failed, shutdown), store the answer,
+   send exactly one `done`, and free the session's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from server.core.chunks import ChunkStream
+from server.core.errors import ErrorCode, ServiceError, shared_state_unavailable
+from server.core.event_store import HistoryEvent
+from server.core.history import HistoryCache
+from server.core.limits import Limits
+from server.core.models import (
+    JSON,
+    ActiveTurn,
+    ChunkEvent,
+    DoneEvent,
+    ErrorInfo,
+    EventDraft,
+    EventType,
+    FinishReason,
+    StoredEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    Usage,
+    UserMessageEvent,
+    utc_now,
+)
+from server.core.ports import (
+    ConversationItem,
+    Coordination,
+    Emitter,
+    Finished,
+    ModelProvider,
+    ModelRequest,
+    ModelText,
+    ProviderError,
+    StorageUnavailable,
+    TextDelta,
+    ToolCallItem,
+    ToolCallRequest,
+    ToolResultItem,
+    UsageReport,
+)
+from server.core.replay import tool_call_content, tool_result_content
+from server.core.tasks import TaskTracker
+from server.core.tools import ToolError, ToolRegistry
+from server.core.writer import OrderedWriter
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["cancelled", "shutdown", "lock_lost"]
+SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
+LOCK_LOST = ErrorInfo(
+    code="turn_lock_lost", message="this turn lost its session lock (shared state was unreachable too long)"
+)
+
+
+@dataclass(frozen=True)
+class MessageAccepted:
+    turn_id: str
+    event_id: int | None
+
+
+class TurnBusy(Exception):
+    """Another turn holds the session's lock."""
+
+
+def user_message_key(client_message_id: str) -> str:
+    """The idempotency key of a user message that carries a client_message_id."""
+    return f"user:cmid:{client_message_id}"
+
+
+class RunningTurns:
+    """The turns running in this process, by session: what cancel, join and shutdown look up."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, Turn] = {}
+        self.closing = False  # shutdown: no turn starts any more
+
+    def get(self, session_id: str) -> Turn | None:
+        return self._by_session.get(session_id)
+
+    def add(self, turn: Turn) -> None:
+        self._by_session[turn.session_id] = turn
+
+    def discard(self, turn: Turn) -> None:
+        if self._by_session.get(turn.session_id) is turn:
+            del self._by_session[turn.session_id]
+
+    def __iter__(self) -> Iterator[Turn]:
+        return iter(list(self._by_session.values()))
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What every turn of the service works with."""
+
+    provider: ModelProvider
+    tools: ToolRegistry
+    emitter: Emitter
+    coordination: Coordination
+    writer: OrderedWriter
+    history: HistoryCache
+    limits: Limits
+    tasks: TaskTracker
+    running: RunningTurns
+
+
+class Turn:
+    def __init__(self, context: TurnContext, session_id: str, text: str, client_message_id: str | None) -> None:
+        self._ctx = context
+        self.session_id = session_id
+        self.turn_id = str(uuid.uuid4())
+        self.client_message_id = client_message_id
+        key = user_message_key(client_message_id) if client_message_id is not None else f"user:turn:{self.turn_id}"
+        self.question = EventDraft(
+            session_id=session_id,
+            event_type=EventType.USER_MESSAGE,
+            content=text,
+            event_key=key,
+            turn_id=self.turn_id,
+            timestamp=utc_now(),
+        )
+        # The `message` answer: a retry racing the first attempt waits for it too.
+        self.accepted: asyncio.Future[MessageAccepted] = asyncio.get_running_loop().create_future()
+        self.parts: list[str] = []  # the chunks sent, in order
+        self.stop_reason: StopReason | None = None
+        self.finish_reason: FinishReason = "stop"
+        self.error: ErrorInfo | None = None
+        self.usage: Usage | None = None
+        self.ended: asyncio.Task[None] | None = None  # the turn's task, from the announcement on
+        self._chunks = ChunkStream(self._send_chunk, context.limits.chunk_coalesce_seconds, context.tasks)
+        self._generation: asyncio.Task[None] | None = None
+        self._open_failure: Exception | None = None
+        self._call_ids: set[str] = set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def snapshot(self) -> ActiveTurn:
+        return ActiveTurn(turn_id=self.turn_id, text=self.text, next_index=len(self.parts))
+
+    def stop(self, reason: StopReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._generation is not None:
+            self._generation.cancel()
+
+    # ------------------------------------------------------------------ 1. start
+
+    async def start(self) -> MessageAccepted:
+        """Raises TurnBusy, or a ServiceError when it cannot start; once this returns the turn ends
+        with `done` whatever happens."""
+        await self._take_lock()
+        ctx = self._ctx
+        # Read, and the model asked, while the message is written: their output waits for it.
+        history = ctx.tasks.spawn(
+            ctx.history.read(self.session_id, after=ctx.writer.last_write(self.session_id)),
+            name=f"history {self.turn_id}",
+        )
+        self._generation = ctx.tasks.spawn(self._generate(history), name=f"generate {self.turn_id}")
+        ctx.running.add(self)
+        try:
+            stored = await ctx.writer.append(self.question)
+        except BaseException as exc:
+            refusal = await self._abandon(history)
+            if isinstance(exc, StorageUnavailable):
+                raise refusal from None
+            raise
+        accepted = MessageAccepted(turn_id=self.turn_id, event_id=stored.event_id if stored is not None else None)
+        self.accepted.set_result(accepted)
+        try:
+            await ctx.emitter.publish(self.session_id, self._announcement(accepted))
+            await self._open()
+        finally:
+            # The message is stored, so its turn runs (and ends in `done`) even if that emit failed.
+            self.ended = ctx.tasks.spawn(self._end(), name=f"turn {self.turn_id}")
+        return accepted
+
+    async def _take_lock(self) -> None:
+        coordination = self._ctx.coordination
+        try:
+            acquired = await coordination.acquire_turn(self.session_id, self.turn_id)
+        except Exception as exc:
+            # Refused rather than run without the lock: another process might run a turn too.
+            raise shared_state_unavailable(exc) from None
+        if not acquired:
+            raise TurnBusy
+        if self._ctx.running.closing:
+            await coordination.release_turn(self.session_id, self.turn_id)
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
+
+    async def _abandon(self, history: asyncio.Task[list[HistoryEvent]]) -> ServiceError:
+        """The user message could not be stored: the turn never started, and nothing it held is sent."""
+        history.cancel()
+        assert self._generation is not None
+        self._generation.cancel()
+        await asyncio.wait([self._generation])
+        self._chunks.close()
+        self._ctx.running.discard(self)
+        await self._ctx.coordination.release_turn(self.session_id, self.turn_id)
+        error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
+        self.accepted.set_exception(error)
+        self.accepted.exception()  # retrieved: a concurrent retry re-raises it
+        return error
+
+    def _announcement(self, accepted: MessageAccepted) -> UserMessageEvent:
+        return UserMessageEvent(
+            session_id=self.session_id,
+            turn_id=self.turn_id,
+            event_id=accepted.event_id,
+            text=self.question.content,
+            client_message_id=self.client_message_id,
+        )
+
+    async def _open(self) -> None:
+        """Send the chunks held so far, a turn of the loop sooner than the generation could. One
+        that cannot be sent ends the turn in an error, as it would have in the generation."""
+        try:
+            await self._chunks.open()
+        except Exception as exc:
+            self._open_failure = exc
+            assert self._generation is not None
+            self._generation.cancel()
+
+    # ------------------------------------------------------------------ 2. model rounds
+
+    async def _generate(self, history: asyncio.Task[list[HistoryEvent]]) -> None:
+        ctx = self._ctx
+        conversation = ctx.history.conversation(self.session_id, await history, self.question)
+        for round_number in range(ctx.limits.max_tool_rounds + 1):
+            round_start = len(self.parts)
+            calls = await self._stream_round(conversation)
+            if not calls or self.finish_reason != "stop":
+                return
+            # Tool events are stored and sent after the user message; the round's text goes out,
+            # and counts, before its tool calls.
+            await self._chunks.wait_open()
+            await self._chunks.flush()
+            if round_number == ctx.limits.max_tool_rounds:
+                raise ProviderError(
+                    "tool_rounds_exceeded", f"the model asked for tools more than {ctx.limits.max_tool_rounds} times"
+                )
+            round_text = "".join(self.parts[round_start:])
+            if round_text:
+                conversation.append(ModelText(round_text))
+            conversation.extend(calls)
+            conversation.extend(await self._run_tools(calls, text_offset=len(self.text)))
+
+    async def _stream_round(self, conversation: list[ConversationItem]) -> list[ToolCallItem]:
+        """One model request: its text streamed as chunks; the tool calls it asked for."""
+        stamped = self._ctx.limits.chunk_timestamps
+        calls: list[ToolCallItem] = []
+        request = ModelRequest(conversation=conversation, tools=self._ctx.tools.specs)
+        async with contextlib.aclosing(self._ctx.provider.stream(request)) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        await self._chunks.add(event.text, time.monotonic() * 1000 if stamped else None)
+                        # A turn of the loop for everyone else after each chunk: one network read
+                        # can bring many, which would otherwise all go before another session's.
+                        await asyncio.sleep(0)
+                elif isinstance(event, ToolCallRequest):
+                    calls.append(self._tool_call_item(event))
+                elif isinstance(event, UsageReport):
+                    self.usage = event.usage if self.usage is None else self.usage + event.usage
+                elif isinstance(event, Finished):
+                    self.finish_reason = event.reason
+        return calls
+
+    async def _send_chunk(self, text: str, stamp: float | None) -> None:
+        index = len(self.parts)
+        self.parts.append(text)
+        coordination = self._ctx.coordination
+        coordination.record_chunk(self.session_id, self.turn_id, index, text)
+        await self._ctx.emitter.publish(
+            self.session_id,
+            ChunkEvent(session_id=self.session_id, turn_id=self.turn_id, index=index, text=text, ts=stamp),
+            local=coordination.chunks_stay_local(self.session_id),
+        )
+
+    def _tool_call_item(self, call: ToolCallRequest) -> ToolCallItem:
+        # call_id keys the stored tool events, so it must be unique within the turn.
+        call_id = call.call_id
+        if not call_id or call_id in self._call_ids:
+            call_id = f"call-{len(self._call_ids) + 1}"
+        self._call_ids.add(call_id)
+        return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
+
+    async def _run_tools(self, calls: list[ToolCallItem], *, text_offset: int) -> list[ToolResultItem]:
+        for call in calls:
+            self._store(
+                EventType.TOOL_CALL,
+                f"tool_call:{self.turn_id}:{call.call_id}",
+                tool_call_content(call, text_offset=text_offset),
+            )
+            await self._ctx.emitter.publish(
+                self.session_id,
+                ToolCallEvent(
+                    session_id=self.session_id,
+                    turn_id=self.turn_id,
+                    call_id=call.call_id,
+                    name=call.name,
+                    args=call.args,
+                ),
+            )
+        pending = [
+            self._ctx.tasks.spawn(self._run_tool(call), name=f"tool {call.name} {self.turn_id}") for call in calls
+        ]
+        results: list[ToolResultItem] = []
+        try:
+            for task in pending:
+                results.append(await task)
+                await self._publish_result(results[-1])
+        except BaseException:
+            # Whatever stopped the round (a cancel, a failed publish), no tool call outlives it, and
+            # every stored tool_call gets its tool_result, so the history stays valid for a model.
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+            for call in calls[len(results) :]:
+                cancelled = ToolResultItem(
+                    call_id=call.call_id, name=call.name, error={"code": "cancelled", "message": "the turn was stopped"}
+                )
+                with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
+                    await self._publish_result(cancelled)
+            raise
+        return results
+
+    async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
+        timeout = self._ctx.limits.tool_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                result: JSON = await self._ctx.tools.call(call.name, call.args)
+        except ToolError as exc:
+            # The code and the cause's kind, never the message: it may quote the arguments.
+            cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+            log.warning("tool %s failed: %s%s", call.name, exc.code, cause)
+            return ToolResultItem(
+                call_id=call.call_id, name=call.name, error={"code": exc.code, "message": exc.message}
+            )
+        except TimeoutError:
+            log.warning("tool %s failed: tool_timeout (no answer in %.0f s)", call.name, timeout)
+            return ToolResultItem(
+                call_id=call.call_id,
+                name=call.name,
+                error={"code": "tool_timeout", "message": "the tool took too long"},
+            )
+        except Exception:
+            log.exception("tool %s failed", call.name)
+            return ToolResultItem(
+                call_id=call.call_id, name=call.name, error={"code": "tool_failed", "message": "the tool failed"}
+            )
+        return ToolResultItem(call_id=call.call_id, name=call.name, result=result)
+
+    async def _publish_result(self, result: ToolResultItem) -> None:
+        self._store(EventType.TOOL_RESULT, f"tool_result:{self.turn_id}:{result.call_id}", tool_result_content(result))
+        await self._ctx.emitter.publish(
+            self.session_id,
+            ToolResultEvent(
+                session_id=self.session_id,
+                turn_id=self.turn_id,
+                call_id=result.call_id,
+                name=result.name,
+                result=result.result,
+                error=ErrorInfo(**result.error) if result.error is not None else None,
+            ),
+        )
+
+    def _store(
+        self, event_type: EventType, key: str, content: str, *, ending: bool = False
+    ) -> asyncio.Task[StoredEvent | None]:
+        """`ending`: the turn's answer, which also says how the turn ended."""
+        return self._ctx.writer.submit(
+            EventDraft(
+                session_id=self.session_id,
+                event_type=event_type,
+                content=content,
+                event_key=key,
+                turn_id=self.turn_id,
+                timestamp=utc_now(),
+                finish_reason=self.finish_reason if ending else None,
+                error=self.error if ending else None,
+            )
+        )
+
+    # ------------------------------------------------------------------ 3. the end
+
+    async def _end(self) -> None:
+        """Wait for the model rounds, then `done`; the session's lock is freed whatever happens."""
+        assert self._generation is not None
+        try:
+            try:
+                if not self._chunks.is_open:  # the announcement failed before it opened them
+                    await self._open()
+                await asyncio.wait([self._generation])
+            except asyncio.CancelledError:
+                # Only the tracker's last-resort drain cancels a turn: it still ends with `done`.
+                self.stop("shutdown")
+                await asyncio.wait([self._generation])
+                await self._finish()
+                raise
+            await self._finish()
+        finally:
+            self._chunks.close()
+            self._ctx.running.discard(self)
+            await self._ctx.coordination.release_turn(self.session_id, self.turn_id)
+
+    async def _finish(self) -> None:
+        self._settle()
+        # Held text goes out before `done`, which repeats it (a timer mid-send finishes first).
+        await self._chunks.flush()
+        write = self._store(EventType.AI_MESSAGE, f"ai:{self.turn_id}", self.text, ending=True)
+        await asyncio.wait([write], timeout=self._ctx.limits.done_store_wait_seconds)
+        stored = write.result() if write.done() and write.exception() is None else None
+        await self._ctx.emitter.publish(
+            self.session_id,
+            DoneEvent(
+                session_id=self.session_id,
+                turn_id=self.turn_id,
+                text=self.text,
+                finish_reason=self.finish_reason,
+                usage=self.usage,
+                event_id=getattr(stored, "event_id", None),
+                error=self.error,
+            ),
+        )
+
+    def _settle(self) -> None:
+        """How the model rounds ended, as the turn's finish reason and error."""
+        assert self._generation is not None
+        exc: BaseException | None = self._open_failure
+        if exc is None and self._generation.cancelled():
+            if self.stop_reason == "cancelled":
+                self.finish_reason, self.error = "cancelled", None
+            elif self.stop_reason == "lock_lost":
+                self.finish_reason, self.error = "error", LOCK_LOST
+            else:
+                self.finish_reason, self.error = "error", SHUTDOWN
+            return
+        if exc is None:
+            exc = self._generation.exception()
+        if exc is None:
+            return
+        self.finish_reason = "error"
+        if isinstance(exc, ProviderError):
+            self.error = ErrorInfo(code=exc.code, message=exc.message)
+        elif isinstance(exc, StorageUnavailable):
+            self.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
+        else:
+            log.error("turn %s failed", self.turn_id, exc_info=exc)
+            self.error = ErrorInfo(code="provider_error", message="the model could not answer")
