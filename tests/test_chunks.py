@@ -31,19 +31,21 @@ async def test_chunks_made_while_the_held_ones_go_out_follow_them_in_order() -> 
         live = [f"live {n}" for n in range(10)]
         pauses = [shuffle.randint(0, 3) for _ in live]
 
-        async def generate() -> None:
-            for text, pause in zip(live, pauses, strict=True):
-                await stream.add(text, None)
-                for _ in range(pause):
-                    await asyncio.sleep(0)
-
-        producer = asyncio.create_task(generate())
+        producer = asyncio.create_task(generate(stream, live, pauses))
         for _ in range(shuffle.randint(0, 3)):
             await asyncio.sleep(0)  # the model is streaming when the stream opens
         await stream.open()
         await producer
         await stream.flush()
         assert sent == [*held, *live], f"trial {trial}"
+
+
+async def generate(stream: ChunkStream, texts: list[str], pauses: list[int]) -> None:
+    """The model: a delta, then a few turns of the loop (another session's work), and so on."""
+    for text, pause in zip(texts, pauses, strict=True):
+        await stream.add(text, None)
+        for _ in range(pause):
+            await asyncio.sleep(0)
 
 
 async def test_a_flush_waits_for_the_window_send_in_progress() -> None:

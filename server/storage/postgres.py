@@ -7,22 +7,35 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import asyncpg
 
 from server.core.models import EventDraft, Session, StoredEvent, error_json
 from server.storage.retry import with_retries
+from server.storage.rows import (
+    EVENT_COLUMNS,
+    INSERTED_EVENT_COLUMNS,
+    SESSION_COLUMNS,
+    columns,
+    insert_or_existing,
+    storable,
+    to_event,
+    to_session,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "supabase" / "migrations"
-_EVENT_COLUMNS = (
-    "event_id, session_id::text AS session_id, event_type, content, timestamp, turn_id, event_key, finish_reason, error"
+_EVENT_COLUMNS = columns(EVENT_COLUMNS)
+_SESSION_COLUMNS = columns(SESSION_COLUMNS)
+_INSERT_EVENT = (
+    f"INSERT INTO events ({columns(INSERTED_EVENT_COLUMNS)})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
+    f" RETURNING {_EVENT_COLUMNS}"
 )
-_SESSION_COLUMNS = "session_id::text AS session_id, user_id, start_time, end_time, summary, duration_seconds"
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
 
@@ -33,11 +46,6 @@ def transient(exc: BaseException) -> bool:
         return True
     state = getattr(exc, "sqlstate", None) or ""
     return state.startswith(("08", "53", "57P")) or state in ("40001", "40P01")
-
-
-def storable(text: str) -> str:
-    # PostgreSQL text cannot hold NUL; a model answer that contains one must still be stored.
-    return text.replace("\x00", "\ufffd")
 
 
 class PostgresRepository:
@@ -90,61 +98,57 @@ class PostgresRepository:
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
         async def op(conn: asyncpg.Connection) -> Session:
-            row = await conn.fetchrow(
-                "INSERT INTO sessions (session_id, user_id, start_time) VALUES ($1, $2, $3)"
-                f" ON CONFLICT (session_id) DO NOTHING RETURNING {_SESSION_COLUMNS}",
-                session_id,
-                user_id,
-                start_time,
-            )
-            if row is None:
-                row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
-            assert row is not None
-            return Session.model_validate(dict(row))
+            async def insert() -> Session | None:
+                row = await conn.fetchrow(
+                    "INSERT INTO sessions (session_id, user_id, start_time) VALUES ($1, $2, $3)"
+                    f" ON CONFLICT (session_id) DO NOTHING RETURNING {_SESSION_COLUMNS}",
+                    session_id,
+                    user_id,
+                    start_time,
+                )
+                return to_session(row) if row else None
+
+            return await insert_or_existing(insert, lambda: self._fetch_session(conn, session_id))
 
         return await self._retrying(op, "ensure session")
 
     async def get_session(self, session_id: str) -> Session | None:
-        async def op(conn: asyncpg.Connection) -> Session | None:
-            row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
-            return Session.model_validate(dict(row)) if row else None
-
-        return await self._retrying(op, "read session")
+        return await self._retrying(lambda conn: self._fetch_session(conn, session_id), "read session")
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
         async def op(conn: asyncpg.Connection) -> StoredEvent:
-            row = await conn.fetchrow(
-                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key, finish_reason,"
-                " error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
-                f" RETURNING {_EVENT_COLUMNS}",
-                draft.session_id,
-                draft.timestamp,
-                draft.event_type.value,
-                storable(draft.content),
-                draft.turn_id,
-                draft.event_key,
-                draft.finish_reason,
-                error_json(draft.error),
-            )
-            if row is None:  # written before (a retry after a lost answer): that row is the answer
-                row = await self._fetch_event(conn, draft.session_id, draft.event_key)
-            assert row is not None
-            return StoredEvent.model_validate(dict(row))
+            async def insert() -> StoredEvent | None:
+                row = await conn.fetchrow(
+                    _INSERT_EVENT,
+                    draft.session_id,
+                    draft.event_type.value,
+                    storable(draft.content),
+                    draft.timestamp,
+                    draft.turn_id,
+                    draft.event_key,
+                    draft.finish_reason,
+                    error_json(draft.error),
+                )
+                return to_event(row) if row else None
+
+            return await insert_or_existing(insert, lambda: self._fetch_event(conn, draft.session_id, draft.event_key))
 
         return await self._retrying(op, "append event")
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
-        async def op(conn: asyncpg.Connection) -> StoredEvent | None:
-            row = await self._fetch_event(conn, session_id, event_key)
-            return StoredEvent.model_validate(dict(row)) if row else None
-
-        return await self._retrying(op, "find event")
+        return await self._retrying(lambda conn: self._fetch_event(conn, session_id, event_key), "find event")
 
     @staticmethod
-    async def _fetch_event(conn: asyncpg.Connection, session_id: str, event_key: str) -> Any:
-        return await conn.fetchrow(
+    async def _fetch_session(conn: asyncpg.Connection, session_id: str) -> Session | None:
+        row = await conn.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id)
+        return to_session(row) if row else None
+
+    @staticmethod
+    async def _fetch_event(conn: asyncpg.Connection, session_id: str, event_key: str) -> StoredEvent | None:
+        row = await conn.fetchrow(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND event_key = $2", session_id, event_key
         )
+        return to_event(row) if row else None
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         async def op(conn: asyncpg.Connection) -> list[StoredEvent]:
@@ -153,7 +157,7 @@ class PostgresRepository:
                 session_id,
                 after_event_id if after_event_id is not None else -1,
             )
-            return [StoredEvent.model_validate(dict(r)) for r in rows]
+            return [to_event(row) for row in rows]
 
         return await self._retrying(op, "list events")
 

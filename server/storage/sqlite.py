@@ -11,39 +11,20 @@ import aiosqlite
 
 from server.core.models import EventDraft, Session, StoredEvent, error_json
 from server.storage.retry import with_retries
+from server.storage.rows import (
+    EVENT_COLUMNS,
+    INSERTED_EVENT_COLUMNS,
+    SESSION_COLUMNS,
+    columns,
+    insert_or_existing,
+    to_event,
+    to_session,
+)
 
 log = logging.getLogger(__name__)
 
-# The schema, as of SCHEMA_VERSION (PRAGMA user_version). Every added column has a default, so the
-# original design's `insert into sessions (session_id, user_id)` and `insert into events
-# (session_id, event_type, content)` work; such an event gets a key of its own ('external:...'),
-# which the service's keys ('user:...', 'ai:...', 'tool_call:...') never collide with.
-_NOW = "(strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'))"
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id       TEXT PRIMARY KEY,
-    user_id          TEXT,
-    start_time       TEXT NOT NULL DEFAULT {_NOW},
-    end_time         TEXT,
-    summary          TEXT,
-    duration_seconds INTEGER,
-    summary_due_at   TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
-    event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id    TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
-    timestamp     TEXT NOT NULL DEFAULT {_NOW},
-    event_type    TEXT NOT NULL
-        CHECK (event_type IN ('user_message', 'ai_message', 'tool_call', 'tool_result')),
-    content       TEXT NOT NULL,
-    turn_id       TEXT,
-    event_key     TEXT NOT NULL DEFAULT ('external:' || lower(hex(randomblob(16)))),
-    finish_reason TEXT,
-    error         TEXT,
-    UNIQUE (session_id, event_key)
-);
-CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
-"""
+# One definition of the tables (read at import, before any event loop runs).
+SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
 SCHEMA_VERSION = 1
 
 # A file made before versioning (user_version 0) has the tables without the defaults and the
@@ -65,8 +46,12 @@ PRAGMA user_version = {SCHEMA_VERSION};
 COMMIT;
 """
 
-_EVENT_COLUMNS = "event_id, session_id, event_type, content, timestamp, turn_id, event_key, finish_reason, error"
-_SESSION_COLUMNS = "session_id, user_id, start_time, end_time, summary, duration_seconds"
+_EVENT_COLUMNS = columns(EVENT_COLUMNS)
+_SESSION_COLUMNS = columns(SESSION_COLUMNS)
+_INSERT_EVENT = (
+    f"INSERT INTO events ({columns(INSERTED_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(INSERTED_EVENT_COLUMNS))})"
+    " ON CONFLICT (session_id, event_key) DO NOTHING"
+)
 
 
 async def migrate(db: aiosqlite.Connection) -> None:
@@ -130,49 +115,47 @@ class SqliteRepository:
         return await with_retries(attempt, transient=_transient, what=what, budget_seconds=self._retry_seconds)
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
-        await self._run(
-            "INSERT INTO sessions (session_id, user_id, start_time) VALUES (?, ?, ?)"
-            " ON CONFLICT (session_id) DO NOTHING",
-            (session_id, user_id, start_time.isoformat()),
-            "ensure session",
-        )
-        session = await self.get_session(session_id)
-        assert session is not None
-        return session
+        async def insert() -> Session | None:
+            rows = await self._run(
+                "INSERT INTO sessions (session_id, user_id, start_time) VALUES (?, ?, ?)"
+                f" ON CONFLICT (session_id) DO NOTHING RETURNING {_SESSION_COLUMNS}",
+                (session_id, user_id, start_time.isoformat()),
+                "ensure session",
+            )
+            return to_session(rows[0]) if rows else None
+
+        return await insert_or_existing(insert, lambda: self.get_session(session_id))
 
     async def get_session(self, session_id: str) -> Session | None:
         rows = await self._run(
             f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,), "read session"
         )
-        return Session.model_validate(dict(rows[0])) if rows else None
+        return to_session(rows[0]) if rows else None
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
+        values = (
+            draft.session_id,
+            draft.event_type.value,
+            draft.content,
+            draft.timestamp.isoformat(),
+            draft.turn_id,
+            draft.event_key,
+            draft.finish_reason,
+            error_json(draft.error),
+        )
+
         # Without RETURNING the insert is one SQLite step, hence one GIL hand-back from the thread.
         async def attempt() -> tuple[int, int | None]:
-            cursor = await self._db.execute(
-                "INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key, finish_reason,"
-                " error) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, event_key) DO NOTHING",
-                (
-                    draft.session_id,
-                    draft.timestamp.isoformat(),
-                    draft.event_type.value,
-                    draft.content,
-                    draft.turn_id,
-                    draft.event_key,
-                    draft.finish_reason,
-                    error_json(draft.error),
-                ),
-            )
+            cursor = await self._db.execute(_INSERT_EVENT, values)
             return cursor.rowcount, cursor.lastrowid
 
-        inserted, event_id = await with_retries(
-            attempt, transient=_transient, what="append event", budget_seconds=self._retry_seconds
-        )
-        if inserted == 1 and event_id is not None:
-            return StoredEvent(event_id=event_id, **draft.model_dump())
-        existing = await self.find_event(draft.session_id, draft.event_key)  # stored before: a retry
-        assert existing is not None
-        return existing
+        async def insert() -> StoredEvent | None:
+            inserted, event_id = await with_retries(
+                attempt, transient=_transient, what="append event", budget_seconds=self._retry_seconds
+            )
+            return StoredEvent(event_id=event_id, **draft.model_dump()) if inserted == 1 and event_id else None
+
+        return await insert_or_existing(insert, lambda: self.find_event(draft.session_id, draft.event_key))
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
         rows = await self._run(
@@ -180,7 +163,7 @@ class SqliteRepository:
             (session_id, event_key),
             "find event",
         )
-        return StoredEvent.model_validate(dict(rows[0])) if rows else None
+        return to_event(rows[0]) if rows else None
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         rows = await self._run(
@@ -188,7 +171,7 @@ class SqliteRepository:
             (session_id, after_event_id if after_event_id is not None else -1),
             "list events",
         )
-        return [StoredEvent.model_validate(dict(r)) for r in rows]
+        return [to_event(row) for row in rows]
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         await self._run(

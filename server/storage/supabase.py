@@ -22,14 +22,22 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from server.core.models import EventDraft, Session, StoredEvent
 from server.core.ports import StorageRefused
-from server.storage.postgres import storable
 from server.storage.retry import with_retries
+from server.storage.rows import (
+    EVENT_COLUMNS,
+    SESSION_COLUMNS,
+    columns,
+    insert_or_existing,
+    storable,
+    to_event,
+    to_session,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_EVENT_COLUMNS = "event_id,session_id,event_type,content,timestamp,turn_id,event_key,finish_reason,error"
-_SESSION_COLUMNS = "session_id,user_id,start_time,end_time,summary,duration_seconds"
+_EVENT_COLUMNS = columns(EVENT_COLUMNS, ",")
+_SESSION_COLUMNS = columns(SESSION_COLUMNS, ",")
 # Supabase caps a response at 1,000 rows by default: history is read in pages.
 PAGE_SIZE = 1000
 _TRANSIENT_CODES = frozenset(
@@ -102,32 +110,31 @@ class SupabaseRepository:
         return await with_retries(operation, transient=transient, what=what, budget_seconds=self._retry_seconds)
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
-        async def op() -> Session:
-            await (
+        async def insert() -> Session | None:
+            response = await (
                 self._client.table("sessions")
                 .upsert(
                     {"session_id": session_id, "user_id": user_id, "start_time": start_time.isoformat()},
                     on_conflict="session_id",
                     ignore_duplicates=True,
-                    returning=ReturnMethod.minimal,
                 )
                 .execute()
             )
-            session = await self._fetch_session(session_id)
-            assert session is not None
-            return session
+            return to_session(response.data[0]) if response.data else None
 
-        return await self._retrying(op, "ensure session")
+        return await self._retrying(
+            lambda: insert_or_existing(insert, lambda: self._fetch_session(session_id)), "ensure session"
+        )
 
     async def get_session(self, session_id: str) -> Session | None:
         return await self._retrying(lambda: self._fetch_session(session_id), "read session")
 
     async def _fetch_session(self, session_id: str) -> Session | None:
         response = await self._client.table("sessions").select(_SESSION_COLUMNS).eq("session_id", session_id).execute()
-        return Session.model_validate(response.data[0]) if response.data else None
+        return to_session(response.data[0]) if response.data else None
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
-        async def op() -> StoredEvent:
+        async def insert() -> StoredEvent | None:
             response = await (
                 self._client.table("events")
                 .upsert(
@@ -146,14 +153,12 @@ class SupabaseRepository:
                 )
                 .execute()
             )
-            if response.data:
-                return StoredEvent.model_validate(response.data[0])
-            # Nothing inserted: written before (a retry after a lost answer); that row is the answer.
-            existing = await self._fetch_event(draft.session_id, draft.event_key)
-            assert existing is not None
-            return existing
+            return to_event(response.data[0]) if response.data else None
 
-        return await self._retrying(op, "append event")
+        return await self._retrying(
+            lambda: insert_or_existing(insert, lambda: self._fetch_event(draft.session_id, draft.event_key)),
+            "append event",
+        )
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
         return await self._retrying(lambda: self._fetch_event(session_id, event_key), "find event")
@@ -166,7 +171,7 @@ class SupabaseRepository:
             .eq("event_key", event_key)
             .execute()
         )
-        return StoredEvent.model_validate(response.data[0]) if response.data else None
+        return to_event(response.data[0]) if response.data else None
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         async def op() -> list[StoredEvent]:
@@ -182,7 +187,7 @@ class SupabaseRepository:
                     .limit(PAGE_SIZE)
                     .execute()
                 )
-                page = [StoredEvent.model_validate(row) for row in response.data]
+                page = [to_event(row) for row in response.data]
                 events.extend(page)
                 if len(page) < PAGE_SIZE:
                     return events

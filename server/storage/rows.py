@@ -1,0 +1,55 @@
+"""What the three repositories share: the tables' columns, rows to records, and the idempotent
+"insert, or give the row stored before" that every write is."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from server.core.models import Session, StoredEvent
+
+T = TypeVar("T")
+
+EVENT_COLUMNS = (
+    "event_id",
+    "session_id",
+    "event_type",
+    "content",
+    "timestamp",
+    "turn_id",
+    "event_key",
+    "finish_reason",
+    "error",
+)
+INSERTED_EVENT_COLUMNS = EVENT_COLUMNS[1:]  # event_id is storage's to give
+SESSION_COLUMNS = ("session_id", "user_id", "start_time", "end_time", "summary", "duration_seconds")
+
+
+def columns(names: tuple[str, ...], separator: str = ", ") -> str:
+    return separator.join(names)
+
+
+def storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; a model answer that contains one must still be stored.
+    return text.replace("\x00", "\ufffd")
+
+
+def to_event(row: Any) -> StoredEvent:
+    # A row of any of the drivers (sqlite3.Row, asyncpg.Record, PostgREST JSON); asyncpg gives UUIDs.
+    return StoredEvent.model_validate({**row, "session_id": str(row["session_id"])})
+
+
+def to_session(row: Any) -> Session:
+    return Session.model_validate({**row, "session_id": str(row["session_id"])})
+
+
+async def insert_or_existing(
+    insert: Callable[[], Awaitable[T | None]], existing: Callable[[], Awaitable[T | None]]
+) -> T:
+    """`insert` gives None when the key was stored before (a retry after a lost answer, or another
+    process's write): that row is the answer."""
+    row = await insert()
+    if row is None:
+        row = await existing()
+    assert row is not None, "a row that conflicts on insert must exist"
+    return row
