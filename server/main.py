@@ -20,6 +20,7 @@ from server.transport.origins import origin_matcher, origin_regex
 from server.transport.plain_ws import GOING_AWAY, PlainHub, serve_plain_client
 from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
 from server.transport.tokens import TokenVerifier
+from server.upstream import engineio
 
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
@@ -97,14 +98,7 @@ async def prepare_shutdown(app: Any) -> None:
         await asyncio.wait(plain, timeout=1)
     # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
     # interval) and is a "transport close" to clients, so they reconnect to another process.
-    # Best effort: a client that vanished never reads its close packet, so do not wait long.
-    eio = app.engineio_server.eio
-    closing = [asyncio.create_task(eio.disconnect(eio_sid)) for eio_sid in list(eio.sockets)]
-    if closing:
-        _, late = await asyncio.wait(closing, timeout=1)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*closing, return_exceptions=True)
+    await engineio.close_every_socket(app.engineio_server.eio, wait_seconds=1)
 
 
 def configure_logging(level: str) -> None:

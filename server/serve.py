@@ -10,26 +10,16 @@ from typing import Any
 
 import uvicorn
 from uvicorn.importer import import_from_string
-from uvicorn.supervisors import multiprocess
 
 from server.config import Settings, load_settings
 from server.main import create_app, prepare_shutdown
+from server.upstream import uvicorn as uvicorn_patch
 
 
 def tune_interpreter() -> None:
-    """Process-wide settings for a server whose loop is busy and whose blocking work is in threads.
-
-    Both measured with bench/run.py (docs/performance.md):
-    - The cyclic garbage collector walked the tens of thousands of objects the imports leave
-      (google-genai, pydantic schemas, supabase) and stalled the event loop for 100-200 ms about
-      once a second: that was the whole p99 chunk latency under paced load. What exists after
-      start-up is frozen out of its reach, and gen-0 collections run every 50,000 allocations
-      (700 by default).
-    - A thread that has finished blocking work (aiosqlite's, a DNS lookup) waits for the busy loop
-      thread to hand over the GIL, by default for up to 5 ms, and SQLite takes it back after every
-      step. Under a saturated loop a user message's write took 150 ms that way; at 0.2 ms the time
-      from `message` to first chunk fell about fourfold, with no loss of throughput.
-    """
+    """Process-wide settings for a server whose loop is busy and whose blocking work is in threads:
+    what exists after start-up is frozen out of the cyclic collector's reach (its walks stalled the
+    loop), and a thread hands the GIL back to the loop sooner. Measured in docs/performance.md."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)
@@ -59,23 +49,18 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-class WorkerProcess(multiprocess.Process):
+class ServiceWorker(uvicorn_patch.WorkerProcess):
     """A uvicorn worker that runs our Server (uvicorn's supervisor would make a plain one)."""
 
-    @property
-    def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = Server(self.config, owns_process=load_settings().tune_interpreter)
-        return self._server
+    def make_server(self, config: uvicorn.Config) -> uvicorn.Server:
+        return Server(config, owns_process=load_settings().tune_interpreter)
 
 
 def serve_workers(settings: Settings) -> None:
     """WORKERS processes on one port, sharing Redis (Settings requires it): each imports `server.main:app` itself."""
     config = uvicorn_config(settings, "server.main:app")
     config.workers = settings.workers
-    # uvicorn's supervisor makes its workers from this module attribute.
-    multiprocess.Process = WorkerProcess  # type: ignore[misc]
-    multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
+    uvicorn_patch.run_workers(config, ServiceWorker)
 
 
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:

@@ -11,7 +11,7 @@ import pytest
 import socketio
 from engineio import packet as eio_packet
 
-from server.transport.socketio_app import DirectEmitManager
+from server.upstream.socketio import DirectEmitManager
 
 
 class RecordingServer:

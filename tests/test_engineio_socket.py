@@ -1,10 +1,8 @@
-"""Engine.IO's WebSocket loop with fewer event-loop turns (server/transport/engineio_socket.py), over real sockets."""
+"""Engine.IO's WebSocket loop with fewer event-loop turns (server/upstream/engineio.py), over real sockets."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import inspect
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,29 +17,17 @@ from engineio.async_drivers import asgi as asgi_driver
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from server.transport import engineio_socket
-from server.transport.engineio_socket import FastWebSocket
+from server.upstream import engineio as engineio_patch
+from server.upstream.engineio import FastWebSocket
 from tests.conftest import ServerFactory
 from tests.harness import listening_socket
-
-# sha256 of python-engineio 4.15.1's AsyncSocket._websocket_handler, which FastWebSocket copies.
-UPSTREAM_HANDLER_SHA256 = "27f120df4d717a24478b7b0f7389ce19eea8a881dd07e2c81fb1cf2493e006a5"
-
-
-def test_the_copied_handler_matches_the_pinned_python_engineio() -> None:
-    upstream = FastWebSocket.__mro__[1]._websocket_handler
-    digest = hashlib.sha256(inspect.getsource(upstream).encode()).hexdigest()
-    assert digest == UPSTREAM_HANDLER_SHA256, (
-        "python-engineio's _websocket_handler changed: carry the change into "
-        "server/transport/engineio_socket.py, then update the digest here"
-    )
 
 
 @asynccontextmanager
 async def engineio_server(**options: Any) -> AsyncIterator[tuple[engineio.AsyncServer, str, list[str]]]:
     """A bare Engine.IO server using FastWebSocket under uvicorn (the service's WebSocket
     implementation); yields it, its ws:// URL and the sids it saw disconnect."""
-    engineio_socket.install()
+    engineio_patch.install()
     eio = engineio.AsyncServer(async_mode="asgi", **options)
     gone: list[str] = []
 

@@ -1,27 +1,23 @@
-"""Engine.IO's WebSocket loop, with fewer turns of the event loop per packet each way.
+"""python-engineio, patched. What is patched, and why:
 
-python-engineio 4.15.1 waits for each received frame and each packet to send through
-`asyncio.wait_for` on a task of its own, so on Python 3.11 a packet reaches the handler, and a
-queued packet reaches the socket, three turns of the loop after it is ready. Under load a turn is
-every streaming turn's chunk (about 10 ms at 100 sessions here), and the time to a turn's first
-chunk is a count of such turns. This socket:
+1. `AsyncSocket` is replaced (`install`) by `FastWebSocket`, whose WebSocket loop is a copy of
+   `AsyncSocket._websocket_handler` with fewer turns of the event loop per packet each way.
+   python-engineio waits for each received frame and each packet to send through
+   `asyncio.wait_for` on a task of its own, so a packet reaches the handler, and a queued packet
+   reaches the socket, three turns of the loop after it is ready; under load the time to a turn's
+   first chunk is a count of such turns. This loop reads frames under `asyncio.timeout` (one
+   turn), wakes the writer one turn after a packet is queued, and lets `WRITER_REST_TURNS` turns
+   pass after each batch it sends (a streaming socket then takes several chunks per wake-up).
+   For hostile clients: a frame that is not an Engine.IO packet closes its connection with a
+   close frame and one log line (python-engineio raised out of the loop: a traceback per frame),
+   and a cancellation of the loop is passed on once the socket is cleaned up, not swallowed.
+2. `close_every_socket` (shutdown) also wakes the long-poll of a socket that is closed already:
+   python-engineio leaves a poll whose client went away waiting for the ping timeout, and the
+   server's shutdown waiting for it.
 
-- reads frames directly under `asyncio.timeout` (one turn instead of three);
-- wakes the writer one turn after a packet is queued, and after each batch it sends lets
-  `WRITER_REST_TURNS` turns pass before it looks at the queue again. An idle socket's first packet
-  (a `user_message`, the answer's first chunk) goes out at once; a streaming one takes the
-  chunks of those turns in one wake-up, where it would otherwise suspend, arm a timeout and be
-  woken for every chunk: without the rest the server spent a third more CPU per chunk. (Each
-  packet is still its own frame and, with uvloop, its own write to the socket.)
-
-Two more departures, for hostile clients: a frame that is not an Engine.IO packet (plain text,
-an unknown packet type) closes its connection with a WebSocket close frame and one log line,
-where python-engineio raised out of the loop (a traceback per frame, no close frame); and a
-cancellation of the loop is passed on once the socket is cleaned up, not swallowed.
-
-Everything else is python-engineio's `_websocket_handler`, as it is in the version pinned in
-constraints.txt; `tests/test_engineio_socket.py` fails when that version's method changes, so
-an upgrade is read before it lands. Measured in docs/performance.md.
+`PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
+constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
+Measured in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,6 +29,15 @@ from typing import Any
 from engineio import async_socket, exceptions, packet
 
 log = logging.getLogger(__name__)
+
+DISTRIBUTION = "python-engineio"
+PINNED = "4.15.1"
+_UPSTREAM_SOCKET = async_socket.AsyncSocket  # taken before `install` replaces it
+PATCHED: dict[object, str] = {
+    _UPSTREAM_SOCKET._websocket_handler: "27f120df4d717a24478b7b0f7389ce19eea8a881dd07e2c81fb1cf2493e006a5",
+    _UPSTREAM_SOCKET.poll: "826f58a9f3606db208e5d1266f075ad655b6eeda47b0a5616748624899ca5954",
+    _UPSTREAM_SOCKET.close: "faa2e93902543244d2a1b772cdf4074d1615532e98fa6ca896739ca54ad64e76",
+}
 
 # Turns of the event loop a streaming socket's writer lets pass between batches.
 WRITER_REST_TURNS = 2
@@ -211,3 +216,18 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 def install() -> None:
     """Make Engine.IO create this socket for every connection (it names the class in its module)."""
     async_socket.AsyncSocket = FastWebSocket
+
+
+async def close_every_socket(eio: Any, wait_seconds: float) -> None:
+    """Close every Engine.IO connection: a close packet, and pending long-polls answered at once.
+    Best effort: a client that vanished never reads its close packet, so this waits `wait_seconds` at most."""
+    sockets = list(eio.sockets.values())
+    closing = [asyncio.create_task(eio.disconnect(sid)) for sid in list(eio.sockets)]
+    if closing:
+        _, late = await asyncio.wait(closing, timeout=wait_seconds)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
+    for socket in sockets:
+        # `poll` returns at a None; a socket closed by its client (abort) never put one there.
+        socket.queue.put_nowait(None)
