@@ -54,16 +54,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         allow_headers=["Authorization", "Content-Type"],
     )
     api.include_router(router)
-    verifier = (
-        TokenVerifier(
-            secret=settings.auth_jwt_secret,
-            jwks_url=settings.auth_jwks_url,
-            audience=settings.auth_jwt_audience,
-            jwks_refresh_seconds=settings.auth_jwks_refresh_seconds,
-        )
-        if settings.auth_enabled
-        else None
-    )
+    verifier = _token_verifier(settings)
     api.state.verifier = verifier
     gate = ConnectionGate(verifier, settings.max_connections_per_address)
     register_handlers(sio, lambda: api.state.runtime.service, gate)
@@ -85,6 +76,17 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     app.plain_hub = hub
     return app
+
+
+def _token_verifier(settings: Settings) -> TokenVerifier | None:
+    if not settings.auth_enabled:
+        return None
+    return TokenVerifier(
+        secret=settings.auth_jwt_secret,
+        jwks_url=settings.auth_jwks_url,
+        audience=settings.auth_jwt_audience,
+        jwks_refresh_seconds=settings.auth_jwks_refresh_seconds,
+    )
 
 
 async def prepare_shutdown(app: Any) -> None:

@@ -308,7 +308,7 @@ class RedisCoordination:
         if session_id not in self._held:
             return
         self._shared.add(session_id)  # first: every chunk from now on is published
-        await self._store_chunks(lambda sid: sid == session_id)  # then: every chunk before is stored
+        await self._store_chunks(lambda other: other == session_id)  # then: every chunk before is stored
         await self._redis.set(self._key("shared", session_id, request), "1", ex=30)
 
     # ------------------------------------------------------------------ presence

@@ -73,9 +73,9 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/api/sessions/{session_id}")
 async def get_session(session_id: str, request: Request) -> dict[str, Any]:
     caller = await _caller(request)
-    sid = _session_id(session_id)
+    session_id = _session_id(session_id)
     try:
-        session = await _runtime(request).repo.get_session(sid)
+        session = await _runtime(request).repo.get_session(session_id)
     except StorageUnavailable:
         raise HTTPException(
             status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
@@ -88,11 +88,11 @@ async def get_events(
     session_id: str, request: Request, after_event_id: int | None = Query(default=None)
 ) -> dict[str, Any]:
     caller = await _caller(request)
-    sid = _session_id(session_id)
+    session_id = _session_id(session_id)
     repo = _runtime(request).repo
     try:
-        _owned(await repo.get_session(sid), caller)
-        events = await repo.list_events(sid, after_event_id)
+        _owned(await repo.get_session(session_id), caller)
+        events = await repo.list_events(session_id, after_event_id)
     except StorageUnavailable:
         raise HTTPException(
             status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
