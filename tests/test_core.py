@@ -114,7 +114,7 @@ class SharedCoordination(LocalCoordination):
 
 @pytest.fixture
 async def make_core(tmp_path: Path) -> Any:
-    made: list[tuple[TaskTracker, SqliteRepository]] = []
+    made: list[tuple[ConversationService, TaskTracker, SqliteRepository]] = []
 
     async def make(
         script: Script,
@@ -137,11 +137,13 @@ async def make_core(tmp_path: Path) -> Any:
             limits=Limits(**limits),
             summary_delay_seconds=60,
         )
-        made.append((tasks, repo))
+        made.append((service, tasks, repo))
         return Core(service, emitter, repo), provider
 
     yield make
-    for tasks, repo in made:
+    for service, tasks, repo in made:  # as the runtime stops it: turns end, then the background work
+        await service.shutdown(grace_seconds=1)
+        await service.close_storage()
         await tasks.drain(1)
         await repo.aclose()
 
