@@ -150,6 +150,10 @@ async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        # A request still open here (a slow tool call the turn cancelled) ends with the test, not
+        # after its own delay: uvicorn would wait for it.
+        for request in list(server.server_state.tasks):
+            request.cancel()
         await task
 
 

@@ -19,9 +19,13 @@ ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1
 SUPABASE_STANDINS = """
 do $$
 begin
-    if to_regrole('anon') is null then create role anon nologin noinherit; end if;
-    if to_regrole('authenticated') is null then create role authenticated nologin noinherit; end if;
-    if to_regrole('service_role') is null then create role service_role nologin noinherit bypassrls; end if;
+    -- Roles belong to the whole server: tests running side by side may create them at once.
+    begin create role anon nologin noinherit;
+    exception when duplicate_object or unique_violation then null; end;
+    begin create role authenticated nologin noinherit;
+    exception when duplicate_object or unique_violation then null; end;
+    begin create role service_role nologin noinherit bypassrls;
+    exception when duplicate_object or unique_violation then null; end;
 end
 $$;
 create schema if not exists auth;

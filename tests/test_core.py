@@ -623,9 +623,9 @@ async def test_a_finished_turn_is_freed_without_the_cyclic_garbage_collector(mak
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         events, _ = await core.turn()
-        await asyncio.sleep(0.1)  # the turn's task ends after `done`
+        await core.service.wait_turn_end(events[-1][1]["session_id"])  # its task ends after `done`
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if type(o).__name__ in {"RunningTurn", "Generation"}]
+        left = [type(o).__name__ for o in gc.garbage if type(o).__name__ in {"Turn", "ChunkStream"}]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
