@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tests.harness import (
     free_port,
     service_env,
     serving,
+    serving_in_thread,
     test_settings,
     wait_healthy,
 )
@@ -29,9 +30,10 @@ Spawner = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str]]]
 TabFactory = Callable[..., Awaitable[Tab]]
 
 
-@pytest.fixture
-async def weather_url() -> AsyncIterator[str]:
-    async with serving(open_meteo_app()) as url:
+@pytest.fixture(scope="session")
+def weather_url() -> Iterator[str]:
+    """One fake Open-Meteo for the whole run (it keeps no state a test reads)."""
+    with serving_in_thread(open_meteo_app()) as url:
         yield url
 
 

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,30 @@ async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
         for request in list(server.server_state.tasks):
             request.cancel()
         await task
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app (a stateless fake shared by many tests) on a free port from a thread with
+    its own event loop while the block runs; yields its URL. No test's teardown waits for it."""
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="fake server")
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            if not thread.is_alive():
+                raise RuntimeError("the fake server did not start")
+            threading.Event().wait(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = True  # a request still open (a slow tool call a turn cancelled) is dropped
+        thread.join(timeout=10)
+        sock.close()
 
 
 @dataclass

@@ -116,6 +116,7 @@ async def refused_over_polling(server: RunningServer, auth: Any) -> Any:
         connect = "40" + (json.dumps(auth) if auth is not None else "")
         assert (await http.post(f"{path}&sid={sid}", content=connect)).status_code == 200
         packets = (await http.get(f"{path}&sid={sid}")).text.split("\x1e")
+        await http.post(f"{path}&sid={sid}", content="1")  # Engine.IO CLOSE: done with this session
     errors = [json.loads(packet[2:]) for packet in packets if packet.startswith("44")]
     assert len(errors) == 1, packets
     return errors[0]
