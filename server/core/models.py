@@ -138,9 +138,9 @@ class UserMessageEvent(WireEvent):
 
 @dataclass(frozen=True, slots=True)
 class ChunkEvent:
-    """A piece of the answer, sent once per delta: a plain dataclass, since building and dumping a
-    pydantic model cost about 5 µs of the 50-100 µs the server spends on a chunk. Its fields come
-    from the turn runner, never from a client; the wire tests check them against the contract."""
+    """A piece of the answer, sent once per delta: a plain dataclass, since a pydantic model was a
+    measurable share of the server's time per chunk (docs/performance.md). Its fields come from
+    the turn, never from a client; the wire tests check them against the contract."""
 
     session_id: str
     turn_id: str
