@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -156,6 +157,37 @@ async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
         for request in list(server.server_state.tasks):
             request.cancel()
         await task
+
+
+@contextlib.asynccontextmanager
+async def logged_server(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
+    """`python -m server` with its whole output (stdout and stderr) in a file, while the block
+    runs: yields the process, its URL and the log's path. Stopped (killed if it will not) after."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            cwd=tmp_path,
+            env=service_env(tmp_path, port, **extra),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_healthy(url, process)
+            yield process, url, log_path
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 15)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ with a WebSocket close frame and at most one log line, never a traceback (`pytho
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.harness import Tab, free_port, service_env, wait_healthy
+from tests.harness import Tab, logged_server
 
 MALFORMED = {
     "plain text": "How's the weather in Delhi ?",
@@ -28,35 +27,14 @@ MALFORMED = {
 
 
 @pytest.fixture
-async def logged_server(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    """`python -m server` with its whole output (stdout and stderr) in a file."""
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            cwd=tmp_path,
-            env=service_env(tmp_path, port, OFFLINE_CHUNK_DELAY_MS="0"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            await wait_healthy(url, process)
-            yield url, log_path
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 15)
+async def logged(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    async with logged_server(tmp_path, OFFLINE_CHUNK_DELAY_MS="0") as (_, url, log_path):
+        yield url, log_path
 
 
 @pytest.mark.parametrize("frame", list(MALFORMED.values()), ids=list(MALFORMED))
-async def test_a_malformed_frame_closes_its_connection_cleanly(
-    logged_server: tuple[str, Path], frame: str | bytes
-) -> None:
-    url, log_path = logged_server
+async def test_a_malformed_frame_closes_its_connection_cleanly(logged: tuple[str, Path], frame: str | bytes) -> None:
+    url, log_path = logged
     bystander = await Tab(url).connect()
     try:
         sid = (await bystander.join())["session"]["session_id"]

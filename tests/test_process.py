@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
-from tests.harness import Tab, free_port, listening_socket, service_env, wait_healthy
+from tests.harness import Tab, free_port, listening_socket, logged_server, service_env
 
 
 async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -117,26 +117,9 @@ CASES = [("python -m server", *case) for case in UNUSABLE_SETTINGS] + [
 
 
 async def test_ctrl_c_stops_it_cleanly_without_a_traceback(tmp_path: Path) -> None:
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            cwd=tmp_path,
-            env=service_env(tmp_path, port),
-            stdout=log_file,
-            stderr=log_file,
-        )
-        try:
-            await wait_healthy(f"http://127.0.0.1:{port}", process)
-            process.send_signal(signal.SIGINT)  # what Ctrl-C on `make run` sends
-            returncode = await asyncio.wait_for(process.wait(), 20)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with logged_server(tmp_path) as (process, _, log_path):
+        process.send_signal(signal.SIGINT)  # what Ctrl-C on `make run` sends
+        returncode = await asyncio.wait_for(process.wait(), 20)
     out = log_path.read_text()
     assert "stopped cleanly" in out and "Traceback" not in out, out
     assert returncode == 130  # the shell's code for "ended by SIGINT"
