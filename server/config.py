@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # Not in PROTOCOL.md: GC and GIL settings for the serving process (server/serve.py, measured).
     tune_interpreter: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    # Not in PROTOCOL.md: `json` writes one JSON object a line (docs: README, Monitoring).
+    log_format: Literal["text", "json"] = "text"
+    metrics_token: str | None = None
 
     llm_provider: Literal["gemini", "offline"] | None = None
     gemini_api_key: str | None = None
@@ -97,13 +100,14 @@ class Settings(BaseSettings):
         "redis_url",
         "auth_jwt_secret",
         "auth_jwks_url",
+        "metrics_token",
         mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("log_level", "llm_provider", "storage_backend", mode="before")
+    @field_validator("log_level", "log_format", "llm_provider", "storage_backend", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import socketio
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from server.config import Settings, load_settings
+from server.logs import configure_logging
+from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.transport.clients import ConnectionGate
 from server.transport.http import router
@@ -25,13 +30,14 @@ from server.upstream import engineio
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     settings = settings or load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     hub = PlainHub()
     sio = create_sio(settings, hub)
+    metrics = PrometheusMetrics(provider=settings.llm_provider or "offline")
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, SocketIOEmitter(sio, hub))
+        runtime = await Runtime.start(settings, SocketIOEmitter(sio, hub), metrics)
         api.state.runtime = runtime
         # python-socketio starts its manager (with REDIS_URL: the listener for other processes'
         # events) at the first Socket.IO connection; plain WebSocket clients need it from the start.
@@ -44,7 +50,9 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
             await runtime.stop()
             await sio.shutdown()
 
-    api = FastAPI(title="Realtime AI conversation backend", lifespan=lifespan)
+    api = _http_api(lifespan)
+    api.state.metrics = metrics
+    api.state.metrics_token = settings.metrics_token
     regex = origin_regex(settings.cors_origin_list)
     api.add_middleware(
         CORSMiddleware,
@@ -56,7 +64,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     api.include_router(router)
     verifier = _token_verifier(settings)
     api.state.verifier = verifier
-    gate = ConnectionGate(verifier, settings.max_connections_per_address)
+    gate = ConnectionGate(verifier, settings.max_connections_per_address, metrics)
     register_handlers(sio, lambda: api.state.runtime.service, gate)
     origins = origin_matcher(settings.cors_origin_list)
 
@@ -76,6 +84,41 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     app.plain_hub = hub
     return app
+
+
+DESCRIPTION = """The HTTP routes of the realtime conversation service. Conversations themselves run over
+Socket.IO (path `/socket.io`) and the plain WebSocket `/ws/session/{session_id}`: their events,
+payloads and error codes are in [docs/protocol.md](/docs/protocol.md)."""
+
+
+def _http_api(lifespan: Any) -> FastAPI:
+    """FastAPI with its docs pages served from the package (nothing fetched from other hosts) and a
+    schema that documents what the routes really answer."""
+    api = FastAPIOffline(title="Realtime AI conversation backend", description=DESCRIPTION, lifespan=lifespan)
+
+    async def invalid_parameter(request: Request, exc: Exception) -> JSONResponse:
+        # A query parameter of the wrong type (`after_event_id=abc`): the contract's 400, not FastAPI's 422.
+        problems = exc.errors() if isinstance(exc, RequestValidationError) else []
+        where = ", ".join(str(p["loc"][-1]) for p in problems) or "a parameter"
+        return JSONResponse(
+            {"detail": {"code": "invalid_payload", "message": f"{where}: not of the expected type"}}, status_code=400
+        )
+
+    api.add_exception_handler(RequestValidationError, invalid_parameter)
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)  # answered as 400 (above)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+    return api
 
 
 def _token_verifier(settings: Settings) -> TokenVerifier | None:
@@ -101,13 +144,6 @@ async def prepare_shutdown(app: Any) -> None:
     # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
     # interval) and is a "transport close" to clients, so they reconnect to another process.
     await engineio.close_every_socket(app.engineio_server.eio, wait_seconds=1)
-
-
-def configure_logging(level: str) -> None:
-    """LOG_LEVEL for the service's own loggers (uvicorn gets it through its config)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("server").setLevel(level.upper())
 
 
 app = create_app()

@@ -14,12 +14,22 @@ from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination
 from server.core.conversation import ConversationService
 from server.core.limits import Limits
-from server.core.ports import Coordination, Emitter, MessageQuota, ModelProvider, Repository, StorageRefused
+from server.core.ports import (
+    Coordination,
+    Emitter,
+    MessageQuota,
+    Metrics,
+    ModelProvider,
+    Repository,
+    StorageRefused,
+)
 from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolRegistry
+from server.metrics import PrometheusMetrics
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
+from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
@@ -50,10 +60,10 @@ async def open_repository(settings: Settings) -> Repository:
     )
 
 
-async def make_provider(settings: Settings) -> ModelProvider:
+async def make_provider(settings: Settings, metrics: Metrics) -> ModelProvider:
     if settings.llm_provider == "offline":
         return OfflineProvider(chunk_delay_ms=settings.offline_chunk_delay_ms)
-    return GeminiProvider(await gemini_config(settings))
+    return GeminiProvider(await gemini_config(settings), metrics)
 
 
 async def gemini_config(settings: Settings) -> GeminiConfig:
@@ -102,15 +112,16 @@ class Runtime:
     outbox: SqliteOutbox | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, emitter: Emitter) -> Runtime:
+    async def start(cls, settings: Settings, emitter: Emitter, metrics: PrometheusMetrics) -> Runtime:
         tasks = TaskTracker()
-        provider = await make_provider(settings)
+        provider = await make_provider(settings, metrics)
         coordination = await make_coordination(settings, tasks)
-        repo = await open_repository(settings)
+        repo = MeasuredRepository(await open_repository(settings), metrics)
         # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
         outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
+        metrics.declare_tools(spec.name for spec in tools.specs)
         # A user's limit counts their messages on every process (the socket's stays local).
         user_quota: MessageQuota = (
             RedisQuota(settings.redis_url, settings.redis_channel, settings.message_rate_limit)
@@ -134,8 +145,9 @@ class Runtime:
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
-            outbox=outbox,
+            outbox=MeasuredOutbox(outbox, metrics) if outbox is not None else None,
             user_quota=user_quota,
+            metrics=metrics,
         )
         log.info(
             "serving with provider=%s%s storage=%s%s",

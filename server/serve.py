@@ -11,7 +11,9 @@ from typing import Any
 import uvicorn
 from uvicorn.importer import import_from_string
 
+from server import metrics
 from server.config import Settings, load_settings
+from server.logs import uvicorn_log_config
 from server.main import create_app, prepare_shutdown
 from server.upstream import uvicorn as uvicorn_patch
 
@@ -55,12 +57,19 @@ class ServiceWorker(uvicorn_patch.WorkerProcess):
     def make_server(self, config: uvicorn.Config) -> uvicorn.Server:
         return Server(config, owns_process=load_settings().tune_interpreter)
 
+    def join(self) -> None:
+        # The supervisor joins every worker that ends (stopped, crashed, replaced).
+        super().join()
+        metrics.process_exited(self.pid)
+
 
 def serve_workers(settings: Settings) -> None:
     """WORKERS processes on one port, sharing Redis (Settings requires it): each imports `server.main:app` itself."""
     config = uvicorn_config(settings, "server.main:app")
     config.workers = settings.workers
-    uvicorn_patch.run_workers(config, ServiceWorker)
+    # Before the workers start: each inherits the directory its metrics go to.
+    with metrics.multiprocess_directory():
+        uvicorn_patch.run_workers(config, ServiceWorker)
 
 
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
@@ -70,6 +79,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_format),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",  # uvloop: not on Windows
         http="httptools",
         ws="websockets-sansio",

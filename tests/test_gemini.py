@@ -25,6 +25,7 @@ from tests.fake_gemini import (
     usage,
 )
 from tests.harness import RunningServer, Tab, wait_for_summary
+from tests.test_metrics import scrape
 
 KEY = "test-gemini-key"
 MODEL = "gemini-test-flash"
@@ -355,6 +356,35 @@ async def test_retries_stop_after_the_configured_attempts(
     done, _ = await ask(tab, sid, "Hello?")
     assert len(fake.requests) == 3
     assert done["error"] == {"code": "provider_unavailable", "message": "the model is unavailable (HTTP 503)"}
+
+
+async def test_metrics_count_each_retried_attempt_and_each_final_failure(
+    start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory
+) -> None:
+    fake.stream(
+        error_reply(503, "UNAVAILABLE"),
+        error_reply(503, "UNAVAILABLE"),
+        Reply(events=[text_chunk("Third time lucky.", "STOP", meta=usage(7, 3))]),
+        error_reply(400, "INVALID_ARGUMENT"),
+    )
+    fake.generate(error_reply(400, "INVALID_ARGUMENT"))  # the summary
+    server = await start_gemini(summary_delay_seconds=0, summary_retry_seconds=60)
+    tab, sid = await open_session(server, connect)
+    assert (await ask(tab, sid, "Hello?"))[0]["finish_reason"] == "stop"
+    assert (await ask(tab, sid, "Again?"))[0]["finish_reason"] == "error"
+    metrics = await scrape(server.url)
+    requests = metrics.by_label("realtime_provider_requests_total", "outcome")
+    assert requests == {"ok": 1, "retried": 2, "error": 1}
+    assert metrics.by_label("realtime_turns_total", "finish_reason")["error"] == 1
+    assert metrics.by_label("realtime_tokens_total", "direction") == {"input": 7, "output": 3}
+
+    await tab.close()
+    async with asyncio.timeout(10):
+        while (await scrape(server.url)).value("realtime_summaries_total", outcome="error") < 1:
+            await asyncio.sleep(0.05)
+    metrics = await scrape(server.url)
+    assert metrics.by_label("realtime_summaries_total", "outcome") == {"ok": 0, "error": 1}
+    assert metrics.by_label("realtime_provider_requests_total", "outcome") == {"ok": 1, "retried": 2, "error": 2}
 
 
 async def test_transport_errors_are_retried(start_gemini: ServerFactory, connect: TabFactory) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from server.core.ports import (
     Coordination,
     Emitter,
     MessageQuota,
+    Metrics,
     ModelProvider,
+    NoMetrics,
     Outbox,
     Repository,
     StorageUnavailable,
@@ -64,7 +67,9 @@ class ConversationService:
         summary_retry_seconds: float = 30.0,
         outbox: Outbox | None = None,
         user_quota: MessageQuota | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        metrics = metrics or NoMetrics()
         self._repo = repo
         self._emitter = emitter
         self._coordination = coordination
@@ -90,6 +95,7 @@ class ConversationService:
             limits=limits,
             tasks=tasks,
             running=self._turns,
+            metrics=metrics,
         )
         self.summaries = SummaryScheduler(
             repo=repo,
@@ -100,6 +106,7 @@ class ConversationService:
             delay_seconds=summary_delay_seconds,
             retry_seconds=summary_retry_seconds,
             wait_turn_end=self.wait_turn_end,
+            metrics=metrics,
         )
         coordination.on_cancel(self._cancel_here)
         coordination.on_turn_lost(self._turn_lost)
@@ -204,6 +211,7 @@ class ConversationService:
         self, member: str, session_id: str, text: str, client_message_id: str | None, *, user: str | None = None
     ) -> MessageAccepted:
         """`user`: the authenticated user, whose messages over all their connections are limited too."""
+        received_at = time.monotonic()
         session_id = self._joined_session(member, session_id)
         if not text.strip():
             raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
@@ -217,7 +225,7 @@ class ConversationService:
                 return earlier
         await self._take_quota(member, user)
         try:
-            accepted, started = await self._start_turn(session_id, text, client_message_id)
+            accepted, started = await self._start_turn(session_id, text, client_message_id, received_at)
         except BaseException:
             await self._give_back_quota(member, user)
             raise
@@ -262,10 +270,10 @@ class ConversationService:
                 log.warning("cannot give back a refused message's place in the user's limit: %r", exc)
 
     async def _start_turn(
-        self, session_id: str, text: str, client_message_id: str | None
+        self, session_id: str, text: str, client_message_id: str | None, received_at: float
     ) -> tuple[MessageAccepted, bool]:
         """The answer, and False when it is an earlier attempt's (a retry with the same client_message_id)."""
-        turn = Turn(self._turn_context, session_id, text, client_message_id)
+        turn = Turn(self._turn_context, session_id, text, client_message_id, received_at=received_at)
         try:
             return await turn.start(), True
         except TurnBusy:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from server.core.models import JSON, ActiveTurn, EventDraft, Session, StoredEvent, TurnEvent, Usage
+from server.core.models import JSON, ActiveTurn, EventDraft, FinishReason, Session, StoredEvent, TurnEvent, Usage
 
 # ---------------------------------------------------------------- model provider
 
@@ -289,3 +289,93 @@ class Coordination(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------- metrics
+
+Transport = Literal["socketio", "websocket"]
+ProviderOutcome = Literal["ok", "retried", "error"]
+
+
+class Metrics(Protocol):
+    """What the service counts (PROTOCOL.md, Metrics). `chunk_sent` and `first_chunk` are on the
+    chunk path: an implementation must not block or do I/O."""
+
+    def chunk_sent(self) -> None:
+        """One `chunk` emitted (once, whatever the number of recipients)."""
+        ...
+
+    def first_chunk(self, seconds: float) -> None:
+        """A turn emitted its first chunk this long after its `message` arrived."""
+        ...
+
+    def turn_started(self) -> None: ...
+
+    def turn_ended(self, finish_reason: FinishReason) -> None: ...
+
+    def tool_called(self, tool: str, ok: bool) -> None:
+        """`tool`: a registered tool's name, or `unknown` (never what a model made up)."""
+        ...
+
+    def provider_request(self, outcome: ProviderOutcome) -> None: ...
+
+    def tokens_used(self, usage: Usage) -> None: ...
+
+    def summary_made(self, ok: bool) -> None: ...
+
+    def storage_operation(self, operation: str, seconds: float) -> None: ...
+
+    def events_queued(self, count: int) -> None:
+        """The local durable queue holds `count` events now."""
+        ...
+
+    def connection_opened(self, transport: Transport) -> None: ...
+
+    def connection_closed(self, transport: Transport) -> None: ...
+
+    def refused(self, code: str) -> None:
+        """A request answered with an error code, or a connection refused."""
+        ...
+
+
+class NoMetrics:
+    """Counts nothing: for a core built without metrics (unit tests)."""
+
+    def chunk_sent(self) -> None:
+        pass
+
+    def first_chunk(self, seconds: float) -> None:
+        pass
+
+    def turn_started(self) -> None:
+        pass
+
+    def turn_ended(self, finish_reason: FinishReason) -> None:
+        pass
+
+    def tool_called(self, tool: str, ok: bool) -> None:
+        pass
+
+    def provider_request(self, outcome: ProviderOutcome) -> None:
+        pass
+
+    def tokens_used(self, usage: Usage) -> None:
+        pass
+
+    def summary_made(self, ok: bool) -> None:
+        pass
+
+    def storage_operation(self, operation: str, seconds: float) -> None:
+        pass
+
+    def events_queued(self, count: int) -> None:
+        pass
+
+    def connection_opened(self, transport: Transport) -> None:
+        pass
+
+    def connection_closed(self, transport: Transport) -> None:
+        pass
+
+    def refused(self, code: str) -> None:
+        pass

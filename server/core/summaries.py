@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from server.core.models import utc_now
-from server.core.ports import Coordination, ModelProvider, ProviderError, Repository, StorageUnavailable
+from server.core.ports import (
+    ConversationItem,
+    Coordination,
+    Metrics,
+    ModelProvider,
+    ProviderError,
+    Repository,
+    StorageUnavailable,
+)
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
 from server.core.writer import OrderedWriter
@@ -41,7 +49,9 @@ class SummaryScheduler:
         delay_seconds: float,
         retry_seconds: float,
         wait_turn_end: Callable[[str], Awaitable[None]],
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._repo = repo
         self._provider = provider
         self._coordination = coordination
@@ -134,6 +144,7 @@ class SummaryScheduler:
                 await self._summarise(session_id, emptied_at)
                 return
             except Exception as exc:
+                self._metrics.summary_made(ok=False)
                 reason = f"{exc.code}: {exc.message}" if isinstance(exc, ProviderError) else repr(exc)
                 if self._hurry.is_set():
                     log.error(
@@ -168,10 +179,20 @@ class SummaryScheduler:
         events = await self._repo.list_events(session_id)
         conversation = conversation_from_events(events)
         # Nothing to summarise is not worth a model call.
-        summary = await self._provider.summarise(conversation) if conversation else EMPTY_SESSION_SUMMARY
+        summary = await self._model_summary(conversation) if conversation else EMPTY_SESSION_SUMMARY
         if await self._coordination.member_count(session_id) > 0:
             log.info("session %s was rejoined while being summarised; its next emptying summarises it", session_id)
             return
         duration = max(0, round((emptied_at - session.start_time).total_seconds()))
         await self._repo.write_summary(session_id, summary, emptied_at, duration)
+        self._metrics.summary_made(ok=True)
         log.info("summarised session %s (%d events, %d s)", session_id, len(events), duration)
+
+    async def _model_summary(self, conversation: list[ConversationItem]) -> str:
+        try:
+            summary = await self._provider.summarise(conversation)
+        except Exception:
+            self._metrics.provider_request("error")
+            raise
+        self._metrics.provider_request("ok")
+        return summary

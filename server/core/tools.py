@@ -32,6 +32,9 @@ class ToolRegistry:
     def specs(self) -> list[ToolSpec]:
         return [tool.spec for tool in self._tools.values()]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
     async def call(self, name: str, args: dict[str, JSON]) -> JSON:
         tool = self._tools.get(name)
         if tool is None:

@@ -24,6 +24,7 @@ from server.core.errors import ErrorCode, ServiceError, shared_state_unavailable
 from server.core.event_store import HistoryEvent
 from server.core.history import HistoryCache
 from server.core.limits import Limits
+from server.core.log_context import log_scope
 from server.core.models import (
     JSON,
     ActiveTurn,
@@ -45,10 +46,12 @@ from server.core.ports import (
     Coordination,
     Emitter,
     Finished,
+    Metrics,
     ModelProvider,
     ModelRequest,
     ModelText,
     ProviderError,
+    ProviderOutcome,
     StorageUnavailable,
     TextDelta,
     ToolCallItem,
@@ -119,11 +122,16 @@ class TurnContext:
     limits: Limits
     tasks: TaskTracker
     running: RunningTurns
+    metrics: Metrics
 
 
 class Turn:
-    def __init__(self, context: TurnContext, session_id: str, text: str, client_message_id: str | None) -> None:
+    def __init__(
+        self, context: TurnContext, session_id: str, text: str, client_message_id: str | None, *, received_at: float
+    ) -> None:
+        """`received_at`: when its `message` arrived (time.monotonic())."""
         self._ctx = context
+        self._received_at = received_at
         self.session_id = session_id
         self.turn_id = str(uuid.uuid4())
         self.client_message_id = client_message_id
@@ -167,6 +175,10 @@ class Turn:
     async def start(self) -> MessageAccepted:
         """Raises TurnBusy, or a ServiceError when it cannot start; once this returns the turn ends
         with `done` whatever happens."""
+        with log_scope(self.session_id, self.turn_id):  # and so the turn's tasks
+            return await self._start()
+
+    async def _start(self) -> MessageAccepted:
         await self._take_lock()
         ctx = self._ctx
         # Read, and the model asked, while the message is written: their output waits for it.
@@ -185,6 +197,7 @@ class Turn:
             raise
         accepted = MessageAccepted(turn_id=self.turn_id, event_id=stored.event_id if stored is not None else None)
         self.accepted.set_result(accepted)
+        ctx.metrics.turn_started()
         try:
             await ctx.emitter.publish(self.session_id, self._announcement(accepted))
             await self._open()
@@ -268,20 +281,27 @@ class Turn:
         stamped = self._ctx.limits.chunk_timestamps
         calls: list[ToolCallItem] = []
         request = ModelRequest(conversation=conversation, tools=self._ctx.tools.specs)
-        async with contextlib.aclosing(self._ctx.provider.stream(request)) as stream:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        await self._chunks.add(event.text, time.monotonic() * 1000 if stamped else None)
-                        # A turn of the loop for everyone else after each chunk: one network read
-                        # can bring many, which would otherwise all go before another session's.
-                        await asyncio.sleep(0)
-                elif isinstance(event, ToolCallRequest):
-                    calls.append(self._tool_call_item(event))
-                elif isinstance(event, UsageReport):
-                    self.usage = event.usage if self.usage is None else self.usage + event.usage
-                elif isinstance(event, Finished):
-                    self.finish_reason = event.reason
+        outcome: ProviderOutcome = "ok"  # a stream stopped by a cancel too
+        try:
+            async with contextlib.aclosing(self._ctx.provider.stream(request)) as stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        if event.text:
+                            await self._chunks.add(event.text, time.monotonic() * 1000 if stamped else None)
+                            # A turn of the loop for everyone else after each chunk: one network read
+                            # can bring many, which would otherwise all go before another session's.
+                            await asyncio.sleep(0)
+                    elif isinstance(event, ToolCallRequest):
+                        calls.append(self._tool_call_item(event))
+                    elif isinstance(event, UsageReport):
+                        self.usage = event.usage if self.usage is None else self.usage + event.usage
+                    elif isinstance(event, Finished):
+                        self.finish_reason = event.reason
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self._ctx.metrics.provider_request(outcome)
         return calls
 
     async def _send_chunk(self, text: str, stamp: float | None) -> None:
@@ -294,6 +314,9 @@ class Turn:
             ChunkEvent(session_id=self.session_id, turn_id=self.turn_id, index=index, text=text, ts=stamp),
             local=coordination.chunks_stay_local(self.session_id),
         )
+        self._ctx.metrics.chunk_sent()
+        if index == 0:
+            self._ctx.metrics.first_chunk(time.monotonic() - self._received_at)
 
     def _tool_call_item(self, call: ToolCallRequest) -> ToolCallItem:
         # call_id keys the stored tool events, so it must be unique within the turn.
@@ -370,6 +393,9 @@ class Turn:
         return ToolResultItem(call_id=call.call_id, name=call.name, result=result)
 
     async def _publish_result(self, result: ToolResultItem) -> None:
+        self._ctx.metrics.tool_called(
+            result.name if result.name in self._ctx.tools else "unknown", result.error is None
+        )
         self._store(EventType.TOOL_RESULT, f"tool_result:{self.turn_id}:{result.call_id}", tool_result_content(result))
         await self._ctx.emitter.publish(
             self.session_id,
@@ -420,6 +446,7 @@ class Turn:
         finally:
             self._chunks.close()
             self._ctx.running.discard(self)
+            self._ctx.metrics.turn_ended(self.finish_reason)
             await self._ctx.coordination.release_turn(self.session_id, self.turn_id)
 
     async def _finish(self) -> None:
@@ -429,6 +456,8 @@ class Turn:
         write = self._store(EventType.AI_MESSAGE, f"ai:{self.turn_id}", self.text, ending=True)
         await asyncio.wait([write], timeout=self._ctx.limits.done_store_wait_seconds)
         stored = write.result() if write.done() and write.exception() is None else None
+        if self.usage is not None:
+            self._ctx.metrics.tokens_used(self.usage)
         await self._ctx.emitter.publish(
             self.session_id,
             DoneEvent(

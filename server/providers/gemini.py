@@ -29,9 +29,11 @@ from server.core.models import JSON, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
+    Metrics,
     ModelEvent,
     ModelRequest,
     ModelText,
+    NoMetrics,
     ProviderError,
     TextDelta,
     ToolCallItem,
@@ -88,8 +90,9 @@ class GeminiConfig:
 class GeminiProvider:
     name = "gemini"
 
-    def __init__(self, config: GeminiConfig) -> None:
+    def __init__(self, config: GeminiConfig, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or NoMetrics()
         self._http: httpx2.AsyncClient | None = None
         self._client: genai.Client | None = None
         if config.api_key:
@@ -192,8 +195,15 @@ class GeminiProvider:
             retry=retry_if_exception(is_transient),
             wait=wait,
             stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.budget_seconds),
-            before_sleep=_log_retry,
+            before_sleep=self._before_retry,
             reraise=True,
+        )
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self._metrics.provider_request("retried")
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "gemini request failed (%s); retry %d in %.2f s", _describe(exc), state.attempt_number, state.upcoming_sleep
         )
 
     async def _open_stream(
@@ -375,16 +385,6 @@ def _retry_delay_asked(exc: BaseException | None) -> float | None:
         return float(header) if header else None
     except ValueError:
         return None  # an HTTP date: rare enough here to fall back on backoff
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "gemini request failed (%s); retry %d in %.2f s",
-        _describe(exc),
-        state.attempt_number,
-        state.upcoming_sleep,
-    )
 
 
 def _describe(exc: BaseException | None) -> str:

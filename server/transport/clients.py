@@ -11,19 +11,20 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
+from server.core.log_context import log_scope
+from server.core.ports import Metrics, Transport
 from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
 from server.transport.tokens import Identity, InvalidToken, TokenVerifier
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 Ack = dict[str, Any]
-Transport = Literal["socketio", "websocket"]
 
 
 @dataclass(eq=False)
@@ -35,6 +36,7 @@ class ClientConnection:
     address: str
     identity: Identity | None
     authenticating: bool  # authentication is on: every request needs a valid identity
+    metrics: Metrics
 
     def user(self) -> str | None:
         """The authenticated user; `unauthorized` once the token expired (it comes first of all errors)."""
@@ -49,8 +51,13 @@ class ClientConnection:
         try:
             self.user()
         except ServiceError as exc:
-            return {"ok": False, "error": exc.as_dict()}
-        return {"ok": False, "error": {"code": ErrorCode.INVALID_PAYLOAD.value, "message": message}}
+            return self.refusal(exc.code.value, exc.message)
+        return self.refusal(ErrorCode.INVALID_PAYLOAD.value, message)
+
+    def refusal(self, code: str, message: str) -> Ack:
+        """The ack of a refused request (counted by its code)."""
+        self.metrics.refused(code)
+        return {"ok": False, "error": {"code": code, "message": message}}
 
     async def request(
         self,
@@ -66,12 +73,13 @@ class ClientConnection:
                 parsed = model.model_validate(payload)
             except ValidationError as exc:
                 raise invalid_payload(exc) from None
-            return {"ok": True, **await action(service, self, parsed, user)}
+            with log_scope(getattr(parsed, "session_id", None)):
+                return {"ok": True, **await action(service, self, parsed, user)}
         except ServiceError as exc:
-            return {"ok": False, "error": exc.as_dict()}
+            return self.refusal(exc.code.value, exc.message)
         except Exception:
             log.exception("unexpected failure handling a request from %s", self.member)
-            return {"ok": False, "error": {"code": "unavailable", "message": "the server could not do this now"}}
+            return self.refusal(ErrorCode.UNAVAILABLE.value, "the server could not do this now")
 
 
 class ConnectionGate:
@@ -79,9 +87,10 @@ class ConnectionGate:
     the token is verified, so connections opened at once count as if opened one by one) and the
     token when authentication is on."""
 
-    def __init__(self, verifier: TokenVerifier | None, max_per_address: int) -> None:
+    def __init__(self, verifier: TokenVerifier | None, max_per_address: int, metrics: Metrics) -> None:
         self._verifier = verifier
         self._max = max_per_address
+        self.metrics = metrics
         self._per_address: Counter[str] = Counter()
 
     @property
@@ -91,6 +100,7 @@ class ConnectionGate:
     async def admit(self, member: str, transport: Transport, address: str, token: object) -> ClientConnection:
         """The connection, or ServiceError `rate_limited` / `unauthorized` (then nothing is counted)."""
         if self._per_address[address] >= self._max:
+            self.metrics.refused(ErrorCode.RATE_LIMITED.value)
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many connections from this address")
         self._per_address[address] += 1
         try:
@@ -98,13 +108,16 @@ class ConnectionGate:
         except InvalidToken as exc:
             log.info("refused a %s connection from %s: invalid token (%s)", transport, address, exc)
             self._forget(address)
+            self.metrics.refused(ErrorCode.UNAUTHORIZED.value)
             raise ServiceError(ErrorCode.UNAUTHORIZED, "a valid token is needed") from None
         except BaseException:
             self._forget(address)
             raise
-        return ClientConnection(member, transport, address, identity, self.authenticating)
+        self.metrics.connection_opened(transport)
+        return ClientConnection(member, transport, address, identity, self.authenticating, self.metrics)
 
     def release(self, connection: ClientConnection) -> None:
+        self.metrics.connection_closed(connection.transport)
         self._forget(connection.address)
 
     def _forget(self, address: str) -> None:

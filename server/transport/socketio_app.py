@@ -10,7 +10,7 @@ import socketio
 
 from server.config import Settings
 from server.core.conversation import ConversationService
-from server.core.errors import ServiceError
+from server.core.errors import ErrorCode, ServiceError
 from server.core.models import EVENT_NAMES, TurnEvent
 from server.transport import fast_json
 from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate
@@ -83,6 +83,7 @@ def register_handlers(
         async def handle(sid: str, *args: Any) -> Ack:
             client = clients.get(sid)
             if client is None:  # an event racing its socket's disconnect
+                gate.metrics.refused(ErrorCode.UNAVAILABLE.value)
                 return {"ok": False, "error": {"code": "unavailable", "message": "the connection is closing"}}
             if len(args) != 1:
                 return client.undecodable("send exactly one payload object")

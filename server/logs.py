@@ -1,0 +1,67 @@
+"""The log format: today's text lines, or with LOG_FORMAT=json one JSON object a line (time, level,
+logger, message, and `session_id` / `turn_id` where the line is about one). Neither carries a
+message's text or a secret: the service never logs them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+from uvicorn.config import LOGGING_CONFIG
+
+from server.core.log_context import session_id_var, turn_id_var
+
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SessionFilter(logging.Filter):
+    """Adds the session and turn of the task that logs (server/core/log_context.py) to its records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        session_id, turn_id = session_id_var.get(), turn_id_var.get()
+        if session_id is not None:
+            record.session_id = session_id
+        if turn_id is not None:
+            record.turn_id = turn_id
+        return True
+
+
+def json_formatter() -> JsonFormatter:
+    return JsonFormatter(
+        ["levelname", "name", "message"],
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
+        # uvicorn's coloured copy of its message, and the task's name, are noise in JSON.
+        reserved_attrs=[*RESERVED_ATTRS, "color_message", "taskName"],
+    )
+
+
+def configure_logging(level: str, log_format: LogFormat) -> None:
+    """The root handler (unless the host configured one) and LOG_LEVEL for the service's loggers."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+        handler.addFilter(SessionFilter())
+        root.addHandler(handler)
+    logging.getLogger("server").setLevel(level.upper())
+
+
+def uvicorn_log_config(log_format: LogFormat) -> dict[str, Any]:
+    """uvicorn's own logging: its default for text; for JSON, its loggers on the same JSON lines."""
+    if log_format == "text":
+        return LOGGING_CONFIG
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": json_formatter}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["json"], "level": "INFO", "propagate": False},
+        },
+    }

@@ -1,0 +1,105 @@
+"""Storage as the metrics see it: every Repository operation timed (retries included), and the
+depth of the local durable queue after every change."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from datetime import datetime
+from typing import TypeVar
+
+from server.core.models import EventDraft, Session, StoredEvent
+from server.core.ports import Metrics, Outbox, Repository
+
+T = TypeVar("T")
+
+
+class MeasuredRepository:
+    """A Repository that reports how long each operation took, by its name."""
+
+    def __init__(self, repo: Repository, metrics: Metrics) -> None:
+        self._repo = repo
+        self._metrics = metrics
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self._metrics.storage_operation(operation, time.perf_counter() - started)
+
+    async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
+        return await self._timed("ensure_session", self._repo.ensure_session(session_id, user_id, start_time))
+
+    async def get_session(self, session_id: str) -> Session | None:
+        return await self._timed("get_session", self._repo.get_session(session_id))
+
+    async def append_event(self, draft: EventDraft) -> StoredEvent:
+        return await self._timed("append_event", self._repo.append_event(draft))
+
+    async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
+        return await self._timed("find_event", self._repo.find_event(session_id, event_key))
+
+    async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
+        return await self._timed("list_events", self._repo.list_events(session_id, after_event_id))
+
+    async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
+        await self._timed("write_summary", self._repo.write_summary(session_id, summary, end_time, duration_seconds))
+
+    async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
+        await self._timed("mark_emptied", self._repo.mark_emptied(session_id, emptied_at))
+
+    async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
+        return await self._timed("due_summaries", self._repo.due_summaries(limit))
+
+    async def ping(self) -> None:
+        await self._timed("ping", self._repo.ping())
+
+    async def aclose(self) -> None:
+        await self._repo.aclose()
+
+
+class MeasuredOutbox:
+    """An Outbox that reports its depth whenever it changes."""
+
+    def __init__(self, outbox: Outbox, metrics: Metrics) -> None:
+        self._outbox = outbox
+        self._metrics = metrics
+        metrics.events_queued(outbox.depth)  # what an earlier run left
+
+    @property
+    def depth(self) -> int:
+        return self._outbox.depth
+
+    def holds(self, session_id: str) -> bool:
+        return self._outbox.holds(session_id)
+
+    async def put(self, draft: EventDraft) -> None:
+        try:
+            await self._outbox.put(draft)
+        finally:
+            self._metrics.events_queued(self._outbox.depth)
+
+    async def oldest(self, limit: int) -> list[tuple[int, EventDraft]]:
+        return await self._outbox.oldest(limit)
+
+    async def remove(self, position: int, session_id: str) -> None:
+        try:
+            await self._outbox.remove(position, session_id)
+        finally:
+            self._metrics.events_queued(self._outbox.depth)
+
+    async def set_aside(self, position: int, session_id: str, reason: str) -> None:
+        try:
+            await self._outbox.set_aside(position, session_id, reason)
+        finally:
+            self._metrics.events_queued(self._outbox.depth)
+
+    async def waiting(self, session_id: str) -> list[EventDraft]:
+        return await self._outbox.waiting(session_id)
+
+    async def find(self, session_id: str, event_key: str) -> EventDraft | None:
+        return await self._outbox.find(session_id, event_key)
+
+    async def aclose(self) -> None:
+        await self._outbox.aclose()
