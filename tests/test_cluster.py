@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +16,7 @@ from urllib.parse import urlparse
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, Spawner, TabFactory
@@ -20,6 +24,7 @@ from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, text_chunk, text_r
 from tests.harness import REDIS_URL, Tab, free_port, service_env
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
+from tests.test_metrics import scrape
 
 WORDS = [f"word{n} " for n in range(12)]
 
@@ -292,3 +297,77 @@ async def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
     )
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode != 0 and b"WORKERS > 1 needs REDIS_URL" in err
+
+
+def live_connections(directory: Path) -> dict[str, float]:
+    """Each worker's `realtime_connections`, read from its own multiprocess file."""
+    counts: dict[str, float] = {}
+    for path in directory.glob("gauge_livesum_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        with contextlib.suppress(FileNotFoundError):
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+                if json.loads(key)[1] == "realtime_connections":
+                    counts[pid] = counts.get(pid, 0) + value
+    return counts
+
+
+async def test_with_workers_every_scrape_reports_the_sum_of_all_of_them(
+    spawn: Spawner, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    # What an earlier run left: emptied at start, so its five turns do not count.
+    stale = MmapedDict(str(directory / "counter_999999.db"))
+    stale.write_value(
+        mmap_key("realtime_turns", "realtime_turns_total", ["finish_reason"], ["stop"], "Turns ended"), 5.0, 0
+    )
+    stale.close()
+    supervisor, url = await spawn(
+        sys.executable,
+        "-m",
+        "server",
+        WORKERS="2",
+        REDIS_URL=REDIS_URL,
+        REDIS_CHANNEL=redis_channel,
+        STORAGE_BACKEND="postgres",
+        DATABASE_URL=database,
+        OUTBOX_PATH=str(tmp_path / "queue" / "outbox.db"),
+        OFFLINE_CHUNK_DELAY_MS="1",
+        PROMETHEUS_MULTIPROC_DIR=str(directory),
+    )
+    workers = workers_of(supervisor.pid)
+    async with asyncio.timeout(20):
+        while set(live_connections(directory)) != set(workers):
+            await asyncio.sleep(0.1)
+    assert not (directory / "counter_999999.db").exists()
+    assert (await scrape(url)).value("realtime_turns_total", finish_reason="stop") == 0
+
+    # Tabs until both workers hold some (the kernel spreads connections over them).
+    while min(live_connections(directory).values()) == 0:
+        assert len(tabs) < 40, live_connections(directory)
+        await open_tab(tabs, url)
+    per_worker = live_connections(directory)
+    assert sum(per_worker.values()) == len(tabs)
+    session_id = (await tabs[0].join())["session"]["session_id"]
+    ack = await tabs[0].call("message", {"session_id": session_id, "text": "count me once"})
+    await tabs[0].turn(ack["turn_id"])
+    for _ in range(12):  # each scrape reaches either worker, and each reports the sum
+        metrics = await scrape(url)
+        assert metrics.value("realtime_connections", transport="socketio") == len(tabs)
+        assert metrics.value("realtime_turns_total", finish_reason="stop") == 1
+        assert metrics.value("realtime_chunks_total") == len(tabs[0].named("chunk"))
+
+    # A worker dies: its connections stop counting, what it counted stays.
+    victim = min(per_worker, key=lambda pid: per_worker[pid])
+    os.kill(int(victim), signal.SIGKILL)
+    survivors = len(tabs) - per_worker[victim]
+    async with asyncio.timeout(20):
+        while (await scrape(url)).value("realtime_connections", transport="socketio") != survivors:
+            await asyncio.sleep(0.1)
+    assert victim not in live_connections(directory)
+    assert (await scrape(url)).value("realtime_turns_total", finish_reason="stop") == 1
+
+    for tab in tabs:
+        await tab.close()
+    supervisor.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(supervisor.wait(), 30) == 0
