@@ -1,10 +1,12 @@
 """The log format: today's text lines, or with LOG_FORMAT=json one JSON object a line (time, level,
 logger, message, and `session_id` / `turn_id` where the line is about one). Neither carries a
-message's text or a secret: the service never logs them."""
+message's text or a secret: the service never logs them, and a token in a logged URL (the plain
+WebSocket's `?token=`, in uvicorn's connection line) is redacted."""
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Literal
 
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -15,6 +17,7 @@ from server.core.log_context import session_id_var, turn_id_var
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"']+")
 
 
 class SessionFilter(logging.Filter):
@@ -26,6 +29,17 @@ class SessionFilter(logging.Filter):
             record.session_id = session_id
         if turn_id is not None:
             record.turn_id = turn_id
+        return True
+
+
+class RedactTokens(logging.Filter):
+    """Replaces the value of a `token=` query parameter in a line with `[redacted]`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = TOKEN_IN_URL.sub(r"\1[redacted]", message), None
+            record.__dict__.pop("color_message", None)  # uvicorn's coloured copy holds it too
         return True
 
 
@@ -46,8 +60,14 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
         handler.addFilter(SessionFilter())
+        handler.addFilter(RedactTokens())
         root.addHandler(handler)
     logging.getLogger("server").setLevel(level.upper())
+    # On the loggers uvicorn logs URLs with, however uvicorn was started (its config keeps them).
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
 
 def uvicorn_log_config(log_format: LogFormat) -> dict[str, Any]:
