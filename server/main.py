@@ -94,7 +94,10 @@ payloads and error codes are in [docs/protocol.md](/docs/protocol.md)."""
 def _http_api(lifespan: Any) -> FastAPI:
     """FastAPI with its docs pages served from the package (nothing fetched from other hosts) and a
     schema that documents what the routes really answer."""
-    api = FastAPIOffline(title="Realtime AI conversation backend", description=DESCRIPTION, lifespan=lifespan)
+    # ReDoc is off: its page fetches its logo from cdn.redoc.ly whatever it is told.
+    api = FastAPIOffline(
+        title="Realtime AI conversation backend", description=DESCRIPTION, lifespan=lifespan, redoc_url=None
+    )
 
     async def invalid_parameter(request: Request, exc: Exception) -> JSONResponse:
         # A query parameter of the wrong type (`after_event_id=abc`): the contract's 400, not FastAPI's 422.
