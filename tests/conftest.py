@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -89,8 +91,13 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawner]:
 
     async def start(*argv: str, port: int | None = None, **extra: str) -> tuple[asyncio.subprocess.Process, str]:
         port = port or free_port()
+        # A group of its own: a failed test still kills the workers a supervisor started.
         process = await asyncio.create_subprocess_exec(
-            *argv, cwd=tmp_path, env=service_env(tmp_path, port, **extra), stdin=asyncio.subprocess.DEVNULL
+            *argv,
+            cwd=tmp_path,
+            env=service_env(tmp_path, port, **extra),
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -99,9 +106,9 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawner]:
 
     yield start
     for process in processes:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from tests.fake_postgrest import FakePostgrest, make_key
 from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
+from tests.test_metrics import scrape
 
 
 @pytest.fixture
@@ -124,6 +125,7 @@ async def test_postgres_cut_mid_conversation_loses_and_duplicates_nothing(
     status, body = await readiness(server)
     assert status == 503 and body["queued_events"] == 4
     assert any("events queued" in reason for reason in body["reasons"])
+    assert (await scrape(server.url)).value("realtime_queued_events") == 4
 
     await tab.call("leave", {"session_id": sid})
     await asyncio.sleep(0.6)  # the summary waits: its session's events are not all stored
@@ -131,6 +133,7 @@ async def test_postgres_cut_mid_conversation_loses_and_duplicates_nothing(
     proxy.restore()
     await until_drained(server)
     user_and_ai(["before the outage", *during], await stored_rows(database, sid))
+    assert (await scrape(server.url)).value("realtime_queued_events") == 0
     async with asyncio.timeout(10):
         while (summary := await stored_summary(database, sid)) is None:
             await asyncio.sleep(0.1)
