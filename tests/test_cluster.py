@@ -255,10 +255,11 @@ def alive(pid: str) -> bool:
         return False
 
 
-async def test_workers_run_several_processes_on_one_port(
-    spawn: Spawner, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
-) -> None:
-    supervisor, url = await spawn(
+async def spawn_workers(
+    spawn: Spawner, redis_channel: str, database: str, tmp_path: Path, **extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m server` with WORKERS=2 on the real Redis and PostgreSQL."""
+    return await spawn(
         sys.executable,
         "-m",
         "server",
@@ -268,8 +269,14 @@ async def test_workers_run_several_processes_on_one_port(
         STORAGE_BACKEND="postgres",
         DATABASE_URL=database,
         OUTBOX_PATH=str(tmp_path / "queue" / "outbox.db"),
-        OFFLINE_CHUNK_DELAY_MS="5",
+        **extra,
     )
+
+
+async def test_workers_run_several_processes_on_one_port(
+    spawn: Spawner, redis_channel: str, database: str, tmp_path: Path, tabs: list[Tab]
+) -> None:
+    supervisor, url = await spawn_workers(spawn, redis_channel, database, tmp_path, OFFLINE_CHUNK_DELAY_MS="5")
     workers = workers_of(supervisor.pid)
     assert len(workers) == 2
     async with asyncio.timeout(10):  # each worker holds a local queue of its own
@@ -322,18 +329,8 @@ async def test_with_workers_every_scrape_reports_the_sum_of_all_of_them(
         mmap_key("realtime_turns", "realtime_turns_total", ["finish_reason"], ["stop"], "Turns ended"), 5.0, 0
     )
     stale.close()
-    supervisor, url = await spawn(
-        sys.executable,
-        "-m",
-        "server",
-        WORKERS="2",
-        REDIS_URL=REDIS_URL,
-        REDIS_CHANNEL=redis_channel,
-        STORAGE_BACKEND="postgres",
-        DATABASE_URL=database,
-        OUTBOX_PATH=str(tmp_path / "queue" / "outbox.db"),
-        OFFLINE_CHUNK_DELAY_MS="1",
-        PROMETHEUS_MULTIPROC_DIR=str(directory),
+    supervisor, url = await spawn_workers(
+        spawn, redis_channel, database, tmp_path, OFFLINE_CHUNK_DELAY_MS="1", PROMETHEUS_MULTIPROC_DIR=str(directory)
     )
     workers = workers_of(supervisor.pid)
     async with asyncio.timeout(20):

@@ -119,7 +119,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
-async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+async def get_session(session_id: str, request: Request) -> Session:
     caller = await _caller(request)
     session_id = _session_id(session_id)
     try:
@@ -128,7 +128,7 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
         raise HTTPException(
             status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
         ) from None
-    return _owned(session, caller).model_dump(mode="json")
+    return _owned(session, caller)
 
 
 @router.get("/api/sessions/{session_id}/events", response_model=Events, responses=_refusals(400, 401, 403, 404, 503))
