@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(8000, gt=0)
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
+    playground: bool = True
 
     auth_jwt_secret: str | None = None
     auth_jwt_audience: str = "authenticated"

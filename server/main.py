@@ -23,6 +23,7 @@ from server.transport.clients import ConnectionGate
 from server.transport.http import router
 from server.transport.origins import origin_matcher, origin_regex
 from server.transport.plain_ws import GOING_AWAY, PlainHub, serve_plain_client
+from server.transport.playground import add_playground
 from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
 from server.transport.tokens import TokenVerifier
 from server.upstream import engineio
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         allow_headers=["Authorization", "Content-Type"],
     )
     api.include_router(router)
+    if settings.playground:
+        add_playground(api)
     verifier = _token_verifier(settings)
     api.state.verifier = verifier
     gate = ConnectionGate(verifier, settings.max_connections_per_address, metrics)

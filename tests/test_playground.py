@@ -1,0 +1,392 @@
+"""The playground page at `/`, used the way a person uses it: in a real headless Chromium (Debian's,
+driven by Playwright) against the running server, every request checked to stay on its origin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from html.parser import HTMLParser
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Locator, Page, WebSocket, expect
+
+from tests.browser import Watched, chromium, watched
+from tests.conftest import ServerFactory, TabFactory
+from tests.harness import ROOT, RunningServer
+from tests.tcp_proxy import TcpProxy
+from tests.test_auth import SECRET, token
+
+LAPTOP = {"viewport": {"width": 1280, "height": 800}}
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
+WAIT_MS = 15_000
+
+# Records each new length of the last answer's text, so a test sees it grow chunk by chunk.
+RECORD_GROWTH = """() => {
+  window.growth = [];
+  const log = document.getElementById("log");
+  new MutationObserver(() => {
+    const answers = log.querySelectorAll(".msg.ai");
+    if (!answers.length) return;
+    const text = Array.from(answers[answers.length - 1].querySelectorAll(".text"), (p) => p.textContent).join("");
+    if (window.growth.at(-1) !== text.length) window.growth.push(text.length);
+  }).observe(log, { subtree: true, childList: true, characterData: true });
+}"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as browser:
+        yield browser
+
+
+async def open_playground(watch: Watched, url: str) -> Page:
+    page = await watch.new_page()
+    await page.goto(url)
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    return page
+
+
+def session_of(page: Page) -> str:
+    match = re.fullmatch(r".*/\?session=([0-9a-f-]{36})", page.url)
+    assert match, page.url
+    return match.group(1)
+
+
+async def send(page: Page, text: str) -> None:
+    await page.get_by_label("Message").fill(text)
+    await page.get_by_label("Message").press("Enter")
+
+
+def answers(page: Page) -> Locator:
+    return page.locator("#log .msg.ai")
+
+
+async def text_of(answer: Locator) -> str:
+    return "".join(await answer.locator(".text").all_text_contents())
+
+
+async def finished(answer: Locator, reason: str = "stop") -> None:
+    await expect(answer).to_have_attribute("data-finish", reason, timeout=WAIT_MS)
+
+
+async def stored(server: RunningServer, session_id: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        events: list[dict[str, Any]] = (await http.get(f"/api/sessions/{session_id}/events")).json()["events"]
+        return events
+
+
+async def stored_answers(server: RunningServer, session_id: str) -> list[str]:
+    return [e["content"] for e in await stored(server, session_id) if e["event_type"] == "ai_message"]
+
+
+async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_second_tab(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=20)
+    watch = await watched(browser, server.url, **LAPTOP)
+    first = await open_playground(watch, server.url + "/")
+    session_id = session_of(first)
+    await expect(first.locator("#session-id")).to_have_text(session_id)
+    await expect(first.locator("#presence")).to_have_text(re.compile(r"^1 tab in this session"))
+
+    await first.evaluate(RECORD_GROWTH)
+    await send(first, "How's the weather in Delhi?")
+    await expect(first.locator("#log .msg.user .text")).to_have_text(re.compile("How's the weather in Delhi\\?"))
+    answer = answers(first).first
+    tool = answer.locator("details.tool")
+    await expect(tool.locator(".tool-name")).to_have_text("get_weather", timeout=WAIT_MS)
+    await finished(answer)
+    await expect(tool.locator(".tool-status")).to_have_text("done")
+    await expect(answer.locator(".finish")).to_contain_text("finished")
+    await tool.locator("summary").click()
+    assert json.loads(await tool.locator("pre.tool-json").first.inner_text()) == {"location": "Delhi"}
+    assert json.loads(await tool.locator("pre.tool-json").nth(1).inner_text())["temperature_c"] == 24.5
+    growth: list[int] = await first.evaluate("() => window.growth")
+    text = await text_of(answer)
+    assert len(growth) >= 10 and growth == sorted(growth) and growth[-1] == len(text), growth
+    assert await stored_answers(server, session_id) == [text]
+
+    # The same URL in a second tab (phone-sized) joins the session and shows its history.
+    phone = await watched(browser, server.url, **PHONE)
+    second = await open_playground(phone, first.url)
+    assert session_of(second) == session_id
+    await expect(second.locator("#log .msg.user .text")).to_have_text(["How's the weather in Delhi?"])
+    assert await text_of(answers(second).first) == text
+    await expect(answers(second).first.locator(".tool-status")).to_have_text("done")
+    for page in (first, second):
+        await expect(page.locator("#presence")).to_have_text(re.compile(r"^2 tabs in this session"))
+    assert await second.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+
+    # Sent from the second tab, streamed in the first.
+    await first.evaluate(RECORD_GROWTH)
+    await second.get_by_label("Message").fill("Tell me about this service")
+    await second.get_by_role("button", name="Send").click()
+    await finished(answers(first).nth(1))
+    growth = await first.evaluate("() => window.growth")
+    second_text = await text_of(answers(first).nth(1))
+    assert len(growth) >= 10 and growth[-1] == len(second_text), growth
+    await finished(answers(second).nth(1))
+    assert await text_of(answers(second).nth(1)) == second_text
+    assert await stored_answers(server, session_id) == [text, second_text]
+
+    await first.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    await first.get_by_role("button", name="Copy link").click()
+    assert await first.evaluate("() => navigator.clipboard.readText()") == first.url
+    watch.assert_clean()
+    phone.assert_clean()
+
+
+async def test_stop_refusals_and_the_keyboard(start_server: ServerFactory, browser: Browser) -> None:
+    server = await start_server(offline_chunk_delay_ms=60, max_message_chars=120, message_rate_limit=2)
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await open_playground(watch, server.url + "/")
+    message = page.get_by_label("Message")
+
+    await message.fill("line one")
+    await message.press("Shift+Enter")
+    await message.press_sequentially("line two")
+    assert await message.input_value() == "line one\nline two"
+    await expect(page.locator("#log .msg.user")).to_have_count(0)
+    await message.press("Enter")
+    await expect(page.locator("#log .msg.user .text")).to_have_text(["line one\nline two"])
+
+    # While it streams: another message is refused as busy (and stays in the box), Stop cancels.
+    stop = page.get_by_role("button", name="Stop")
+    await expect(stop).to_be_visible()
+    await expect(answers(page).first.locator(".text")).not_to_have_text("", timeout=WAIT_MS)
+    await send(page, "and another thing")
+    await expect(page.locator("#notice")).to_contain_text("still answering")
+    await expect(page.locator("#notice")).to_contain_text("busy")
+    assert await message.input_value() == "and another thing"
+    await stop.click()
+    await finished(answers(page).first, "cancelled")
+    await expect(answers(page).first.locator(".finish")).to_contain_text("stopped (cancelled)")
+    await expect(stop).to_be_hidden()
+    session_id = session_of(page)
+    [answer] = [e for e in await stored(server, session_id) if e["event_type"] == "ai_message"]
+    assert answer["finish_reason"] == "cancelled" and answer["content"] == await text_of(answers(page).first)
+
+    await send(page, "x" * 121)
+    await expect(page.locator("#notice")).to_contain_text("longer than this service accepts")
+    await expect(page.locator("#notice")).to_contain_text("message_too_long")
+    await send(page, "a short one")
+    await finished(answers(page).nth(1))
+    await expect(page.locator("#notice")).to_be_hidden()
+    await send(page, "one too many")
+    await expect(page.locator("#notice")).to_contain_text("Too many messages")
+    await expect(page.locator("#notice")).to_contain_text("rate_limited")
+    await expect(page.locator("#log .msg.user")).to_have_count(2)
+    watch.assert_clean()
+
+
+async def test_errors_are_shown_with_their_message(start_server: ServerFactory, browser: Browser) -> None:
+    unconfigured = await start_server(llm_provider="gemini", gemini_api_key=None)
+    watch = await watched(browser, unconfigured.url, **LAPTOP)
+    page = await open_playground(watch, unconfigured.url + "/")
+    await send(page, "Hello?")
+    await finished(answers(page).first, "error")
+    await expect(answers(page).first.locator(".finish")).to_contain_text("GEMINI_API_KEY is not set")
+    await expect(answers(page).first.locator(".finish")).to_contain_text("provider_not_configured")
+    await page.reload()  # the stored answer keeps its finish reason and error
+    await finished(answers(page).first, "error")
+    await expect(answers(page).first.locator(".finish")).to_contain_text("provider_not_configured")
+    watch.assert_clean()
+
+    no_weather = await start_server(
+        weather_geocoding_url="http://127.0.0.1:9", weather_forecast_url="http://127.0.0.1:9"
+    )
+    watch = await watched(browser, no_weather.url, **LAPTOP)
+    page = await open_playground(watch, no_weather.url + "/")
+    await send(page, "How's the weather in Paris?")
+    await finished(answers(page).first)
+    tool = answers(page).first.locator("details.tool")
+    await expect(tool.locator(".tool-status")).to_have_text("error: weather_unavailable")
+    await tool.locator("summary").click()
+    await expect(tool.locator(".tool-error")).to_contain_text("could not be reached (weather_unavailable)")
+    watch.assert_clean()
+
+
+async def test_model_output_and_tool_arguments_are_shown_as_text_never_as_html(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server()
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await open_playground(watch, server.url + "/")
+    attack = '<img src=x onerror="pwned=1"><b>bold</b>'  # no ".": it would end the place
+    await send(page, f"Say {attack}")
+    await finished(answers(page).first)
+    await send(page, f"How's the weather in {attack}")
+    await finished(answers(page).nth(1))
+    for _ in range(2):  # as streamed, then as rebuilt from the stored history
+        await expect(page.locator("#log .msg.user .text").first).to_have_text(f"Say {attack}")
+        assert attack in await text_of(answers(page).first)
+        tool = answers(page).nth(1).locator("details.tool")
+        await tool.locator("summary").click()
+        assert json.loads(await tool.locator("pre.tool-json").first.inner_text()) == {"location": attack}
+        assert await page.locator("#log img, #log b").count() == 0
+        assert await page.evaluate("() => window.pwned") is None
+        await page.reload()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    watch.assert_clean()
+
+
+async def test_a_dropped_connection_reconnects_and_catches_up(
+    start_server: ServerFactory, browser: Browser, connect: TabFactory
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=150)
+    proxy = await TcpProxy("127.0.0.1", server.settings.port).start()
+    origin = f"http://127.0.0.1:{proxy.port}"
+    try:
+        watch = await watched(browser, origin, **LAPTOP)
+        page = await open_playground(watch, origin + "/")
+        joins: list[dict[str, Any]] = []
+        received: list[str | bytes] = []
+
+        def watch_socket(ws: WebSocket) -> None:
+            ws.on("framesent", lambda frame: _record_join(frame, joins))
+            ws.on("framereceived", lambda frame: received.append(frame))
+
+        page.on("websocket", watch_socket)
+        session_id = session_of(page)
+
+        # Cut mid-answer, back a moment later: the answer goes on from where the turn is.
+        await send(page, "Tell me a long story about streaming answers, please")
+        answer = answers(page).first
+        await expect(answer.locator(".text")).to_have_text(re.compile(r"(\S+\s+){4}"), timeout=WAIT_MS)
+        proxy.cut()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+        await expect(page.locator("#status")).to_contain_text("Reconnecting")
+        await asyncio.sleep(0.3)
+        proxy.restore()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+        await finished(answer)
+        assert [await text_of(answer)] == await stored_answers(server, session_id)
+        # The rejoin's answer had the running turn: the tab caught up from active_turn, not from scratch.
+        assert any(isinstance(f, str) and re.search(r'"active_turn":\s*\{"turn_id"', f) for f in received)
+
+        # A whole turn while the tab is away (sent by another client) appears once, after the rest.
+        proxy.cut()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+        other = await connect(server)
+        await other.join(session_id)
+        ack = await other.call("message", {"session_id": session_id, "text": "Sent while the tab was away"})
+        await other.turn(ack["turn_id"], timeout=WAIT_MS)
+        proxy.restore()
+        await finished(answers(page).nth(1))
+        await expect(page.locator("#log .msg.user .text")).to_have_text(
+            ["Tell me a long story about streaming answers, please", "Sent while the tab was away"]
+        )
+        assert [await text_of(a) for a in await answers(page).all()] == await stored_answers(server, session_id)
+        rejoins = [j for j in joins if "after_event_id" in j]
+        assert len(rejoins) >= 2 and all(j["session_id"] == session_id for j in rejoins), joins
+    finally:
+        await proxy.stop()
+    # While cut off, the browser reports its failed connection attempts; nothing else went wrong.
+    assert not watch.foreign and not watch.page_errors, (watch.foreign, watch.page_errors)
+    assert all(re.search(r"failed|ERR_", error) for error in watch.console_errors), watch.console_errors
+
+
+def _record_join(frame: str | bytes, joins: list[dict[str, Any]]) -> None:
+    # Socket.IO's frame for an event with an ack: 42<id>["join",{...}]
+    match = re.fullmatch(r'42\d*\["join",(.*)\]', frame if isinstance(frame, str) else "")
+    if match:
+        joins.append(json.loads(match.group(1)))
+
+
+async def test_with_authentication_on_the_page_asks_for_a_token(start_server: ServerFactory, browser: Browser) -> None:
+    server = await start_server(auth_jwt_secret=SECRET)
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await watch.new_page()
+    await page.goto(server.url + "/")
+    field = page.get_by_label("Access token")
+    await expect(field).to_be_visible(timeout=WAIT_MS)
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+
+    await field.fill("not-a-token")
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.locator("#token-error")).to_contain_text("unauthorized")
+    await expect(page.locator("#token-error")).to_contain_text("refused")
+    assert await page.evaluate("() => sessionStorage.getItem('playground.token')") is None
+
+    good = token("alice", expires_in=600)
+    await field.fill(good)
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await expect(field).to_be_hidden()
+    assert await page.evaluate("() => sessionStorage.getItem('playground.token')") == good
+    assert await page.evaluate("() => localStorage.length") == 0
+    await send(page, "Hello as alice")
+    await finished(answers(page).first)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        session = await http.get(f"/api/sessions/{session_of(page)}", headers={"Authorization": f"Bearer {good}"})
+    assert session.json()["user_id"] == "alice"
+
+    await page.reload()  # the tab keeps its token: no question again
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await expect(field).to_be_hidden()
+    await expect(page.locator("#log .msg.user .text")).to_have_text(["Hello as alice"])
+    # The browser logs the refused Socket.IO handshakes; nothing else went wrong.
+    assert not watch.foreign and not watch.page_errors
+    assert all("unauthorized" in e or "400" in e or "403" in e for e in watch.console_errors), watch.console_errors
+
+
+class _Markup(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[dict[str, str | None]] = []
+        self.inline: list[str] = []  # inline script or style, event handler attributes
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts.append(dict(attrs))
+        if tag == "style":
+            self.inline.append("<style>")
+        self.inline += [name for name, _ in attrs if name.startswith("on") or name == "style"]
+
+    def handle_data(self, data: str) -> None:
+        if self.lasttag == "script" and data.strip():
+            self.inline.append(data)
+
+
+async def test_the_page_has_a_strict_policy_and_no_inline_code(http: httpx.AsyncClient) -> None:
+    page = await http.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["connect-src"] == policy["style-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'" and "unsafe" not in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    markup = _Markup()
+    markup.feed(page.text)
+    assert markup.scripts == [{"type": "module", "src": "/playground/app.js"}] and not markup.inline
+    for asset in ("app.js", "style.css", "favicon.svg", "vendor/socket.io.esm.min.js"):
+        served = await http.get(f"/playground/{asset}")
+        assert served.status_code == 200, asset
+        assert served.headers["content-security-policy"] == page.headers["content-security-policy"]
+    # CORS unchanged: the page's assets are no more shareable with other origins than the API.
+    foreign = await http.get("/playground/app.js", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in foreign.headers
+    assert (await http.head("/")).status_code == 200
+
+
+def test_the_vendored_client_is_the_one_the_node_example_pins() -> None:
+    lock = json.loads((ROOT / "client_examples/node/package-lock.json").read_text())
+    version = lock["packages"]["node_modules/socket.io-client"]["version"]
+    vendor = ROOT / "server/transport/playground/static/vendor"
+    assert (vendor / "socket.io.esm.min.js").read_text().startswith(f"/*!\n * Socket.IO v{version}\n")
+    assert "MIT License" in (vendor / "socket.io-client.LICENSE").read_text()
+
+
+async def test_playground_false_turns_the_page_and_its_assets_off(start_server: ServerFactory) -> None:
+    server = await start_server(playground=False)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/")).status_code == 404
+        assert (await http.get(f"/?session={uuid.uuid4()}")).status_code == 404
+        assert (await http.get("/playground/app.js")).status_code == 404
+        assert (await http.get("/playground/vendor/socket.io.esm.min.js")).status_code == 404
+        assert (await http.get("/healthz")).status_code == 200
