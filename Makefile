@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.run-$(shell cat requirements.txt constraints.txt | cksum |
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt constraints.txt | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench lint typecheck format lock clean
+.PHONY: run test bench screenshots lint typecheck format lock clean
 
 $(RUN_STAMP): requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(RUN_STAMP)
 # The benchmark (a few minutes; needs Node): writes docs/performance.md and docs/latency-vs-load.png.
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --write
+
+# The playground's pictures in docs/ (README), taken in Debian's Chromium from a real conversation.
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.playground_screenshots
 
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt -c constraints.txt

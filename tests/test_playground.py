@@ -92,7 +92,7 @@ async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_sec
     first = await open_playground(watch, server.url + "/")
     session_id = session_of(first)
     await expect(first.locator("#session-id")).to_have_text(session_id)
-    await expect(first.locator("#presence")).to_have_text(re.compile(r"^1 tab in this session"))
+    await expect(first.locator("#presence")).to_have_text("1 tab in this session")
 
     await first.evaluate(RECORD_GROWTH)
     await send(first, "How's the weather in Delhi?")
@@ -102,7 +102,7 @@ async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_sec
     await expect(tool.locator(".tool-name")).to_have_text("get_weather", timeout=WAIT_MS)
     await finished(answer)
     await expect(tool.locator(".tool-status")).to_have_text("done")
-    await expect(answer.locator(".finish")).to_contain_text("finished")
+    await expect(answer.locator(".finish")).to_contain_text("finished (stop)")
     await tool.locator("summary").click()
     assert json.loads(await tool.locator("pre.tool-json").first.inner_text()) == {"location": "Delhi"}
     assert json.loads(await tool.locator("pre.tool-json").nth(1).inner_text())["temperature_c"] == 24.5
@@ -119,7 +119,7 @@ async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_sec
     assert await text_of(answers(second).first) == text
     await expect(answers(second).first.locator(".tool-status")).to_have_text("done")
     for page in (first, second):
-        await expect(page.locator("#presence")).to_have_text(re.compile(r"^2 tabs in this session"))
+        await expect(page.locator("#presence")).to_have_text("2 tabs in this session")
     assert await second.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
 
     # Sent from the second tab, streamed in the first.
@@ -142,7 +142,7 @@ async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_sec
 
 
 async def test_stop_refusals_and_the_keyboard(start_server: ServerFactory, browser: Browser) -> None:
-    server = await start_server(offline_chunk_delay_ms=60, max_message_chars=120, message_rate_limit=2)
+    server = await start_server(offline_chunk_delay_ms=60, max_message_chars=120, message_rate_limit=3)
     watch = await watched(browser, server.url, **LAPTOP)
     page = await open_playground(watch, server.url + "/")
     message = page.get_by_label("Message")
@@ -177,10 +177,21 @@ async def test_stop_refusals_and_the_keyboard(start_server: ServerFactory, brows
     await send(page, "a short one")
     await finished(answers(page).nth(1))
     await expect(page.locator("#notice")).to_be_hidden()
+    await send(page, "stopped from the keyboard")
+    await expect(answers(page).nth(2).locator(".text")).not_to_have_text("", timeout=WAIT_MS)
+    await message.press("Escape")
+    await finished(answers(page).nth(2), "cancelled")
     await send(page, "one too many")
     await expect(page.locator("#notice")).to_contain_text("Too many messages")
     await expect(page.locator("#notice")).to_contain_text("rate_limited")
-    await expect(page.locator("#log .msg.user")).to_have_count(2)
+    await expect(page.locator("#log .msg.user")).to_have_count(3)
+
+    await page.goto(server.url + "/?session=not-a-session")
+    await expect(page.locator("#notice")).to_contain_text("not a valid session id")
+    await expect(page.get_by_label("Message")).to_be_disabled()
+    await page.get_by_role("link", name="New session").click()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    assert session_of(page) != session_id
     watch.assert_clean()
 
 
@@ -333,6 +344,19 @@ async def test_with_authentication_on_the_page_asks_for_a_token(start_server: Se
     # The browser logs the refused Socket.IO handshakes; nothing else went wrong.
     assert not watch.foreign and not watch.page_errors
     assert all("unauthorized" in e or "400" in e or "403" in e for e in watch.console_errors), watch.console_errors
+
+
+async def test_the_page_gets_no_exception_from_cors_origins(start_server: ServerFactory, browser: Browser) -> None:
+    # The page is a browser client like any other: its origin must be allowed, and when it is not,
+    # the page says what to check instead of retrying in silence.
+    server = await start_server(cors_origins="https://chat.example.com")
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await watch.new_page()
+    await page.goto(server.url + "/")
+    await expect(page.locator("#notice")).to_contain_text(f"({server.url}) in its CORS_ORIGINS", timeout=WAIT_MS)
+    await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    await expect(page.get_by_label("Message")).to_be_disabled()
+    assert not watch.foreign and not watch.page_errors
 
 
 class _Markup(HTMLParser):

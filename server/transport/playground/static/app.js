@@ -38,10 +38,11 @@ const REFUSALS = {
   unauthorized: "The access token was refused (missing, invalid or expired).",
   invalid_payload: "The service could not read that request.",
   timeout: "The service did not answer in time; your message may not have been sent.",
+  unreachable: "Still trying to connect. Is the service running, and is this page's origin ({origin}) in its CORS_ORIGINS?",
 };
 
 const FINISHED = {
-  stop: "finished",
+  stop: "finished (stop)",
   cancelled: "stopped (cancelled)",
   max_tokens: "cut short: the answer reached its token limit (max_tokens)",
   safety: "withheld by the model's safety filter (safety)",
@@ -59,6 +60,7 @@ const state = {
   unconfirmedDone: 0, // answers whose `done` came with event_id null: their rows come later in history
   joining: false,
   buffered: [], // events that arrive while a join is answered, handled after its history
+  failedAttempts: 0, // connection attempts failed in a row
 };
 
 const socket = io({
@@ -337,10 +339,7 @@ const handlers = {
     else markStored(event.event_id);
   },
   presence(event) {
-    const others = event.clients - 1;
-    ui.presence.textContent =
-      `${event.clients} tab${event.clients === 1 ? "" : "s"} in this session` +
-      (others > 0 ? ` (this one and ${others} more)` : " (this one)");
+    ui.presence.textContent = `${event.clients} tab${event.clients === 1 ? "" : "s"} in this session`;
   },
 };
 
@@ -421,6 +420,7 @@ function askForToken(refused) {
 }
 
 socket.on("connect", () => {
+  state.failedAttempts = 0;
   ui.tokenForm.hidden = true;
   setStatus("joining", "Joining…");
   join();
@@ -435,7 +435,10 @@ socket.io.on("reconnect_attempt", (attempt) => setStatus("reconnecting", `Reconn
 
 socket.on("connect_error", (error) => {
   if (socket.active) {
+    state.failedAttempts += 1;
     setStatus("reconnecting", "Cannot reach the service; retrying…");
+    // A refused origin looks like any failed handshake to a browser: say what to check.
+    if (state.failedAttempts === 2) setNotice(ui.notice, REFUSALS.unreachable.replace("{origin}", location.origin));
     return;
   }
   // Refused by the server: it will not retry by itself.
@@ -462,6 +465,10 @@ ui.message.addEventListener("keydown", (event) => {
 });
 
 ui.stop.addEventListener("click", stop);
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && state.runningTurn && !ui.stop.disabled) stop();
+});
 
 ui.copyLink.addEventListener("click", async () => {
   const link = location.href;
