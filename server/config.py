@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.tools.mcp_config import load_servers
+
 DEFAULT_CORS_ORIGINS = r"http://localhost:*,http://127.0.0.1:*"
 
 
@@ -87,6 +89,11 @@ class Settings(BaseSettings):
     max_tool_rounds: int = Field(5, ge=1)
     shutdown_grace_seconds: float = Field(10, gt=0)
 
+    mcp_servers_file: Path | None = None
+    mcp_tool_timeout_seconds: float = Field(30, gt=0)
+    # Not in PROTOCOL.md: the longest MCP result (as JSON text) a model request and the event log take.
+    mcp_result_max_chars: int = Field(20_000, ge=1000)
+
     @field_validator(
         "llm_provider",
         "storage_backend",
@@ -102,6 +109,7 @@ class Settings(BaseSettings):
         "auth_jwt_secret",
         "auth_jwks_url",
         "metrics_token",
+        "mcp_servers_file",
         mode="before",
     )
     @classmethod
@@ -112,6 +120,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("mcp_servers_file")
+    @classmethod
+    def _readable_servers_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_servers(value)  # a file the service cannot use stops it at start, saying why
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

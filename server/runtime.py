@@ -34,6 +34,8 @@ from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import SupabaseRepository
+from server.tools.mcp import CallLimits, McpTools
+from server.tools.mcp_config import load_servers
 from server.tools.weather import weather_tool
 
 log = logging.getLogger("server")
@@ -110,6 +112,7 @@ class Runtime:
     service: ConversationService
     user_quota: MessageQuota
     outbox: SqliteOutbox | None = None
+    mcp: McpTools | None = None
 
     @classmethod
     async def start(cls, settings: Settings, emitter: Emitter, metrics: PrometheusMetrics) -> Runtime:
@@ -122,6 +125,7 @@ class Runtime:
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
         metrics.declare_tools(spec.name for spec in tools.specs)
+        mcp = await _start_mcp(settings, tools, metrics)
         # A user's limit counts their messages on every process (the socket's stays local).
         user_quota: MessageQuota = (
             RedisQuota(settings.redis_url, settings.redis_channel, settings.message_rate_limit)
@@ -156,7 +160,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, coordination, http, tasks, service, user_quota, outbox)
+        return cls(settings, repo, provider, coordination, http, tasks, service, user_quota, outbox, mcp)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -174,6 +178,8 @@ class Runtime:
                 await asyncio.wait_for(self.coordination.ping(), timeout=2)
             except Exception as exc:
                 problems.append(f"redis: {type(exc).__name__}")
+        if self.mcp is not None:
+            problems.extend(self.mcp.problems())
         if self.service.storage_outage:
             problems.append(f"storage: unreachable past its retry budget; {self.service.queued_events} events queued")
         return problems
@@ -184,6 +190,8 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.drain_turns()
+        if self.mcp is not None:
+            await self.mcp.aclose()  # its stdio servers are stopped with it
         await self.service.disconnect_all()
         await self.service.close_storage()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)
@@ -208,3 +216,14 @@ class Runtime:
         await self.tasks.close()
         if clean:
             log.info("stopped cleanly")
+
+
+async def _start_mcp(settings: Settings, tools: ToolRegistry, metrics: PrometheusMetrics) -> McpTools | None:
+    if settings.mcp_servers_file is None:
+        return None
+    servers = load_servers(settings.mcp_servers_file)
+    mcp = McpTools(servers, tools, CallLimits(settings.mcp_tool_timeout_seconds, settings.mcp_result_max_chars))
+    mcp.on_tools_changed = metrics.declare_tools
+    log.info("MCP: %d servers in %s (%s)", len(servers), settings.mcp_servers_file, ", ".join(servers) or "none")
+    await mcp.start()
+    return mcp

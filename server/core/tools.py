@@ -22,18 +22,39 @@ class ToolError(Exception):
 class Tool:
     spec: ToolSpec
     run: Callable[[dict[str, JSON]], Awaitable[JSON]]
+    timeout_seconds: float | None = None  # None: the turn's default
 
 
 class ToolRegistry:
+    """The built-in tools, plus groups that change while the service runs (an MCP server's tools)."""
+
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
-        self._tools = {tool.spec.name: tool for tool in tools}
+        self._builtin = {tool.spec.name: tool for tool in tools}
+        self._tools = dict(self._builtin)
+        self._groups: dict[str, dict[str, Tool]] = {}
 
     @property
     def specs(self) -> list[ToolSpec]:
         return [tool.spec for tool in self._tools.values()]
 
+    @property
+    def builtin_names(self) -> set[str]:
+        return set(self._builtin)
+
+    def replace_group(self, group: str, tools: Iterable[Tool]) -> None:
+        """Offer `tools` instead of what `group` offered before; a built-in name is never replaced."""
+        self._groups[group] = {tool.spec.name: tool for tool in tools if tool.spec.name not in self._builtin}
+        merged = dict(self._builtin)
+        for members in self._groups.values():
+            merged.update(members)
+        self._tools = merged
+
     def __contains__(self, name: object) -> bool:
         return name in self._tools
+
+    def timeout_of(self, name: str) -> float | None:
+        tool = self._tools.get(name)
+        return tool.timeout_seconds if tool is not None else None
 
     async def call(self, name: str, args: dict[str, JSON]) -> JSON:
         tool = self._tools.get(name)

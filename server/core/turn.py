@@ -367,7 +367,7 @@ class Turn:
         return results
 
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
-        timeout = self._ctx.limits.tool_timeout_seconds
+        timeout = self._ctx.tools.timeout_of(call.name) or self._ctx.limits.tool_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
                 result: JSON = await self._ctx.tools.call(call.name, call.args)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 
-from server.core.models import Usage
+from server.core.models import JSON, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -28,6 +29,8 @@ LABEL = "[offline scripted model, not an LLM]"
 _WEATHER = re.compile(r"\bweather\b.*?\b(?:in|at|for)\s+(?P<place>[^?!.,;:\n]+)", re.IGNORECASE | re.DOTALL)
 _TRAILING_FILLER = re.compile(r"\s+(?:today|tonight|tomorrow|right now|now|please)\s*$", re.IGNORECASE)
 _WORD = re.compile(r"\S+\s*")
+# "use demo__add with {"a": 2, "b": 3}": a call of any tool the service offers (an MCP server's).
+_USE_TOOL = re.compile(r"\buse\s+(?P<name>[A-Za-z_][A-Za-z0-9_.:-]*)\s+with\s+(?P<args>\{.*\})", re.DOTALL)
 
 
 def words(text: str) -> list[str]:
@@ -65,6 +68,31 @@ def _weather_answer(place: str, result: ToolResultItem) -> str:
     )
 
 
+def named_tool_call(text: str, offered: set[str]) -> tuple[str, dict[str, JSON]] | None:
+    """The tool and arguments a message names (`use <tool> with {json}`), when that tool is offered."""
+    match = _USE_TOOL.search(text)
+    if not match or match.group("name") not in offered:
+        return None
+    try:
+        args = json.loads(match.group("args"))
+    except json.JSONDecodeError:
+        return None
+    return (match.group("name"), args) if isinstance(args, dict) else None
+
+
+def _tool_answer(result: ToolResultItem) -> str:
+    if result.error is not None:
+        return (
+            f"{LABEL} The {result.name} tool failed: {result.error['message']} ({result.error['code']}). "
+            "This deterministic script only reports what the tool said."
+        )
+    shown = result.result if isinstance(result.result, str) else json.dumps(result.result, ensure_ascii=False)
+    return (
+        f"{LABEL} The {result.name} tool answered: {_excerpt(shown, 400)} "
+        "This deterministic script only reports what the tool returned."
+    )
+
+
 def echo_answer(question: str) -> str:
     """The script's answer to a message that asks for no tool."""
     count = len(question.split())
@@ -98,18 +126,26 @@ class OfflineProvider:
                 break
             if isinstance(item, ToolResultItem):
                 results.insert(0, item)
-        place = weather_place(question)
+        offered = {tool.name for tool in request.tools}
+        named = named_tool_call(question, offered)
+        place = weather_place(question) if named is None and "get_weather" in offered else None
         prompt_words = sum(_word_count(_text_of(item)) for item in conversation)
 
-        if place and not results and any(tool.name == "get_weather" for tool in request.tools):
+        call = named or (("get_weather", {"location": place}) if place else None)
+        if call is not None and not results:
             # Unique per call, as a model's call ids are: stored tool events are keyed by them.
             call_id = f"offline-{uuid.uuid4().hex[:12]}"
-            yield ToolCallRequest(call_id=call_id, name="get_weather", args={"location": place})
+            yield ToolCallRequest(call_id=call_id, name=call[0], args=call[1])
             yield UsageReport(Usage(input_tokens=prompt_words, output_tokens=1))
             yield Finished("stop")
             return
 
-        answer = _weather_answer(place, results[-1]) if place and results else echo_answer(question)
+        if named and results:
+            answer = _tool_answer(results[-1])
+        elif place and results:
+            answer = _weather_answer(place, results[-1])
+        else:
+            answer = echo_answer(question)
         pieces = words(answer)
         for word in pieces:
             if self._delay:

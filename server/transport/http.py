@@ -17,6 +17,7 @@ from server.core.models import ErrorInfo, EventType, FinishReason, Session
 from server.core.ports import StorageUnavailable
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
+from server.tools.mcp import McpServerState
 from server.transport.tokens import InvalidToken, TokenVerifier, bearer_token
 
 router = APIRouter()
@@ -31,6 +32,7 @@ class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     queued_events: int
     reasons: list[str] | None = None  # when unavailable: what is wrong
+    mcp_servers: dict[str, McpServerState] | None = None  # with MCP_SERVERS_FILE: each server's state
 
 
 class HistoryItem(BaseModel):
@@ -112,10 +114,15 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     runtime = _runtime(request)
     problems = await runtime.readiness_problems()
-    queued = runtime.service.queued_events
+    answer: dict[str, Any] = {
+        "status": "unavailable" if problems else "ready",
+        "queued_events": runtime.service.queued_events,
+    }
     if problems:
-        return JSONResponse({"status": "unavailable", "reasons": problems, "queued_events": queued}, status_code=503)
-    return JSONResponse({"status": "ready", "queued_events": queued})
+        answer["reasons"] = problems
+    if runtime.mcp is not None:
+        answer["mcp_servers"] = {name: state.model_dump() for name, state in runtime.mcp.states().items()}
+    return JSONResponse(answer, status_code=503 if problems else 200)
 
 
 @router.get("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
