@@ -49,6 +49,11 @@ def explode() -> str:
     raise MCPError(code=-32000, message="exploded on purpose")
 
 
+@server.tool(description="Crashes: an exception the tool did not expect.")
+def crash() -> str:
+    raise RuntimeError("a bug in the tool")
+
+
 @server.tool(description="Sleeps, unless it is cancelled first.")
 async def slow(seconds: float, label: str = "slow") -> str:
     try:

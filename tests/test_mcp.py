@@ -19,9 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from server.tools.mcp_schema import exposed_name, model_schema, unique_names
 from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_gemini import FakeGemini, Reply, call_part, chunk, text_chunk
 from tests.harness import REDIS_URL, ROOT, RunningServer, Tab, free_port
+from tests.test_metrics import scrape
 
 TOKEN = "mcp-test-token"
 
@@ -109,6 +111,8 @@ async def test_calls_their_results_and_their_failures(
     assert refused["error"]["code"] == "tool_error" and "not today" in refused["error"]["message"]
     exploded = await use(tab, sid, "remote__explode", {})
     assert refused["result"] is None and exploded["error"] == {"code": "tool_error", "message": "exploded on purpose"}
+    crashed = await use(tab, sid, "local__crash", {})
+    assert crashed["error"] == {"code": "tool_error", "message": "Error executing tool crash"}  # no bug details
     invalid = await use(tab, sid, "local__add", {"a": "two", "b": 3})
     assert invalid["error"]["code"] == "tool_error" and "invalid arguments" in invalid["error"]["message"]
     capped = await use(tab, sid, "local__big", {"n": 50_000})
@@ -126,6 +130,10 @@ async def test_calls_their_results_and_their_failures(
     stored = [json.loads(e["content"]) for e in events if e["event_type"] == "tool_result"]
     assert (stored[0]["name"], stored[0]["result"]) == ("remote__add", {"sum": 5})
     assert max(len(e["content"]) for e in events) < 1500  # the 50,000 characters never reached the log
+    metrics = await scrape(server.url)
+    assert metrics.value("realtime_tool_calls_total", tool="remote__add", outcome="ok") == 1
+    assert metrics.value("realtime_tool_calls_total", tool="local__refuse", outcome="error") == 1
+    assert metrics.value("realtime_tool_calls_total", tool="remote__grow", outcome="ok") == 0  # offered, at 0
 
 
 async def test_a_slow_call_times_out_and_a_cancelled_one_is_cancelled_on_the_server(
@@ -342,3 +350,37 @@ async def test_the_shipped_example_server_as_mcp_example_json_starts_it(
     text = out.decode()
     assert "tool call example__add({'a': 2, 'b': 3.5})" in text and "tool result {'sum': 5.5}" in text, text
     assert 'The example__add tool answered: {"sum": 5.5}' in text, text
+
+
+def test_gemini_gets_valid_unique_names_and_the_schema_keywords_it_takes() -> None:
+    assert unique_names([("a", "b"), ("x", "y")], taken={"a__b"}) == {("x", "y"): "x__y"}  # never a taken name
+    assert (
+        exposed_name("weird server", "tool")
+        == exposed_name("weird server", "tool")
+        != exposed_name("weird_server", "tool")
+    )
+    schema = model_schema(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "properties": {
+                "x": {"oneOf": [{"const": "a"}, {"type": "integer", "multipleOf": 2, "exclusiveMinimum": 0}]},
+                "y": {"allOf": [{"type": "string"}], "default": "b", "enum": ["b", True, None, 3]},
+                "z": {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": "^q", "format": "email"},
+                    "uniqueItems": True,
+                },
+            },
+            "additionalProperties": False,
+            "if": {"required": ["x"]},
+        }
+    )
+    assert schema == {
+        "type": "object",
+        "properties": {
+            "x": {"anyOf": [{"enum": ["a"]}, {"type": "integer"}]},
+            "y": {"enum": ["b", 3]},
+            "z": {"type": "array", "items": {"type": "string", "format": "email"}},
+        },
+        "additionalProperties": False,
+    }

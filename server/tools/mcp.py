@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -214,8 +214,8 @@ class McpTools:
         self._limits = limits
         self._connections = {name: McpConnection(name, config, self._publish) for name, config in servers.items()}
         self._tasks: list[asyncio.Task[None]] = []
-        self._named: set[tuple[str, str]] = set()  # (server, tool) pairs offered
-        self._unnamed: set[tuple[str, str]] = set()  # pairs left out for a taken name (logged once)
+        self._offer: list[tuple[str, Tool]] = []  # what the model is offered now, by server
+        self._unnamed: set[tuple[str, str]] = set()  # tools left out for a taken name (logged once)
         self.on_tools_changed: Callable[[list[str]], None] = lambda names: None
 
     async def start(self) -> None:
@@ -234,12 +234,11 @@ class McpTools:
         self._tasks.clear()
 
     def states(self) -> dict[str, McpServerState]:
-        offered = self._offered()
         return {
             name: McpServerState(
                 transport=c.transport,
                 state=c.state,
-                tools=sorted(tool.spec.name for server, tool in offered if server == name),
+                tools=sorted(tool.spec.name for server, tool in self._offer if server == name),
                 last_error=c.last_error,
                 required=c.config.required,
             )
@@ -254,11 +253,18 @@ class McpTools:
             if c.config.required and c.state != "connected"
         ]
 
-    def _offered(self) -> list[tuple[str, Tool]]:
-        """Every listed tool as the model is offered it, with its server's name."""
-        pairs = [(name, tool) for name, c in self._connections.items() for tool in c.listed]
-        names = unique_names(pairs, taken=self._registry.builtin_names)
-        self._named = set(names)
+    def _publish(self) -> None:
+        listed = {(name, tool) for name, c in self._connections.items() for tool in c.listed}
+        names = unique_names(listed, taken=self._registry.builtin_names)
+        for server, tool in sorted(listed - set(names) - self._unnamed):
+            log.warning("MCP server %s: tool %s is not offered: its name would be another tool's", server, tool)
+        self._unnamed = listed - set(names)
+        self._offer = self._offered(names)
+        self._registry.replace_group(GROUP, [tool for _, tool in self._offer])
+        self.on_tools_changed([tool.spec.name for _, tool in self._offer])
+
+    def _offered(self, names: dict[tuple[str, str], str]) -> list[tuple[str, Tool]]:
+        """Each listed tool as the model is offered it, with its server's name."""
         tools = []
         for (server, tool_name), exposed in names.items():
             connection = self._connections[server]
@@ -272,18 +278,8 @@ class McpTools:
             tools.append((server, Tool(spec, runner, self._limits.tool_timeout_seconds)))
         return tools
 
-    def _publish(self) -> None:
-        offered = self._offered()
-        tools = [tool for _, tool in offered]
-        self._registry.replace_group(GROUP, tools)
-        listed = {(name, tool) for name, c in self._connections.items() for tool in c.listed}
-        for server, tool in sorted(listed - self._named - self._unnamed):
-            log.warning("MCP server %s: tool %s is not offered: its name would be another tool's", server, tool)
-        self._unnamed = listed - self._named
-        self.on_tools_changed([tool.spec.name for tool in tools])
 
-
-def _runner(connection: McpConnection, tool: str, limits: CallLimits) -> Callable[[dict[str, JSON]], Any]:
+def _runner(connection: McpConnection, tool: str, limits: CallLimits) -> Callable[[dict[str, JSON]], Awaitable[JSON]]:
     async def run(args: dict[str, JSON]) -> JSON:
         return await connection.call(tool, args, limits)
 
@@ -364,7 +360,9 @@ def _check_command(config: StdioServer) -> None:
     if os.sep in command:
         found = os.access(Path(config.cwd or ".") / command, os.X_OK)
     else:
-        found = shutil.which(command, path=os.environ.get("PATH", os.defpath)) is not None
+        # `env` looks the command up in the child's PATH: the file's, else the service's.
+        path = config.env.get("PATH", os.environ.get("PATH", os.defpath))
+        found = shutil.which(command, path=path) is not None
     if not found:
         raise FileNotFoundError(errno.ENOENT, "not found, or not executable")
 
