@@ -310,7 +310,8 @@ async def test_two_processes_on_redis_each_have_their_own_sessions(
         await second.join(sid)
         on_first = (await use(first, sid, "remote__session", {}))["result"]
         # The other process's tab saw that turn, tool events included.
-        await second.wait_for(lambda ev: any(n == "tool_result" and d["name"] == "remote__session" for n, d in ev))
+        await second.wait_for(lambda ev: any(n == "done" for n, _ in ev))  # the turn is over everywhere
+        assert any(n == "tool_result" and d["name"] == "remote__session" for n, d in second.events)
         on_second = (await use(second, sid, "remote__session", {}))["result"]
         assert on_first["session"] and on_second["session"] and on_first["session"] != on_second["session"]
         local_first = (await use(first, sid, "local__whoami", {}))["result"]["pid"]

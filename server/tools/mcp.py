@@ -343,6 +343,8 @@ def describe(error: BaseException) -> str:
     """A failure in a line: the innermost cause of an exception group, never a header or an env value."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
+    if isinstance(error, SessionEnded):
+        return str(error)
     if isinstance(error, FileNotFoundError | PermissionError):
         return f"cannot start the command ({error.strerror})"
     if isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout):
