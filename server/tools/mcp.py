@@ -82,6 +82,7 @@ class McpConnection:
     last_error: str | None = None
     listed: dict[str, _Listed] = field(default_factory=dict)
     attempted: asyncio.Event = field(default_factory=asyncio.Event)  # the first start tried
+    closing: bool = False
     _client: Client | None = None
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -91,16 +92,24 @@ class McpConnection:
         return "stdio" if isinstance(self.config, StdioServer) else "http"
 
     async def run(self) -> None:
-        """Keep a session open until cancelled: each start that fails waits longer (0.5 s to 30 s)."""
-        while True:
+        """Keep a session open until closed: each start that fails waits longer (0.5 s to 30 s)."""
+        while not self.closing:
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(initial=0.5, max=30),
                 retry=retry_if_exception_type(Exception),
+                # anyio's task groups inside the SDK can turn a cancel into the failure they were
+                # handling: the flag, not the cancel alone, is what ends the loop.
+                stop=lambda _: self.closing,
                 before_sleep=self._failed,
+                reraise=True,
             )
-            async for attempt in retrying:
-                with attempt:
-                    await self._serve_once()
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._serve_once()
+            except Exception:
+                if not self.closing:
+                    raise
 
     def _failed(self, retry: RetryCallState) -> None:
         error = retry.outcome.exception() if retry.outcome is not None else None
@@ -228,9 +237,14 @@ class McpTools:
 
     async def aclose(self) -> None:
         """Close every session: stdio servers are stopped (stdin closed, then killed if need be)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in self._connections.values():
+            connection.closing = True
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            # Each stdio server gets the SDK's bounded stop (about 6 s at worst) before a new cancel.
+            _, pending = await asyncio.wait(pending, timeout=10)
         self._tasks.clear()
 
     def states(self) -> dict[str, McpServerState]:
