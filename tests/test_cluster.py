@@ -117,6 +117,17 @@ async def test_one_session_streams_identically_on_both_processes(
     assert on_a[-1][1]["text"] == "".join(WORDS) + "end." and on_a[-1][1]["finish_reason"] == "stop"
 
 
+async def test_a_message_sent_as_soon_as_done_arrives_is_never_busy(cluster: tuple[str, str], tabs: list[Tab]) -> None:
+    # `done` reaches a tab before the process running the turn has released its lock in Redis:
+    # the next turn, asked for on the other process, waits for that release instead of `busy`.
+    a, b, sid = await both_in_one_session(tabs, *cluster)
+    for n in range(16):
+        sender = (a, b)[n % 2]  # each turn on the other process than the last
+        ack = await sender.call("message", {"session_id": sid, "text": f"message {n}"})
+        assert ack["ok"], (n, ack)
+        await sender.turn(ack["turn_id"])  # its `done` is here: the next message goes out at once
+
+
 async def test_cancel_on_one_process_stops_the_turn_on_the_other(
     cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
 ) -> None:

@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import defaultdict
 from datetime import datetime
 
 from server.core.models import ActiveTurn
 from server.core.ports import CancelHandler
 
+# The longest a turn asked for waits for an ending turn's release (it takes one await, or one Redis
+# round trip): past it, `busy`.
+ENDING_WAIT_SECONDS = 2.0
+
 
 class LocalCoordination:
     def __init__(self) -> None:
         self._turns: dict[str, str] = {}
+        self._ending: dict[str, asyncio.Event] = {}  # turns publishing their `done`, set when released
         self._members: defaultdict[str, set[str]] = defaultdict(set)
         self._cancel_handlers: list[CancelHandler] = []
 
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
+        ending = self._ending.get(session_id)
+        if session_id in self._turns and ending is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ending.wait(), ENDING_WAIT_SECONDS)
         if session_id in self._turns:
             return False
         self._turns[session_id] = turn_id
         return True
 
+    async def turn_ending(self, session_id: str, turn_id: str) -> None:
+        if self._turns.get(session_id) == turn_id:
+            self._ending[session_id] = asyncio.Event()
+
     async def release_turn(self, session_id: str, turn_id: str) -> None:
         if self._turns.get(session_id) == turn_id:
             del self._turns[session_id]
+            ending = self._ending.pop(session_id, None)
+            if ending is not None:
+                ending.set()
 
     async def running_turn(self, session_id: str) -> str | None:
         return self._turns.get(session_id)

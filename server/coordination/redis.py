@@ -27,6 +27,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from server.coordination.local import ENDING_WAIT_SECONDS
 from server.core.models import ActiveTurn
 from server.core.ports import CancelHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
@@ -59,7 +60,7 @@ return redis.call('HLEN', key)
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 end
 return 0
 """
@@ -126,6 +127,8 @@ class RedisCoordination:
         holder = f"{turn_id} {self._process}"
         taken = await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms)
         if not taken:
+            taken = await self._take_after_ending(session_id, holder)
+        if not taken:
             return False
         renewal = self._tasks.spawn_loop(self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}")
         self._held[session_id] = (holder, renewal)
@@ -153,6 +156,24 @@ class RedisCoordination:
                     await handler(session_id, turn_id)
                 return
 
+    async def _take_after_ending(self, session_id: str, holder: str) -> bool:
+        """The lock, when its turn is publishing its `done`: it is released a round trip later."""
+        deadline = asyncio.get_running_loop().time() + ENDING_WAIT_SECONDS
+        while await self._redis.exists(self._key("ending", session_id)):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return bool(await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms))
+
+    async def turn_ending(self, session_id: str, turn_id: str) -> None:
+        held = self._held.get(session_id)
+        if held is None or not held[0].startswith(turn_id):
+            return
+        try:
+            await self._redis.set(self._key("ending", session_id), turn_id, px=self._lock_ms)
+        except RedisError as exc:  # only a `busy` answered a little early is lost
+            log.warning("cannot mark the turn of session %s as ending: %s", session_id, exc)
+
     async def release_turn(self, session_id: str, turn_id: str) -> None:
         held = self._held.get(session_id)
         if held is None or not held[0].startswith(turn_id):
@@ -170,6 +191,7 @@ class RedisCoordination:
                     self._key("turn", session_id),
                     self._key("text", session_id, turn_id),
                     self._key("count", session_id, turn_id),
+                    self._key("ending", session_id),
                 ],
                 args=[holder],
             )

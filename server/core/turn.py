@@ -458,6 +458,8 @@ class Turn:
         stored = write.result() if write.done() and write.exception() is None else None
         if self.usage is not None:
             self._ctx.metrics.tokens_used(self.usage)
+        # A client that sends once it has `done` must not find the lock still held: `busy`.
+        await self._ctx.coordination.turn_ending(self.session_id, self.turn_id)
         await self._ctx.emitter.publish(
             self.session_id,
             DoneEvent(
