@@ -20,8 +20,8 @@ import anyio
 import httpx2
 import jsonschema
 import mcp_types as mcp
-from mcp.client import Client
-from mcp.client._transport import Transport, TransportStreams
+from mcp.client import Client, Transport
+from mcp.client._transport import TransportStreams  # the SDK's own name for a transport's two streams
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
