@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
     playground: bool = True
+    send_queue_limit_bytes: int = Field(1_048_576, ge=4096)
 
     auth_jwt_secret: str | None = None
     auth_jwt_audience: str = "authenticated"

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
             hub=hub,
             origin_allowed=origins,
             packet_limit=settings.packet_limit,
+            send_limit=settings.send_queue_limit_bytes,
         )
 
     app = socketio.ASGIApp(sio, other_asgi_app=api)

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.core.conversation import ConversationService
@@ -55,22 +56,63 @@ class PlainClient:
     While one of its requests runs, the events for it are held, so its `ack` goes out before the
     events the request caused (a `user_message`, the first chunks)."""
 
-    def __init__(self, websocket: WebSocket, connection: ClientConnection) -> None:
+    def __init__(self, websocket: WebSocket, connection: ClientConnection, send_limit: int | None = None) -> None:
         self.websocket = websocket
         self.connection = connection
         self._queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()  # a frame, or (close code, reason)
         self._held: list[str] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # SEND_QUEUE_LIMIT_BYTES: what waits for the client (queued or held, not yet written).
+        self._limit = send_limit
+        self._waiting = 0
+        self._oversized_waiting = False
+        self.dropped = asyncio.Event()  # it let more than the limit wait: disconnected
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def member(self) -> str:
         return self.connection.member
 
     def send(self, text: str) -> None:
+        if self.dropped.is_set() or not self._count(text):
+            return
         if self._held is not None:
             self._held.append(text)
         else:
             self._queue.put_nowait(text)
+
+    def _count(self, text: str) -> bool:
+        """Count a frame that will wait; False (and the client dropped) past the limit."""
+        if self._limit is None:
+            return True
+        if len(text) > self._limit and not self._oversized_waiting:
+            self._oversized_waiting = True  # one frame larger than the limit still goes out
+        elif self._waiting + len(text) > self._limit:
+            self._drop()
+            return False
+        else:
+            self._waiting += len(text)
+        return True
+
+    def _written(self, text: str) -> None:
+        if self._limit is not None and len(text) > self._limit:
+            self._oversized_waiting = False
+        else:
+            self._waiting = max(0, self._waiting - len(text))
+
+    def _drop(self) -> None:
+        log.warning(
+            "disconnecting plain WebSocket %s: more than %d bytes waited for it (it stopped reading)",
+            self.member,
+            self._limit,
+        )
+        self.dropped.set()
+        self._held = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._waiting = 0
+        if self._writer is not None:
+            self._writer.cancel()  # blocked on the stalled connection
 
     @contextlib.asynccontextmanager
     async def holding(self) -> AsyncIterator[list[str]]:
@@ -86,12 +128,29 @@ class PlainClient:
 
     def close(self, code: int, reason: str = "") -> None:
         """Close once the frames queued so far are sent."""
-        self._queue.put_nowait((code, reason))
+        if not self.dropped.is_set():
+            self._queue.put_nowait((code, reason))
+
+    async def receive(self) -> Message | None:
+        """The client's next message; None once it is dropped (a request being served finishes first)."""
+        message = asyncio.ensure_future(self.websocket.receive())
+        dropped = asyncio.ensure_future(self.dropped.wait())
+        await asyncio.wait({message, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        dropped.cancel()
+        if message.done():
+            return message.result()
+        message.cancel()
+        await asyncio.wait([message])
+        return None
 
     async def write(self) -> None:
         """The writer: sends frames in order until a close code, or until the socket is gone."""
+        self._writer = asyncio.current_task()
         try:
             await self._write()
+        except asyncio.CancelledError:
+            if not self.dropped.is_set():
+                raise
         finally:
             if not self.closed.done():
                 self.closed.set_result(None)
@@ -105,6 +164,7 @@ class PlainClient:
                         await self.websocket.close(code=item[0], reason=item[1])
                     return
                 await self.websocket.send_text(item)
+                self._written(item)
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client went away; the reader notices too
 
@@ -162,6 +222,7 @@ async def serve_plain_client(
     hub: PlainHub,
     origin_allowed: Any,
     packet_limit: int,
+    send_limit: int | None = None,
 ) -> None:
     """The whole life of one plain WebSocket connection."""
     origin = websocket.headers.get("origin")
@@ -178,7 +239,7 @@ async def serve_plain_client(
     except ServiceError as exc:
         await _refuse(websocket, exc)
         return
-    client = PlainClient(websocket, connection)
+    client = PlainClient(websocket, connection, send_limit)
     hub.register(client)
     writer = asyncio.create_task(client.write(), name=f"plain writer {member}")
     try:
@@ -192,7 +253,7 @@ async def serve_plain_client(
         hub.unregister(client)
         gate.release(connection)
         client.close(1000)
-        await writer
+        await asyncio.wait([writer])  # a dropped client's writer ends cancelled
 
 
 async def _join(client: PlainClient, service: ConversationService, session_id: str, query: Any) -> bool:
@@ -225,13 +286,12 @@ def _close_code(code: str) -> int:
 
 
 async def _read(client: PlainClient, service: ConversationService, session_id: str, packet_limit: int) -> None:
-    websocket = client.websocket
     while True:
         try:
-            received = await websocket.receive()
+            received = await client.receive()
         except (WebSocketDisconnect, RuntimeError):
             return
-        if received["type"] == "websocket.disconnect":
+        if received is None or received["type"] == "websocket.disconnect":
             return
         text, data = received.get("text"), received.get("bytes")
         size = len(text) if text is not None else len(data or b"")

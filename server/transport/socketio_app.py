@@ -36,7 +36,7 @@ def create_sio(settings: Settings, hub: PlainHub) -> socketio.AsyncServer:
             redis_options={"socket_timeout": 2, "socket_connect_timeout": 2},
         )
     manager.listener = hub
-    return GuardedServer(
+    sio = GuardedServer(
         async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
         client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
@@ -45,6 +45,8 @@ def create_sio(settings: Settings, hub: PlainHub) -> socketio.AsyncServer:
         logger=False,
         engineio_logger=False,
     )
+    sio.eio.send_queue_limit = settings.send_queue_limit_bytes  # read by server/upstream/engineio.py
+    return sio
 
 
 class SocketIOEmitter:

@@ -14,6 +14,12 @@
 2. `close_every_socket` (shutdown) also wakes the long-poll of a socket that is closed already:
    python-engineio leaves a poll whose client went away waiting for the ping timeout, and the
    server's shutdown waiting for it.
+3. Bounded sends (`SEND_QUEUE_LIMIT_BYTES`, set as the server's `send_queue_limit`): `send`
+   counts the bytes of each packet until it is written to the WebSocket or handed to a long-poll,
+   and a socket that lets more than the limit wait (a client that stopped reading) is dropped:
+   its queue emptied, its writer stopped, its disconnect run. Upstream's queue grows without
+   bound, and so does the server with it. One packet larger than the limit is still sent, when
+   no other such packet waits (a long history in a `join` answer).
 
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
 constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
@@ -37,6 +43,7 @@ PATCHED: dict[object, str] = {
     _UPSTREAM_SOCKET._websocket_handler: "27f120df4d717a24478b7b0f7389ce19eea8a881dd07e2c81fb1cf2493e006a5",
     _UPSTREAM_SOCKET.poll: "826f58a9f3606db208e5d1266f075ad655b6eeda47b0a5616748624899ca5954",
     _UPSTREAM_SOCKET.close: "faa2e93902543244d2a1b772cdf4074d1615532e98fa6ca896739ca54ad64e76",
+    _UPSTREAM_SOCKET.send: "0437276ccba7ab091471e29f4bc6a0f178da7b16a590c707d6c69a97609e6d14",
 }
 
 # Turns of the event loop a streaming socket's writer lets pass between batches.
@@ -58,11 +65,70 @@ def decode_frame(frame: str | bytes) -> packet.Packet:
     return pkt
 
 
+def packet_size(pkt: packet.Packet) -> int:
+    """About the bytes a packet takes on the wire (its data's length: no encoding on the chunk path)."""
+    data = pkt.data
+    return 1 + (len(data) if isinstance(data, str | bytes) else 0 if data is None else len(str(data)))
+
+
 class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     connected: bool
     upgraded: bool
     upgrading: bool
+    closed: bool
     sid: str
+    waiting_bytes = 0  # sent, not yet written to the WebSocket or handed to a long-poll
+    oversized_waiting = False  # a packet larger than the limit waits (it is not counted)
+    dropped = False  # let too much wait: its packets are dropped, it is disconnected
+    _writer: asyncio.Task[None] | None = None
+
+    async def send(self, pkt: packet.Packet) -> None:
+        """Upstream's `send`, counting what waits for the client (module docstring, 3)."""
+        if self.dropped or not await self.check_ping_timeout():
+            return
+        limit: int | None = getattr(self.server, "send_queue_limit", None)
+        if limit is not None:
+            size = packet_size(pkt)
+            if size > limit and not self.oversized_waiting:
+                self.oversized_waiting = True
+            elif self.waiting_bytes + size > limit:
+                self._drop(limit)
+                return
+            else:
+                self.waiting_bytes += size
+        self.queue.put_nowait(pkt)  # the queue is unbounded: upstream's `put` never waits either
+
+    def _written(self, pkt: packet.Packet) -> None:
+        size = packet_size(pkt)
+        limit: int | None = getattr(self.server, "send_queue_limit", None)
+        if limit is not None and size > limit:
+            self.oversized_waiting = False
+        else:
+            self.waiting_bytes = max(0, self.waiting_bytes - size)
+
+    async def poll(self) -> list[packet.Packet]:
+        packets: list[packet.Packet] = await super().poll()
+        for pkt in packets:
+            if pkt is not None:
+                self._written(pkt)
+        return packets
+
+    def _drop(self, limit: int) -> None:
+        """A client that lets more than `limit` bytes wait: free them now, disconnect it."""
+        self.dropped = True
+        log.warning(
+            "disconnecting Engine.IO connection %s: more than %d bytes waited for it (it stopped reading)",
+            self.sid,
+            limit,
+        )
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            self.queue.task_done()
+        self.waiting_bytes = 0
+        self.queue.put_nowait(None)  # ends a pending long-poll, or a writer between sends
+        if self._writer is not None:
+            self._writer.cancel()  # a writer blocked on the stalled WebSocket
+        self.server.start_background_task(self.close, wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
 
     async def _next_batch(self) -> list[packet.Packet]:
         """The packets queued for this socket, waiting for the first one if there is none; [] once
@@ -158,13 +224,23 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 try:
                     for pkt in packets:
                         await ws.send(pkt.encode())
+                        self._written(pkt)
                 except Exception:  # as python-engineio: a failed send ends the writer
                     break
                 for _ in range(WRITER_REST_TURNS):
                     await asyncio.sleep(0)
             await ws.close()
 
-        writer_task = asyncio.ensure_future(writer())
+        async def guarded_writer() -> None:
+            try:
+                await writer()
+            except asyncio.CancelledError:
+                if not self.dropped:
+                    raise
+                # Dropped: a close frame would wait on the stalled transport as the packets did.
+
+        writer_task = asyncio.ensure_future(guarded_writer())
+        self._writer = writer_task
 
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
 
