@@ -86,6 +86,14 @@ class RawWebSocket:
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.sock.sendall(header + mask + masked)
 
+    def read_to_the_end(self) -> int:
+        """Read again, everything, until the server closes the connection; the bytes read. A read
+        that waits 10 s for more raises TimeoutError: the connection was left open."""
+        total = len(self._pending)
+        while data := self.sock.recv(65536):
+            total += len(data)
+        return total
+
     def close(self) -> None:
         self.sock.close()
 

@@ -81,6 +81,8 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     oversized_waiting = False  # a packet larger than the limit waits (it is not counted)
     dropped = False  # let too much wait: its packets are dropped, it is disconnected
     _writer: asyncio.Task[None] | None = None
+    _reader: asyncio.Task[Any] | None = None  # the task running the WebSocket loop
+    _waiting_for_frame = False  # the loop is between frames (cancelling it cuts no request short)
 
     async def send(self, pkt: packet.Packet) -> None:
         """Upstream's `send`, counting what waits for the client (module docstring, 3)."""
@@ -113,6 +115,9 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 self._written(pkt)
         return packets
 
+    def _is_dropped(self) -> bool:
+        return self.dropped  # read again after an await (mypy takes the loop's test for the last word)
+
     def _drop(self, limit: int) -> None:
         """A client that lets more than `limit` bytes wait: free them now, disconnect it."""
         self.dropped = True
@@ -128,6 +133,9 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
         self.queue.put_nowait(None)  # ends a pending long-poll, or a writer between sends
         if self._writer is not None:
             self._writer.cancel()  # a writer blocked on the stalled WebSocket
+        if self._reader is not None and self._waiting_for_frame:
+            # The read loop, waiting for a frame (never mid-request): it would wait for the ping timeout.
+            self._reader.cancel()
         self.server.start_background_task(self.close, wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
 
     async def _next_batch(self) -> list[packet.Packet]:
@@ -241,20 +249,29 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 
         writer_task = asyncio.ensure_future(guarded_writer())
         self._writer = writer_task
+        self._reader = asyncio.current_task()
 
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
 
         cancelled = False
-        while True:
+        while not self.dropped:
             p = None
             try:
+                self._waiting_for_frame = True
                 async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
                     p = await websocket_wait()
             except asyncio.CancelledError:
+                if self._is_dropped():  # `_drop` ended the read: the connection ends now, not at the ping timeout
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    break
                 cancelled = True  # cleaned up below, then passed on
                 break
             except Exception:  # as python-engineio: a timeout or a failed read ends the loop
                 break
+            finally:
+                self._waiting_for_frame = False
             if p is None:
                 # connection closed by client
                 break
