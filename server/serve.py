@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
+import resource
 import socket
 import sys
 from typing import Any
@@ -13,9 +15,11 @@ from uvicorn.importer import import_from_string
 
 from server import metrics
 from server.config import Settings, load_settings
-from server.logs import uvicorn_log_config
+from server.logs import configure_logging, uvicorn_log_config
 from server.main import create_app, prepare_shutdown
 from server.upstream import uvicorn as uvicorn_patch
+
+log = logging.getLogger("server")
 
 
 def tune_interpreter() -> None:
@@ -90,8 +94,24 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
+def raise_open_file_limit() -> None:
+    """Each connection is a file descriptor: take the soft limit up to the hard one (a soft 1,024,
+    common on Linux, would refuse the 1,025th client), and say so."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1_048_576
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("raised the open-file limit from %d to %d (connections each take one)", soft, hard)
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit: %s", exc)
+
+
 def main() -> None:
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    raise_open_file_limit()
     if settings.workers > 1:
         serve_workers(settings)
         return

@@ -30,6 +30,9 @@ const warmup = Number(arg("warmup", "2"));
 const stagger = Number(arg("stagger", "0"));
 const idle = arg("idle", "");
 const hold = Number(arg("hold", "3"));
+// Idle: after the last count, `--heartbeat S` seconds between two phase lines, for the CPU the
+// server spends on Engine.IO's pings alone (one every 25 s per socket).
+const heartbeat = Number(arg("heartbeat", "0"));
 
 const say = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -165,6 +168,11 @@ async function idleConnections() {
     await sleep(hold * 1000); // let the server settle before its memory is read
     say({ phase: "checkpoint", connections: sockets.length, connect_seconds: (now() - started) / 1000 });
     await sleep(1000);
+  }
+  if (heartbeat > 0) {
+    say({ phase: "heartbeat_start", connections: sockets.length });
+    await sleep(heartbeat * 1000);
+    say({ phase: "heartbeat_end", connections: sockets.length });
   }
   for (const socket of sockets) socket.disconnect();
   say({ connections: sockets.length });
