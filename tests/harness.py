@@ -160,9 +160,12 @@ async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def logged_server(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
+async def logged_server(
+    tmp_path: Path, preexec: Callable[[], Any] | None = None, **extra: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
     """`python -m server` with its whole output (stdout and stderr) in a file, while the block
-    runs: yields the process, its URL and the log's path. Stopped (killed if it will not) after."""
+    runs: yields the process, its URL and the log's path. Stopped (killed if it will not) after.
+    `preexec` runs in the child before it starts (a lower resource limit, as a shell's ulimit)."""
     port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as out:
@@ -175,6 +178,7 @@ async def logged_server(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[asy
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            preexec_fn=preexec,
         )
         url = f"http://127.0.0.1:{port}"
         try:

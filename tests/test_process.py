@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
-from tests.harness import Tab, free_port, listening_socket, logged_server, service_env, wait_healthy
+from tests.harness import Tab, free_port, listening_socket, logged_server, service_env
 
 
 async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -195,25 +195,10 @@ async def test_a_low_open_file_limit_is_raised_to_the_hard_one_and_logged(tmp_pa
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard <= 512:
         pytest.skip(f"the hard open-file limit is {hard}: nothing to raise to")
-    port, log_path = free_port(), tmp_path / "server.log"
-    with log_path.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            cwd=tmp_path,
-            env=service_env(tmp_path, port),
-            stdout=out,
-            stderr=out,
-            # As a shell with `ulimit -n 512` would start it.
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)),
-        )
-        try:
-            await wait_healthy(f"http://127.0.0.1:{port}", process)
-            limits = await asyncio.to_thread(Path(f"/proc/{process.pid}/limits").read_text)
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 15)
+    # As a shell with `ulimit -n 512` would start it.
+    lower = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # noqa: E731
+    async with logged_server(tmp_path, preexec=lower) as (process, _, log_path):
+        limits = await asyncio.to_thread(Path(f"/proc/{process.pid}/limits").read_text)
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     expected = str(1_048_576 if hard == resource.RLIM_INFINITY else hard)  # the kernel's usual nr_open
     assert line.split()[3] == expected, line
