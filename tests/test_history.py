@@ -119,3 +119,24 @@ async def test_the_cache_is_bounded_by_events_as_well_as_sessions(make_cache: Ca
     assert cache.events == 3
     # Forgotten, the long session is still built right from what storage gives.
     assert cache.conversation(SESSION, long) == conversation_from_events(long)
+
+
+async def test_a_turns_conversation_and_history_stay_as_read_while_the_session_goes_on(
+    make_cache: CacheFactory,
+) -> None:
+    """Both are shared with the cache, not copied (O(new events) a turn): what comes later must not
+    show in them, even an answer placed before items the earlier conversation holds."""
+    cache = make_cache(sole_writer=True)
+    first = stored(question("first", "t1"))
+    tool_events = turn_with_a_tool("t1")
+    cache.note(SESSION, [first, *tool_events[:2]])  # the answer's write not stored yet
+    history = await cache.read(SESSION)
+    earlier = cache.conversation(SESSION, history)
+    shown = list(earlier)
+    assert [getattr(item, "name", None) for item in shown] == [None, "get_weather", "get_weather"]
+
+    cache.remember(tool_events[2])  # the answer: its first piece goes before the tool call
+    later = await cache.read(SESSION)
+    assert len(history) == 3 and len(later) == 4
+    assert cache.conversation(SESSION, later) == conversation_from_events([first, *tool_events])
+    assert earlier == shown

@@ -90,6 +90,31 @@ async def test_a_turn_streams_every_event_with_every_field(
     assert tab.named("presence") == [{"session_id": sid, "clients": 1}]
 
 
+async def test_the_offline_scripts_input_tokens_are_every_word_of_the_conversation(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    """The script counts a turn's prompt from where the last turn's count ended (O(new items)): the
+    total must still be the whole conversation's, turn after turn, and after a restart that builds
+    the conversation again from storage."""
+    server = await start_server()
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    words = 0
+    for text in ("one two three", "four five", "six seven eight nine", "ten"):
+        _, done = await whole_turn(tab, sid, text)
+        words += len(text.split())
+        assert done["usage"]["input_tokens"] == words
+        words += len(done["text"].split())
+    await tab.close()
+    await server.stop()
+
+    restarted = await start_server(sqlite_path=server.settings.sqlite_path)
+    tab = await connect(restarted)
+    assert len((await tab.join(sid))["history"]) == 8
+    _, done = await whole_turn(tab, sid, "after the restart")
+    assert done["usage"]["input_tokens"] == words + 3
+
+
 async def test_two_tabs_see_the_same_turn_and_presence(server: RunningServer, connect: TabFactory) -> None:
     first = await connect(server, "websocket")
     second = await connect(server, "polling")

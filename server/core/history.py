@@ -13,6 +13,7 @@ from server.core.event_store import EventStore, HistoryEvent
 from server.core.models import EventDraft, StoredEvent
 from server.core.ports import ConversationItem, Repository, StorageUnavailable, UserText
 from server.core.replay import ConversationBuilder
+from server.core.snapshot import Snapshot
 
 CACHED_SESSIONS = 1000
 CACHED_EVENTS = 100_000
@@ -55,8 +56,8 @@ class HistoryCache:
     def events(self) -> int:
         return self._events
 
-    async def read(self, session_id: str, after: asyncio.Future[Any] | None = None) -> list[HistoryEvent]:
-        """The session's events for a model: stored (or this copy, while storage is out), then those
+    async def read(self, session_id: str, after: asyncio.Future[Any] | None = None) -> Snapshot[HistoryEvent]:
+        """The session's history: what storage holds (as far as this process knows), then the writes
         waiting in the outbox. `after`: a write to wait for first."""
         if after is not None:
             await asyncio.wait([after])
@@ -67,7 +68,7 @@ class HistoryCache:
                 stored = await self._read_stored(session_id)
             except StorageUnavailable:
                 stored = self._cached(session_id)
-        return [*stored, *await self._store.waiting(session_id)]
+        return Snapshot(stored, await self._store.waiting(session_id))
 
     def note(self, session_id: str, stored: list[StoredEvent]) -> None:
         """A whole history just read (a join, or a turn's first read here)."""
@@ -87,27 +88,28 @@ class HistoryCache:
 
     def conversation(
         self, session_id: str, events: Sequence[HistoryEvent], question: EventDraft | None = None
-    ) -> list[ConversationItem]:
-        """The conversation of `events` (then `question`, unless it is already their last), as a
-        new list the caller may change. Only the events the session's last turn did not see are
-        converted: O(new events), not O(history), per turn."""
-        if question is not None and events and events[-1].event_key == question.event_key:
-            events = events[:-1]  # read while the question was written: it may or may not be in there
+    ) -> Snapshot[ConversationItem]:
+        """The conversation of `events` (then `question`, unless it is already their last), for the
+        caller to add to. Only the events the session's last turn did not see are converted, and the
+        earlier items are shared, not copied: O(new events), not O(history), per turn."""
+        end = len(events)
+        if question is not None and end and events[-1].event_key == question.event_key:
+            end -= 1  # read while the question was written: it may or may not be in there
         copy = self._copies.get(session_id)
         built = copy.built if copy is not None else None
-        if built is not None and built.continues(events):
-            built.extend(events[built.consumed :])  # in place: a session's turns run one at a time
+        if built is not None and built.continues(events, end):
+            built.extend(events[built.consumed : end])  # in place: a session's turns run one at a time
         else:
             built = ConversationBuilder()
-            built.extend(events)
+            built.extend(events[:end])
             if copy is not None:
                 copy.built = built
         # Kept without the question: it is not stored yet (if its write fails, the next turn's
         # history differs from it), and the next turn reads it back as stored.
-        items = list(built.items)
+        conversation = built.snapshot()
         if question is not None:
-            items.append(UserText(question.content))
-        return items
+            conversation.append(UserText(question.content))
+        return conversation
 
     async def _read_stored(self, session_id: str) -> list[StoredEvent]:
         """event_ids increase in the order events are stored within a session (the contract that
@@ -122,7 +124,7 @@ class HistoryCache:
             # Every write of the session went through this process (and the ones before this read
             # have finished): the copy is the stored history, without a trip to storage.
             self._copies.move_to_end(session_id)
-            return list(copy.events)
+            return copy.events  # not copied: in this mode it only grows at its end (a Snapshot holds)
         read_upto = copy.read_upto
         new = await self._repo.list_events(session_id, read_upto)
         current = self._copies.get(session_id)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from server.core.models import JSON, EventDraft, EventType, StoredEvent
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+from server.core.snapshot import Snapshot
 
 
 def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
@@ -48,10 +49,16 @@ class ConversationBuilder:
         self._rounds: dict[str, list[tuple[int, int]]] = {}
         self.consumed = 0  # events added so far
         self.last_key: str | None = None  # the event_key of the last one
+        self._shared = 0  # items handed out in a snapshot: none of them may move
 
-    def continues(self, events: Sequence[StoredEvent | EventDraft]) -> bool:
-        """Whether `events` starts with the events added here (event_keys are unique in a session)."""
-        return 0 < self.consumed <= len(events) and events[self.consumed - 1].event_key == self.last_key
+    def continues(self, events: Sequence[StoredEvent | EventDraft], end: int) -> bool:
+        """Whether `events[:end]` starts with the events added here (event_keys are unique in a session)."""
+        return 0 < self.consumed <= end and events[self.consumed - 1].event_key == self.last_key
+
+    def snapshot(self) -> Snapshot[ConversationItem]:
+        """The conversation so far, shared rather than copied: later events only add items after it."""
+        self._shared = len(self.items)
+        return Snapshot(self.items)
 
     def extend(self, events: Iterable[StoredEvent | EventDraft]) -> None:
         for event in events:
@@ -62,7 +69,12 @@ class ConversationBuilder:
         if event.event_type is EventType.USER_MESSAGE:
             items.append(UserText(event.content))
         elif event.event_type is EventType.AI_MESSAGE:
-            _insert_answer(items, event.content, self._rounds.pop(event.turn_id or "", []))
+            turn_rounds = self._rounds.pop(event.turn_id or "", [])
+            if turn_rounds and turn_rounds[0][0] < self._shared:
+                # The answer goes before items a snapshot holds: the snapshot keeps the old list.
+                self.items = items = list(items)
+                self._shared = 0
+            _insert_answer(items, event.content, turn_rounds)
         elif event.event_type is EventType.TOOL_CALL:
             call = _tool_body(event.content)  # None: not written the way this service writes tool events
             if call is not None:

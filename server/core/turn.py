@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,6 +60,7 @@ from server.core.ports import (
     UsageReport,
 )
 from server.core.replay import tool_call_content, tool_result_content
+from server.core.snapshot import Snapshot
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolError, ToolRegistry
 from server.core.writer import OrderedWriter
@@ -219,7 +220,7 @@ class Turn:
             await coordination.release_turn(self.session_id, self.turn_id)
             raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
-    async def _abandon(self, history: asyncio.Task[list[HistoryEvent]]) -> ServiceError:
+    async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]]) -> ServiceError:
         """The user message could not be stored: the turn never started, and nothing it held is sent."""
         history.cancel()
         assert self._generation is not None
@@ -254,7 +255,7 @@ class Turn:
 
     # ------------------------------------------------------------------ 2. model rounds
 
-    async def _generate(self, history: asyncio.Task[list[HistoryEvent]]) -> None:
+    async def _generate(self, history: asyncio.Task[Snapshot[HistoryEvent]]) -> None:
         ctx = self._ctx
         conversation = ctx.history.conversation(self.session_id, await history, self.question)
         for round_number in range(ctx.limits.max_tool_rounds + 1):
@@ -276,7 +277,7 @@ class Turn:
             conversation.extend(calls)
             conversation.extend(await self._run_tools(calls, text_offset=len(self.text)))
 
-    async def _stream_round(self, conversation: list[ConversationItem]) -> list[ToolCallItem]:
+    async def _stream_round(self, conversation: Sequence[ConversationItem]) -> list[ToolCallItem]:
         """One model request: its text streamed as chunks; the tool calls it asked for."""
         stamped = self._ctx.limits.chunk_timestamps
         calls: list[ToolCallItem] = []

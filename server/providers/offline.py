@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
 from server.core.models import JSON, Usage
@@ -108,6 +107,7 @@ class OfflineProvider:
 
     def __init__(self, chunk_delay_ms: float = 40) -> None:
         self._delay = chunk_delay_ms / 1000
+        self._prompt_words = PromptWords()
 
     def not_ready_reason(self) -> str | None:
         return None
@@ -116,7 +116,7 @@ class OfflineProvider:
         return None
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
-        conversation = list(request.conversation)
+        conversation = request.conversation
         # The question is the last user message; tool results after it belong to this turn.
         question = ""
         results: list[ToolResultItem] = []
@@ -129,7 +129,7 @@ class OfflineProvider:
         offered = {tool.name for tool in request.tools}
         named = named_tool_call(question, offered)
         place = weather_place(question) if named is None and "get_weather" in offered else None
-        prompt_words = sum(_word_count(_text_of(item)) for item in conversation)
+        prompt_words = self._prompt_words.count(conversation)
 
         call = named or (("get_weather", {"location": place}) if place else None)
         if call is not None and not results:
@@ -175,8 +175,29 @@ def _text_of(item: ConversationItem) -> str:
     return item.text if isinstance(item, UserText | ModelText) else ""
 
 
-@functools.lru_cache(maxsize=4096)
-def _word_count(text: str) -> int:
-    # Every turn counts the whole conversation again: each text is split once (a str keeps its
-    # hash). Bounded to 4,096 texts: 33 million characters at worst, at 8,000 per message.
-    return len(text.split())
+class PromptWords:
+    """The words of a conversation, counted in O(new items) per turn.
+
+    A turn's conversation is the session's earlier items, the same objects as the last turn's
+    (server/core/history.py builds them once), and a few new ones. So each counted item keeps the
+    total up to it, and a count walks back only to the first item it knows. Keyed by identity
+    (equal texts in two sessions are different items) and bounded, oldest first."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._upto: OrderedDict[int, tuple[ConversationItem, int]] = OrderedDict()
+
+    def count(self, conversation: Sequence[ConversationItem]) -> int:
+        start, total = 0, 0
+        for position in range(len(conversation) - 1, -1, -1):
+            known = self._upto.get(id(conversation[position]))
+            if known is not None and known[0] is conversation[position]:
+                start, total = position + 1, known[1]
+                self._upto.move_to_end(id(conversation[position]))
+                break
+        for item in conversation[start:]:
+            total += len(_text_of(item).split())
+            self._upto[id(item)] = (item, total)
+        while len(self._upto) > self._limit:
+            self._upto.popitem(last=False)
+        return total
