@@ -147,9 +147,14 @@ class OfflineProvider:
         else:
             answer = echo_answer(question)
         pieces = words(answer)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         for word in pieces:
             if self._delay:
-                await asyncio.sleep(self._delay)
+                # Timed from when the last word was due, not from when it went out: a model's
+                # stream does not slow down when the server is busy, so a late word shortens the next pause.
+                due += self._delay
+                await asyncio.sleep(max(0.0, due - loop.time()))
             else:
                 await asyncio.sleep(0)  # still a stream: let other sessions run between words
             yield TextDelta(word)
