@@ -23,7 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 run: $(RUN_STAMP)
 	$(BIN)/python -m server
 
-# The benchmark (a few minutes; needs Node): writes docs/performance.md and docs/latency-vs-load.png.
+# The benchmark (about half an hour; needs Node, and Redis for its cluster rows): writes docs/performance.md
+# and docs/capacity-vs-load.png.
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --write
 

@@ -5,7 +5,8 @@
 It answers `join` (enters a room) and `message` (acks, then emits to the room what the service
 emits for the same message: `user_message`, the offline script's answer a word at a time as
 `chunk` events with `ts`, then `done`). Stock python-socketio: its own JSON, no coalescing.
-BARE_CHUNK_DELAY_MS pauses before each chunk, as OFFLINE_CHUNK_DELAY_MS does in the service.
+BARE_CHUNK_DELAY_MS pauses before each chunk, as OFFLINE_CHUNK_DELAY_MS does in the service;
+BARE_WORDS_PER_CHUNK sends that many words a chunk (bench/model_stub.py's bursts).
 To measure one of the service's own settings on the bare stack (`bench/run.py --variant`):
 BARE_FAST_JSON=1 encodes packets with orjson, BARE_TUNED=1 applies the service's interpreter tuning.
 """
@@ -35,6 +36,7 @@ sio = socketio.AsyncServer(
 )
 app = socketio.ASGIApp(sio, on_startup=tune_interpreter if os.environ.get("BARE_TUNED") else None)
 delay = float(os.environ.get("BARE_CHUNK_DELAY_MS", "0")) / 1000
+words_per_chunk = int(os.environ.get("BARE_WORDS_PER_CHUNK", "1"))
 streams: set[asyncio.Task[None]] = set()
 stored = 0
 
@@ -63,9 +65,13 @@ async def stream(session_id: str, turn_id: str, text: str, event_id: int) -> Non
         "user_message", {**ids, "event_id": event_id, "text": text, "client_message_id": None}, room=session_id
     )
     answer = echo_answer(text)
-    for index, word in enumerate(words(answer)):
-        await asyncio.sleep(delay)
-        chunk = {**ids, "index": index, "text": word, "ts": time.monotonic() * 1000}
+    pieces = words(answer)
+    chunks = ["".join(pieces[i : i + words_per_chunk]) for i in range(0, len(pieces), words_per_chunk)]
+    due = asyncio.get_running_loop().time()
+    for index, piece in enumerate(chunks):
+        due += delay  # paced as the offline script is: from when the last chunk was due
+        await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+        chunk = {**ids, "index": index, "text": piece, "ts": time.monotonic() * 1000}
         await sio.emit("chunk", chunk, room=session_id)
     done = {**ids, "text": answer, "finish_reason": "stop", "usage": None, "event_id": event_id, "error": None}
     await sio.emit("done", done, room=session_id)

@@ -18,14 +18,10 @@ import asyncio
 import os
 import platform
 import statistics
-import tempfile
-import uuid
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from common import SERVICE_ENV, ServerProcess, cpu_seconds, ensure_node_modules, run_load, write_section
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from common import ensure_node_modules, run_load, write_section
+from servers import REDIS_1, REDIS_2, running
 
 
 @dataclass
@@ -42,25 +38,12 @@ class Run:
 
 
 async def measure(processes: int, sessions: int, seconds: float) -> Run:
-    channel = f"bench-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as data:
-        servers = [
-            await ServerProcess.start(
-                ["-m", "server"],
-                {**SERVICE_ENV, "REDIS_URL": REDIS_URL, "REDIS_CHANNEL": channel, "SQLITE_PATH": f"{data}/{n}.db"},
-                data,
-            )
-            for n in range(processes)
-        ]
+    async with running(REDIS_1 if processes == 1 else REDIS_2) as servers:
         cpu: dict[str, float] = {}
-        try:
-            result = await run_load(
-                ["--urls", ",".join(s.url for s in servers), "--sessions", str(sessions), "--seconds", str(seconds)],
-                lambda phase: cpu.__setitem__(phase["phase"], sum(cpu_seconds(s.pid) for s in servers)),
-            )
-        finally:
-            await asyncio.gather(*(s.stop() for s in servers))
-        await clean(channel)
+        result = await run_load(
+            ["--urls", ",".join(s.url for s in servers), "--sessions", str(sessions), "--seconds", str(seconds)],
+            lambda phase: cpu.__setitem__(phase["phase"], sum(s.cpu_seconds() for s in servers)),
+        )
     return Run(
         processes=processes,
         chunks_per_second=result["chunks_per_second"],
@@ -68,14 +51,6 @@ async def measure(processes: int, sessions: int, seconds: float) -> Run:
         chunks=result["chunks"],
         generator_cpu_seconds=result["generator_cpu_seconds"],
     )
-
-
-async def clean(channel: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(f"{channel}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def report(runs: dict[int, list[Run]], sessions: int, seconds: float) -> str:

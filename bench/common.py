@@ -56,6 +56,9 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
     @classmethod
     async def start(cls, args: Sequence[str], env: Mapping[str, str], cwd: str) -> ServerProcess:
         port = free_port()

@@ -8,12 +8,21 @@
 // Sessions are spread over the URLs round robin, as a load balancer would. `--stagger S` starts
 // the sessions' first messages spread over S seconds (so paced streams do not tick in step).
 //
+// Sliced (`--slice S --rounds R --pids P1,P2`): each URL is a server of its own, and each gets
+// `--sessions` x `--tabs` sockets. The servers take turns: in each of R rounds every server in turn
+// gets the load alone for a slice (its sessions start over `--settle` seconds, then S seconds are
+// counted, then new messages stop and the turns in flight finish), so all of them see the same
+// minutes of this machine. Each slice's figures come back as one `slice` line, with the server's
+// CPU over the counted seconds read from /proc/<pid>/task/*/schedstat.
+//   node load.mjs --urls http://127.0.0.1:8000,http://127.0.0.1:8001 --pids 41,42 --slice 1 --rounds 10
+//
 // Idle: `--idle 1000,5000` opens that many sockets (each joins a session of its own), 100 at a
 // time, and prints a checkpoint line at each count, then holds them `--hold` seconds.
 //
 // Prints JSON lines on stdout: {"phase":"measure"} when counting starts, {"phase":"end"} when it
 // stops (so the caller can read the server's CPU over exactly that window), then the result.
 import { io } from "socket.io-client";
+import { readdirSync, readFileSync } from "node:fs";
 import WebSocket from "ws";
 
 const arg = (name, fallback) => {
@@ -33,6 +42,10 @@ const hold = Number(arg("hold", "3"));
 // Idle: after the last count, `--heartbeat S` seconds between two phase lines, for the CPU the
 // server spends on Engine.IO's pings alone (one every 25 s per socket).
 const heartbeat = Number(arg("heartbeat", "0"));
+const slice = Number(arg("slice", "0"));
+const rounds = Number(arg("rounds", "10"));
+const settle = Number(arg("settle", "0.5"));
+const pids = arg("pids", "").split(",").filter(Boolean).map(Number);
 
 const say = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -149,6 +162,112 @@ async function streaming() {
   });
 }
 
+// The CPU time of every thread of a process, in seconds (schedstat: nanoseconds on the CPU).
+function cpuOf(pid) {
+  let ns = 0;
+  for (const task of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(readFileSync(`/proc/${pid}/task/${task}/schedstat`, "utf8").split(" ")[0]);
+    } catch {
+      // a thread that ended between the listing and the read
+    }
+  }
+  return ns / 1e9;
+}
+
+async function sliced() {
+  // One server's sessions, each with its tabs, joined once and reused for every slice.
+  const servers = [];
+  for (const url of urls) {
+    const group = [];
+    for (let n = 0; n < sessions; n++) {
+      const sockets = [await connect(url)];
+      const sid = await join(sockets[0]);
+      for (let t = 1; t < tabs; t++) {
+        sockets.push(await connect(url));
+        await join(sockets[t], sid);
+      }
+      group.push({ n, sid, sockets });
+    }
+    servers.push(group);
+  }
+
+  let current = null; // the counted window of the slice under way, or null outside it
+  for (const group of servers) {
+    for (const s of group) {
+      s.sentAt = null;
+      for (const socket of s.sockets) {
+        socket.on("chunk", (chunk) => {
+          if (current === null) return;
+          const at = now();
+          current.chunks += 1;
+          if (chunk.ts !== undefined) current.latencies.push(at - chunk.ts);
+          if (socket === s.sockets[0] && chunk.index === 0 && s.sentAt !== null) current.first.push(at - s.sentAt);
+        });
+      }
+    }
+  }
+
+  async function drive(s, state) {
+    await sleep(Math.random() * settle * 500); // spread over the first half of the settling time
+    while (state.open) {
+      const done = s.sockets.map((socket) => new Promise((resolve) => socket.once("done", resolve)));
+      s.sentAt = current !== null ? now() : null;
+      const ack = await s.sockets[0].timeout(60000).emitWithAck("message", {
+        session_id: s.sid,
+        text: `load from session ${s.n}`,
+      });
+      if (!ack.ok) {
+        state.failures += 1;
+        await sleep(50);
+        continue;
+      }
+      await Promise.all(done);
+      if (current !== null) current.turns += 1;
+    }
+  }
+
+  async function runSlice(index, round) {
+    const state = { open: true, failures: 0 };
+    const driving = servers[index].map((s) => drive(s, state));
+    await sleep(settle * 1000);
+    const window = { chunks: 0, turns: 0, latencies: [], first: [] };
+    const cpuStart = pids.length ? cpuOf(pids[index]) : 0;
+    const generatorStart = process.cpuUsage();
+    const started = now();
+    current = window;
+    await sleep(slice * 1000);
+    current = null;
+    const elapsed = (now() - started) / 1000;
+    const serverCpu = pids.length ? cpuOf(pids[index]) - cpuStart : null;
+    const generator = process.cpuUsage(generatorStart);
+    state.open = false;
+    await Promise.all(driving);
+    return {
+      phase: "slice",
+      server: index,
+      round,
+      seconds: elapsed,
+      chunks: window.chunks,
+      turns: window.turns,
+      failures: state.failures,
+      chunks_per_second: window.chunks / elapsed,
+      latency_ms: summary(window.latencies),
+      first_chunk_ms: summary(window.first),
+      server_cpu_seconds: serverCpu,
+      generator_cpu_seconds: (generator.user + generator.system) / 1e6,
+    };
+  }
+
+  for (let index = 0; index < servers.length; index++) await runSlice(index, -1); // warm-up, not counted
+  for (let round = 0; round < rounds; round++) {
+    // Each round starts with the next server, so none always follows the same one.
+    for (let k = 0; k < servers.length; k++) say(await runSlice((round + k) % servers.length, round));
+  }
+  for (const group of servers) for (const s of group) for (const socket of s.sockets) socket.disconnect();
+  say({ rounds });
+}
+
 async function idleConnections() {
   const checkpoints = idle.split(",").map(Number);
   const sockets = [];
@@ -179,5 +298,6 @@ async function idleConnections() {
 }
 
 if (idle) await idleConnections();
+else if (slice) await sliced();
 else await streaming();
 process.exit(0);

@@ -1,0 +1,64 @@
+"""A model for the benchmark that streams like Gemini: the REST API's SSE, answered at a model's pace.
+
+    PORT=8002 STUB_BURST_WORDS=6 STUB_BURST_MS=250 .venv/bin/python bench/model_stub.py
+
+The service reaches it through the real google-genai SDK (LLM_PROVIDER=gemini, GEMINI_BASE_URL).
+Every `streamGenerateContent` is answered with the offline script's answer to the last user text
+(the same words the bare server sends), STUB_BURST_WORDS words per event, one event every
+STUB_BURST_MS, the last with its finish reason and usage, as Gemini ends a stream. A
+`generateContent` (a session's summary, once its last tab has left) gets a one-line answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from server.providers.offline import echo_answer, words
+
+BURST_WORDS = int(os.environ.get("STUB_BURST_WORDS", "6"))
+BURST_SECONDS = float(os.environ.get("STUB_BURST_MS", "250")) / 1000
+
+
+def response(text: str, finish: bool, count: int) -> dict[str, object]:
+    """One GenerateContentResponse: a streamed event, or a whole answer."""
+    candidate: dict[str, object] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    body: dict[str, object] = {"candidates": [candidate], "modelVersion": "bench-stub", "responseId": "bench"}
+    if finish:
+        candidate["finishReason"] = "STOP"
+        body["usageMetadata"] = {"promptTokenCount": 10, "candidatesTokenCount": count, "totalTokenCount": 10 + count}
+    return body
+
+
+async def answer(request: Request) -> Response:
+    if request.path_params["target"].endswith(":generateContent"):
+        return JSONResponse(response("A summary from the benchmark's model stub.", True, 8))
+    contents = (await request.json())["contents"]
+    question = next(
+        (p["text"] for c in reversed(contents) if c.get("role") == "user" for p in c["parts"] if "text" in p), ""
+    )
+    pieces = words(echo_answer(question))
+    bursts = ["".join(pieces[i : i + BURST_WORDS]) for i in range(0, len(pieces), BURST_WORDS)]
+
+    async def body() -> AsyncIterator[bytes]:
+        due = asyncio.get_running_loop().time()
+        for n, text in enumerate(bursts):
+            due += BURST_SECONDS  # a model's pace: from when the last event was due
+            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+            yield f"data: {json.dumps(response(text, n == len(bursts) - 1, len(pieces)))}\r\n\r\n".encode()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+app = Starlette(routes=[Route("/{version}/models/{target:path}", answer, methods=["POST"])])
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning", loop="uvloop")

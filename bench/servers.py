@@ -1,0 +1,182 @@
+"""The servers the benchmarks compare, and one streaming run against them (bench/run.py, bench/capacity.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from common import NODE, ROOT, SERVICE_ENV, ServerProcess, run_load
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass(frozen=True)
+class Kind:
+    label: str
+    base: str  # "bare" or "service"
+    env: dict[str, str] = field(default_factory=dict)
+    processes: int = 1  # more than one: service processes sharing Redis, sessions spread round robin
+    redis: bool = False
+
+
+BARE = Kind("bare", "bare")
+SERVICE = Kind("service", "service")
+# The bare server with the service's interpreter tuning (server/serve.py: GC and GIL switch interval).
+TUNED_BARE = Kind("bare-tuned", "bare", {"BARE_TUNED": "1"})
+REDIS_1 = Kind("service, Redis, 1 process", "service", redis=True)
+REDIS_2 = Kind("service, Redis, 2 processes", "service", processes=2, redis=True)
+
+
+@dataclass
+class Stream:
+    """One measured window: what the load generator saw, and the servers' CPU over the same window."""
+
+    chunks_per_second: float
+    turns_per_second: float
+    latency_p50: float | None
+    latency_p99: float | None
+    first_chunk_p50: float | None
+    first_chunk_p99: float | None
+    cpu_ms_per_1000_chunks: float
+    server_cpu_percent: float
+    generator_cpu_percent: float
+    failures: int
+
+
+def measured(result: dict[str, Any], server_cpu: float, failures: int) -> Stream:
+    """A Stream from the load generator's figures for one window and the servers' CPU seconds over it."""
+    latency, first = result["latency_ms"], result["first_chunk_ms"]
+    return Stream(
+        chunks_per_second=result["chunks_per_second"],
+        turns_per_second=result["turns"] / result["seconds"],
+        latency_p50=latency["p50"],
+        latency_p99=latency["p99"],
+        first_chunk_p50=first["p50"],
+        first_chunk_p99=first["p99"],
+        cpu_ms_per_1000_chunks=1e6 * server_cpu / max(result["chunks"], 1),
+        server_cpu_percent=100 * server_cpu / result["seconds"],
+        generator_cpu_percent=100 * result["generator_cpu_seconds"] / result["seconds"],
+        failures=failures,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    kind: Kind, delay_ms: float = 0, env: dict[str, str] | None = None
+) -> AsyncIterator[list[ServerProcess]]:
+    """The kind's server processes, each with its own data directory, stopped (and Redis cleaned) on exit."""
+    channel = f"bench-{uuid.uuid4().hex[:8]}"
+    extra = {**kind.env, **(env or {})}
+    if kind.redis:
+        extra |= {"REDIS_URL": REDIS_URL, "REDIS_CHANNEL": channel}
+    with contextlib.ExitStack() as dirs:
+        servers: list[ServerProcess] = []
+        try:
+            for _ in range(kind.processes):
+                servers.append(
+                    await start(kind.base, dirs.enter_context(tempfile.TemporaryDirectory()), delay_ms, extra)
+                )
+            yield servers
+        finally:
+            await asyncio.gather(*(s.stop() for s in servers))
+            if kind.redis:
+                await clean_redis(channel)
+
+
+async def start(base: str, data: str, delay_ms: float, extra: dict[str, str]) -> ServerProcess:
+    if base == "bare":
+        env = {"BARE_CHUNK_DELAY_MS": str(delay_ms), "LOG_LEVEL": "warning", **extra}
+        return await ServerProcess.start([str(ROOT / "bench" / "bare_server.py")], env, data)
+    env = {
+        **SERVICE_ENV,
+        "OFFLINE_CHUNK_DELAY_MS": str(delay_ms),
+        "SQLITE_PATH": f"{data}/bench.db",
+        "BENCH_CHUNK_TIMESTAMPS": "1",
+        **extra,
+    }
+    return await ServerProcess.start(["-m", "server"], env, data)
+
+
+async def redis_reachable() -> bool:
+    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+        return True
+    except (aioredis.RedisError, OSError):
+        print(f"  (no Redis at {REDIS_URL}: the Redis configurations are left out)", flush=True)
+        return False
+    finally:
+        await client.aclose()
+
+
+async def clean_redis(channel: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(f"{channel}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def stream(
+    kind: Kind, *, sessions: int, tabs: int, seconds: float, delay_ms: float = 0, env: dict[str, str] | None = None
+) -> Stream:
+    """One window of `seconds` on fresh servers: sessions spread over the kind's processes round robin."""
+    paced = delay_ms > 0 or bool(env)
+    async with running(kind, delay_ms, env) as servers:
+        cpu: dict[str, float] = {}
+        result = await run_load(
+            [
+                *("--urls", ",".join(s.url for s in servers), "--sessions", str(sessions), "--tabs", str(tabs)),
+                # Paced runs open hundreds of sockets (about 300 a second): connect before counting.
+                *("--seconds", str(seconds), "--warmup", str(3 + sessions / 250 if paced else 2)),
+                *("--stagger", "1" if paced else "0"),
+                # A variant's BENCH_PLAIN_CLIENTS=N: a plain WebSocket client in each of the first N sessions.
+                *("--plain", kind.env.get("BENCH_PLAIN_CLIENTS", "0")),
+            ],
+            lambda phase: cpu.__setitem__(phase["phase"], sum(s.cpu_seconds() for s in servers)),
+        )
+    failures = result["failures"] + result["error_count"]
+    if failures:
+        print(f"  ! {kind.label}: {failures} refused messages or failed sessions: {result['errors']}")
+    return measured(result, cpu["end"] - cpu["measure"], failures)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def say(label: str, what: str, s: Stream) -> None:
+    print(
+        f"  {what} {label}: {s.chunks_per_second:,.0f} chunks/s, latency p50/p99 "
+        f"{fmt(s.latency_p50)}/{fmt(s.latency_p99)} ms, first chunk p50/p99 {fmt(s.first_chunk_p50)}/"
+        f"{fmt(s.first_chunk_p99)} ms, {s.cpu_ms_per_1000_chunks:,.0f} ms CPU per 1,000 chunks, "
+        f"server {s.server_cpu_percent:.0f} % / generator {s.generator_cpu_percent:.0f} % CPU",
+        flush=True,
+    )
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    client = (NODE / "node_modules" / "socket.io-client" / "package.json").read_text()
+    client_version = client.split('"version": "', 1)[1].split('"', 1)[0]
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("python-socketio", "python-engineio", "uvicorn", "uvloop", "websockets", "orjson")
+    )
+    return (
+        f"Machine: {os.cpu_count()} cores ({cpu}), {platform.platform()}; servers and load generator share it."
+        f" Python {platform.python_version()} ({versions}); Node {node}, socket.io-client {client_version}."
+    )
