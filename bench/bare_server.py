@@ -21,6 +21,7 @@ from typing import Any
 
 import socketio
 import uvicorn
+from common import chunks_of, paced
 
 from server.config import Settings
 from server.providers.offline import echo_answer, words
@@ -65,13 +66,10 @@ async def stream(session_id: str, turn_id: str, text: str, event_id: int) -> Non
         "user_message", {**ids, "event_id": event_id, "text": text, "client_message_id": None}, room=session_id
     )
     answer = echo_answer(text)
-    pieces = words(answer)
-    chunks = ["".join(pieces[i : i + words_per_chunk]) for i in range(0, len(pieces), words_per_chunk)]
-    due = asyncio.get_running_loop().time()
-    for index, piece in enumerate(chunks):
-        due += delay  # paced as the offline script is: from when the last chunk was due
-        await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+    index = 0
+    async for piece in paced(chunks_of(words(answer), words_per_chunk), delay):
         chunk = {**ids, "index": index, "text": piece, "ts": time.monotonic() * 1000}
+        index += 1
         await sio.emit("chunk", chunk, room=session_id)
     done = {**ids, "text": answer, "finish_reason": "stop", "usage": None, "event_id": event_id, "error": None}
     await sio.emit("done", done, room=session_id)

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: starting a server process, the Node load generator, /proc readings."""
+"""What the benchmark scripts share: starting a server process, the Node load generator, /proc readings,
+and the pace the bench servers stream at."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -28,6 +29,25 @@ SERVICE_ENV = {
     "MAX_CONNECTIONS_PER_ADDRESS": "100000",
     "LOG_LEVEL": "warning",
 }
+
+
+T = TypeVar("T")
+
+
+def chunks_of(pieces: Sequence[str], size: int) -> list[str]:
+    """`size` pieces (words) a chunk, as a model streaming bursts of words sends them."""
+    return ["".join(pieces[i : i + size]) for i in range(0, len(pieces), size)]
+
+
+async def paced(items: Sequence[T], seconds: float) -> AsyncIterator[T]:
+    """Each item `seconds` after the last one was due (as the offline script paces its words): a
+    model's stream does not slow down when the server is busy, so a late item shortens the next pause."""
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    for item in items:
+        due += seconds
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        yield item
 
 
 def free_port() -> int:

@@ -11,12 +11,12 @@ STUB_BURST_MS, the last with its finish reason and usage, as Gemini ends a strea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
 
 import uvicorn
+from common import chunks_of, paced
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -46,14 +46,13 @@ async def answer(request: Request) -> Response:
         (p["text"] for c in reversed(contents) if c.get("role") == "user" for p in c["parts"] if "text" in p), ""
     )
     pieces = words(echo_answer(question))
-    bursts = ["".join(pieces[i : i + BURST_WORDS]) for i in range(0, len(pieces), BURST_WORDS)]
+    bursts = chunks_of(pieces, BURST_WORDS)
 
     async def body() -> AsyncIterator[bytes]:
-        due = asyncio.get_running_loop().time()
-        for n, text in enumerate(bursts):
-            due += BURST_SECONDS  # a model's pace: from when the last event was due
-            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
-            yield f"data: {json.dumps(response(text, n == len(bursts) - 1, len(pieces)))}\r\n\r\n".encode()
+        n = 0
+        async for text in paced(bursts, BURST_SECONDS):
+            n += 1
+            yield f"data: {json.dumps(response(text, n == len(bursts), len(pieces)))}\r\n\r\n".encode()
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
