@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Locator, Page, WebSocket, expect
+from playwright.async_api import Browser, Locator, Page, Request, WebSocket, expect
 
 from tests.browser import Watched, chromium, watched
 from tests.conftest import ServerFactory, TabFactory
@@ -255,14 +255,7 @@ async def test_a_dropped_connection_reconnects_and_catches_up(
     try:
         watch = await watched(browser, origin, **LAPTOP)
         page = await open_playground(watch, origin + "/")
-        joins: list[dict[str, Any]] = []
-        received: list[str | bytes] = []
-
-        def watch_socket(ws: WebSocket) -> None:
-            ws.on("framesent", lambda frame: _record_join(frame, joins))
-            ws.on("framereceived", lambda frame: received.append(frame))
-
-        page.on("websocket", watch_socket)
+        traffic = SocketTraffic(page)
         session_id = session_of(page)
 
         # Cut mid-answer, back a moment later: the answer goes on from where the turn is.
@@ -278,7 +271,7 @@ async def test_a_dropped_connection_reconnects_and_catches_up(
         await finished(answer)
         assert [await text_of(answer)] == await stored_answers(server, session_id)
         # The rejoin's answer had the running turn: the tab caught up from active_turn, not from scratch.
-        assert any(isinstance(f, str) and re.search(r'"active_turn":\s*\{"turn_id"', f) for f in received)
+        assert any(re.search(r'"active_turn":\s*\{"turn_id"', packet) for packet in await traffic.received())
 
         # A whole turn while the tab is away (sent by another client) appears once, after the rest.
         proxy.cut()
@@ -293,6 +286,7 @@ async def test_a_dropped_connection_reconnects_and_catches_up(
             ["Tell me a long story about streaming answers, please", "Sent while the tab was away"]
         )
         assert [await text_of(a) for a in await answers(page).all()] == await stored_answers(server, session_id)
+        joins = traffic.joins()
         rejoins = [j for j in joins if "after_event_id" in j]
         assert len(rejoins) >= 2 and all(j["session_id"] == session_id for j in rejoins), joins
     finally:
@@ -302,11 +296,44 @@ async def test_a_dropped_connection_reconnects_and_catches_up(
     assert all(re.search(r"failed|ERR_", error) for error in watch.console_errors), watch.console_errors
 
 
-def _record_join(frame: str | bytes, joins: list[dict[str, Any]]) -> None:
-    # Socket.IO's frame for an event with an ack: 42<id>["join",{...}]
-    match = re.fullmatch(r'42\d*\["join",(.*)\]', frame if isinstance(frame, str) else "")
-    if match:
-        joins.append(json.loads(match.group(1)))
+class SocketTraffic:
+    """The Engine.IO packets a page's Socket.IO client sent and received, over either transport: a
+    reconnect that finds the WebSocket refused comes back over long-polling (`tryAllTransports`)."""
+
+    def __init__(self, page: Page) -> None:
+        self.sent: list[str] = []
+        self._frames_received: list[str] = []
+        self._polls: list[Request] = []
+        page.on("websocket", self._watch_socket)
+        page.on("requestfinished", self._watch_poll)
+
+    def _watch_socket(self, ws: WebSocket) -> None:
+        ws.on("framesent", lambda frame: self.sent.append(frame) if isinstance(frame, str) else None)
+        ws.on("framereceived", lambda frame: self._frames_received.append(frame) if isinstance(frame, str) else None)
+
+    def _watch_poll(self, request: Request) -> None:
+        if "/socket.io/" not in request.url or "transport=polling" not in request.url:
+            return
+        if request.method == "POST":
+            self.sent.extend((request.post_data or "").split(RECORD_SEPARATOR))
+        else:
+            self._polls.append(request)
+
+    async def received(self) -> list[str]:
+        packets = list(self._frames_received)
+        for poll in self._polls:
+            response = await poll.response()
+            if response is not None:
+                packets.extend((await response.text()).split(RECORD_SEPARATOR))
+        return packets
+
+    def joins(self) -> list[dict[str, Any]]:
+        # Socket.IO's packet for an event with an ack: 42<id>["join",{...}]
+        matches = (re.fullmatch(r'42\d*\["join",(.*)\]', packet) for packet in self.sent)
+        return [json.loads(match.group(1)) for match in matches if match]
+
+
+RECORD_SEPARATOR = "\x1e"  # between Engine.IO packets in one long-polling body
 
 
 async def test_with_authentication_on_the_page_asks_for_a_token(start_server: ServerFactory, browser: Browser) -> None:
