@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import httpx2
 from google import genai
@@ -209,7 +209,7 @@ class GeminiProvider:
     async def _open_stream(
         self,
         client: genai.Client,
-        contents: list[types.Content],
+        contents: list[types.ContentDict],
         config: types.GenerateContentConfig,
         opened: list[httpx2.Response],
     ) -> tuple[AsyncIterator[types.GenerateContentResponse], types.GenerateContentResponse | None]:
@@ -240,40 +240,50 @@ async def _note_response(response: httpx2.Response) -> None:
 # ---------------------------------------------------------------------- conversation -> Gemini
 
 
-def to_contents(conversation: Sequence[ConversationItem]) -> list[types.Content]:
-    """Contents for a request, consecutive items of one role merged (parallel calls in one turn)."""
-    contents: list[types.Content] = []
+def to_contents(conversation: Sequence[ConversationItem]) -> list[types.ContentDict]:
+    """Contents for a request, consecutive items of one role merged (parallel calls in one turn).
+
+    Plain dicts, not `types.Content`: the SDK validates the whole conversation on every request, and
+    it validates dicts several times faster than models (docs/performance.md)."""
+    contents: list[types.ContentDict] = []
     gemini_ids: dict[str, str | None] = {}
     for item in conversation:
         role: Literal["user", "model"]
+        part: types.PartDict
         if isinstance(item, UserText):
-            role, part = "user", types.Part(text=item.text)
+            role, part = "user", {"text": item.text}
         elif isinstance(item, ModelText):
-            role, part = "model", types.Part(text=item.text)
+            role, part = "model", {"text": item.text}
         elif isinstance(item, ToolCallItem):
             role, part = "model", _call_part(item)
-            gemini_ids[item.call_id] = part.function_call.id if part.function_call else None
+            gemini_ids[item.call_id] = (part.get("function_call") or {}).get("id")
         else:
             role, part = "user", _response_part(item, gemini_ids.get(item.call_id))
-        if contents and contents[-1].role == role and contents[-1].parts is not None:
-            contents[-1].parts.append(part)
+        parts = contents[-1].get("parts") if contents and contents[-1].get("role") == role else None
+        if parts is not None:
+            parts.append(part)
         else:
-            contents.append(types.Content(role=role, parts=[part]))
+            contents.append({"role": role, "parts": [part]})
     return contents
 
 
-def _call_part(call: ToolCallItem) -> types.Part:
+def _call_part(call: ToolCallItem) -> types.PartDict:
     stored = (call.provider_data or {}).get(PART_KEY)
     if isinstance(stored, dict):
-        # Verbatim, so the thought signature goes back exactly as the model sent it.
-        return types.Part.model_validate_json(json.dumps(stored))
-    return types.Part(function_call=types.FunctionCall(name=call.name, args=call.args))
+        # Verbatim, so the thought signature goes back exactly as the model sent it (read as JSON,
+        # where the SDK decodes its base64; python-mode dumping keeps it as bytes).
+        part = types.Part.model_validate_json(json.dumps(stored))
+        return cast(types.PartDict, part.model_dump(exclude_none=True))
+    return {"function_call": {"name": call.name, "args": call.args}}
 
 
-def _response_part(result: ToolResultItem, gemini_id: str | None) -> types.Part:
+def _response_part(result: ToolResultItem, gemini_id: str | None) -> types.PartDict:
     # Gemini's documented keys: "output" for a result, "error" for a failure.
     response: dict[str, JSON] = {"error": result.error} if result.error is not None else {"output": result.result}
-    return types.Part(function_response=types.FunctionResponse(id=gemini_id, name=result.name, response=response))
+    function_response: types.FunctionResponseDict = {"name": result.name, "response": response}
+    if gemini_id is not None:
+        function_response["id"] = gemini_id
+    return {"function_response": function_response}
 
 
 def _declaration(tool: ToolSpec) -> types.FunctionDeclaration:
