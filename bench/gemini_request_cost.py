@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 
-from common import ROOT, free_port
+from common import ROOT, ServerProcess
 
 sys.path.insert(0, str(ROOT))
 
@@ -44,41 +43,20 @@ async def cpu_per_turn(provider: GeminiProvider, turns: int, repeat: int) -> flo
     return (time.process_time() - start) / repeat * 1000
 
 
-async def listening(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise RuntimeError(f"the model stub did not listen on port {port}")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, nargs="+", default=[1, 5, 20, 50])
     parser.add_argument("--repeat", type=int, default=40)
     args = parser.parse_args()
-    port = free_port()
-    stub = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "bench" / "model_stub.py"),
-        env={**os.environ, "PORT": str(port), "STUB_BURST_MS": "0", "PYTHONPATH": str(ROOT)},
-    )
+    stub = await ServerProcess.start([str(ROOT / "bench" / "model_stub.py")], {"STUB_BURST_MS": "0"}, str(ROOT))
+    provider = GeminiProvider(GeminiConfig(api_key="bench", model="bench", base_url=stub.url))
     try:
-        await listening(port)
-        provider = GeminiProvider(GeminiConfig(api_key="bench", model="bench", base_url=f"http://127.0.0.1:{port}"))
-        try:
-            print("| turns in the conversation | CPU per turn |\n|---|---|")
-            for turns in args.turns:
-                print(f"| {turns} | {await cpu_per_turn(provider, turns, args.repeat):.2f} ms |")
-        finally:
-            await provider.aclose()
+        print("| turns in the conversation | CPU per turn |\n|---|---|")
+        for turns in args.turns:
+            print(f"| {turns} | {await cpu_per_turn(provider, turns, args.repeat):.2f} ms |")
     finally:
-        stub.terminate()
-        await stub.wait()
+        await provider.aclose()
+        await stub.stop()
 
 
 if __name__ == "__main__":

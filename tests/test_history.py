@@ -14,6 +14,7 @@ from server.core.history import HistoryCache
 from server.core.models import EventDraft, EventType, StoredEvent, utc_now
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
+from server.providers.offline import PromptWords
 from server.storage.sqlite import SqliteRepository
 
 CacheFactory = Callable[..., HistoryCache]
@@ -140,3 +141,21 @@ async def test_a_turns_conversation_and_history_stay_as_read_while_the_session_g
     assert len(history) == 3 and len(later) == 4
     assert cache.conversation(SESSION, later) == conversation_from_events([first, *tool_events])
     assert earlier == shown
+
+
+async def test_the_offline_word_count_follows_an_answer_placed_before_items_it_counted(
+    make_cache: CacheFactory,
+) -> None:
+    """The offline script counts a conversation from the last item it knows; an answer inserted
+    before counted items must still be counted (the items after it moved)."""
+    cache = make_cache(sole_writer=True)
+    first = stored(question("first question here", "t1"))
+    tool_events = turn_with_a_tool("t1")
+    cache.note(SESSION, [first, *tool_events[:2]])  # the answer's write not stored yet
+    words = PromptWords()
+    assert words.count(cache.conversation(SESSION, await cache.read(SESSION))) == 3
+
+    cache.remember(tool_events[2])  # "Look." goes before the tool call, "It snows." after it
+    cache.remember(stored(question("second one", "t2")))
+    conversation = cache.conversation(SESSION, await cache.read(SESSION))
+    assert words.count(conversation) == 3 + 3 + 2 == PromptWords().count(conversation)

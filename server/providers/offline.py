@@ -185,24 +185,26 @@ class PromptWords:
 
     A turn's conversation is the session's earlier items, the same objects as the last turn's
     (server/core/history.py builds them once), and a few new ones. So each counted item keeps the
-    total up to it, and a count walks back only to the first item it knows. Keyed by identity
-    (equal texts in two sessions are different items) and bounded, oldest first."""
+    total up to it, and a count walks back only to the first item it knows at the same position
+    (an answer inserted before counted items moves them, and their totals no longer hold). Keyed by
+    identity (equal texts in two sessions are different items) and bounded, oldest first."""
 
     def __init__(self, limit: int = 100_000) -> None:
         self._limit = limit
-        self._upto: OrderedDict[int, tuple[ConversationItem, int]] = OrderedDict()
+        self._upto: OrderedDict[int, tuple[ConversationItem, int, int]] = OrderedDict()
 
     def count(self, conversation: Sequence[ConversationItem]) -> int:
         start, total = 0, 0
         for position in range(len(conversation) - 1, -1, -1):
-            known = self._upto.get(id(conversation[position]))
-            if known is not None and known[0] is conversation[position]:
-                start, total = position + 1, known[1]
-                self._upto.move_to_end(id(conversation[position]))
+            item = conversation[position]
+            known = self._upto.get(id(item))
+            if known is not None and known[0] is item and known[1] == position:
+                start, total = position + 1, known[2]
+                self._upto.move_to_end(id(item))
                 break
-        for item in conversation[start:]:
+        for position, item in enumerate(conversation[start:], start):
             total += len(_text_of(item).split())
-            self._upto[id(item)] = (item, total)
+            self._upto[id(item)] = (item, position, total)
         while len(self._upto) > self._limit:
             self._upto.popitem(last=False)
         return total
