@@ -45,6 +45,8 @@ STORAGE_OPERATIONS = (
     "write_summary",
     "mark_emptied",
     "due_summaries",
+    "open_turns",
+    "turn_events",
     "ping",
 )
 UNKNOWN_TOOL = "unknown"
@@ -136,6 +138,9 @@ class PrometheusMetrics:
     def turn_ended(self, finish_reason: FinishReason) -> None:
         self._running.dec()
         self._turns.labels(finish_reason).inc()
+
+    def turn_interrupted(self) -> None:
+        self._turns.labels("error").inc()
 
     def tool_called(self, tool: str, ok: bool) -> None:
         self._tools.labels(tool, "ok" if ok else "error").inc()

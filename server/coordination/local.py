@@ -8,7 +8,7 @@ from collections import defaultdict
 from datetime import datetime
 
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler
+from server.core.ports import CancelHandler, LostHandler, OrphanHandler
 
 # The longest a turn asked for waits for an ending turn's release (it takes one await, or one Redis
 # round trip): past it, `busy`.
@@ -65,8 +65,12 @@ class LocalCoordination:
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
 
-    def on_turn_lost(self, handler: CancelHandler) -> None:
+    def on_turn_lost(self, handler: LostHandler) -> None:
         return None  # a lock in this process's memory does not expire
+
+    def on_turn_orphaned(self, handler: OrphanHandler) -> None:
+        # One process: its turns cut off by a crash are found in storage at its next start.
+        return None
 
     async def add_member(self, session_id: str, member: str) -> int | None:
         members = self._members[session_id]

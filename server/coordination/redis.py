@@ -1,12 +1,16 @@
 """Coordination across processes on Redis: the turn lock, cancel, presence, running text, summaries.
 
 Keys (under the `REDIS_CHANNEL` prefix):
-- `turn:{session}` = "{turn_id} {process}": the one-turn lock, with an expiry its process renews,
-  so a crashed process blocks its session for at most `TURN_LOCK_SECONDS`;
+- `turn:{session}` = "{turn_id} {process}": the one-turn lock, with an expiry its process renews;
+- `turns:{process}`: hash session -> turn_id of the turns a process runs, and `procs`: the set of
+  processes that may have some. A process whose heartbeat expired is dead: another one claims each
+  of its turns (the lock becomes "{turn_id} recover:{claimer}", before it could expire), ends it as
+  interrupted, and frees the lock, so the session takes messages again;
 - `text:{session}:{turn}` and `count:{session}:{turn}`: the text streamed so far and its chunk
   count, appended in small batches, for a tab that joins on another process;
-- `members:{session}`: hash socket -> process; `proc:{process}`: a heartbeat with an expiry. A
-  member whose process stopped beating is counted out, so a crashed process leaves no ghosts;
+- `members:{session}`: hash socket -> process; `proc:{process}`: a heartbeat with an expiry (a
+  third of the lock's, so a dead process is found while its locks still hold). A member whose
+  process stopped beating is counted out, so a crashed process leaves no ghosts;
 - `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying;
 - channel `{prefix}:cancel`: a `cancel` received anywhere reaches the process running the turn;
 - channel `{prefix}:share`: a tab joined another process mid-turn, so the turn's chunks must be
@@ -29,7 +33,7 @@ from redis.exceptions import RedisError
 
 from server.coordination.local import ENDING_WAIT_SECONDS
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler
+from server.core.ports import CancelHandler, LostHandler, OrphanHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -58,17 +62,46 @@ end
 if changed == 0 then return -1 end
 return redis.call('HLEN', key)
 """
+# KEYS: lock, the process's turns. ARGV: holder, ttl ms, session, turn.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+# KEYS: lock, text, count, ending, the process's turns. ARGV: holder, session.
 _RELEASE = """
+redis.call('HDEL', KEYS[5], ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 end
 return 0
 """
+# Answers 1 renewed, 0 lost, -1 taken over by a process that ends the turn as interrupted.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+if holder and string.sub(holder, 1, string.len(ARGV[3]) + 9) == ARGV[3] .. ' recover:' then
+  return -1
+end
 return 0
+"""
+# A dead process's turn: claim its lock for ending it. KEYS: lock. ARGV: dead holder, new holder,
+# ttl ms, turn. Answers 1 claimed, 0 another process is ending it, -1 the lock is another turn's
+# (it expired first): the turn is ended without holding it.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or not holder then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if string.sub(holder, 1, string.len(ARGV[4]) + 1) == ARGV[4] .. ' ' then
+  return 0
+end
+return -1
 """
 
 
@@ -78,11 +111,16 @@ class RedisCoordination:
         self._tasks = tasks
         self._prefix = prefix
         self._lock_ms = max(1, round(lock_seconds * 1000))
+        # A third of the lock's: a dead process is found, and its turns claimed, before a lock it
+        # renewed just before dying expires (a lock is renewed every third of its expiry).
+        self._beat_ms = max(1, self._lock_ms // 3)
         self._process = uuid.uuid4().hex[:12]
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
         self._cancel_handlers: list[CancelHandler] = []
-        self._lost_handlers: list[CancelHandler] = []
+        self._lost_handlers: list[LostHandler] = []
+        self._orphan_handlers: list[OrphanHandler] = []
+        self._ending_orphans: set[tuple[str, str]] = set()
         self._leaving: set[tuple[str, str]] = set()
         self._releasing: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -90,6 +128,8 @@ class RedisCoordination:
         self._storing = asyncio.Lock()  # batches of running text are appended in order
         self._shared: set[str] = set()
         self._members_script = redis.register_script(_MEMBERS)
+        self._acquire_script = redis.register_script(_ACQUIRE)
+        self._claim_script = redis.register_script(_CLAIM)
         self._release_script = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
 
@@ -123,11 +163,18 @@ class RedisCoordination:
 
     # ------------------------------------------------------------------ the turn lock
 
+    async def _take(self, session_id: str, turn_id: str, holder: str) -> bool:
+        taken = await self._acquire_script(
+            keys=[self._key("turn", session_id), self._key("turns", self._process)],
+            args=[holder, self._lock_ms, session_id, turn_id],
+        )
+        return bool(taken)
+
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
         holder = f"{turn_id} {self._process}"
-        taken = await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms)
+        taken = await self._take(session_id, turn_id, holder)
         if not taken:
-            taken = await self._take_after_ending(session_id, holder)
+            taken = await self._take_after_ending(session_id, turn_id, holder)
         if not taken:
             return False
         renewal = self._tasks.spawn_loop(self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}")
@@ -144,26 +191,29 @@ class RedisCoordination:
         while True:
             await asyncio.sleep(self._lock_ms / 3000)
             try:
-                renewed = await self._renew_script(keys=[self._key("turn", session_id)], args=[holder, self._lock_ms])
+                renewed = await self._renew_script(
+                    keys=[self._key("turn", session_id)], args=[holder, self._lock_ms, turn_id]
+                )
             except RedisError as exc:
                 # The turn goes on; the lock expires if Redis stays away longer than its TTL.
                 log.warning("cannot renew the turn lock of session %s: %s", session_id, exc)
                 continue
-            if not renewed:
-                # Expired (Redis was away past its TTL), so another process may run a turn now.
-                log.error("the turn lock of session %s expired while turn %s ran", session_id, turn_id)
+            if renewed != 1:
+                # Expired (Redis was away past its TTL), so another process may run a turn now; or
+                # this process was taken for dead and the turn ended elsewhere.
+                log.error("the turn lock of session %s was lost while turn %s ran", session_id, turn_id)
                 for handler in self._lost_handlers:
-                    await handler(session_id, turn_id)
+                    await handler(session_id, turn_id, renewed == -1)
                 return
 
-    async def _take_after_ending(self, session_id: str, holder: str) -> bool:
+    async def _take_after_ending(self, session_id: str, turn_id: str, holder: str) -> bool:
         """The lock, when its turn is publishing its `done`: it is released a round trip later."""
         deadline = asyncio.get_running_loop().time() + ENDING_WAIT_SECONDS
         while await self._redis.exists(self._key("ending", session_id)):
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.005)
-        return bool(await self._redis.set(self._key("turn", session_id), holder, nx=True, px=self._lock_ms))
+        return await self._take(session_id, turn_id, holder)
 
     async def turn_ending(self, session_id: str, turn_id: str) -> None:
         held = self._held.get(session_id)
@@ -192,8 +242,9 @@ class RedisCoordination:
                     self._key("text", session_id, turn_id),
                     self._key("count", session_id, turn_id),
                     self._key("ending", session_id),
+                    self._key("turns", self._process),
                 ],
-                args=[holder],
+                args=[holder, session_id],
             )
         except RedisError as exc:
             log.warning("cannot release the turn lock of session %s now (retried): %s", session_id, exc)
@@ -264,6 +315,8 @@ class RedisCoordination:
         turn_id, _, process = str(holder).partition(" ")
         if process == self._process:
             return None  # the core reads its own turns directly
+        if process.startswith("recover:") or not await self._redis.exists(self._key("proc", process)):
+            return None  # its process died: the turn is being ended as interrupted
         # This tab is in the room already. Ask the process running the turn to publish its chunks
         # from now on and to store the text it streamed so far; once it says it did, that text
         # and the live chunks together miss nothing.
@@ -289,8 +342,11 @@ class RedisCoordination:
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
 
-    def on_turn_lost(self, handler: CancelHandler) -> None:
+    def on_turn_lost(self, handler: LostHandler) -> None:
         self._lost_handlers.append(handler)
+
+    def on_turn_orphaned(self, handler: OrphanHandler) -> None:
+        self._orphan_handlers.append(handler)
 
     async def _listen(self) -> None:
         cancel, share = self._key("cancel"), self._key("share")
@@ -358,13 +414,17 @@ class RedisCoordination:
         return await self._members("count", session_id)
 
     async def _beat(self) -> None:
-        await self._redis.set(self._key("proc", self._process), "1", px=self._lock_ms)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key("proc", self._process), "1", px=self._beat_ms)
+            pipe.sadd(self._key("procs"), self._process)  # again each time: a process taken for dead is back
+            await pipe.execute()
 
     async def _beat_forever(self) -> None:
         while True:
-            await asyncio.sleep(min(self._lock_ms / 3000, 1.0))
+            await asyncio.sleep(min(self._beat_ms / 3000, 1.0))
             try:
                 await self._beat()
+                await self._find_orphans()
                 # What Redis missed while it was away: locks to free, members to count out.
                 for session_id, (turn_id, holder) in list(self._releasing.items()):
                     del self._releasing[session_id]
@@ -377,6 +437,61 @@ class RedisCoordination:
             except Exception:
                 # Without its heartbeat this process's clients are counted out elsewhere: keep beating.
                 log.exception("the Redis heartbeat failed; trying again")
+
+    # ------------------------------------------------------------------ turns of dead processes
+
+    async def _find_orphans(self) -> None:
+        """Hand over the turns of every process whose heartbeat expired, one task each."""
+        # decode_responses: every member and field is a str.
+        others = [str(p) for p in await self._redis.smembers(self._key("procs")) if p != self._process]
+        if not others:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for process in others:
+                pipe.exists(self._key("proc", process))
+            alive = await pipe.execute()
+        for process, beating in zip(others, alive, strict=True):
+            if beating:
+                continue
+            turns = {str(s): str(t) for s, t in (await self._redis.hgetall(self._key("turns", process))).items()}
+            if not turns:
+                await self._redis.srem(self._key("procs"), process)
+                continue
+            for session_id, turn_id in turns.items():
+                if (session_id, turn_id) not in self._ending_orphans:
+                    self._ending_orphans.add((session_id, turn_id))
+                    self._spawn(self._end_orphan(process, session_id, turn_id), f"end orphaned turn {turn_id}")
+
+    async def _end_orphan(self, process: str, session_id: str, turn_id: str) -> None:
+        try:
+            holder = f"{turn_id} recover:{self._process}"
+            claimed = await self._claim_script(
+                keys=[self._key("turn", session_id)], args=[f"{turn_id} {process}", holder, self._lock_ms, turn_id]
+            )
+            if claimed == 0:
+                return  # another process is ending it
+            if claimed == 1:
+                renewal = self._tasks.spawn_loop(
+                    self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}"
+                )
+                self._held[session_id] = (holder, renewal)
+            text = str(await self._redis.get(self._key("text", session_id, turn_id)) or "")
+            try:
+                for handler in self._orphan_handlers:
+                    await handler(session_id, turn_id, text)
+            except Exception as exc:
+                # Its lock lapses and the next beat hands the turn over again.
+                log.warning("cannot end turn %s of a dead process yet (%s); trying again", turn_id, type(exc).__name__)
+                if claimed == 1:
+                    self._held.pop(session_id)[1].cancel()
+                return
+            await self._redis.hdel(self._key("turns", process), session_id)
+            if claimed == 1:
+                await self.release_turn(session_id, turn_id)
+        except RedisError as exc:
+            log.warning("cannot end turn %s of a dead process yet (%s); trying again", turn_id, type(exc).__name__)
+        finally:
+            self._ending_orphans.discard((session_id, turn_id))
 
     # ------------------------------------------------------------------ summaries
 
@@ -394,8 +509,11 @@ class RedisCoordination:
 
     async def aclose(self) -> None:
         self._lost_handlers.clear()
+        self._orphan_handlers.clear()
         await cancel_and_wait({*self._background, *(renewal for _, renewal in self._held.values())})
         with contextlib.suppress(RedisError):
             await self._redis.delete(self._key("proc", self._process))
+            if not await self._redis.hlen(self._key("turns", self._process)):
+                await self._redis.srem(self._key("procs"), self._process)
         await self._redis.aclose()
         self._cancel_handlers.clear()

@@ -26,6 +26,7 @@ from server.core.ports import (
     StorageUnavailable,
 )
 from server.core.rate_limit import LocalQuota, RateLimiter
+from server.core.recovery import TurnEnder
 from server.core.summaries import SummaryScheduler
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolRegistry
@@ -33,6 +34,8 @@ from server.core.turn import MessageAccepted, RunningTurns, Turn, TurnBusy, Turn
 from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
+
+OPEN_TURNS_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,17 @@ class ConversationService:
             wait_turn_end=self.wait_turn_end,
             metrics=metrics,
         )
+        self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
+        # Set once the turns a crash of this process left open are ended: no turn starts before.
+        self._recovered = asyncio.Event()
         coordination.on_cancel(self._cancel_here)
         coordination.on_turn_lost(self._turn_lost)
+        coordination.on_turn_orphaned(self._end_orphaned)
         self.summaries.start()
+        if coordination.single_process:
+            tasks.spawn(self._end_cut_off_turns(), name="end cut-off turns")
+        else:
+            self._recovered.set()  # the coordination hands over the turns of dead processes
 
     # ------------------------------------------------------------------ join
 
@@ -223,6 +234,7 @@ class ConversationService:
             earlier = await self._earlier_answer(session_id, client_message_id)
             if earlier is not None:
                 return earlier
+        await self._wait_recovered()
         await self._take_quota(member, user)
         try:
             accepted, started = await self._start_turn(session_id, text, client_message_id, received_at)
@@ -354,12 +366,57 @@ class ConversationService:
         if turn is not None and turn.turn_id == turn_id:
             turn.stop("cancelled")
 
-    async def _turn_lost(self, session_id: str, turn_id: str) -> None:
+    async def _turn_lost(self, session_id: str, turn_id: str, ended_elsewhere: bool) -> None:
         """The turn's session lock expired and may be another's now: two turns must not run at once."""
         turn = self._turns.get(session_id)
         if turn is not None and turn.turn_id == turn_id:
+            if ended_elsewhere:
+                log.warning(
+                    "turn %s of session %s was ended by another process, which took this one for dead",
+                    turn_id,
+                    session_id,
+                )
+                turn.stop("ended_elsewhere")
+                return
             log.error("turn %s of session %s lost its session lock: it is stopped", turn_id, session_id)
             turn.stop("lock_lost")
+
+    async def _end_orphaned(self, session_id: str, turn_id: str, text: str) -> None:
+        await self._ender.end_interrupted(session_id, turn_id, text)
+
+    async def _end_cut_off_turns(self) -> None:
+        """One process: a turn storage still has open at start was cut off when this service last
+        stopped (nothing else runs turns), so it is ended as interrupted, once the events an
+        earlier run queued locally are written."""
+        backoff = 0.5
+        ended: set[str] = set()
+        while True:
+            try:
+                await self._store.drained()
+                cut_off = [(s, t) for s, t in await self._repo.open_turns(OPEN_TURNS_PAGE) if t not in ended]
+                for session_id, turn_id in cut_off:
+                    await self._ender.end_interrupted(session_id, turn_id, "")
+                    ended.add(turn_id)
+                if len(cut_off) < OPEN_TURNS_PAGE:
+                    break
+            except StorageUnavailable as exc:
+                log.warning("cannot end the turns cut off by the last stop yet (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                log.exception("ending the turns cut off by the last stop failed")  # a bug: serve anyway
+                break
+        self._recovered.set()
+
+    async def _wait_recovered(self) -> None:
+        if self._recovered.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._recovered.wait(), self._limits.done_store_wait_seconds)
+        except TimeoutError:
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE, "the server is still ending turns cut off by its last stop; retry"
+            ) from None
 
     async def wait_turn_end(self, session_id: str) -> None:
         """Return once no turn runs in the session (here or, with shared coordination, anywhere)."""

@@ -34,6 +34,7 @@ class EventStore:
         self._outage = False
         self._stored: list[Callable[[StoredEvent], None]] = []
         self._wake = asyncio.Event()
+        self._empty = asyncio.Event()  # set by the drainer while the outbox holds nothing
         self._closing = False
         self._drainer: asyncio.Task[None] | None = None
 
@@ -49,6 +50,11 @@ class EventStore:
     def holds(self, session_id: str) -> bool:
         """Whether events of the session wait in the outbox (no I/O)."""
         return self._outbox is not None and self._outbox.holds(session_id)
+
+    async def drained(self) -> None:
+        """Return once the outbox holds nothing (what an earlier run queued is written)."""
+        if self._outbox is not None:
+            await self._empty.wait()
 
     def on_stored(self, handler: Callable[[StoredEvent], None]) -> None:
         """Call `handler` with every event this store writes to storage (the history cache's copy)."""
@@ -124,6 +130,7 @@ class EventStore:
             # Even the local disk failed: the caller hears that nothing was stored.
             log.exception("the local queue cannot take event %s of session %s", draft.event_key, draft.session_id)
             raise StorageUnavailable(f"storage is out and the local queue failed: {exc!r}") from exc
+        self._empty.clear()
         self._wake.set()
 
     # ------------------------------------------------------------------ the drainer
@@ -133,6 +140,7 @@ class EventStore:
         backoff = 0.2
         while True:
             if self._outbox.depth == 0:
+                self._empty.set()
                 if self._outage:
                     log.warning("storage is back: the local queue is written")
                 self._outage = False

@@ -146,6 +146,15 @@ class Repository(Protocol):
         """Sessions still waiting for a summary, with when they emptied, oldest first."""
         ...
 
+    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+        """(session_id, turn_id) of turns whose user message is stored and whose answer is not:
+        running somewhere, or cut off by a crash."""
+        ...
+
+    async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
+        """The turn's stored events, in order."""
+        ...
+
     async def ping(self) -> None:
         """Raise when storage does not answer; StorageRefused when it would refuse the service's writes."""
         ...
@@ -210,6 +219,10 @@ class Emitter(Protocol):
 # ---------------------------------------------------------------- coordination
 
 CancelHandler = Callable[[str, str], Awaitable[None]]
+# (session_id, turn_id, ended_elsewhere): see `Coordination.on_turn_lost`.
+LostHandler = Callable[[str, str, bool], Awaitable[None]]
+# (session_id, turn_id, text streamed so far): see `Coordination.on_turn_orphaned`.
+OrphanHandler = Callable[[str, str, str], Awaitable[None]]
 
 
 class MessageQuota(Protocol):
@@ -270,9 +283,17 @@ class Coordination(Protocol):
 
     def on_cancel(self, handler: CancelHandler) -> None: ...
 
-    def on_turn_lost(self, handler: CancelHandler) -> None:
-        """Call `handler(session_id, turn_id)` when a turn held here lost its lock (it expired, so
-        another process may hold it now): the turn must stop."""
+    def on_turn_lost(self, handler: LostHandler) -> None:
+        """Call `handler(session_id, turn_id, ended_elsewhere)` when a turn held here lost its lock
+        (it expired, so another process may hold it now): the turn must stop. `ended_elsewhere`:
+        this process was taken for dead and another one ended the turn (stored its answer, sent its
+        `done`), so it stops without a `done` of its own."""
+        ...
+
+    def on_turn_orphaned(self, handler: OrphanHandler) -> None:
+        """Call `handler(session_id, turn_id, text)` for each turn whose process died, in exactly
+        one live process, while the session's lock is held for it; the lock is freed once the
+        handler returns (an exception leaves the turn to be handed over again a little later)."""
         ...
 
     async def add_member(self, session_id: str, member: str) -> int | None:
@@ -318,6 +339,10 @@ class Metrics(Protocol):
 
     def turn_ended(self, finish_reason: FinishReason) -> None: ...
 
+    def turn_interrupted(self) -> None:
+        """A turn whose process died was ended here (it ran elsewhere: not in turns running)."""
+        ...
+
     def tool_called(self, tool: str, ok: bool) -> None:
         """`tool`: a registered tool's name, or `unknown` (never what a model made up)."""
         ...
@@ -356,6 +381,9 @@ class NoMetrics:
         pass
 
     def turn_ended(self, finish_reason: FinishReason) -> None:
+        pass
+
+    def turn_interrupted(self) -> None:
         pass
 
     def tool_called(self, tool: str, ok: bool) -> None:

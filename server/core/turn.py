@@ -67,7 +67,8 @@ from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["cancelled", "shutdown", "lock_lost"]
+# ended_elsewhere: this process was taken for dead, and another one ended the turn as interrupted.
+StopReason = Literal["cancelled", "shutdown", "lock_lost", "ended_elsewhere"]
 SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
 LOCK_LOST = ErrorInfo(
     code="turn_lock_lost", message="this turn lost its session lock (shared state was unreachable too long)"
@@ -443,6 +444,9 @@ class Turn:
                 await asyncio.wait([self._generation])
                 await self._finish()
                 raise
+            if self.stop_reason == "ended_elsewhere":
+                self.finish_reason = "error"  # its answer and `done` are the other process's
+                return
             await self._finish()
         finally:
             self._chunks.close()

@@ -198,6 +198,26 @@ class PostgresRepository:
 
         return await self._retrying(op, "list due summaries")
 
+    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+        async def op(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+            rows = await conn.fetch(
+                "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL LIMIT $1", limit
+            )
+            return [(str(row["session_id"]), row["open_turn_id"]) for row in rows]
+
+        return await self._retrying(op, "list open turns")
+
+    async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
+        async def op(conn: asyncpg.Connection) -> list[StoredEvent]:
+            rows = await conn.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND turn_id = $2 ORDER BY event_id",
+                session_id,
+                turn_id,
+            )
+            return [to_event(row) for row in rows]
+
+        return await self._retrying(op, "list turn events")
+
     async def ping(self) -> None:
         async with self._pool.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1")

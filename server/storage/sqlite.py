@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # One definition of the tables (read at import, before any event loop runs).
 SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # A file made before versioning (user_version 0) has the tables without the defaults and the
 # outcome columns: SQLite cannot add a default to a column, so they are rebuilt, rows kept.
@@ -46,6 +46,22 @@ PRAGMA user_version = {SCHEMA_VERSION};
 COMMIT;
 """
 
+# Version 1 -> 2: the open-turn marker (its triggers and index come with SCHEMA); turns left open
+# before it are each session's last unanswered user message.
+_ADD_OPEN_TURNS = f"""
+BEGIN;
+ALTER TABLE sessions ADD COLUMN open_turn_id TEXT;
+UPDATE sessions SET open_turn_id = (
+    SELECT u.turn_id FROM events u
+    WHERE u.session_id = sessions.session_id AND u.event_type = 'user_message' AND u.turn_id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM events a WHERE a.session_id = u.session_id AND a.event_key = 'ai:' || u.turn_id)
+    ORDER BY u.event_id DESC LIMIT 1
+);
+{SCHEMA}
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
 _EVENT_COLUMNS = columns(EVENT_COLUMNS)
 _SESSION_COLUMNS = columns(SESSION_COLUMNS)
 _INSERT_EVENT = (
@@ -62,6 +78,9 @@ async def migrate(db: aiosqlite.Connection) -> None:
     tables = {row[0] for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "events" not in tables:
         await db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return
+    if version == 1:
+        await db.executescript(_ADD_OPEN_TURNS)
         return
     columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(sessions)")}
     if "summary_due_at" not in columns:  # made before that column existed
@@ -205,6 +224,22 @@ class SqliteRepository:
             except (TypeError, ValueError):  # a column without types: someone else wrote something else
                 log.warning("session %s has an unreadable summary_due_at; skipped", row["session_id"])
         return due
+
+    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+        rows = await self._run(
+            "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL LIMIT ?",
+            (limit,),
+            "list open turns",
+        )
+        return [(row["session_id"], row["open_turn_id"]) for row in rows]
+
+    async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
+        rows = await self._run(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND turn_id = ? ORDER BY event_id",
+            (session_id, turn_id),
+            "list turn events",
+        )
+        return [to_event(row) for row in rows]
 
     async def ping(self) -> None:
         await self._db.execute_fetchall("SELECT 1")

@@ -10,7 +10,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_time         TEXT,
     summary          TEXT,
     duration_seconds INTEGER,
-    summary_due_at   TEXT
+    summary_due_at   TEXT,
+    -- The turn whose user message is stored and whose answer is not (kept by the triggers below).
+    open_turn_id     TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -26,3 +28,16 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (session_id, event_key)
 );
 CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
+CREATE INDEX IF NOT EXISTS sessions_open_turn ON sessions (session_id) WHERE open_turn_id IS NOT NULL;
+-- A turn is open from its user message being stored to its answer being stored; one still open
+-- at start was cut off by a crash. The marker is written in the statement that stores the event.
+CREATE TRIGGER IF NOT EXISTS events_turn_opened AFTER INSERT ON events
+    WHEN NEW.turn_id IS NOT NULL AND NEW.event_type = 'user_message'
+BEGIN
+    UPDATE sessions SET open_turn_id = NEW.turn_id WHERE session_id = NEW.session_id;
+END;
+CREATE TRIGGER IF NOT EXISTS events_turn_answered AFTER INSERT ON events
+    WHEN NEW.turn_id IS NOT NULL AND NEW.event_type = 'ai_message'
+BEGIN
+    UPDATE sessions SET open_turn_id = NULL WHERE session_id = NEW.session_id AND open_turn_id = NEW.turn_id;
+END;

@@ -258,6 +258,34 @@ class SupabaseRepository:
 
         return await self._retrying(op, "list due summaries")
 
+    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+        async def op() -> list[tuple[str, str]]:
+            response = await (
+                self._client.table("sessions")
+                .select("session_id,open_turn_id")
+                .not_.is_("open_turn_id", "null")
+                .limit(limit)
+                .execute()
+            )
+            rows: list[Any] = response.data
+            return [(row["session_id"], row["open_turn_id"]) for row in rows]
+
+        return await self._retrying(op, "list open turns")
+
+    async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
+        async def op() -> list[StoredEvent]:
+            response = await (
+                self._client.table("events")
+                .select(_EVENT_COLUMNS)
+                .eq("session_id", session_id)
+                .eq("turn_id", turn_id)
+                .order("event_id")
+                .execute()
+            )
+            return [to_event(row) for row in response.data]
+
+        return await self._retrying(op, "list turn events")
+
     async def ping(self) -> None:
         """Whether the key may write: an update that matches no row is refused (permission denied)
         when the key's role lacks the rights, e.g. the anon key under this project's policies."""

@@ -1,0 +1,127 @@
+"""Turns cut off by the death of the process running them (killed, out of memory, the machine lost).
+
+Such a turn still ends as every turn does: a `tool_result` `interrupted` for each of its
+`tool_call`s left without one (so the conversation sent to a model is never malformed), its
+`ai_message` (`error`, `interrupted`) holding the text streamed so far where it is known, then its
+`tool_result`s and one `done` to the room. Who finds such turns is the caller's business: the
+service at start for one process (the turns storage still has open), the coordination for a
+process that stopped beating (Redis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from server.core.models import (
+    DoneEvent,
+    ErrorInfo,
+    EventDraft,
+    EventType,
+    StoredEvent,
+    ToolResultEvent,
+    utc_now,
+)
+from server.core.ports import Emitter, Metrics, Repository, ToolResultItem
+from server.core.replay import tool_result_content
+from server.core.writer import OrderedWriter
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = ErrorInfo(code="interrupted", message="the server process running this turn stopped")
+TOOL_INTERRUPTED = {"code": "interrupted", "message": "the server process running this turn stopped"}
+
+
+@dataclass(frozen=True)
+class TurnEnder:
+    """What ending a cut-off turn needs: its stored events, the session's ordered writes, the room."""
+
+    repo: Repository
+    writer: OrderedWriter
+    emitter: Emitter
+    metrics: Metrics
+
+    async def end_interrupted(self, session_id: str, turn_id: str, text: str) -> bool:
+        """Store and announce the end of the turn; False when there was nothing to end (its user
+        message was never stored, or its answer was). Raises StorageUnavailable: try again later."""
+        events = await self.repo.turn_events(session_id, turn_id)
+        types = {event.event_type for event in events}
+        if EventType.USER_MESSAGE not in types or EventType.AI_MESSAGE in types:
+            return False
+        results = unanswered_calls(events)
+        for result in results:
+            await self.writer.append(self._draft(session_id, turn_id, EventType.TOOL_RESULT, result))
+        answer = EventDraft(
+            session_id=session_id,
+            event_type=EventType.AI_MESSAGE,
+            content=text,
+            event_key=f"ai:{turn_id}",
+            turn_id=turn_id,
+            timestamp=utc_now(),
+            finish_reason="error",
+            error=INTERRUPTED,
+        )
+        stored = await self.writer.append(answer)
+        for result in results:
+            await self.emitter.publish(
+                session_id,
+                ToolResultEvent(
+                    session_id=session_id,
+                    turn_id=turn_id,
+                    call_id=result.call_id,
+                    name=result.name,
+                    error=ErrorInfo(**TOOL_INTERRUPTED),
+                ),
+            )
+        await self.emitter.publish(
+            session_id,
+            DoneEvent(
+                session_id=session_id,
+                turn_id=turn_id,
+                text=text,
+                finish_reason="error",
+                usage=None,
+                event_id=stored.event_id if stored is not None else None,
+                error=INTERRUPTED,
+            ),
+        )
+        self.metrics.turn_interrupted()
+        log.warning(
+            "turn %s of session %s was cut off by the death of its process: ended as interrupted"
+            " (%d chars of text kept, %d tool calls unanswered)",
+            turn_id,
+            session_id,
+            len(text),
+            len(results),
+        )
+        return True
+
+    @staticmethod
+    def _draft(session_id: str, turn_id: str, event_type: EventType, result: ToolResultItem) -> EventDraft:
+        return EventDraft(
+            session_id=session_id,
+            event_type=event_type,
+            content=tool_result_content(result),
+            event_key=f"tool_result:{turn_id}:{result.call_id}",
+            turn_id=turn_id,
+            timestamp=utc_now(),
+        )
+
+
+def unanswered_calls(events: list[StoredEvent]) -> list[ToolResultItem]:
+    """An `interrupted` result for each of the turn's tool calls that has no result, in call order."""
+    calls: dict[str, str] = {}
+    for event in events:
+        if event.event_type not in (EventType.TOOL_CALL, EventType.TOOL_RESULT):
+            continue
+        try:
+            body = json.loads(event.content)
+            call_id, name = str(body["call_id"]), str(body.get("name", ""))
+        except (ValueError, TypeError, KeyError):
+            continue  # not written by this service: nothing to answer
+        if event.event_type is EventType.TOOL_CALL:
+            calls[call_id] = name
+        else:
+            calls.pop(call_id, None)
+    return [ToolResultItem(call_id=call_id, name=name, error=TOOL_INTERRUPTED) for call_id, name in calls.items()]
