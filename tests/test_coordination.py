@@ -44,6 +44,33 @@ async def test_a_turn_whose_lock_expired_and_was_taken_stops_with_an_error(
     assert (stored["event_type"], stored["finish_reason"]) == ("ai_message", "error")
 
 
+async def test_a_turn_taken_for_dead_and_ended_elsewhere_stops_without_a_done_of_its_own(
+    start_server: ServerFactory, connect: TabFactory, redis_channel: str
+) -> None:
+    server = await start_server(
+        redis_url=REDIS_URL, redis_channel=redis_channel, turn_lock_seconds=0.6, offline_chunk_delay_ms=100
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    ack = await tab.call("message", {"session_id": sid, "text": "a long answer, please"})
+    await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+    # As if this process had stopped beating and another one had claimed its turn to end it: that
+    # one stores the answer and sends the turn's one `done`.
+    redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await redis.set(f"{redis_channel}:turn:{sid}", f"{ack['turn_id']} recover:another-process", px=5000)
+        async with asyncio.timeout(3):
+            while server.runtime.service._turns.get(sid) is not None:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert not [d for n, d in tab.events if n == "done"], tab.events
+        stored = await server.runtime.repo.find_event(sid, f"ai:{ack['turn_id']}")
+        assert stored is None  # the other process's to write
+        assert await redis.get(f"{redis_channel}:turn:{sid}") == f"{ack['turn_id']} recover:another-process"
+    finally:
+        await redis.aclose()
+
+
 async def test_a_background_loop_that_fails_is_logged_and_goes_on(
     redis_channel: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
