@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 CHUNK_FLUSH_SECONDS = 0.02
 RUNNING_TEXT_SECONDS = 600
 SUMMARY_CLAIM_SECONDS = 600
+MIN_BEAT_MS = 2000
 
 # Count the session's members whose process still beats, dropping the others. ARGV: op, member,
 # process, proc-key prefix. Answers the new count, or -1 when the member was already in (add) or
@@ -112,8 +113,9 @@ class RedisCoordination:
         self._prefix = prefix
         self._lock_ms = max(1, round(lock_seconds * 1000))
         # A third of the lock's: a dead process is found, and its turns claimed, before a lock it
-        # renewed just before dying expires (a lock is renewed every third of its expiry).
-        self._beat_ms = max(1, self._lock_ms // 3)
+        # renewed just before dying expires (a lock is renewed every third of its expiry). Never
+        # under 2 s, so a busy process is not taken for dead: a lock that short may lapse first.
+        self._beat_ms = max(MIN_BEAT_MS, self._lock_ms // 3)
         self._process = uuid.uuid4().hex[:12]
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
