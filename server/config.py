@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Not in PROTOCOL.md: abuse limits besides the message rate and length.
     max_sessions_per_socket: int = Field(20, ge=1)
     max_connections_per_address: int = Field(100, ge=1)
+    # Not in PROTOCOL.md: the proxies whose X-Forwarded-For names the client (uvicorn's own variable,
+    # read here so that `.env` sets it too); the per-address limit then counts the client's address.
+    forwarded_allow_ips: str = "127.0.0.1,::1"
     # Engine.IO's largest packet; default: the larger of 64 KiB and a MAX_MESSAGE_CHARS message.
     max_packet_bytes: int | None = Field(None, ge=1024)
 

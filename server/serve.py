@@ -90,6 +90,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         # Deflate measured as the largest cost per chunk and per idle socket (baseline-bench.md).
         ws_per_message_deflate=False,
         lifespan="on",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
 
