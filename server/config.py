@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.storage import dsn
 from server.tools.mcp_config import load_servers
 
 DEFAULT_CORS_ORIGINS = r"http://localhost:*,http://127.0.0.1:*"
@@ -125,6 +126,16 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Only where it is used: a platform may set DATABASE_URL for another program beside this one.
+        if value is not None and info.data.get("storage_backend") == "postgres":
+            problem = dsn.shape_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("mcp_servers_file")
     @classmethod
     def _readable_servers_file(cls, value: Path | None) -> Path | None:
@@ -160,6 +171,18 @@ class Settings(BaseSettings):
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
+class UnusableSetting(Exception):
+    """A setting found unusable once the service tries it (DATABASE_URL names no database): the
+    service stops at start with this one line, as for a value the settings check refuses."""
+
+    def __init__(self, variable: str, value: str | None, reason: str) -> None:
+        super().__init__(unusable(variable, value, reason))
+        self.variable = variable
+
+    def report(self) -> str:
+        return report([str(self)])
+
+
 def load_settings() -> Settings:
     """The settings, or an exit with one message per unusable setting (no stack trace)."""
     try:
@@ -175,7 +198,25 @@ def describe_invalid(error: ValidationError) -> str:
         accepts = problem["msg"].removeprefix("Value error, ").removeprefix("Input ")
         if problem["loc"]:
             variable = str(problem["loc"][0]).upper()
-            lines.append(f"{variable}={problem['input']!r} cannot be used: it {accepts}")
+            lines.append(unusable(variable, shown_value(variable, problem["input"]), accepts))
         else:
             lines.append(accepts)
+    return report(lines)
+
+
+def unusable(variable: str, value: str | None, reason: str) -> str:
+    """`value` None: not shown (it may hold a secret)."""
+    return f"{variable}{'' if value is None else f'={value!r}'} cannot be used: it {reason}"
+
+
+def shown_value(variable: str, value: object) -> str | None:
+    if variable == "DATABASE_URL":
+        return dsn.shown(value) if isinstance(value, str) else None
+    return str(value)
+
+
+def report(lines: list[str]) -> str:
+    """One line for one setting (what an operator's log shows first); a list for several."""
+    if len(lines) == 1:
+        return f"invalid setting (from the environment or .env): {lines[0]}"
     return "invalid settings (from the environment or .env):\n  " + "\n  ".join(lines)

@@ -14,8 +14,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import Settings, load_settings
+from server.config import Settings, UnusableSetting, load_settings
 from server.logs import configure_logging
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
             await sio.shutdown()
 
     api = _http_api(lifespan)
+    api.add_middleware(StartupReport)
     api.state.metrics = metrics
     api.state.metrics_token = settings.metrics_token
     regex = origin_regex(settings.cors_origin_list)
@@ -88,6 +90,35 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     app.plain_hub = hub
     return app
+
+
+class StartupReport:
+    """A setting found unusable while starting (PostgreSQL refuses DATABASE_URL) reaches the server
+    as its one line: Starlette would hand it the whole traceback, which the server logs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failed: list[Message] = []
+
+        async def holding(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failed.append(message)  # sent once the exception that follows says what failed
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, holding)
+        except UnusableSetting as exc:
+            failed[:] = [{**message, "message": exc.report()} for message in failed]
+            raise
+        finally:
+            for message in failed:
+                await send(message)
 
 
 DESCRIPTION = """The HTTP routes of the realtime conversation service. Conversations themselves run over

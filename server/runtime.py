@@ -22,6 +22,7 @@ from server.core.ports import (
     ModelProvider,
     Repository,
     StorageRefused,
+    StorageUnavailable,
 )
 from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
@@ -50,8 +51,13 @@ async def open_repository(settings: Settings) -> Repository:
         return await SqliteRepository.open(settings.sqlite_path, settings.storage_retry_seconds)
     if settings.storage_backend == "postgres":
         assert settings.database_url  # Settings requires it
+        # A server that does not answer yet is waited for (/readyz 503), not a crash loop beside a
+        # database that starts or restarts with the service; one that refuses the URL stops it.
         return await PostgresRepository.open(
-            settings.database_url, settings.storage_retry_seconds, command_timeout=settings.storage_timeout_seconds
+            settings.database_url,
+            settings.storage_retry_seconds,
+            command_timeout=settings.storage_timeout_seconds,
+            wait=True,
         )
     assert settings.supabase_url and settings.supabase_key  # Settings requires them
     return await SupabaseRepository.open(
@@ -169,7 +175,7 @@ class Runtime:
             problems.append(f"provider: {reason}")
         try:
             await asyncio.wait_for(self.repo.ping(), timeout=2)
-        except StorageRefused as exc:
+        except (StorageRefused, StorageUnavailable) as exc:
             problems.append(f"storage: {exc}")
         except Exception as exc:
             problems.append(f"storage: {type(exc).__name__}")

@@ -14,8 +14,9 @@ class TcpProxy:
         self.cut_off = False
         self.port = 0
 
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> TcpProxy:
+        """Listen on `port` (any free one by default)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

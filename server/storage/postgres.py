@@ -12,8 +12,11 @@ from urllib.parse import urlparse
 
 import asyncpg
 
+from server.config import UnusableSetting
 from server.core.models import EventDraft, Session, StoredEvent, error_json
-from server.storage.retry import with_retries
+from server.core.ports import StorageUnavailable
+from server.storage import dsn as dsn_text
+from server.storage.retry import cause, with_retries
 from server.storage.rows import (
     EVENT_COLUMNS,
     INSERTED_EVENT_COLUMNS,
@@ -38,60 +41,174 @@ _INSERT_EVENT = (
 )
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
+CONNECT_TIMEOUT_SECONDS = 5.0
+# While PostgreSQL does not answer: the longest pause between two tries, and between two log lines
+# that only say it still does not.
+MAX_RECONNECT_WAIT_SECONDS = 5.0
+STILL_WAITING_LOG_SECONDS = 60.0
 
 
 def transient(exc: BaseException) -> bool:
     """Failures a retry can outlive: the connection, the server's availability, serialization."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, asyncpg.InterfaceError):
+        # A DSN asyncpg cannot use, or a value it cannot encode, fails the same way every time.
+        return not isinstance(exc, ValueError)
+    if isinstance(exc, OSError | TimeoutError):
         return True
     state = getattr(exc, "sqlstate", None) or ""
     return state.startswith(("08", "53", "57P")) or state in ("40001", "40P01")
 
 
+def refusal(dsn: str, exc: BaseException) -> UnusableSetting | None:
+    """DATABASE_URL unusable as it is (no such database, a role or password refused, a parameter
+    asyncpg rejects), as opposed to a server that does not answer yet; None for the latter."""
+    if transient(exc) or not isinstance(exc, asyncpg.PostgresError | ValueError):
+        return None
+    said = dsn_text.scrubbed(str(exc), dsn)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        reason = f"names a database that does not exist ({said})"
+    elif isinstance(exc, asyncpg.PostgresError):
+        reason = f"is refused by PostgreSQL: {said} ({exc.sqlstate} {type(exc).__name__})"
+    else:
+        reason = f"is refused by asyncpg: {said}"
+    return UnusableSetting("DATABASE_URL", dsn_text.shown(dsn), reason)
+
+
+def not_answering(exc: BaseException) -> str:
+    """Why PostgreSQL does not answer, for a log line: connection errors say where they failed."""
+    detail = f": {exc}" if isinstance(exc, OSError) and str(exc) else ""
+    return f"{cause(exc)}{detail}"
+
+
+async def probe(dsn: str) -> None:
+    """Raise UnusableSetting when PostgreSQL refuses `dsn`; return when it accepts it or does not
+    answer (the service then starts and waits for it)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+    except Exception as exc:
+        if (refused := refusal(dsn, exc)) is not None:
+            raise refused from None
+        return
+    await conn.close()
+
+
 class PostgresRepository:
-    def __init__(self, pool: asyncpg.Pool, retry_seconds: float) -> None:
-        self._pool = pool
+    def __init__(self, dsn: str, retry_seconds: float, *, command_timeout: float, migrate: bool) -> None:
+        self._dsn = dsn
         self._retry_seconds = retry_seconds
+        self._command_timeout = command_timeout
+        self._migrate = migrate
+        self._pool: asyncpg.Pool | None = None
+        self._waiting: asyncio.Task[None] | None = None
+        self._not_ready = ""
 
     @classmethod
     async def open(
-        cls, dsn: str, retry_seconds: float = 10.0, *, command_timeout: float = 10.0, migrate: bool = True
+        cls,
+        dsn: str,
+        retry_seconds: float = 10.0,
+        *,
+        command_timeout: float = 10.0,
+        migrate: bool = True,
+        wait: bool = False,
     ) -> PostgresRepository:
-        # Supabase's pooler (port 6543, transaction mode) cannot keep prepared statements.
-        pooled = urlparse(dsn).port == 6543 or "pooler.supabase.com" in dsn
-        pool = await with_retries(
-            lambda: asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=10,
-                timeout=5,
-                command_timeout=command_timeout,
-                statement_cache_size=0 if pooled else 100,
-            ),
-            transient=transient,
-            what="connect to PostgreSQL",
-            budget_seconds=retry_seconds,
-        )
-        assert pool is not None
-        repo = cls(pool, retry_seconds)
-        if migrate:
-            await repo.migrate()
+        """Connected and migrated, or UnusableSetting when PostgreSQL refuses DATABASE_URL. When it
+        does not answer: StorageUnavailable after `retry_seconds`; with `wait`, at once a repository
+        that answers `unavailable` and connects in the background as soon as PostgreSQL answers."""
+        repo = cls(dsn, retry_seconds, command_timeout=command_timeout, migrate=migrate)
+        try:
+            if wait:
+                await repo._connect()
+            else:
+                await with_retries(
+                    repo._connect, transient=transient, what="connect to PostgreSQL", budget_seconds=retry_seconds
+                )
+        except Exception as exc:
+            failure = exc.__cause__ if isinstance(exc, StorageUnavailable) and exc.__cause__ else exc
+            if (refused := refusal(dsn, failure)) is not None:
+                raise refused from None
+            if not (wait and transient(exc)):
+                raise
+            repo._wait_for_server(exc)
         return repo
 
-    async def migrate(self) -> None:
+    async def _connect(self) -> None:
+        # Supabase's pooler (port 6543, transaction mode) cannot keep prepared statements.
+        pooled = urlparse(self._dsn).port == 6543 or "pooler.supabase.com" in self._dsn
+        # No connection floor: asyncpg would keep one with a background task that logs a traceback
+        # per try during an outage; idle connections are still kept (max_inactive_connection_lifetime).
+        pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=10,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            command_timeout=self._command_timeout,
+            statement_cache_size=0 if pooled else 100,
+        )
+        try:
+            async with pool.acquire() as conn:  # the pool connects lazily: this is the first try
+                if self._migrate:
+                    await self._apply_migrations(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    def _wait_for_server(self, first: BaseException) -> None:
+        self._not_ready = f"DATABASE_URL does not answer ({cause(first)})"
+        log.warning(
+            "DATABASE_URL (%s): PostgreSQL does not answer (%s); serving, /readyz 503, until it does",
+            dsn_text.shown(self._dsn),
+            not_answering(first),
+        )
+        self._waiting = asyncio.create_task(self._connect_when_answered(first), name="connect to PostgreSQL")
+
+    async def _connect_when_answered(self, first: BaseException) -> None:
+        loop = asyncio.get_running_loop()
+        started = logged_at = loop.time()
+        logged = not_answering(first)
+        pause = 0.2
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RECONNECT_WAIT_SECONDS)
+            try:
+                await self._connect()
+            except Exception as exc:
+                # Refused now (the database is not created yet, say): waiting still helps, as the
+                # operator may create it; each new reason is logged once, the same one once a minute.
+                refused = refusal(self._dsn, exc)
+                reason = str(refused) if refused is not None else not_answering(exc)
+                self._not_ready = f"DATABASE_URL {'is refused' if refused else 'does not answer'} ({cause(exc)})"
+                if reason != logged or loop.time() - logged_at >= STILL_WAITING_LOG_SECONDS:
+                    log.warning(
+                        "DATABASE_URL: still waiting for PostgreSQL after %.0f s: %s", loop.time() - started, reason
+                    )
+                    logged, logged_at = reason, loop.time()
+                continue
+            log.warning("DATABASE_URL: PostgreSQL answers after %.1f s; storage is ready", loop.time() - started)
+            return
+
+    @staticmethod
+    async def _apply_migrations(conn: asyncpg.Connection) -> None:
         """Create what is missing by applying supabase/migrations (each is safe to apply again)."""
         scripts = await asyncio.to_thread(lambda: [p.read_text("utf-8") for p in sorted(MIGRATIONS.glob("*.sql"))])
-        async with self._pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-            try:
-                for script in scripts:
-                    await conn.execute(script)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            for script in scripts:
+                await conn.execute(script)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    def _ready_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageUnavailable(self._not_ready)
+        return self._pool
 
     async def _retrying(self, operation: Callable[[asyncpg.Connection], Awaitable[T]], what: str) -> T:
+        pool = self._ready_pool()  # while PostgreSQL has not answered since start: unavailable at once
+
         async def attempt() -> T:
-            async with self._pool.acquire() as conn:
+            async with pool.acquire() as conn:
                 return await operation(conn)
 
         return await with_retries(attempt, transient=transient, what=what, budget_seconds=self._retry_seconds)
@@ -219,10 +336,15 @@ class PostgresRepository:
         return await self._retrying(op, "list turn events")
 
     async def ping(self) -> None:
-        async with self._pool.acquire(timeout=2) as conn:
+        async with self._ready_pool().acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1")
 
     async def aclose(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            await asyncio.wait([self._waiting])
+        if self._pool is None:
+            return
         try:
             await asyncio.wait_for(self._pool.close(), timeout=5)
         except TimeoutError:
