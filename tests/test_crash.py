@@ -136,6 +136,10 @@ async def test_a_turn_cut_off_by_a_kill_ends_at_the_next_start(
         process, url = await spawn(sys.executable, "-m", "server", **env)
         tab = await Tab(url).connect()
         session_id, turn_id = await start_cut_off_turn(tab, fake_gemini, moment)
+        if moment == "tool":  # killed once the call is stored (sent at once, it is stored right after)
+            async with asyncio.timeout(5):
+                while "tool_call" not in [e["event_type"] for e in await stored_events(url, session_id)]:
+                    await asyncio.sleep(0.05)
         await kill(process)
         await tab.close()
 

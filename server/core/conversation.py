@@ -390,6 +390,7 @@ class ConversationService:
         earlier run queued locally are written."""
         backoff = 0.5
         ended: set[str] = set()
+        logged = False
         while True:
             try:
                 await self._store.drained()
@@ -400,7 +401,9 @@ class ConversationService:
                 if len(cut_off) < OPEN_TURNS_PAGE:
                     break
             except StorageUnavailable as exc:
-                log.warning("cannot end the turns cut off by the last stop yet (%s); trying again", type(exc).__name__)
+                if not logged:  # storage's own lines say when it is back
+                    log.warning("cannot end the turns cut off by the last stop yet (%s); retried", type(exc).__name__)
+                    logged = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception:
