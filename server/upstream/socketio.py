@@ -11,6 +11,9 @@
 3. `GuardedServer._handle_eio_message`: a message that is not a Socket.IO packet a client may send
    closes its connection with one log line; python-socketio raised out of its handler task (a
    traceback per message) and left the connection open.
+4. `GuardedServer._handle_eio_connect` / `_handle_eio_disconnect` tell `ClientHooks` of every
+   Engine.IO connection from its handshake to its close (the connections per address count it
+   whether or not it ever connects to Socket.IO).
 
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
 constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
@@ -35,6 +38,8 @@ PATCHED: dict[object, str] = {
     socketio.AsyncManager.emit: "01ccd5b82b4f955e4f2e4d07b5fbf09cacef868e9f61bc2abe56d92118a5f3ac",
     socketio.AsyncServer._send_eio_packet: "64cf72a2ab7d75b1d4cc1469416cde6ad7e949f74693924381dc05560e9ae929",
     socketio.AsyncServer._handle_eio_message: "bef50fc0e1635921c922995dba721d05d1c5ccc95d6a6b7647a1db75c4e6032e",
+    socketio.AsyncServer._handle_eio_connect: "76704886d944a7e648d24c37acb921c9866a58a6c1086f2cd9917ec0386e3517",
+    socketio.AsyncServer._handle_eio_disconnect: "9344593148b66fd9b4e7614e7a1427f641c74c8cbf1d85263c0ca70d8bfeace5",
     socketio.AsyncRedisManager._redis_connect: "da4530c936323c252b3525c979986934b83a23d0e2a929e5ce89bb6cd3cfff95",
     socketio.AsyncRedisManager._publish: "033e4da7cc8768b45283323b44859bc6102b7cd9e9d1022c42d84cf0f2a617b1",
 }
@@ -155,11 +160,37 @@ _CLIENT_PACKETS = frozenset(
 )
 
 
+class ClientHooks(Protocol):
+    """What the service does at the edges of a client's life that python-socketio has no handler for."""
+
+    def opened(self, eio_sid: str, environ: Any) -> None:
+        """An Engine.IO connection completed its handshake."""
+        ...
+
+    def closed(self, eio_sid: str) -> None:
+        """That Engine.IO connection closed (once per `opened`)."""
+        ...
+
+
 class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     """python-socketio's server, except that an Engine.IO message that is not a Socket.IO packet a
     client may send (`42[`, `42{}`, an unknown type, a binary frame no binary event announced)
     closes its connection with one log line. python-socketio raises out of its handler task
     instead: a traceback per message, and the connection stays open for more."""
+
+    hooks: ClientHooks | None = None  # set by the service (transport/socketio_app.py)
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: Any) -> None:
+        await super()._handle_eio_connect(eio_sid, environ)
+        if self.hooks is not None:
+            self.hooks.opened(eio_sid, environ)
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        try:
+            await super()._handle_eio_disconnect(eio_sid, reason)
+        finally:
+            if self.hooks is not None:
+                self.hooks.closed(eio_sid)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if eio_sid not in self._binary_packet:  # else: an attachment the packet before announced
@@ -178,9 +209,12 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         if socket is None or socket.closing:  # closed by an earlier malformed packet
             return
         log.info("closing Socket.IO connection %s: a malformed packet (%s)", eio_sid, problem)
-        await self.eio.disconnect(eio_sid)
-        # After its CLOSE packet, end the writer too, which closes the WebSocket: a client that
-        # ignores the packet is not left connected.
+        # Engine.IO's `disconnect` would wait until the client takes its CLOSE packet: over
+        # long-polling, until a poll that a hostile client never sends (holding this POST open).
+        await socket.close(wait=False, reason=self.eio.reason.SERVER_DISCONNECT)
+        self.eio.sockets.pop(eio_sid, None)
+        # After its CLOSE packet, end the writer too, which closes the WebSocket (or answers a
+        # pending poll): a client that ignores the packet is not left connected.
         await socket.queue.put(None)
 
 
