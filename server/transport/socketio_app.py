@@ -76,7 +76,7 @@ class SocketIOEmitter:
 def register_handlers(sio: GuardedServer, service: Callable[[], ConversationService], gate: ConnectionGate) -> None:
     """Socket.IO events to client requests: decode, run, answer. The rest is in transport/clients.py."""
     clients: dict[str, ClientConnection] = {}  # socket -> its connection
-    hooks = _Hooks(gate)
+    hooks = _Hooks(gate, clients)
     sio.hooks = hooks
 
     def handler(name: str) -> Callable[..., Awaitable[Ack]]:
@@ -131,10 +131,12 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
 
 class _Hooks:
     """Every Engine.IO connection counts against its address from its handshake to its close, so one
-    that never connects to Socket.IO (or sends what closes it) counts too."""
+    that never connects to Socket.IO (or sends what closes it) counts too; and an event whose
+    payload the JSON parser refused is answered `invalid_payload` like any undecodable request."""
 
-    def __init__(self, gate: ConnectionGate) -> None:
+    def __init__(self, gate: ConnectionGate, clients: dict[str, ClientConnection]) -> None:
         self._gate = gate
+        self._clients = clients
         self._slots: dict[str, tuple[str, bool]] = {}  # Engine.IO connection -> (address, within the limit)
 
     def opened(self, eio_sid: str, environ: Any) -> None:
@@ -150,6 +152,12 @@ class _Hooks:
         """Whether that connection's handshake was within the limit; None if it was not counted."""
         slot = self._slots.get(eio_sid) if eio_sid is not None else None
         return slot[1] if slot is not None else None
+
+    def unreadable_event(self, sid: str, event: str, problem: str) -> Ack | None:
+        client = self._clients.get(sid)
+        if client is None or event not in REQUESTS:
+            return None  # events of other names are ignored, readable or not
+        return client.undecodable(f"the payload cannot be read: {problem}")
 
 
 def _client_address(environ: Any) -> str:
