@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     # Not in PROTOCOL.md: the proxies whose X-Forwarded-For names the client (uvicorn's own variable,
     # read here so that `.env` sets it too); the per-address limit then counts the client's address.
     forwarded_allow_ips: str = "127.0.0.1,::1"
-    # Engine.IO's largest packet; default: the larger of 64 KiB and a MAX_MESSAGE_CHARS message.
+    # The largest packet or frame a client may send (`packet_limit`: unset, derived from MAX_MESSAGE_CHARS).
     max_packet_bytes: int | None = Field(None, ge=1024)
 
     # Not in PROTOCOL.md: the weather tool's upstreams and the bounds of a turn.
@@ -159,8 +159,9 @@ class Settings(BaseSettings):
 
     @property
     def packet_limit(self) -> int:
-        # A message of MAX_MESSAGE_CHARS characters of up to 4 bytes each, plus its envelope, fits.
-        return self.max_packet_bytes or max(64 * 1024, self.max_message_chars * 4 + 4096)
+        # By default a message of MAX_MESSAGE_CHARS characters of any kind fits, however a client
+        # encodes them: an emoji escaped as two \uXXXX is 12 bytes; 16 KiB for the other fields.
+        return self.max_packet_bytes or max(64 * 1024, 12 * self.max_message_chars + 16 * 1024)
 
     @property
     def auth_enabled(self) -> bool:

@@ -89,6 +89,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         ws="websockets-sansio",
         # Deflate measured as the largest cost per chunk and per idle socket (baseline-bench.md).
         ws_per_message_deflate=False,
+        # MAX_PACKET_BYTES: a bigger frame is refused (1009) as its header arrives, not once buffered.
+        ws_max_size=settings.packet_limit,
         lifespan="on",
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -92,33 +92,57 @@ class ConnectionGate:
         self._max = max_per_address
         self.metrics = metrics
         self._per_address: Counter[str] = Counter()
+        self._held_by_transport: set[str] = set()  # members whose connection `hold` counts
 
     @property
     def authenticating(self) -> bool:
         return self._verifier is not None
 
-    async def admit(self, member: str, transport: Transport, address: str, token: object) -> ClientConnection:
-        """The connection, or ServiceError `rate_limited` / `unauthorized` (then nothing is counted)."""
-        if self._per_address[address] >= self._max:
+    def hold(self, address: str) -> bool:
+        """Count a connection that a transport opened from `address` until `let_go`, before it asks to
+        be admitted (an Engine.IO connection from its handshake: one that never connects to Socket.IO
+        counts too). False when the address was at its limit; it is counted all the same."""
+        within = self._per_address[address] < self._max
+        self._per_address[address] += 1
+        return within
+
+    def let_go(self, address: str) -> None:
+        self._forget(address)
+
+    async def admit(
+        self, member: str, transport: Transport, address: str, token: object, held: bool | None = None
+    ) -> ClientConnection:
+        """The connection, or ServiceError `rate_limited` / `unauthorized`. `held`: what `hold`
+        answered for this connection (it stays counted until `let_go`), or None to count it here
+        (and not at all when refused)."""
+        if (held is None and self._per_address[address] >= self._max) or held is False:
             self.metrics.refused(ErrorCode.RATE_LIMITED.value)
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many connections from this address")
-        self._per_address[address] += 1
+        if held is None:
+            self._per_address[address] += 1
         try:
             identity = await self._verifier.verify(token) if self._verifier is not None else None
         except InvalidToken as exc:
             log.info("refused a %s connection from %s: invalid token (%s)", transport, address, exc)
-            self._forget(address)
+            if held is None:
+                self._forget(address)
             self.metrics.refused(ErrorCode.UNAUTHORIZED.value)
             raise ServiceError(ErrorCode.UNAUTHORIZED, "a valid token is needed") from None
         except BaseException:
-            self._forget(address)
+            if held is None:
+                self._forget(address)
             raise
+        if held is not None:
+            self._held_by_transport.add(member)
         self.metrics.connection_opened(transport)
         return ClientConnection(member, transport, address, identity, self.authenticating, self.metrics)
 
     def release(self, connection: ClientConnection) -> None:
         self.metrics.connection_closed(connection.transport)
-        self._forget(connection.address)
+        if connection.member in self._held_by_transport:
+            self._held_by_transport.discard(connection.member)  # `let_go` uncounts it
+        else:
+            self._forget(connection.address)
 
     def _forget(self, address: str) -> None:
         self._per_address[address] -= 1

@@ -18,8 +18,15 @@ def _encodable(value: str) -> str:
     return value
 
 
+def _without_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: such an id could never be stored, however often it is retried.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_encodable)]
-ShortText = Annotated[str, Field(max_length=256), AfterValidator(_encodable)]
+ShortText = Annotated[str, Field(max_length=256), AfterValidator(_encodable), AfterValidator(_without_nul)]
 EventId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 

@@ -315,8 +315,11 @@ def _command(text: str | None, session_id: str) -> tuple[str | None, Any, str | 
     if text is None:
         return "message", None, "a binary frame is not a request"
     try:
-        decoded = json.loads(text)
-    except ValueError:
+        # As Socket.IO reads its packets: an integer of more than 100 digits is refused too.
+        decoded = fast_json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        if text.startswith("{"):  # meant as a command: refused rather than taken as text
+            return None, None, f"a frame that begins with {{ but is no JSON object ({_unreadable(exc)})"
         decoded = None
     if not isinstance(decoded, dict) or "event" not in decoded:
         return "message", {"session_id": session_id, "text": text}, None
@@ -327,6 +330,14 @@ def _command(text: str | None, session_id: str) -> tuple[str | None, Any, str | 
     if not isinstance(data, dict):
         return name, data, None  # refused by the payload's validation, as on Socket.IO
     return name, {**data, "session_id": session_id}, None  # the URL's session, whatever `data` says
+
+
+def _unreadable(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if isinstance(error, json.JSONDecodeError):
+        return "not valid JSON"
+    return "a number too large"
 
 
 async def _refuse(websocket: WebSocket, error: ServiceError) -> None:

@@ -26,7 +26,7 @@ def room(session_id: str) -> str:
     return f"session:{session_id}"
 
 
-def create_sio(settings: Settings, hub: PlainHub) -> socketio.AsyncServer:
+def create_sio(settings: Settings, hub: PlainHub) -> GuardedServer:
     engineio.install()
     manager: DirectEmitManager = DirectEmitManager()
     if settings.redis_url:
@@ -73,11 +73,11 @@ class SocketIOEmitter:
             await self._sio.leave_room(member, room(session_id))
 
 
-def register_handlers(
-    sio: socketio.AsyncServer, service: Callable[[], ConversationService], gate: ConnectionGate
-) -> None:
+def register_handlers(sio: GuardedServer, service: Callable[[], ConversationService], gate: ConnectionGate) -> None:
     """Socket.IO events to client requests: decode, run, answer. The rest is in transport/clients.py."""
     clients: dict[str, ClientConnection] = {}  # socket -> its connection
+    hooks = _Hooks(gate, clients)
+    sio.hooks = hooks
 
     def handler(name: str) -> Callable[..., Awaitable[Ack]]:
         model, action = REQUESTS[name]
@@ -107,8 +107,9 @@ def register_handlers(
             return
         # Refused here, before the socket can join any room.
         token = auth.get("token") if isinstance(auth, dict) else None
+        held = hooks.held(sio.manager.eio_sid_from_sid(sid, "/"))
         try:
-            clients[sid] = await gate.admit(sid, "socketio", _client_address(environ), token)
+            clients[sid] = await gate.admit(sid, "socketio", _client_address(environ), token, held)
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
 
@@ -126,6 +127,37 @@ def register_handlers(
 
     sio.on("connect", connect)
     sio.on("disconnect", disconnect)
+
+
+class _Hooks:
+    """Every Engine.IO connection counts against its address from its handshake to its close, so one
+    that never connects to Socket.IO (or sends what closes it) counts too; and an event whose
+    payload the JSON parser refused is answered `invalid_payload` like any undecodable request."""
+
+    def __init__(self, gate: ConnectionGate, clients: dict[str, ClientConnection]) -> None:
+        self._gate = gate
+        self._clients = clients
+        self._slots: dict[str, tuple[str, bool]] = {}  # Engine.IO connection -> (address, within the limit)
+
+    def opened(self, eio_sid: str, environ: Any) -> None:
+        address = _client_address(environ)
+        self._slots[eio_sid] = (address, self._gate.hold(address))
+
+    def closed(self, eio_sid: str) -> None:
+        slot = self._slots.pop(eio_sid, None)
+        if slot is not None:
+            self._gate.let_go(slot[0])
+
+    def held(self, eio_sid: str | None) -> bool | None:
+        """Whether that connection's handshake was within the limit; None if it was not counted."""
+        slot = self._slots.get(eio_sid) if eio_sid is not None else None
+        return slot[1] if slot is not None else None
+
+    def unreadable_event(self, sid: str, event: str, problem: str) -> Ack | None:
+        client = self._clients.get(sid)
+        if client is None or event not in REQUESTS:
+            return None  # events of other names are ignored, readable or not
+        return client.undecodable(f"the payload cannot be read: {problem}")
 
 
 def _client_address(environ: Any) -> str:

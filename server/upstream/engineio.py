@@ -20,6 +20,12 @@
    its queue emptied, its writer stopped, its disconnect run. Upstream's queue grows without
    bound, and so does the server with it. One packet larger than the limit is still sent, when
    no other such packet waits (a long history in a `join` answer).
+4. A long-polling POST the socket cannot take (over `max_http_buffer_size`, not UTF-8, not an
+   Engine.IO payload, an unknown packet) closes the connection at once, is answered 400 and logs
+   one line. Upstream's server answers such a POST by closing the socket and waiting until a
+   poll takes its CLOSE packet: a client that never polls again held the request, its file
+   descriptor and its task until shutdown, which then ran out its grace on them. A closed
+   socket's ping task is cancelled too, instead of sleeping out the ping interval.
 
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
 constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
@@ -32,7 +38,7 @@ import asyncio
 import logging
 from typing import Any
 
-from engineio import async_socket, exceptions, packet
+from engineio import async_server, async_socket, exceptions, packet, payload
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,10 @@ PATCHED: dict[object, str] = {
     _UPSTREAM_SOCKET.poll: "826f58a9f3606db208e5d1266f075ad655b6eeda47b0a5616748624899ca5954",
     _UPSTREAM_SOCKET.close: "faa2e93902543244d2a1b772cdf4074d1615532e98fa6ca896739ca54ad64e76",
     _UPSTREAM_SOCKET.send: "0437276ccba7ab091471e29f4bc6a0f178da7b16a590c707d6c69a97609e6d14",
+    _UPSTREAM_SOCKET.handle_post_request: "82dca119a261a95904b8714cc255ab79aaaef0acd4a0ef98d8ef7a116c370ef2",
+    _UPSTREAM_SOCKET.schedule_ping: "fe316639159cd70d34cdb911a055fc1a0056ff15615b8460a1ab6593c95e9372",
+    # Its POST branch: an EngineIOError from the socket is answered 400 after `disconnect(sid)`.
+    async_server.AsyncServer.handle_request: "1a8c878e35166cfe868d2cef40cdeb33af620541363a705c4dd2eea76c0f27af",
 }
 
 # Turns of the event loop a streaming socket's writer lets pass between batches.
@@ -54,11 +64,19 @@ class MalformedFrame(ValueError):
     """A WebSocket frame that is not an Engine.IO packet."""
 
 
+class RefusedPost(exceptions.EngineIOError):  # type: ignore[misc]
+    """A long-polling POST the socket does not take (module docstring, 4)."""
+
+
+# What decoding hostile text raises: JSON nested thousands deep is a RecursionError.
+DECODING_ERRORS = (ValueError, TypeError, IndexError, RecursionError)
+
+
 def decode_frame(frame: str | bytes) -> packet.Packet:
     """The Engine.IO packet in a frame, or MalformedFrame (plain text, an unknown packet type)."""
     try:
         pkt = packet.Packet(encoded_packet=frame)
-    except (ValueError, TypeError, IndexError) as exc:
+    except DECODING_ERRORS as exc:
         raise MalformedFrame(type(exc).__name__) from None
     if not 0 <= pkt.packet_type < len(packet.packet_names):
         raise MalformedFrame(f"unknown packet type {pkt.packet_type}")
@@ -73,6 +91,7 @@ def packet_size(pkt: packet.Packet) -> int:
 
 class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     connected: bool
+    last_ping: float | None
     upgraded: bool
     upgrading: bool
     closed: bool
@@ -83,6 +102,55 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     _writer: asyncio.Task[None] | None = None
     _reader: asyncio.Task[Any] | None = None  # the task running the WebSocket loop
     _waiting_for_frame = False  # the loop is between frames (cancelling it cuts no request short)
+    _post_refused = False  # no poll will come for the CLOSE packet: closing must not wait for one
+    _pinger: asyncio.Task[Any] | None = None
+
+    async def handle_post_request(self, environ: dict[str, Any]) -> None:
+        """Upstream's, except that a POST the socket cannot take closes it at once (module docstring, 4)."""
+        try:
+            for pkt in await self._posted_packets(environ):
+                await self.receive(pkt)
+        except exceptions.UnknownPacketError:
+            self._refuse_post("a POST with a packet no client sends")
+            raise
+        except RefusedPost as exc:
+            self._refuse_post(str(exc))
+            raise
+
+    async def _posted_packets(self, environ: dict[str, Any]) -> list[packet.Packet]:
+        limit = self.server.max_http_buffer_size
+        try:
+            length = int(environ.get("CONTENT_LENGTH", "0"))
+        except ValueError:
+            raise RefusedPost("a POST without a usable Content-Length") from None
+        if not 0 <= length <= limit:
+            raise RefusedPost(f"a POST of {length} bytes (the limit is {limit})")
+        body = await environ["wsgi.input"].read(length)
+        try:
+            packets: list[packet.Packet] = payload.Payload(encoded_payload=body.decode("utf-8")).packets
+        except DECODING_ERRORS as exc:
+            raise RefusedPost(f"a POST that is no Engine.IO payload ({type(exc).__name__})") from None
+        for pkt in packets:
+            if not 0 <= pkt.packet_type < len(packet.packet_names):
+                raise RefusedPost(f"a POST with packet type {pkt.packet_type}")
+        return packets
+
+    def _refuse_post(self, problem: str) -> None:
+        # Engine.IO's server answers 400 and runs `disconnect(sid)`, whose close would wait for a poll.
+        self._post_refused = True
+        log.info("closing Engine.IO connection %s: %s", self.sid, problem)
+
+    async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
+        await super().close(wait=wait and not self._post_refused, abort=abort, reason=reason)
+        pinger = self._pinger
+        if pinger is not None and pinger is not asyncio.current_task():  # (a ping's send can close it)
+            pinger.cancel()
+
+    def schedule_ping(self) -> None:
+        """Upstream's, keeping the task so that `close` can cancel it."""
+        if self.last_ping:
+            self.last_ping = None
+            self._pinger = self.server.start_background_task(self._send_ping)
 
     async def send(self, pkt: packet.Packet) -> None:
         """Upstream's `send`, counting what waits for the client (module docstring, 3)."""
