@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # Not in PROTOCOL.md: `json` writes one JSON object a line (docs: README, Monitoring).
     log_format: Literal["text", "json"] = "text"
+    # Not in PROTOCOL.md: a repeated warning (same logger and template) is logged once per this long.
+    log_repeat_seconds: float = Field(10, ge=0)
     metrics_token: str | None = None
 
     llm_provider: Literal["gemini", "offline"] | None = None

@@ -32,7 +32,7 @@ from server.upstream import engineio
 
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     settings = settings or load_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_seconds)
     hub = PlainHub()
     sio = create_sio(settings, hub)
     metrics = PrometheusMetrics(provider=settings.llm_provider or "offline")

@@ -114,7 +114,7 @@ def raise_open_file_limit() -> None:
 
 def main() -> None:
     settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_repeat_seconds)
     raise_open_file_limit()
     if settings.workers > 1:
         serve_workers(settings)

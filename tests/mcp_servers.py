@@ -105,6 +105,36 @@ async def grow(ctx: Context) -> str:
     return "added extra"
 
 
+# The stdio wire, duplicated before the SDK serves: while it does, fd 1 points at stderr, so that a
+# tool's prints cannot corrupt the protocol; `spew` and `flood` mean to.
+wire: int | None = None
+
+
+def _write_wire(data: bytes) -> None:
+    assert wire is not None, "over stdio only"
+    view = memoryview(data)
+    while view:
+        view = view[os.write(wire, view) :]
+
+
+@server.tool(
+    description="Prints lines that are not JSON-RPC on stdout, and complaints on stderr.", structured_output=False
+)
+def spew(lines: int) -> str:
+    _write_wire(b"".join(b"garbage %d {not json\n" % i for i in range(lines)))
+    sys.stderr.write("".join(f"complaint {i}: something is off\n" for i in range(lines)))
+    sys.stderr.flush()
+    return f"spewed {lines} lines"
+
+
+@server.tool(
+    description="Prints one line of `mib` MiB on stdout (no JSON-RPC message is that long).", structured_output=False
+)
+def flood(mib: int) -> str:
+    _write_wire(b"x" * (mib * 1024 * 1024) + b"\n")
+    return "flooded"
+
+
 class _Bearer:
     """401 without the expected token."""
 
@@ -123,6 +153,8 @@ class _Bearer:
 def main() -> None:
     transport = sys.argv[1]
     if transport == "stdio":
+        global wire
+        wire = os.dup(1)
         server.run("stdio")
         return
     port, token = int(sys.argv[2]), sys.argv[3]

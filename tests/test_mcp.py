@@ -22,7 +22,7 @@ import pytest
 from server.tools.mcp_schema import exposed_name, model_schema, unique_names
 from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_gemini import FakeGemini, Reply, call_part, chunk, text_chunk
-from tests.harness import REDIS_URL, ROOT, RunningServer, Tab, free_port
+from tests.harness import REDIS_URL, ROOT, RunningServer, Tab, free_port, logged_server
 from tests.test_metrics import scrape
 
 TOKEN = "mcp-test-token"
@@ -320,6 +320,81 @@ async def test_two_processes_on_redis_each_have_their_own_sessions(
     finally:
         await first.close()
         await second.close()
+
+
+async def _healthz_latencies(url: str, out: list[float]) -> None:
+    """GET /healthz every 20 ms until cancelled: how long the service's event loop leaves one waiting."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        while True:
+            started = time.monotonic()
+            await http.get("/healthz")
+            out.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+
+
+async def test_a_stdio_server_printing_a_line_over_the_bound_is_restarted_and_others_go_on(tmp_path: Path) -> None:
+    async with logged_server(
+        tmp_path,
+        LOG_FORMAT="json",
+        MCP_SERVERS_FILE=str(servers_file(tmp_path)),
+        OFFLINE_CHUNK_DELAY_MS="0",
+        MESSAGE_RATE_LIMIT="1000",  # the other session sends as fast as its turns end
+    ) as (process, url, log_path):
+        flooding, other = await Tab(url).connect(), await Tab(url).connect()
+        latencies: list[float] = []
+        probe = asyncio.create_task(_healthz_latencies(url, latencies))
+        try:
+            sid, other_sid = (
+                (await flooding.join())["session"]["session_id"],
+                (await other.join())["session"]["session_id"],
+            )
+            before = (await use(flooding, sid, "local__whoami", {}))["result"]
+            # 17 MiB in one line, over the 16 MiB bound, while another session's turns go on.
+            ack = await flooding.call("message", {"session_id": sid, "text": 'use local__flood with {"mib": 17}'})
+            flood_done = asyncio.ensure_future(flooding.turn(ack["turn_id"], timeout=40))
+            other_turns: list[float] = []
+            while not flood_done.done():
+                started = time.monotonic()
+                answer = await run_turn(other, other_sid, "Hello there", timeout=40)
+                other_turns.append(time.monotonic() - started)
+                assert answer["done"]["finish_reason"] == "stop", answer
+            flooded = {name: data for name, data in await flood_done}
+
+            async def restarted() -> bool:
+                async with httpx.AsyncClient(base_url=url) as http:
+                    state = (await http.get("/readyz")).json()["mcp_servers"]["local"]["state"]
+                if state == "connected":
+                    after.update((await use(flooding, sid, "local__whoami", {}))["result"] or {})
+                    if after.get("pid", before["pid"]) != before["pid"]:
+                        return True
+                await asyncio.sleep(0.5)  # under the per-session message rate
+                return False
+
+            after: dict[str, Any] = {}
+            await wait_until(restarted, timeout=30)
+        finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await flooding.close()
+            await other.close()
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    print(
+        f"\nother session: {len(other_turns)} turns meanwhile, longest {max(other_turns):.3f} s; "
+        f"GET /healthz: {len(latencies)} probes, longest {max(latencies):.3f} s"
+    )
+    assert after["pid"] != before["pid"]  # restarted, and its tools work again (else wait_until timed out)
+    assert flooded["tool_result"]["error"]["code"] == "tool_error", flooded["tool_result"]
+    assert flooded["done"]["finish_reason"] == "stop"
+    text = log_path.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")] and "Traceback" not in text
+    warnings = [r for r in records if r["level"] == "WARNING"]
+    restart = [r for r in warnings if r["logger"].startswith("server.tools.mcp")]
+    assert len(restart) == 1 and "LineTooLong" in restart[0]["message"], warnings
+    # Besides, the call it dropped is the turn's tool failure, in its one line.
+    assert [r["message"] for r in warnings if r not in restart] == ["tool local__flood failed: tool_error (MCPError)"]
+    assert max(other_turns) < 10  # a sanity bound only; the figures above are the measurement
 
 
 async def test_the_shipped_example_server_as_mcp_example_json_starts_it(

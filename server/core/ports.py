@@ -82,12 +82,19 @@ ModelEvent = TextDelta | ToolCallRequest | UsageReport | Finished
 
 
 class ProviderError(Exception):
-    """The model could not answer; `code` goes to the client in `done.error`."""
+    """The model could not answer; `code` goes to the client in `done.error`, `detail` (what the
+    vendor said, which can name its internals) only to the log."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = detail
+
+    def cause(self) -> str:
+        """For a log line: the class of what caused it, and the vendor's detail."""
+        name = type(self.__cause__ or self).__name__
+        return f"{name}: {self.detail}" if self.detail else name
 
 
 class ModelProvider(Protocol):

@@ -145,9 +145,9 @@ class SummaryScheduler:
                 return
             except Exception as exc:
                 self._metrics.summary_made(ok=False)
-                reason = f"{exc.code}: {exc.message}" if isinstance(exc, ProviderError) else repr(exc)
+                reason = f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else repr(exc)
                 if self._hurry.is_set():
-                    log.error(
+                    log.warning(
                         "summary of session %s failed (%s) while the server stops; "
                         "it stays due in storage and is made after the next start",
                         session_id,

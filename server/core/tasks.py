@@ -19,11 +19,12 @@ class TaskTracker:
         # wait for them; their owner cancels them when it closes, and `close` cancels what is left.
         self._loops: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
-        """Work that finishes by itself (a turn, a write, a summary): shutdown waits for it."""
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str, *, awaited: bool = False) -> asyncio.Task[T]:
+        """Work that finishes by itself (a turn, a write, a summary): shutdown waits for it.
+        `awaited`: its owner reads how it ended and logs a failure as it deserves; not logged here."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(self._finished_awaited if awaited else self._finished)
         return task
 
     def spawn_loop(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
@@ -38,6 +39,11 @@ class TaskTracker:
         self._loops.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _finished_awaited(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an owner that stopped waiting (a cancel) had no use for it
 
     def __len__(self) -> int:
         return len(self._tasks)

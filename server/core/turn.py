@@ -187,8 +187,9 @@ class Turn:
         history = ctx.tasks.spawn(
             ctx.history.read(self.session_id, after=ctx.writer.last_write(self.session_id)),
             name=f"history {self.turn_id}",
+            awaited=True,
         )
-        self._generation = ctx.tasks.spawn(self._generate(history), name=f"generate {self.turn_id}")
+        self._generation = ctx.tasks.spawn(self._generate(history), name=f"generate {self.turn_id}", awaited=True)
         ctx.running.add(self)
         try:
             stored = await ctx.writer.append(self.question)
@@ -496,8 +497,10 @@ class Turn:
             return
         self.finish_reason = "error"
         if isinstance(exc, ProviderError):
+            log.warning("turn failed: %s (%s)", exc.code, exc.cause())
             self.error = ErrorInfo(code=exc.code, message=exc.message)
         elif isinstance(exc, StorageUnavailable):
+            log.warning("turn failed: unavailable (%s)", type(exc.__cause__ or exc).__name__)
             self.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
         else:
             log.error("turn %s failed", self.turn_id, exc_info=exc)

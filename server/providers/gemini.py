@@ -57,6 +57,7 @@ SUMMARY_PROMPT = (
 # Key under which a tool call's Gemini part is stored verbatim (thought signature included).
 PART_KEY = "gemini_part"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DETAIL_CHARS = 300
 
 _SAFETY_REASONS = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
@@ -202,7 +203,8 @@ class GeminiProvider:
     def _before_retry(self, state: RetryCallState) -> None:
         self._metrics.provider_request("retried")
         exc = state.outcome.exception() if state.outcome else None
-        log.warning(
+        # Not a failure yet (the metric counts it): a request that fails for good is the caller's one WARNING.
+        log.info(
             "gemini request failed (%s); retry %d in %.2f s", _describe(exc), state.attempt_number, state.upcoming_sleep
         )
 
@@ -404,17 +406,21 @@ def _describe(exc: BaseException | None) -> str:
 
 
 def _provider_error(exc: BaseException) -> ProviderError:
-    """A coded error for clients; Google's message stays in the log (it can name internals)."""
-    log.warning("gemini failed: %s: %s", _describe(exc), getattr(exc, "message", None) or exc)
+    """A coded error for clients; Google's message goes only to the log, in the caller's one line
+    about the failure (it can name internals)."""
+    said = str(getattr(exc, "message", None) or exc)
+    detail = f"{_describe(exc)}: {said}" if isinstance(exc, errors.APIError) else said or None
+    if detail is not None and len(detail) > DETAIL_CHARS:
+        detail = detail[:DETAIL_CHARS] + "…"
     if isinstance(exc, httpx2.TimeoutException):
-        return ProviderError("provider_timeout", "the model did not answer in time")
+        return ProviderError("provider_timeout", "the model did not answer in time", detail)
     if isinstance(exc, httpx2.TransportError):
-        return ProviderError("provider_unavailable", "the model could not be reached")
+        return ProviderError("provider_unavailable", "the model could not be reached", detail)
     assert isinstance(exc, errors.APIError)
     if exc.code == 429:
-        return ProviderError("provider_rate_limited", "the model is rate limited; try again later")
+        return ProviderError("provider_rate_limited", "the model is rate limited; try again later", detail)
     if exc.code in RETRYABLE_STATUS:
-        return ProviderError("provider_unavailable", f"the model is unavailable (HTTP {exc.code})")
+        return ProviderError("provider_unavailable", f"the model is unavailable (HTTP {exc.code})", detail)
     return ProviderError(
-        "provider_rejected", f"the model refused the request (HTTP {exc.code} {exc.status or ''})".strip()
+        "provider_rejected", f"the model refused the request (HTTP {exc.code} {exc.status or ''})".strip(), detail
     )

@@ -1,6 +1,7 @@
 """Tools from MCP servers (PROTOCOL.md, "Tools from MCP servers"), through the official `mcp` SDK as a
-client: one session per configured server per process, opened at start and reopened with backoff
-when it drops; each server's tools in the registry as `<server>__<tool>`."""
+client (stdio through a transport of our own, server/tools/mcp_stdio.py): one session per configured
+server per process, opened at start and reopened with backoff when it drops; each server's tools in
+the registry as `<server>__<tool>`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import jsonschema
 import mcp_types as mcp
 from mcp.client import Client, Transport
 from mcp.client._transport import TransportStreams  # the SDK's own name for a transport's two streams
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
@@ -34,6 +35,7 @@ from server.core.ports import ToolSpec
 from server.core.tools import Tool, ToolError, ToolRegistry
 from server.tools.mcp_config import HttpServer, ServerConfig, StdioServer
 from server.tools.mcp_schema import model_schema, unique_names
+from server.tools.mcp_stdio import stdio_transport
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,8 @@ class McpConnection:
         parameters = StdioServerParameters(
             command="env", args=["-i", path, *assignments, config.command, *config.args], cwd=config.cwd
         )
-        return stdio_client(parameters)
+        # Its stderr and stray output are logged by a logger of its own: rate-limited apart from others'.
+        return stdio_transport(parameters, logging.getLogger(f"{__name__}.{self.name}"))
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, mcp.ToolListChangedNotification):
