@@ -145,7 +145,9 @@ async def test_a_turn_cut_off_by_a_kill_ends_at_the_next_start(
 
         # The next start ends it on its own, without anyone using the session.
         _, url = await spawn(sys.executable, "-m", "server", **env)
+        serving = time.monotonic()
         assert_ended_as_interrupted(await wait_for_answer(url, session_id), moment)
+        print(f"ended {time.monotonic() - serving:.2f} s after the restarted service answered /healthz")
 
         tab = await Tab(url).connect()
         try:

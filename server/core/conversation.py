@@ -114,10 +114,13 @@ class ConversationService:
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
         # Set once the turns a crash of this process left open are ended: no turn starts before.
         self._recovered = asyncio.Event()
+        self._listen_to(coordination, tasks)
+        self.summaries.start()
+
+    def _listen_to(self, coordination: Coordination, tasks: TaskTracker) -> None:
         coordination.on_cancel(self._cancel_here)
         coordination.on_turn_lost(self._turn_lost)
         coordination.on_turn_orphaned(self._end_orphaned)
-        self.summaries.start()
         if coordination.single_process:
             tasks.spawn(self._end_cut_off_turns(), name="end cut-off turns")
         else:
