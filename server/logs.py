@@ -118,9 +118,9 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
         handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
         handler.addFilter(SessionFilter())
         root.addHandler(handler)
-    for handler in root.handlers:  # the host's too: whatever reaches the root is redacted
-        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
-            handler.addFilter(RedactSecrets())
+    for each in root.handlers:  # the host's too: whatever reaches the root is redacted
+        if not any(isinstance(f, RedactSecrets) for f in each.filters):
+            each.addFilter(RedactSecrets())
     logging.addLevelName(TRACE_LOG_LEVEL, "TRACE")  # uvicorn names it only when it configures logging itself
     logging.getLogger("server").setLevel(level.upper())
     # On the loggers uvicorn logs URLs, frames and scopes with, however uvicorn was started (its
