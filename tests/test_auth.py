@@ -228,15 +228,17 @@ async def test_asymmetric_tokens_from_the_jwks_and_a_rotated_key(
     assert await refused(secured, {"token": forged}) == "unauthorized"
 
 
-async def test_a_token_that_expires_while_connected_stops_new_messages(secured: RunningServer, tabs: list[Tab]) -> None:
-    # Already past `exp` but within the 10 s leeway for clock skew: accepted, for about 2 s more.
+async def test_a_token_within_the_default_leeway_is_accepted_until_the_leeway_ends(
+    secured: RunningServer, tabs: list[Tab]
+) -> None:
+    # Already past `exp` but within the 10 s leeway for clock skew: accepted, for about 2 s more;
+    # then the server closes the connection (tests/test_token_expiry.py times it with a short leeway).
     tab = await signed_in(tabs, secured, token("dave", expires_in=-8))
     sid = (await tab.join())["session"]["session_id"]
-    await asyncio.sleep(2.5)
-    answer = await tab.call("message", {"session_id": sid, "text": "still me?"})
-    assert answer["error"]["code"] == "unauthorized"
-    # Unauthorized comes before every other error, even for a malformed payload.
-    assert (await tab.call("message", "not an object"))["error"]["code"] == "unauthorized"
+    assert (await tab.call("message", {"session_id": sid, "text": "still me?"}))["ok"]
+    async with asyncio.timeout(5):
+        while tab.client.connected:
+            await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------- ownership
