@@ -33,7 +33,7 @@ NODE_CLIENT = Path(__file__).with_name("token_expiry_client.mjs")
 LIFE = 3  # seconds a short token lives
 LEEWAY = 1  # AUTH_LEEWAY_SECONDS in these tests
 # Client-side slack for "at the deadline": the loopback, the event loop, the client's own turns.
-SLACK = 0.5
+SLACK = 1.0
 EXPIRED = {"code": "unauthorized", "message": "the token has expired; reconnect with a fresh one"}
 EVENTS = ("user_message", "chunk", "tool_call", "tool_result", "done", "presence")
 
