@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     auth_jwks_url: str | None = None
     # Not in PROTOCOL.md: the least time between two JWKS fetches caused by an unknown key id.
     auth_jwks_refresh_seconds: float = Field(30, ge=0)
+    # Not in PROTOCOL.md by name: the verification leeway for clock skew (at most 30 s); a connected
+    # client is closed when its token's `exp` plus this has passed.
+    auth_leeway_seconds: float = Field(10, ge=0, le=30)
     # Not in PROTOCOL.md: abuse limits besides the message rate and length.
     max_sessions_per_socket: int = Field(20, ge=1)
     max_connections_per_address: int = Field(100, ge=1)

@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         try:
             yield
         finally:
+            gate.shut()
             await runtime.stop()
             await sio.shutdown()
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     verifier = _token_verifier(settings)
     api.state.verifier = verifier
     gate = ConnectionGate(verifier, settings.max_connections_per_address, metrics)
+    api.state.gate = gate
     register_handlers(sio, lambda: api.state.runtime.service, gate)
     origins = origin_matcher(settings.cors_origin_list)
 
@@ -167,6 +169,7 @@ def _token_verifier(settings: Settings) -> TokenVerifier | None:
         jwks_url=settings.auth_jwks_url,
         audience=settings.auth_jwt_audience,
         jwks_refresh_seconds=settings.auth_jwks_refresh_seconds,
+        leeway_seconds=settings.auth_leeway_seconds,
     )
 
 

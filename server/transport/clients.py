@@ -7,10 +7,12 @@ calls `ClientConnection.request`, and encodes the answer; it never decides a ref
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -25,6 +27,7 @@ from server.transport.tokens import Identity, InvalidToken, TokenVerifier
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 Ack = dict[str, Any]
+TOKEN_EXPIRED = "the token has expired; reconnect with a fresh one"
 
 
 @dataclass(eq=False)
@@ -37,13 +40,15 @@ class ClientConnection:
     identity: Identity | None
     authenticating: bool  # authentication is on: every request needs a valid identity
     metrics: Metrics
+    # Closes the connection when its token expires (ConnectionGate.close_at_expiry).
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def user(self) -> str | None:
         """The authenticated user; `unauthorized` once the token expired (it comes first of all errors)."""
         if not self.authenticating:
             return None
         if self.identity is None or self.identity.expired():
-            raise ServiceError(ErrorCode.UNAUTHORIZED, "the token has expired; reconnect with a fresh one")
+            raise ServiceError(ErrorCode.UNAUTHORIZED, TOKEN_EXPIRED)
         return self.identity.user_id
 
     def undecodable(self, message: str) -> Ack:
@@ -93,6 +98,7 @@ class ConnectionGate:
         self.metrics = metrics
         self._per_address: Counter[str] = Counter()
         self._held_by_transport: set[str] = set()  # members whose connection `hold` counts
+        self._expiring: set[ClientConnection] = set()  # those with an expiry timer
 
     @property
     def authenticating(self) -> bool:
@@ -137,12 +143,43 @@ class ConnectionGate:
         self.metrics.connection_opened(transport)
         return ClientConnection(member, transport, address, identity, self.authenticating, self.metrics)
 
+    def close_at_expiry(self, connection: ClientConnection, close: Callable[[], None]) -> None:
+        """Call `close` (which must not block) once the connection's token has expired: its `exp`
+        plus the leeway. One timer handle per connection on the event loop, cancelled when the
+        connection is released or the gate shuts."""
+        if connection.identity is None:
+            return
+        delay = max(0.0, connection.identity.valid_until - time.time())
+        connection.expiry = asyncio.get_running_loop().call_later(delay, self._expire, connection, close)
+        self._expiring.add(connection)
+
+    def _expire(self, connection: ClientConnection, close: Callable[[], None]) -> None:
+        connection.expiry = None
+        self._expiring.discard(connection)
+        log.info("closing %s connection %s: its token expired", connection.transport, connection.member)
+        close()
+
+    def expiry_timers(self) -> list[asyncio.TimerHandle]:
+        return [c.expiry for c in self._expiring if c.expiry is not None]
+
     def release(self, connection: ClientConnection) -> None:
+        self._cancel_expiry(connection)
         self.metrics.connection_closed(connection.transport)
         if connection.member in self._held_by_transport:
             self._held_by_transport.discard(connection.member)  # `let_go` uncounts it
         else:
             self._forget(connection.address)
+
+    def shut(self) -> None:
+        """Cancel every expiry timer (shutdown: the connections are closing anyway)."""
+        for connection in list(self._expiring):
+            self._cancel_expiry(connection)
+
+    def _cancel_expiry(self, connection: ClientConnection) -> None:
+        if connection.expiry is not None:
+            connection.expiry.cancel()
+            connection.expiry = None
+        self._expiring.discard(connection)
 
     def _forget(self, address: str) -> None:
         self._per_address[address] -= 1

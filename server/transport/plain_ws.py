@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.transport import fast_json
-from server.transport.clients import REQUESTS, ClientConnection, ConnectionGate
+from server.transport.clients import REQUESTS, TOKEN_EXPIRED, ClientConnection, ConnectionGate
 from server.transport.tokens import bearer_token
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class PlainClient:
         self._waiting = 0
         self._oversized_waiting = False
         self.dropped = asyncio.Event()  # it let more than the limit wait: disconnected
+        self.ended = False  # `end` queued its last frames: nothing is sent after them
+        self.rooms: set[str] = set()  # the rooms the hub has it in
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -74,7 +76,7 @@ class PlainClient:
         return self.connection.member
 
     def send(self, text: str) -> None:
-        if self.dropped.is_set() or not self._count(text):
+        if self.ended or self.dropped.is_set() or not self._count(text):
             return
         if self._held is not None:
             self._held.append(text)
@@ -122,14 +124,28 @@ class PlainClient:
         try:
             yield first
         finally:
-            held, self._held = self._held, None
-            for text in [*first, *held]:
-                self._queue.put_nowait(text)
+            held, self._held = self._held or [], None
+            if not self.ended:
+                for text in [*first, *held]:
+                    self._queue.put_nowait(text)
 
     def close(self, code: int, reason: str = "") -> None:
         """Close once the frames queued so far are sent."""
-        if not self.dropped.is_set():
+        if not self.ended and not self.dropped.is_set():
             self._queue.put_nowait((code, reason))
+
+    def end(self, last: str, code: int, reason: str) -> None:
+        """End the stream now: what waits for the client is dropped, `last` and the close go out,
+        and nothing after them (a request being served is answered to no one)."""
+        if self.ended or self.dropped.is_set():
+            return
+        self.ended = True
+        self._held = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._waiting = 0
+        self._queue.put_nowait(last)
+        self._queue.put_nowait((code, reason))
 
     async def receive(self) -> Message | None:
         """The client's next message; None once it is dropped (a request being served finishes first)."""
@@ -187,15 +203,22 @@ class PlainHub:
 
     def enter(self, member: str, room: str) -> None:
         client = self._clients.get(member)
-        if client is not None:
+        if client is not None and not client.ended:
             self._rooms[room].add(client)
+            client.rooms.add(room)
 
     def leave(self, member: str, room: str) -> None:
         clients, client = self._rooms.get(room), self._clients.get(member)
         if clients is not None and client is not None:
             clients.discard(client)
+            client.rooms.discard(room)
             if not clients:
                 del self._rooms[room]
+
+    def leave_all(self, member: str) -> None:
+        client = self._clients.get(member)
+        for room in list(client.rooms if client is not None else ()):
+            self.leave(member, room)
 
     def deliver(self, room: str, event: str, data: Any) -> None:
         """An event of the room, for its plain clients here: encoded once, queued for each (no wait)."""
@@ -241,6 +264,14 @@ async def serve_plain_client(
         return
     client = PlainClient(websocket, connection, send_limit)
     hub.register(client)
+
+    def expire() -> None:
+        # Out of its session's room at once; the error frame and 4401 are the last it gets.
+        hub.leave_all(member)
+        error = ServiceError(ErrorCode.UNAUTHORIZED, TOKEN_EXPIRED)
+        client.end(frame("error", error.as_dict()), CLOSE_CODES[ErrorCode.UNAUTHORIZED], error.code.value)
+
+    gate.close_at_expiry(connection, expire)
     writer = asyncio.create_task(client.write(), name=f"plain writer {member}")
     try:
         if await _join(client, service, session_id, query):

@@ -109,9 +109,22 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
         token = auth.get("token") if isinstance(auth, dict) else None
         held = hooks.held(sio.manager.eio_sid_from_sid(sid, "/"))
         try:
-            clients[sid] = await gate.admit(sid, "socketio", _client_address(environ), token, held)
+            client = await gate.admit(sid, "socketio", _client_address(environ), token, held)
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
+        clients[sid] = client
+        gate.close_at_expiry(client, lambda: expire(sid))
+
+    def expire(sid: str) -> None:
+        """Its token expired: out of its sessions' rooms at once, then its Engine.IO transport
+        closed. Not a Socket.IO DISCONNECT, after which socket.io-client would not reconnect: it
+        reconnects by itself, asking its `auth` function for a fresh token."""
+        for name in sio.rooms(sid):
+            if name != sid:
+                sio.manager.basic_leave_room(sid, "/", name)
+        socket = sio.eio.sockets.get(sio.manager.eio_sid_from_sid(sid, "/"))
+        if isinstance(socket, engineio.FastWebSocket):
+            socket.close_transport()
 
     async def disconnect(sid: str, *_reason: Any) -> None:
         if not lifecycle(sid):

@@ -26,6 +26,10 @@
    poll takes its CLOSE packet: a client that never polls again held the request, its file
    descriptor and its task until shutdown, which then ran out its grace on them. A closed
    socket's ping task is cancelled too, instead of sleeping out the ping interval.
+5. `close_transport` (a token that expired): the connection ends at its transport, with no
+   Engine.IO CLOSE packet: socket.io-client and python-engineio's client take that as a lost
+   connection and reconnect by themselves (python-engineio's client does not after a CLOSE packet,
+   nor socket.io-client after a Socket.IO DISCONNECT). Nothing queued or sent after it goes out.
 
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
 constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
@@ -99,6 +103,7 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
     waiting_bytes = 0  # sent, not yet written to the WebSocket or handed to a long-poll
     oversized_waiting = False  # a packet larger than the limit waits (it is not counted)
     dropped = False  # let too much wait: its packets are dropped, it is disconnected
+    transport_closed = False  # closed by close_transport (an expired token)
     _writer: asyncio.Task[None] | None = None
     _reader: asyncio.Task[Any] | None = None  # the task running the WebSocket loop
     _waiting_for_frame = False  # the loop is between frames (cancelling it cuts no request short)
@@ -178,10 +183,34 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
 
     async def poll(self) -> list[packet.Packet]:
         packets: list[packet.Packet] = await super().poll()
+        if not packets and self.transport_closed:
+            # Engine.IO answers this long-poll 400 and forgets the session: a lost connection to the
+            # client, without a later request for a session it no longer knows (an ERROR line).
+            raise exceptions.QueueEmpty()
         for pkt in packets:
             if pkt is not None:
                 self._written(pkt)
         return packets
+
+    def close_transport(self) -> None:
+        """End this connection now at its transport (module docstring, 4): what waits for it is
+        dropped and nothing more is queued; its disconnect runs, then the WebSocket is closed (a
+        close frame) or the long-poll (the pending one, or the next) answered 400. The closing task
+        is tracked until it ends."""
+        if self.dropped or self.closing or self.closed:
+            return
+        self.dropped = self.transport_closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            self.queue.task_done()
+        self.waiting_bytes = 0
+        task = asyncio.ensure_future(self._close_transport())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _close_transport(self) -> None:
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        self.queue.put_nowait(None)  # ends the writer (which closes the WebSocket) or the long-poll
 
     def _is_dropped(self) -> bool:
         return self.dropped  # read again after an await (mypy takes the loop's test for the last word)
@@ -374,6 +403,10 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
         log.info("closing Engine.IO connection %s: a frame that is not an Engine.IO packet (%s)", self.sid, error)
 
 
+# Tasks closing a connection at its transport (close_transport), until they end.
+_closing: set[asyncio.Task[None]] = set()
+
+
 def install() -> None:
     """Make Engine.IO create this socket for every connection (it names the class in its module)."""
     async_socket.AsyncSocket = FastWebSocket
@@ -392,3 +425,5 @@ async def close_every_socket(eio: Any, wait_seconds: float) -> None:
     for socket in sockets:
         # `poll` returns at a None; a socket closed by its client (abort) never put one there.
         socket.queue.put_nowait(None)
+    if _closing:  # connections closing at their transport (expired tokens) finish first
+        await asyncio.wait(list(_closing), timeout=wait_seconds)
