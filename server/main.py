@@ -53,21 +53,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
             await runtime.stop()
             await sio.shutdown()
 
-    api = _http_api(lifespan)
-    api.add_middleware(StartupReport)
-    api.state.metrics = metrics
-    api.state.metrics_token = settings.metrics_token
-    regex = origin_regex(settings.cors_origin_list)
-    api.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"] if regex is None else [],
-        allow_origin_regex=regex,
-        allow_methods=["GET"],
-        allow_headers=["Authorization", "Content-Type"],
-    )
-    api.include_router(router)
-    if settings.playground:
-        add_playground(api)
+    api = _http_routes(settings, lifespan, metrics)
     verifier = _token_verifier(settings)
     api.state.verifier = verifier
     gate = ConnectionGate(verifier, settings.max_connections_per_address, metrics)
@@ -92,6 +78,26 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
     app.plain_hub = hub
     return app
+
+
+def _http_routes(settings: Settings, lifespan: Any, metrics: PrometheusMetrics) -> FastAPI:
+    """The HTTP API (and the page) with its middleware: startup failures as one line, CORS."""
+    api = _http_api(lifespan)
+    api.add_middleware(StartupReport)
+    api.state.metrics = metrics
+    api.state.metrics_token = settings.metrics_token
+    regex = origin_regex(settings.cors_origin_list)
+    api.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if regex is None else [],
+        allow_origin_regex=regex,
+        allow_methods=["GET"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+    api.include_router(router)
+    if settings.playground:
+        add_playground(api)
+    return api
 
 
 class StartupReport:

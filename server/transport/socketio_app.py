@@ -113,18 +113,7 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
         clients[sid] = client
-        gate.close_at_expiry(client, lambda: expire(sid))
-
-    def expire(sid: str) -> None:
-        """Its token expired: out of its sessions' rooms at once, then its Engine.IO transport
-        closed. Not a Socket.IO DISCONNECT, after which socket.io-client would not reconnect: it
-        reconnects by itself, asking its `auth` function for a fresh token."""
-        for name in sio.rooms(sid):
-            if name != sid:
-                sio.manager.basic_leave_room(sid, "/", name)
-        socket = sio.eio.sockets.get(sio.manager.eio_sid_from_sid(sid, "/"))
-        if isinstance(socket, engineio.FastWebSocket):
-            socket.close_transport()
+        gate.close_at_expiry(client, lambda: _close_expired(sio, sid))
 
     async def disconnect(sid: str, *_reason: Any) -> None:
         if not lifecycle(sid):
@@ -140,6 +129,18 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
 
     sio.on("connect", connect)
     sio.on("disconnect", disconnect)
+
+
+def _close_expired(sio: GuardedServer, sid: str) -> None:
+    """Its token expired: out of its sessions' rooms at once, then its Engine.IO transport closed.
+    Not a Socket.IO DISCONNECT, after which socket.io-client would not reconnect: it reconnects by
+    itself, asking its `auth` function for a fresh token."""
+    for name in sio.rooms(sid):
+        if name != sid:
+            sio.manager.basic_leave_room(sid, "/", name)
+    socket = sio.eio.sockets.get(sio.manager.eio_sid_from_sid(sid, "/"))
+    if isinstance(socket, engineio.FastWebSocket):
+        socket.close_transport()
 
 
 class _Hooks:
