@@ -49,8 +49,8 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
         try:
             yield
         finally:
-            gate.shut()
             await runtime.stop()
+            gate.shut()  # after the turns' last events: an expired token still gets none of them
             await sio.shutdown()
 
     api = _http_routes(settings, lifespan, metrics)

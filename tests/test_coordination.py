@@ -54,21 +54,59 @@ async def test_a_turn_taken_for_dead_and_ended_elsewhere_stops_without_a_done_of
     sid = (await tab.join())["session"]["session_id"]
     ack = await tab.call("message", {"session_id": sid, "text": "a long answer, please"})
     await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
-    # As if this process had stopped beating and another one had claimed its turn to end it: that
-    # one stores the answer and sends the turn's one `done`.
-    redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    # Another process takes this one for dead (its heartbeat late) and ends the turn: it claims the
+    # lock, stores the answer, sends the turn's one `done` (here: notes it), and frees the session.
+    tasks = TaskTracker()
+    other = await RedisCoordination.open(REDIS_URL, redis_channel, 0.6, tasks)
+    ended: list[tuple[str, str]] = []
+
+    async def end(session_id: str, turn_id: str, text: str) -> None:
+        ended.append((session_id, turn_id))
+
+    other.on_turn_orphaned(end)
     try:
-        await redis.set(f"{redis_channel}:turn:{sid}", f"{ack['turn_id']} recover:another-process", px=5000)
+        await other._end_orphan(server.runtime.coordination._process, sid, ack["turn_id"])
+        assert ended == [(sid, ack["turn_id"])]
         async with asyncio.timeout(3):
             while server.runtime.service._turns.get(sid) is not None:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
         assert not [d for n, d in tab.events if n == "done"], tab.events
-        stored = await server.runtime.repo.find_event(sid, f"ai:{ack['turn_id']}")
-        assert stored is None  # the other process's to write
-        assert await redis.get(f"{redis_channel}:turn:{sid}") == f"{ack['turn_id']} recover:another-process"
+        assert await server.runtime.repo.find_event(sid, f"ai:{ack['turn_id']}") is None  # the other's to write
+        # The session is free for the next message.
+        assert (await tab.call("message", {"session_id": sid, "text": "again"}))["ok"]
     finally:
-        await redis.aclose()
+        await other.aclose()
+        await tasks.close()
+
+
+async def test_a_turn_ended_elsewhere_before_its_own_end_sends_no_done(redis_channel: str) -> None:
+    tasks = TaskTracker()
+    mine = await RedisCoordination.open(REDIS_URL, redis_channel, 15, tasks)
+    other = await RedisCoordination.open(REDIS_URL, redis_channel, 15, tasks)
+    ended: list[str] = []
+
+    async def end(session_id: str, turn_id: str, text: str) -> None:
+        ended.append(turn_id)
+
+    other.on_turn_orphaned(end)
+    try:
+        assert await mine.acquire_turn("s1", "t1")
+        await other._end_orphan(mine._process, "s1", "t1")  # taken for dead: ended there
+        assert ended == ["t1"]
+        assert not await mine.turn_ending("s1", "t1")
+        # A turn whose own process said it sends its `done` (then died) is not ended again: its
+        # session is only freed.
+        assert await mine.acquire_turn("s2", "t2")
+        assert await mine.turn_ending("s2", "t2")
+        assert await mine.turn_ending("s2", "t2")  # the same process asking again
+        await other._end_orphan(mine._process, "s2", "t2")
+        assert ended == ["t1"]
+        assert await other.running_turn("s2") is None
+    finally:
+        await mine.aclose()
+        await other.aclose()
+        await tasks.close()
 
 
 async def test_a_background_loop_that_fails_is_logged_and_goes_on(

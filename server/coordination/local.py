@@ -32,9 +32,10 @@ class LocalCoordination:
         self._turns[session_id] = turn_id
         return True
 
-    async def turn_ending(self, session_id: str, turn_id: str) -> None:
+    async def turn_ending(self, session_id: str, turn_id: str) -> bool:
         if self._turns.get(session_id) == turn_id:
             self._ending[session_id] = asyncio.Event()
+        return True
 
     async def release_turn(self, session_id: str, turn_id: str) -> None:
         if self._turns.get(session_id) == turn_id:

@@ -42,6 +42,10 @@ CHUNK_FLUSH_SECONDS = 0.02
 RUNNING_TEXT_SECONDS = 600
 SUMMARY_CLAIM_SECONDS = 600
 MIN_BEAT_MS = 2000
+# A dead process's turns end within ~1 s of this (the contract's bound is 20 s).
+MAX_BEAT_MS = 15000
+# How long who sent a turn's `done` is remembered: past any recovery attempt.
+ENDED_MS = 600_000
 
 # Count the session's members whose process still beats, dropping the others. ARGV: op, member,
 # process, proc-key prefix. Answers the new count, or -1 when the member was already in (add) or
@@ -71,24 +75,47 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return 0
 """
-# KEYS: lock, text, count, ending, the process's turns. ARGV: holder, session.
+# KEYS: lock, text, count, ending, the process's turns. ARGV: holder, session, turn.
 _RELEASE = """
-redis.call('HDEL', KEYS[5], ARGV[2])
+if redis.call('HGET', KEYS[5], ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', KEYS[5], ARGV[2])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 end
 return 0
 """
-# Answers 1 renewed, 0 lost, -1 taken over by a process that ends the turn as interrupted.
+# KEYS: lock, ended. ARGV: holder, ttl ms, this process. Answers 1 renewed, 0 lost, -1 ended
+# elsewhere: this process was taken for dead, and another one ended the turn as interrupted.
 _RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-if holder and string.sub(holder, 1, string.len(ARGV[3]) + 9) == ARGV[3] .. ' recover:' then
+local ended = redis.call('GET', KEYS[2])
+if ended and ended ~= ARGV[3] then
   return -1
 end
 return 0
+"""
+# Who sends a turn's `done`, once for the cluster: its own process, or the one that ends it after its
+# death. KEYS: ended, ending. ARGV: this process, turn, ttl ms, ended ttl ms. Answers 1 when this
+# process sends it, 0 when another one has ended the turn.
+_ENDING = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[4]) and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# The same decision for a process ending a dead one's turn (it holds the claim, so an earlier
+# "recover:" mark is a claimer's that failed). KEYS: ended. ARGV: mark, ended ttl ms.
+_END_ORPHAN = """
+local ended = redis.call('GET', KEYS[1])
+if ended and string.sub(ended, 1, 8) ~= 'recover:' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 # A dead process's turn: claim its lock for ending it. KEYS: lock. ARGV: dead holder, new holder,
 # ttl ms, turn. Answers 1 claimed, 0 another process is ending it, -1 the lock is another turn's
@@ -115,7 +142,7 @@ class RedisCoordination:
         # A third of the lock's: a dead process is found, and its turns claimed, before a lock it
         # renewed just before dying expires (a lock is renewed every third of its expiry). Never
         # under 2 s, so a busy process is not taken for dead: a lock that short may lapse first.
-        self._beat_ms = max(MIN_BEAT_MS, self._lock_ms // 3)
+        self._beat_ms = min(max(MIN_BEAT_MS, self._lock_ms // 3), MAX_BEAT_MS)
         self._process = uuid.uuid4().hex[:12]
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
@@ -132,6 +159,8 @@ class RedisCoordination:
         self._members_script = redis.register_script(_MEMBERS)
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._claim_script = redis.register_script(_CLAIM)
+        self._ending_script = redis.register_script(_ENDING)
+        self._end_orphan_script = redis.register_script(_END_ORPHAN)
         self._release_script = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
 
@@ -194,7 +223,8 @@ class RedisCoordination:
             await asyncio.sleep(self._lock_ms / 3000)
             try:
                 renewed = await self._renew_script(
-                    keys=[self._key("turn", session_id)], args=[holder, self._lock_ms, turn_id]
+                    keys=[self._key("turn", session_id), self._key("ended", turn_id)],
+                    args=[holder, self._lock_ms, self._process],
                 )
             except RedisError as exc:
                 # The turn goes on; the lock expires if Redis stays away longer than its TTL.
@@ -202,8 +232,9 @@ class RedisCoordination:
                 continue
             if renewed != 1:
                 # Expired (Redis was away past its TTL), so another process may run a turn now; or
-                # this process was taken for dead and the turn ended elsewhere.
-                log.error("the turn lock of session %s was lost while turn %s ran", session_id, turn_id)
+                # this process was taken for dead and the turn ended elsewhere (logged by the core).
+                if renewed == 0:
+                    log.error("the turn lock of session %s was lost while turn %s ran", session_id, turn_id)
                 for handler in self._lost_handlers:
                     await handler(session_id, turn_id, renewed == -1)
                 return
@@ -217,14 +248,19 @@ class RedisCoordination:
             await asyncio.sleep(0.005)
         return await self._take(session_id, turn_id, holder)
 
-    async def turn_ending(self, session_id: str, turn_id: str) -> None:
+    async def turn_ending(self, session_id: str, turn_id: str) -> bool:
         held = self._held.get(session_id)
         if held is None or not held[0].startswith(turn_id):
-            return
+            return True
         try:
-            await self._redis.set(self._key("ending", session_id), turn_id, px=self._lock_ms)
-        except RedisError as exc:  # only a `busy` answered a little early is lost
+            sends = await self._ending_script(
+                keys=[self._key("ended", turn_id), self._key("ending", session_id)],
+                args=[self._process, turn_id, self._lock_ms, ENDED_MS],
+            )
+        except RedisError as exc:  # a `busy` answered a little early; the turn's own `done` goes out
             log.warning("cannot mark the turn of session %s as ending: %s", session_id, exc)
+            return True
+        return bool(sends)
 
     async def release_turn(self, session_id: str, turn_id: str) -> None:
         held = self._held.get(session_id)
@@ -246,7 +282,7 @@ class RedisCoordination:
                     self._key("ending", session_id),
                     self._key("turns", self._process),
                 ],
-                args=[holder, session_id],
+                args=[holder, session_id, turn_id],
             )
         except RedisError as exc:
             log.warning("cannot release the turn lock of session %s now (retried): %s", session_id, exc)
@@ -465,8 +501,11 @@ class RedisCoordination:
                     self._spawn(self._end_orphan(process, session_id, turn_id), f"end orphaned turn {turn_id}")
 
     async def _end_orphan(self, process: str, session_id: str, turn_id: str) -> None:
+        """Claim the dead process's turn, end it (unless its process sent its `done` before dying),
+        then free the session. On any failure, the claim lapses and a later beat tries again."""
+        holder = f"{turn_id} recover:{self._process}"
+        claimed = 0
         try:
-            holder = f"{turn_id} recover:{self._process}"
             claimed = await self._claim_script(
                 keys=[self._key("turn", session_id)], args=[f"{turn_id} {process}", holder, self._lock_ms, turn_id]
             )
@@ -477,23 +516,23 @@ class RedisCoordination:
                     self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}"
                 )
                 self._held[session_id] = (holder, renewal)
-            text = str(await self._redis.get(self._key("text", session_id, turn_id)) or "")
-            try:
+            if await self._end_orphan_script(
+                keys=[self._key("ended", turn_id)], args=[f"recover:{self._process}", ENDED_MS]
+            ):
+                text = str(await self._redis.get(self._key("text", session_id, turn_id)) or "")
                 for handler in self._orphan_handlers:
                     await handler(session_id, turn_id, text)
-            except Exception as exc:
-                # Its lock lapses and the next beat hands the turn over again.
-                log.warning("cannot end turn %s of a dead process yet (%s); trying again", turn_id, type(exc).__name__)
-                if claimed == 1:
-                    self._held.pop(session_id)[1].cancel()
-                return
             await self._redis.hdel(self._key("turns", process), session_id)
-            if claimed == 1:
-                await self.release_turn(session_id, turn_id)
-        except RedisError as exc:
+        except Exception as exc:
             log.warning("cannot end turn %s of a dead process yet (%s); trying again", turn_id, type(exc).__name__)
+            held = self._held.get(session_id)
+            if claimed == 1 and held is not None and held[0] == holder:
+                self._held.pop(session_id)[1].cancel()  # the claim lapses
+            return
         finally:
             self._ending_orphans.discard((session_id, turn_id))
+        if claimed == 1:
+            await self.release_turn(session_id, turn_id)
 
     # ------------------------------------------------------------------ summaries
 

@@ -23,6 +23,7 @@ from server.core.ports import (
     NoMetrics,
     Outbox,
     Repository,
+    StorageRefused,
     StorageUnavailable,
 )
 from server.core.rate_limit import LocalQuota, RateLimiter
@@ -114,6 +115,7 @@ class ConversationService:
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
         # Set once the turns a crash of this process left open are ended: no turn starts before.
         self._recovered = asyncio.Event()
+        self._sweep: asyncio.Task[None] | None = None
         self._listen_to(coordination, tasks)
         self.summaries.start()
 
@@ -122,7 +124,8 @@ class ConversationService:
         coordination.on_turn_lost(self._turn_lost)
         coordination.on_turn_orphaned(self._end_orphaned)
         if coordination.single_process:
-            tasks.spawn(self._end_cut_off_turns(), name="end cut-off turns")
+            # A loop, cancelled at shutdown: storage may be away for long.
+            self._sweep = tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
         else:
             self._recovered.set()  # the coordination hands over the turns of dead processes
 
@@ -392,15 +395,15 @@ class ConversationService:
         stopped (nothing else runs turns), so it is ended as interrupted, once the events an
         earlier run queued locally are written."""
         backoff = 0.5
-        ended: set[str] = set()
+        after: str | None = None
         logged = False
         while True:
             try:
                 await self._store.drained()
-                cut_off = [(s, t) for s, t in await self._repo.open_turns(OPEN_TURNS_PAGE) if t not in ended]
+                cut_off = await self._repo.open_turns(after, OPEN_TURNS_PAGE)
                 for session_id, turn_id in cut_off:
                     await self._ender.end_interrupted(session_id, turn_id, "")
-                    ended.add(turn_id)
+                    after = session_id
                 if len(cut_off) < OPEN_TURNS_PAGE:
                     break
             except StorageUnavailable as exc:
@@ -409,6 +412,9 @@ class ConversationService:
                     logged = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except StorageRefused as exc:  # the schema lacks what it needs: the operator's to fix
+                log.warning("cannot end the turns cut off by the last stop: %s", exc)
+                break
             except Exception:
                 log.exception("ending the turns cut off by the last stop failed")  # a bug: serve anyway
                 break
@@ -452,6 +458,8 @@ class ConversationService:
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""
         self._turns.closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         ending = []
         for turn in self._turns:
             turn.stop("shutdown")

@@ -153,9 +153,9 @@ class Repository(Protocol):
         """Sessions still waiting for a summary, with when they emptied, oldest first."""
         ...
 
-    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
-        """(session_id, turn_id) of turns whose user message is stored and whose answer is not:
-        running somewhere, or cut off by a crash."""
+    async def open_turns(self, after: str | None, limit: int) -> list[tuple[str, str]]:
+        """(session_id, turn_id) of turns whose user message is stored and whose answer is not
+        (running somewhere, or cut off by a crash), by session_id, from after `after`."""
         ...
 
     async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
@@ -260,9 +260,11 @@ class Coordination(Protocol):
         """Take the session's one-turn lock; False when another turn holds it."""
         ...
 
-    async def turn_ending(self, session_id: str, turn_id: str) -> None:
+    async def turn_ending(self, session_id: str, turn_id: str) -> bool:
         """The turn is about to publish its `done`: from now on a turn asked for in the session waits
-        (briefly) for this one's release instead of being refused `busy` by a lock about to go."""
+        (briefly) for this one's release instead of being refused `busy` by a lock about to go.
+        False when another process has ended the turn (it took this one for dead): it sent the
+        turn's `done`, so this one must not."""
         ...
 
     async def release_turn(self, session_id: str, turn_id: str) -> None: ...

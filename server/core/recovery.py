@@ -44,15 +44,19 @@ class TurnEnder:
 
     async def end_interrupted(self, session_id: str, turn_id: str, text: str) -> bool:
         """Store and announce the end of the turn; False when there was nothing to end (its user
-        message was never stored, or its answer was). Raises StorageUnavailable: try again later."""
+        message was never stored). Raises StorageUnavailable: try again later."""
         events = await self.repo.turn_events(session_id, turn_id)
-        types = {event.event_type for event in events}
-        if EventType.USER_MESSAGE not in types or EventType.AI_MESSAGE in types:
-            return False
+        if not any(event.event_type is EventType.USER_MESSAGE for event in events):
+            return False  # never started: its message was not acknowledged
+        answer = next((event for event in events if event.event_type is EventType.AI_MESSAGE), None)
+        if answer is not None:
+            # Its process stored the answer, then died before sending `done`: sent from the row.
+            await self.emitter.publish(session_id, done_from(answer))
+            return True
         results = unanswered_calls(events)
         for result in results:
             await self.writer.append(self._draft(session_id, turn_id, EventType.TOOL_RESULT, result))
-        answer = EventDraft(
+        draft = EventDraft(
             session_id=session_id,
             event_type=EventType.AI_MESSAGE,
             content=text,
@@ -62,7 +66,7 @@ class TurnEnder:
             finish_reason="error",
             error=INTERRUPTED,
         )
-        stored = await self.writer.append(answer)
+        stored = await self.writer.append(draft)
         for result in results:
             await self.emitter.publish(
                 session_id,
@@ -107,6 +111,19 @@ class TurnEnder:
             turn_id=turn_id,
             timestamp=utc_now(),
         )
+
+
+def done_from(answer: StoredEvent) -> DoneEvent:
+    """The `done` of a turn whose answer is stored."""
+    return DoneEvent(
+        session_id=answer.session_id,
+        turn_id=answer.turn_id or "",
+        text=answer.content,
+        finish_reason=answer.finish_reason or "stop",
+        usage=None,
+        event_id=answer.event_id,
+        error=answer.error,
+    )
 
 
 def unanswered_calls(events: list[StoredEvent]) -> list[ToolResultItem]:

@@ -360,7 +360,9 @@ class Turn:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending)
-            for call in calls[len(results) :]:
+            # Ended elsewhere: the process that took this one for dead answered them (`interrupted`).
+            unanswered = calls[len(results) :] if self.stop_reason != "ended_elsewhere" else []
+            for call in unanswered:
                 cancelled = ToolResultItem(
                     call_id=call.call_id, name=call.name, error={"code": "cancelled", "message": "the turn was stopped"}
                 )
@@ -465,7 +467,8 @@ class Turn:
         if self.usage is not None:
             self._ctx.metrics.tokens_used(self.usage)
         # A client that sends once it has `done` must not find the lock still held: `busy`.
-        await self._ctx.coordination.turn_ending(self.session_id, self.turn_id)
+        if not await self._ctx.coordination.turn_ending(self.session_id, self.turn_id):
+            return  # ended elsewhere, taking this process for dead: its `done` went out there
         await self._ctx.emitter.publish(
             self.session_id,
             DoneEvent(

@@ -52,8 +52,8 @@ class MeasuredRepository:
     async def due_summaries(self, limit: int) -> list[tuple[str, datetime]]:
         return await self._timed("due_summaries", self._repo.due_summaries(limit))
 
-    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
-        return await self._timed("open_turns", self._repo.open_turns(limit))
+    async def open_turns(self, after: str | None, limit: int) -> list[tuple[str, str]]:
+        return await self._timed("open_turns", self._repo.open_turns(after, limit))
 
     async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
         return await self._timed("turn_events", self._repo.turn_events(session_id, turn_id))

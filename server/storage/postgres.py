@@ -315,10 +315,13 @@ class PostgresRepository:
 
         return await self._retrying(op, "list due summaries")
 
-    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+    async def open_turns(self, after: str | None, limit: int) -> list[tuple[str, str]]:
         async def op(conn: asyncpg.Connection) -> list[tuple[str, str]]:
             rows = await conn.fetch(
-                "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL LIMIT $1", limit
+                "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL"
+                " AND ($1::uuid IS NULL OR session_id > $1::uuid) ORDER BY session_id LIMIT $2",
+                after,
+                limit,
             )
             return [(str(row["session_id"]), row["open_turn_id"]) for row in rows]
 

@@ -225,10 +225,11 @@ class SqliteRepository:
                 log.warning("session %s has an unreadable summary_due_at; skipped", row["session_id"])
         return due
 
-    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+    async def open_turns(self, after: str | None, limit: int) -> list[tuple[str, str]]:
         rows = await self._run(
-            "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL LIMIT ?",
-            (limit,),
+            "SELECT session_id, open_turn_id FROM sessions WHERE open_turn_id IS NOT NULL AND session_id > ?"
+            " ORDER BY session_id LIMIT ?",
+            (after or "", limit),
             "list open turns",
         )
         return [(row["session_id"], row["open_turn_id"]) for row in rows]

@@ -73,6 +73,7 @@ def key_role(key: str) -> str | None:
 
 _NO_SESSION = "00000000-0000-0000-0000-000000000000"
 _PERMISSION_DENIED = frozenset({"42501", "401", "403"})
+_UNDEFINED_COLUMN = "42703"
 _NEEDS_SERVICE_ROLE = (
     "SUPABASE_KEY has the role {role}, and row level security refuses its writes: the server needs "
     "the service_role key (Supabase dashboard, Project Settings > API Keys: the service_role key, or a "
@@ -258,19 +259,23 @@ class SupabaseRepository:
 
         return await self._retrying(op, "list due summaries")
 
-    async def open_turns(self, limit: int) -> list[tuple[str, str]]:
+    async def open_turns(self, after: str | None, limit: int) -> list[tuple[str, str]]:
         async def op() -> list[tuple[str, str]]:
-            response = await (
-                self._client.table("sessions")
-                .select("session_id,open_turn_id")
-                .not_.is_("open_turn_id", "null")
-                .limit(limit)
-                .execute()
-            )
+            query = self._client.table("sessions").select("session_id,open_turn_id").not_.is_("open_turn_id", "null")
+            if after is not None:
+                query = query.gt("session_id", after)
+            response = await query.order("session_id").limit(limit).execute()
             rows: list[Any] = response.data
             return [(row["session_id"], row["open_turn_id"]) for row in rows]
 
-        return await self._retrying(op, "list open turns")
+        try:
+            return await self._retrying(op, "list open turns")
+        except APIError as exc:
+            if str(exc.code) == _UNDEFINED_COLUMN:
+                raise StorageRefused(
+                    "sessions.open_turn_id is missing: apply supabase/migrations/20261206000000_open_turns.sql"
+                ) from None
+            raise
 
     async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
         async def op() -> list[StoredEvent]:
