@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from server.storage.postgres import PostgresRepository
 from tests.conftest import Spawner
@@ -226,3 +227,34 @@ async def test_a_turn_whose_process_dies_ends_for_the_tabs_of_the_other_process(
     finally:
         await tab_a.close()
         await tab_b.close()
+
+
+async def test_a_cut_off_turn_is_ended_at_start_when_redis_lost_what_it_knew(
+    database: str, spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, tmp_path: Path
+) -> None:
+    env = {
+        "LLM_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "cluster-key",
+        "GEMINI_BASE_URL": fake_gemini.url,
+        "STORAGE_BACKEND": "postgres",
+        "DATABASE_URL": database,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_CHANNEL": redis_channel,
+        "OUTBOX_PATH": str(tmp_path / "outbox.db"),
+    }
+    process, url = await spawn(sys.executable, "-m", "server", **env)
+    tab = await Tab(url).connect()
+    session_id, _ = await start_cut_off_turn(tab, fake_gemini, "text")
+    await kill(process)
+    await tab.close()
+    # Redis restarted without persistence meanwhile: nothing of the dead process is left there.
+    redis = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in redis.scan_iter(f"{redis_channel}:*")]
+        assert keys
+        await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+
+    _, url = await spawn(sys.executable, "-m", "server", **env)  # alone: storage's open turns are ended
+    assert_ended_as_interrupted(await wait_for_answer(url, session_id), "text")

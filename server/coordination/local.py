@@ -47,6 +47,9 @@ class LocalCoordination:
     async def running_turn(self, session_id: str) -> str | None:
         return self._turns.get(session_id)
 
+    async def alone(self) -> bool:
+        return True
+
     single_process = True
 
     def chunks_stay_local(self, session_id: str) -> bool:

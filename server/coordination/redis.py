@@ -478,6 +478,15 @@ class RedisCoordination:
 
     # ------------------------------------------------------------------ turns of dead processes
 
+    async def alone(self) -> bool:
+        others = [str(p) for p in await self._redis.smembers(self._key("procs")) if p != self._process]
+        if not others:
+            return True
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for process in others:
+                pipe.exists(self._key("proc", process))
+            return not any(await pipe.execute())
+
     async def _find_orphans(self) -> None:
         """Hand over the turns of every process whose heartbeat expired, one task each."""
         # decode_responses: every member and field is a str.

@@ -123,11 +123,8 @@ class ConversationService:
         coordination.on_cancel(self._cancel_here)
         coordination.on_turn_lost(self._turn_lost)
         coordination.on_turn_orphaned(self._end_orphaned)
-        if coordination.single_process:
-            # A loop, cancelled at shutdown: storage may be away for long.
-            self._sweep = tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
-        else:
-            self._recovered.set()  # the coordination hands over the turns of dead processes
+        # A loop, cancelled at shutdown: storage may be away for long.
+        self._sweep = tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
 
     # ------------------------------------------------------------------ join
 
@@ -391,9 +388,18 @@ class ConversationService:
         await self._ender.end_interrupted(session_id, turn_id, text)
 
     async def _end_cut_off_turns(self) -> None:
-        """One process: a turn storage still has open at start was cut off when this service last
-        stopped (nothing else runs turns), so it is ended as interrupted, once the events an
-        earlier run queued locally are written."""
+        """A turn storage still has open when this process starts alone was cut off when the service
+        last stopped, so it is ended as interrupted, once the events an earlier run queued locally
+        are written. (With other processes alive, the coordination hands over the turns of those
+        that die; this also covers a shared state that lost what it knew.)"""
+        try:
+            alone = await self._coordination.alone()
+        except Exception as exc:
+            log.warning("cannot tell whether other processes serve (%s): no sweep of cut-off turns", exc)
+            alone = False
+        if not alone:
+            self._recovered.set()
+            return
         backoff = 0.5
         after: str | None = None
         logged = False
@@ -402,7 +408,7 @@ class ConversationService:
                 await self._store.drained()
                 cut_off = await self._repo.open_turns(after, OPEN_TURNS_PAGE)
                 for session_id, turn_id in cut_off:
-                    await self._ender.end_interrupted(session_id, turn_id, "")
+                    await self._end_cut_off(session_id, turn_id)
                     after = session_id
                 if len(cut_off) < OPEN_TURNS_PAGE:
                     break
@@ -419,6 +425,17 @@ class ConversationService:
                 log.exception("ending the turns cut off by the last stop failed")  # a bug: serve anyway
                 break
         self._recovered.set()
+
+    async def _end_cut_off(self, session_id: str, turn_id: str) -> None:
+        # Under the session's lock: a turn that holds it is running (another process started
+        # meanwhile), or being ended already.
+        if not await self._coordination.acquire_turn(session_id, turn_id):
+            return
+        try:
+            if await self._coordination.turn_ending(session_id, turn_id):  # its `done` is sent once
+                await self._ender.end_interrupted(session_id, turn_id, "")
+        finally:
+            await self._coordination.release_turn(session_id, turn_id)
 
     async def _wait_recovered(self) -> None:
         if self._recovered.is_set():

@@ -271,6 +271,10 @@ class Coordination(Protocol):
 
     async def running_turn(self, session_id: str) -> str | None: ...
 
+    async def alone(self) -> bool:
+        """Whether no other live process serves sessions now (always, for one process)."""
+        ...
+
     def chunks_stay_local(self, session_id: str) -> bool:
         """True while no other process serves a client of the session (no I/O: on the chunk path)."""
         ...
