@@ -193,47 +193,42 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
         return packets
 
     def close_transport(self) -> None:
-        """End this connection now at its transport (module docstring, 4): what waits for it is
-        dropped and nothing more is queued; its disconnect runs, then the WebSocket is closed (a
-        close frame) or the long-poll (the pending one, or the next) answered 400. The closing task
-        is tracked until it ends."""
+        """End this connection now at its transport (module docstring, 5): the WebSocket is closed
+        or the long-poll (the pending one, or the next) answered 400; no CLOSE packet."""
         if self.dropped or self.closing or self.closed:
             return
-        self.dropped = self.transport_closed = True
-        while not self.queue.empty():
-            self.queue.get_nowait()
-            self.queue.task_done()
-        self.waiting_bytes = 0
-        task = asyncio.ensure_future(self._close_transport())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
-
-    async def _close_transport(self) -> None:
-        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
-        self.queue.put_nowait(None)  # ends the writer (which closes the WebSocket) or the long-poll
+        self.transport_closed = True
+        self._end_now()
 
     def _is_dropped(self) -> bool:
         return self.dropped  # read again after an await (mypy takes the loop's test for the last word)
 
     def _drop(self, limit: int) -> None:
         """A client that lets more than `limit` bytes wait: free them now, disconnect it."""
-        self.dropped = True
         log.warning(
             "disconnecting Engine.IO connection %s: more than %d bytes waited for it (it stopped reading)",
             self.sid,
             limit,
         )
+        self._end_now()
+
+    def _end_now(self) -> None:
+        """What waits for the client is dropped and nothing more is queued; a writer blocked on a
+        stalled WebSocket and a read loop between frames are stopped (they would wait for the ping
+        timeout); its disconnect runs in a task tracked until it ends."""
+        self.dropped = True
         while not self.queue.empty():
             self.queue.get_nowait()
             self.queue.task_done()
         self.waiting_bytes = 0
         self.queue.put_nowait(None)  # ends a pending long-poll, or a writer between sends
         if self._writer is not None:
-            self._writer.cancel()  # a writer blocked on the stalled WebSocket
+            self._writer.cancel()
         if self._reader is not None and self._waiting_for_frame:
-            # The read loop, waiting for a frame (never mid-request): it would wait for the ping timeout.
             self._reader.cancel()
-        self.server.start_background_task(self.close, wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        task = asyncio.ensure_future(self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
     async def _next_batch(self) -> list[packet.Packet]:
         """The packets queued for this socket, waiting for the first one if there is none; [] once
@@ -403,7 +398,7 @@ class FastWebSocket(async_socket.AsyncSocket):  # type: ignore[misc]
         log.info("closing Engine.IO connection %s: a frame that is not an Engine.IO packet (%s)", self.sid, error)
 
 
-# Tasks closing a connection at its transport (close_transport), until they end.
+# Tasks ending a connection at once (an expired token, a stalled client), until they end.
 _closing: set[asyncio.Task[None]] = set()
 
 
@@ -425,5 +420,5 @@ async def close_every_socket(eio: Any, wait_seconds: float) -> None:
     for socket in sockets:
         # `poll` returns at a None; a socket closed by its client (abort) never put one there.
         socket.queue.put_nowait(None)
-    if _closing:  # connections closing at their transport (expired tokens) finish first
+    if _closing:  # connections ending at once (expired tokens, stalled clients) finish first
         await asyncio.wait(list(_closing), timeout=wait_seconds)
