@@ -96,7 +96,8 @@ class TokenVerifier:
 
 
 def _expiry(exp: object) -> datetime:
-    """`exp` as a date: a number of seconds (PyJWT also takes a numeric string), within any date."""
+    """`exp` as a date: a number of seconds within any date. A numeric string, which PyJWT lets
+    through, is refused like any claim of the wrong type."""
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise InvalidToken("exp is not a number")
     try:
