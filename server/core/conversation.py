@@ -113,9 +113,6 @@ class ConversationService:
             metrics=metrics,
         )
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
-        # Set once the turns a crash of this process left open are ended: no turn starts before.
-        self._recovered = asyncio.Event()
-        self._sweep: asyncio.Task[None] | None = None
         self._listen_to(coordination, tasks)
         self.summaries.start()
 
@@ -123,6 +120,8 @@ class ConversationService:
         coordination.on_cancel(self._cancel_here)
         coordination.on_turn_lost(self._turn_lost)
         coordination.on_turn_orphaned(self._end_orphaned)
+        # Set once the turns a crash left open are ended: no turn starts before.
+        self._recovered = asyncio.Event()
         # A loop, cancelled at shutdown: storage may be away for long.
         self._sweep = tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
 
@@ -475,8 +474,7 @@ class ConversationService:
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""
         self._turns.closing = True
-        if self._sweep is not None:
-            self._sweep.cancel()
+        self._sweep.cancel()
         ending = []
         for turn in self._turns:
             turn.stop("shutdown")
