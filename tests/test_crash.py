@@ -181,52 +181,72 @@ async def database() -> AsyncIterator[str]:
         yield dsn
 
 
+@pytest.mark.parametrize("moment", ["text", "tool"])
 async def test_a_turn_whose_process_dies_ends_for_the_tabs_of_the_other_process(
-    database: str, spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, tmp_path: Path
+    database: str, spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, tmp_path: Path, moment: str
 ) -> None:
-    env = {
-        "LLM_PROVIDER": "gemini",
-        "GEMINI_API_KEY": "cluster-key",
-        "GEMINI_BASE_URL": fake_gemini.url,
-        "STORAGE_BACKEND": "postgres",
-        "DATABASE_URL": database,
-        "REDIS_URL": REDIS_URL,
-        "REDIS_CHANNEL": redis_channel,
-    }  # TURN_LOCK_SECONDS as shipped: the contract's 20 s hold with the defaults
-    running, url_a = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
-    _, url_b = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "b.db"), **env)
-    tab_a, tab_b = await Tab(url_a).connect(), await Tab(url_b).connect()
-    try:
-        session_id, turn_id = await start_cut_off_turn(tab_a, fake_gemini, "text", also=tab_b)
-        await tab_b.wait_for(lambda ev: len([1 for n, _ in ev if n == "chunk"]) >= CHUNKS_BEFORE_KILL)
-        died = time.monotonic()
-        await kill(running)
-
-        done = (await tab_b.turn(turn_id, timeout=20))[-1][1]
-        within = time.monotonic() - died
-        assert done["finish_reason"] == "error" and done["error"]["code"] == "interrupted", done
-        seen = "".join(d["text"] for d in tab_b.named("chunk") if d["turn_id"] == turn_id)
-        assert done["text"] and seen.startswith(done["text"]), (done["text"], seen)
-        assert done["event_id"] is not None
-        print(f"done reached the other process's tab {within:.1f} s after the kill")
-
-        # No ghost: a tab joining now sees no turn, and the session takes a message at once.
-        late = await Tab(url_b).connect()
+    async with hanging_server() as weather:
+        env = {
+            "LLM_PROVIDER": "gemini",
+            "GEMINI_API_KEY": "cluster-key",
+            "GEMINI_BASE_URL": fake_gemini.url,
+            "STORAGE_BACKEND": "postgres",
+            "DATABASE_URL": database,
+            "REDIS_URL": REDIS_URL,
+            "REDIS_CHANNEL": redis_channel,
+            "WEATHER_GEOCODING_URL": weather,
+            "WEATHER_FORECAST_URL": weather,
+        }  # TURN_LOCK_SECONDS as shipped: the contract's 20 s hold with the defaults
+        running, url_a = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
+        _, url_b = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "b.db"), **env)
+        tab_a, tab_b = await Tab(url_a).connect(), await Tab(url_b).connect()
         try:
-            assert (await late.join(session_id))["active_turn"] is None
+            session_id, turn_id = await start_cut_off_turn(tab_a, fake_gemini, moment, also=tab_b)
+            if moment == "text":
+                await tab_b.wait_for(lambda ev: len([1 for n, _ in ev if n == "chunk"]) >= CHUNKS_BEFORE_KILL)
+            else:
+                await tab_b.wait_for(lambda ev: any(n == "tool_call" for n, _ in ev))
+                async with asyncio.timeout(5):  # stored (it is sent first, stored right after)
+                    while "tool_call" not in [e["event_type"] for e in await stored_events(url_b, session_id)]:
+                        await asyncio.sleep(0.05)
+            died = time.monotonic()
+            await kill(running)
+
+            turn = await tab_b.turn(turn_id, timeout=20)
+            within = time.monotonic() - died
+            done = turn[-1][1]
+            assert done["finish_reason"] == "error" and done["error"]["code"] == "interrupted", done
+            seen = "".join(d["text"] for d in tab_b.named("chunk") if d["turn_id"] == turn_id)
+            assert done["text"] and seen.startswith(done["text"]), (done["text"], seen)
+            assert done["event_id"] is not None
+            results = [d for n, d in turn if n == "tool_result"]
+            if moment == "tool":
+                assert [(r["call_id"], r["error"]["code"]) for r in results] == [("c1", "interrupted")], turn
+            else:
+                assert not results
+            print(f"done reached the other process's tab {within:.1f} s after the kill")
+
+            # No ghost: a tab joining now sees no turn, and the session takes a message at once.
+            late = await Tab(url_b).connect()
+            try:
+                assert (await late.join(session_id))["active_turn"] is None
+            finally:
+                await late.close()
+            fake_gemini.stream(Reply(events=[text_response("Back.")]))
+            ack = await tab_b.call("message", {"session_id": session_id, "text": "still there?"})
+            assert ack["ok"], ack
+            assert (await tab_b.turn(ack["turn_id"]))[-1][1]["finish_reason"] == "stop"
+            contents = fake_gemini.calls()[-1].contents
+            calls = [p["functionCall"]["name"] for c in contents for p in c["parts"] if "functionCall" in p]
+            answers = [p["functionResponse"]["name"] for c in contents for p in c["parts"] if "functionResponse" in p]
+            assert calls == answers == (["get_weather"] if moment == "tool" else []), contents
+            events = await stored_events(url_b, session_id)
+            stored = [e for e in events if e["event_type"] == "ai_message"]
+            assert [a["error"]["code"] if a["error"] else None for a in stored] == ["interrupted", None], stored
+            assert stored[0]["content"] == done["text"]
         finally:
-            await late.close()
-        fake_gemini.stream(Reply(events=[text_response("Back.")]))
-        ack = await tab_b.call("message", {"session_id": session_id, "text": "still there?"})
-        assert ack["ok"], ack
-        assert (await tab_b.turn(ack["turn_id"]))[-1][1]["finish_reason"] == "stop"
-        events = await stored_events(url_b, session_id)
-        answers = [e for e in events if e["event_type"] == "ai_message"]
-        assert [a["error"]["code"] if a["error"] else None for a in answers] == ["interrupted", None], answers
-        assert answers[0]["content"] == done["text"]
-    finally:
-        await tab_a.close()
-        await tab_b.close()
+            await tab_a.close()
+            await tab_b.close()
 
 
 async def test_a_cut_off_turn_is_ended_at_start_when_redis_lost_what_it_knew(
