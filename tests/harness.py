@@ -159,6 +159,29 @@ async def serving(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
         await task
 
 
+async def run_python(
+    argv: list[str], cwd: Path, env: dict[str, str], *, timeout: float = 60, merged: bool = False
+) -> tuple[int | None, str, str]:
+    """Run Python with `argv` until it exits: its status, stdout and stderr (`merged`: both in the
+    first, in the order written). One that does not stop in `timeout` is killed: nothing is left."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merged else asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, out.decode(), (err or b"").decode()
+
+
 @contextlib.asynccontextmanager
 async def logged_server(
     tmp_path: Path, preexec: Callable[[], Any] | None = None, **extra: str

@@ -14,12 +14,13 @@ import redis.asyncio as aioredis
 from server.coordination.redis import RedisCoordination
 from server.core.tasks import TaskTracker
 from tests.conftest import ServerFactory, TabFactory
-from tests.harness import REDIS_URL, ROOT
+from tests.harness import REDIS_URL, ROOT, RunningServer, Tab
 
 
-async def test_a_turn_whose_lock_expired_and_was_taken_stops_with_an_error(
-    start_server: ServerFactory, connect: TabFactory, redis_channel: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def turn_under_way(
+    start_server: ServerFactory, connect: TabFactory, redis_channel: str
+) -> tuple[RunningServer, Tab, str, dict[str, Any]]:
+    """A server on Redis with a short lock, and a tab whose turn has streamed its first chunk."""
     server = await start_server(
         redis_url=REDIS_URL, redis_channel=redis_channel, turn_lock_seconds=0.6, offline_chunk_delay_ms=100
     )
@@ -27,6 +28,13 @@ async def test_a_turn_whose_lock_expired_and_was_taken_stops_with_an_error(
     sid = (await tab.join())["session"]["session_id"]
     ack = await tab.call("message", {"session_id": sid, "text": "a long answer, please"})
     await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+    return server, tab, sid, ack
+
+
+async def test_a_turn_whose_lock_expired_and_was_taken_stops_with_an_error(
+    start_server: ServerFactory, connect: TabFactory, redis_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, tab, sid, ack = await turn_under_way(start_server, connect, redis_channel)
     # As if Redis had been away past the lock's expiry and another process had taken the session.
     redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
@@ -47,13 +55,7 @@ async def test_a_turn_whose_lock_expired_and_was_taken_stops_with_an_error(
 async def test_a_turn_taken_for_dead_and_ended_elsewhere_stops_without_a_done_of_its_own(
     start_server: ServerFactory, connect: TabFactory, redis_channel: str
 ) -> None:
-    server = await start_server(
-        redis_url=REDIS_URL, redis_channel=redis_channel, turn_lock_seconds=0.6, offline_chunk_delay_ms=100
-    )
-    tab = await connect(server)
-    sid = (await tab.join())["session"]["session_id"]
-    ack = await tab.call("message", {"session_id": sid, "text": "a long answer, please"})
-    await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+    server, tab, sid, ack = await turn_under_way(start_server, connect, redis_channel)
     # Another process takes this one for dead (its heartbeat late) and ends the turn: it claims the
     # lock, stores the answer, sends the turn's one `done` (here: notes it), and frees the session.
     tasks = TaskTracker()

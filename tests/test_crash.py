@@ -22,6 +22,7 @@ from tests.conftest import Spawner
 from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, call_part, chunk, text_chunk, text_response
 from tests.harness import REDIS_URL, Tab
 from tests.pg import scratch_database
+from tests.test_cluster import cluster_env
 
 CHUNKS_BEFORE_KILL = 5
 
@@ -181,22 +182,21 @@ async def database() -> AsyncIterator[str]:
         yield dsn
 
 
+def shared_env(fake_gemini: FakeGemini, redis_channel: str, database: str) -> dict[str, str]:
+    """test_cluster's processes, with TURN_LOCK_SECONDS as shipped: the contract's 20 s bound is for
+    the defaults."""
+    env = cluster_env(fake_gemini, redis_channel, database)
+    del env["TURN_LOCK_SECONDS"]
+    return env
+
+
 @pytest.mark.parametrize("moment", ["text", "tool"])
 async def test_a_turn_whose_process_dies_ends_for_the_tabs_of_the_other_process(
     database: str, spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, tmp_path: Path, moment: str
 ) -> None:
     async with hanging_server() as weather:
-        env = {
-            "LLM_PROVIDER": "gemini",
-            "GEMINI_API_KEY": "cluster-key",
-            "GEMINI_BASE_URL": fake_gemini.url,
-            "STORAGE_BACKEND": "postgres",
-            "DATABASE_URL": database,
-            "REDIS_URL": REDIS_URL,
-            "REDIS_CHANNEL": redis_channel,
-            "WEATHER_GEOCODING_URL": weather,
-            "WEATHER_FORECAST_URL": weather,
-        }  # TURN_LOCK_SECONDS as shipped: the contract's 20 s hold with the defaults
+        env = {**shared_env(fake_gemini, redis_channel, database), "WEATHER_GEOCODING_URL": weather}
+        env["WEATHER_FORECAST_URL"] = weather
         running, url_a = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
         _, url_b = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "b.db"), **env)
         tab_a, tab_b = await Tab(url_a).connect(), await Tab(url_b).connect()
@@ -252,16 +252,7 @@ async def test_a_turn_whose_process_dies_ends_for_the_tabs_of_the_other_process(
 async def test_a_cut_off_turn_is_ended_at_start_when_redis_lost_what_it_knew(
     database: str, spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, tmp_path: Path
 ) -> None:
-    env = {
-        "LLM_PROVIDER": "gemini",
-        "GEMINI_API_KEY": "cluster-key",
-        "GEMINI_BASE_URL": fake_gemini.url,
-        "STORAGE_BACKEND": "postgres",
-        "DATABASE_URL": database,
-        "REDIS_URL": REDIS_URL,
-        "REDIS_CHANNEL": redis_channel,
-        "OUTBOX_PATH": str(tmp_path / "outbox.db"),
-    }
+    env = {**shared_env(fake_gemini, redis_channel, database), "OUTBOX_PATH": str(tmp_path / "outbox.db")}
     process, url = await spawn(sys.executable, "-m", "server", **env)
     tab = await Tab(url).connect()
     session_id, _ = await start_cut_off_turn(tab, fake_gemini, "text")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from server.storage.postgres import PostgresRepository
-from tests.harness import Tab, free_port, logged_server, service_env
+from tests.harness import Tab, free_port, logged_server, run_python, service_env
 from tests.pg import ADMIN_DSN, admin_connection, scratch_database
 from tests.tcp_proxy import TcpProxy
 
@@ -34,22 +33,7 @@ def with_password(dsn: str, *, user: str | None = None, port: int | None = None,
 
 async def run_until_exit(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int | None, str, str]:
     """Run Python with `argv` until it exits: its status, stdout and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:  # it did not stop: leave nothing behind
-            process.kill()
-            await process.wait()
-    return process.returncode, out.decode(), err.decode()
+    return await run_python(argv, cwd, env)
 
 
 def postgres_env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.fake_gemini import FakeGemini, Reply, text_chunk, usage
-from tests.harness import Tab, free_port, listening_socket, logged_server, service_env
+from tests.harness import Tab, free_port, listening_socket, logged_server, run_python, service_env
 
 
 async def test_sigterm_mid_turn_ends_it_with_done_and_stores_everything(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -81,22 +81,8 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
 
 async def run_to_the_end(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int | None, str]:
     """Run Python with `argv` until it exits: its status and its whole output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
-    finally:
-        if process.returncode is None:  # it did not stop (the failure under test): leave nothing behind
-            process.kill()
-            await process.wait()
-    return process.returncode, out
+    status, out, _ = await run_python(argv, cwd, env, timeout=30, merged=True)
+    return status, out
 
 
 UNUSABLE_SETTINGS = [
