@@ -1,6 +1,6 @@
 """A stand-in for Supabase's REST API (PostgREST) over the real PostgreSQL, for the real supabase-py.
 
-It serves the requests supabase-py sends for this service (../shared/research/sdk-facts.md §4):
+It serves the requests supabase-py sends for this service:
 `POST /rest/v1/{table}` with `on_conflict` and `Prefer: return=…, resolution=ignore-duplicates`,
 `GET` with `select`, `eq.`/`gt.` filters, `order` and `limit`, and `PATCH` with filters. Each
 request runs in one transaction as the role its key names (`SET LOCAL ROLE`, with the claims in

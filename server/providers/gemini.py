@@ -1,6 +1,6 @@
 """Google Gemini behind the provider interface, through the maintained SDK `google-genai`.
 
-Three traps of the SDK shape this module (see ../shared/research/sdk-facts.md):
+Three traps of the SDK shape this module:
 - the stream is lazy: HTTP errors surface on the first read, so a retry wraps "open and read the
   first chunk", and nothing is retried once a chunk has been handed on;
 - the SDK switches to aiohttp whenever it is importable, so the transport is pinned to an httpx2
