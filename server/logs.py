@@ -161,6 +161,7 @@ def configure_logging(level: str, log_format: LogFormat, repeat_seconds: float =
         handler = logging.StreamHandler()
         handler.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
         handler.addFilter(SessionFilter())
+        handler.addFilter(RedactSecrets())  # before the repeat count, which may format the message
         handler.addFilter(RepeatLimit(repeat_seconds))
         root.addHandler(handler)
     for each in root.handlers:  # the host's too: whatever reaches the root is redacted
