@@ -1,4 +1,6 @@
-"""The ASGI app: Socket.IO and FastAPI on one port. `uvicorn server.main:app` serves it."""
+"""The ASGI app: Socket.IO and FastAPI on one port. `uvicorn server.main:app` serves it (built on
+first access, so importing this module builds nothing); `uvicorn --factory server.main:create_app`
+builds it too."""
 
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from server.runtime import Runtime
 from server.transport.clients import ConnectionGate
 from server.transport.http import router
 from server.transport.origins import origin_matcher, origin_regex
-from server.transport.plain_ws import GOING_AWAY, PlainHub, serve_plain_client
+from server.transport.plain_ws import GOING_AWAY, PlainClients, serve_plain_client
 from server.transport.playground import add_playground
-from server.transport.socketio_app import SocketIOEmitter, create_sio, register_handlers
+from server.transport.socketio_app import create_sio, register_handlers
 from server.transport.tokens import TokenVerifier
 from server.upstream import engineio
 
@@ -33,19 +35,14 @@ from server.upstream import engineio
 def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format, settings.log_repeat_seconds)
-    hub = PlainHub()
-    sio = create_sio(settings, hub)
+    sio = create_sio(settings)
     metrics = PrometheusMetrics(provider=settings.llm_provider or "offline")
+    plain_clients = PlainClients()
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, SocketIOEmitter(sio, hub), metrics)
+        runtime = await Runtime.start(settings, metrics)
         api.state.runtime = runtime
-        # python-socketio starts its manager (with REDIS_URL: the listener for other processes'
-        # events) at the first Socket.IO connection; plain WebSocket clients need it from the start.
-        if not sio.manager_initialized:
-            sio.manager_initialized = True
-            sio.manager.initialize()
         try:
             yield
         finally:
@@ -58,7 +55,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     api.state.verifier = verifier
     gate = ConnectionGate(verifier, settings.max_connections_per_address, metrics)
     api.state.gate = gate
-    register_handlers(sio, lambda: api.state.runtime.service, gate)
+    register_handlers(sio, lambda: api.state.runtime.service, lambda: api.state.runtime.hub, gate)
     origins = origin_matcher(settings.cors_origin_list)
 
     @api.websocket("/ws/session/{session_id}")
@@ -68,7 +65,8 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
             session_id,
             service=api.state.runtime.service,
             gate=gate,
-            hub=hub,
+            hub=api.state.runtime.hub,
+            open_clients=plain_clients,
             origin_allowed=origins,
             packet_limit=settings.packet_limit,
             send_limit=settings.send_queue_limit_bytes,
@@ -76,7 +74,7 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
 
     app = socketio.ASGIApp(sio, other_asgi_app=api)
     app.api = api  # the runner reaches the runtime through it to drain turns before connections close
-    app.plain_hub = hub
+    app.plain_clients = plain_clients
     return app
 
 
@@ -185,7 +183,7 @@ async def prepare_shutdown(app: Any) -> None:
     if runtime is not None:
         await runtime.drain_turns()
     # Plain WebSocket clients get what is queued for them (the turns' `done`), then 1001.
-    plain = [client.closed for client in app.plain_hub.close_all(GOING_AWAY)]
+    plain = [client.closed for client in app.plain_clients.close_all(GOING_AWAY)]
     if plain:
         await asyncio.wait(plain, timeout=1)
     # An Engine.IO-level close wakes pending long-polls at once (instead of after the ping
@@ -193,4 +191,11 @@ async def prepare_shutdown(app: Any) -> None:
     await engineio.close_every_socket(app.engineio_server.eio, wait_seconds=1)
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    """`server.main:app`, built once, on first access (uvicorn's import string names it)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals().get("_app")
+    if built is None:
+        built = globals()["_app"] = create_app()
+    return built

@@ -7,16 +7,16 @@ import logging
 from dataclasses import dataclass
 
 import httpx
+from redis.asyncio import Redis
 
 from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
-from server.coordination.redis import RedisCoordination
+from server.coordination.redis import RedisCoordination, redis_client
 from server.core.conversation import ConversationService
 from server.core.limits import Limits
 from server.core.ports import (
     Coordination,
-    Emitter,
     MessageQuota,
     Metrics,
     ModelProvider,
@@ -30,6 +30,7 @@ from server.core.tools import ToolRegistry
 from server.metrics import PrometheusMetrics
 from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
 from server.providers.offline import OfflineProvider
+from server.rooms.hub import RoomHub
 from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
@@ -99,12 +100,37 @@ async def gemini_config(settings: Settings) -> GeminiConfig:
     )
 
 
-async def make_coordination(settings: Settings, tasks: TaskTracker) -> Coordination:
-    if settings.redis_url:
-        return await RedisCoordination.open(
-            settings.redis_url, settings.redis_channel, settings.turn_lock_seconds, tasks
-        )
-    return LocalCoordination()
+@dataclass
+class Shared:
+    """What processes share: their coordination and rooms, and a user's message limit."""
+
+    coordination: Coordination
+    hub: RoomHub
+    user_quota: MessageQuota
+    redis: Redis | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings, tasks: TaskTracker) -> Shared:
+        if not settings.redis_url:
+            return cls(LocalCoordination(), RoomHub(tasks), LocalQuota(settings.message_rate_limit))
+        redis = redis_client(settings.redis_url)
+        try:
+            coordination = await RedisCoordination.open(
+                redis, settings.redis_channel, settings.turn_lock_seconds, tasks
+            )
+        except BaseException:
+            await redis.aclose()
+            raise
+        hub = RoomHub(tasks, fanout=coordination.rooms)
+        # A user's limit counts their messages on every process (the socket's stays local).
+        quota = RedisQuota(settings.redis_url, redis, settings.redis_channel, settings.message_rate_limit)
+        return cls(coordination, hub, quota, redis)
+
+    async def serve(self, service: ConversationService) -> None:
+        """Start the rooms' fan-out, once the service they catch up from is built."""
+        self.hub.catch_up_from(service)
+        if isinstance(self.coordination, RedisCoordination):
+            await self.coordination.serve_rooms(self.hub)
 
 
 @dataclass
@@ -112,19 +138,26 @@ class Runtime:
     settings: Settings
     repo: Repository
     provider: ModelProvider
-    coordination: Coordination
+    shared: Shared
     http: httpx.AsyncClient
     tasks: TaskTracker
     service: ConversationService
-    user_quota: MessageQuota
     outbox: SqliteOutbox | None = None
     mcp: McpTools | None = None
 
+    @property
+    def hub(self) -> RoomHub:
+        return self.shared.hub
+
+    @property
+    def coordination(self) -> Coordination:
+        return self.shared.coordination
+
     @classmethod
-    async def start(cls, settings: Settings, emitter: Emitter, metrics: PrometheusMetrics) -> Runtime:
+    async def start(cls, settings: Settings, metrics: PrometheusMetrics) -> Runtime:
         tasks = TaskTracker()
         provider = await make_provider(settings, metrics)
-        coordination = await make_coordination(settings, tasks)
+        shared = await Shared.open(settings, tasks)
         repo = MeasuredRepository(await open_repository(settings), metrics)
         # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
         outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
@@ -132,18 +165,12 @@ class Runtime:
         tools = ToolRegistry([weather_tool(http, settings.weather_geocoding_url, settings.weather_forecast_url)])
         metrics.declare_tools(spec.name for spec in tools.specs)
         mcp = await _start_mcp(settings, tools, metrics)
-        # A user's limit counts their messages on every process (the socket's stays local).
-        user_quota: MessageQuota = (
-            RedisQuota(settings.redis_url, settings.redis_channel, settings.message_rate_limit)
-            if settings.redis_url
-            else LocalQuota(settings.message_rate_limit)
-        )
         service = ConversationService(
             repo=repo,
             provider=provider,
             tools=tools,
-            emitter=emitter,
-            coordination=coordination,
+            emitter=shared.hub,
+            coordination=shared.coordination,
             tasks=tasks,
             limits=Limits(
                 max_message_chars=settings.max_message_chars,
@@ -156,9 +183,11 @@ class Runtime:
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
             outbox=MeasuredOutbox(outbox, metrics) if outbox is not None else None,
-            user_quota=user_quota,
+            user_quota=shared.user_quota,
             metrics=metrics,
         )
+        service.start()
+        await shared.serve(service)
         log.info(
             "serving with provider=%s%s storage=%s%s",
             provider.name,
@@ -166,7 +195,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, coordination, http, tasks, service, user_quota, outbox, mcp)
+        return cls(settings, repo, provider, shared, http, tasks, service, outbox, mcp)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -200,6 +229,7 @@ class Runtime:
             await self.mcp.aclose()  # its stdio servers are stopped with it
         await self.service.disconnect_all()
         await self.service.close_storage()
+        await self.hub.close()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)
         if self.service.queued_events and self.outbox is not None:
             log.error("%d events stay in the local queue (%s)", self.service.queued_events, self.outbox.path)
@@ -208,9 +238,11 @@ class Runtime:
             self.provider.aclose,
             self.http.aclose,
             self.coordination.aclose,
-            self.user_quota.aclose,
+            self.shared.user_quota.aclose,
             self.repo.aclose,
         ]
+        if self.shared.redis is not None:
+            closers.append(self.shared.redis.aclose)
         if self.outbox is not None:
             closers.append(self.outbox.aclose)
         for close in closers:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.coordination.redis import RedisCoordination
+from server.coordination.redis import RedisCoordination, redis_client
 from server.core.tasks import TaskTracker
 from tests.conftest import ServerFactory, TabFactory
 from tests.harness import REDIS_URL, ROOT, RunningServer, Tab
@@ -59,7 +59,7 @@ async def test_a_turn_taken_for_dead_and_ended_elsewhere_stops_without_a_done_of
     # Another process takes this one for dead (its heartbeat late) and ends the turn: it claims the
     # lock, stores the answer, sends the turn's one `done` (here: notes it), and frees the session.
     tasks = TaskTracker()
-    other = await RedisCoordination.open(REDIS_URL, redis_channel, 0.6, tasks)
+    other = await RedisCoordination.open(redis_client(REDIS_URL), redis_channel, 0.6, tasks)
     ended: list[tuple[str, str]] = []
 
     async def end(session_id: str, turn_id: str, text: str) -> None:
@@ -79,13 +79,14 @@ async def test_a_turn_taken_for_dead_and_ended_elsewhere_stops_without_a_done_of
         assert (await tab.call("message", {"session_id": sid, "text": "again"}))["ok"]
     finally:
         await other.aclose()
+        await other._redis.aclose()
         await tasks.close()
 
 
 async def test_a_turn_ended_elsewhere_before_its_own_end_sends_no_done(redis_channel: str) -> None:
     tasks = TaskTracker()
-    mine = await RedisCoordination.open(REDIS_URL, redis_channel, 15, tasks)
-    other = await RedisCoordination.open(REDIS_URL, redis_channel, 15, tasks)
+    mine = await RedisCoordination.open(redis_client(REDIS_URL), redis_channel, 15, tasks)
+    other = await RedisCoordination.open(redis_client(REDIS_URL), redis_channel, 15, tasks)
     ended: list[str] = []
 
     async def end(session_id: str, turn_id: str, text: str) -> None:
@@ -107,7 +108,9 @@ async def test_a_turn_ended_elsewhere_before_its_own_end_sends_no_done(redis_cha
         assert await other.running_turn("s2") is None
     finally:
         await mine.aclose()
+        await mine._redis.aclose()
         await other.aclose()
+        await other._redis.aclose()
         await tasks.close()
 
 
@@ -115,7 +118,7 @@ async def test_a_background_loop_that_fails_is_logged_and_goes_on(
     redis_channel: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tasks = TaskTracker()
-    coordination = await RedisCoordination.open(REDIS_URL, redis_channel, 0.3, tasks)
+    coordination = await RedisCoordination.open(redis_client(REDIS_URL), redis_channel, 0.3, tasks)
     beat = coordination._beat
     beats = 0
 
@@ -137,6 +140,7 @@ async def test_a_background_loop_that_fails_is_logged_and_goes_on(
         assert "RuntimeError: not a Redis error" in caplog.text
     finally:
         await coordination.aclose()
+        await coordination._redis.aclose()
         await tasks.close()
 
 

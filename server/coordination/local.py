@@ -8,7 +8,7 @@ from collections import defaultdict
 from datetime import datetime
 
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler, LostHandler, OrphanHandler
+from server.core.ports import CancelHandler, LostHandler, OrphanHandler, RunningTextHandler
 
 # The longest a turn asked for waits for an ending turn's release (it takes one await, or one Redis
 # round trip): past it, `busy`.
@@ -52,13 +52,6 @@ class LocalCoordination:
 
     single_process = True
 
-    def chunks_stay_local(self, session_id: str) -> bool:
-        return True
-
-    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
-        # One process: the core reads its own running turns directly.
-        return None
-
     async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
         return None
 
@@ -68,6 +61,9 @@ class LocalCoordination:
 
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
+
+    def on_running_text(self, handler: RunningTextHandler) -> None:
+        return None  # one process: the core reads its own running turns directly
 
     def on_turn_lost(self, handler: LostHandler) -> None:
         return None  # a lock in this process's memory does not expire

@@ -10,19 +10,17 @@ from __future__ import annotations
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis
 
 
 class RedisQuota:
-    def __init__(self, url: str, prefix: str, per_minute: int) -> None:
-        self._pool = BlockingConnectionPool.from_url(
-            url, max_connections=16, timeout=2, socket_timeout=2, socket_connect_timeout=2
-        )
+    def __init__(self, url: str, redis: Redis, prefix: str, per_minute: int) -> None:
+        """On the process's one Redis client (its pool); the URL only names the storage for `limits`."""
         storage = RedisStorage(
             "async+" + url if not url.startswith("async+") else url,
             implementation="redispy",
             key_prefix=f"{prefix}:quota",
-            connection_pool=self._pool,  # type: ignore[arg-type]
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
         )
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._item = RateLimitItemPerMinute(per_minute)
@@ -34,4 +32,4 @@ class RedisQuota:
         await self._limiter.hit(self._item, key, cost=-1)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        return None  # the pool is the process's, closed with its client

@@ -1,30 +1,29 @@
-"""Coordination across processes on Redis: the turn lock, cancel, presence, running text, summaries.
+"""Coordination across processes on Redis: the turn lock, presence, the turns of dead processes,
+summaries. The session rooms and the requests to a turn's process are coordination/redis_rooms.py.
 
 Keys (under the `REDIS_CHANNEL` prefix):
 - `turn:{session}` = "{turn_id} {process}": the one-turn lock, with an expiry its process renews;
+  `ending:{session}` while its turn sends its `done`, and `released:{session}`, a list pushed when
+  it is then released, which a `message` arriving meanwhile waits on (a blocking read);
 - `turns:{process}`: hash session -> turn_id of the turns a process runs, and `procs`: the set of
   processes that may have some. A process whose heartbeat expired is dead: another one claims each
   of its turns (the lock becomes "{turn_id} recover:{claimer}", before it could expire), ends it as
   interrupted, and frees the lock, so the session takes messages again;
-- `text:{session}:{turn}` and `count:{session}:{turn}`: the text streamed so far and its chunk
-  count, appended in small batches, for a tab that joins on another process;
-- `members:{session}`: hash socket -> process; `proc:{process}`: a heartbeat with an expiry (a
+- `text:{session}:{turn}`: the text streamed so far of a turn whose session has a member on another
+  process (kept by redis_rooms.py), for whoever ends it should its process die;
+- `members:{session}`: hash member -> process; `proc:{process}`: a heartbeat with an expiry (a
   third of the lock's, so a dead process is found while its locks still hold). A member whose
   process stopped beating is counted out, so a crashed process leaves no ghosts;
-- `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying;
-- channel `{prefix}:cancel`: a `cancel` received anywhere reaches the process running the turn;
-- channel `{prefix}:share`: a tab joined another process mid-turn, so the turn's chunks must be
-  published there too (chunks stay in their process while no other one serves the session).
+- `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -32,14 +31,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from server.coordination.local import ENDING_WAIT_SECONDS
+from server.coordination.redis_rooms import RedisRooms
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler, LostHandler, OrphanHandler
+from server.core.ports import CancelHandler, LostHandler, OrphanHandler, RunningTextHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
+from server.rooms.hub import RoomHub
 
 log = logging.getLogger(__name__)
 
-CHUNK_FLUSH_SECONDS = 0.02
-RUNNING_TEXT_SECONDS = 600
 SUMMARY_CLAIM_SECONDS = 600
 MIN_BEAT_MS = 2000
 # A dead process's turns end within ~1 s of this (the contract's bound is 20 s).
@@ -75,13 +74,18 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return 0
 """
-# KEYS: lock, text, count, ending, the process's turns. ARGV: holder, session, turn.
+# KEYS: lock, text, ending, the process's turns, released. ARGV: holder, session, turn. A `message`
+# that came while the turn was ending waits on `released`.
 _RELEASE = """
-if redis.call('HGET', KEYS[5], ARGV[2]) == ARGV[3] then
-  redis.call('HDEL', KEYS[5], ARGV[2])
+if redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', KEYS[4], ARGV[2])
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  if redis.call('DEL', KEYS[3]) == 1 then
+    redis.call('RPUSH', KEYS[5], '1')
+    redis.call('PEXPIRE', KEYS[5], 2000)
+  end
+  return redis.call('DEL', KEYS[1], KEYS[2])
 end
 return 0
 """
@@ -144,18 +148,16 @@ class RedisCoordination:
         # under 2 s, so a busy process is not taken for dead: a lock that short may lapse first.
         self._beat_ms = min(max(MIN_BEAT_MS, self._lock_ms // 3), MAX_BEAT_MS)
         self._process = uuid.uuid4().hex[:12]
+        self.rooms = RedisRooms(redis, prefix, self._process, tasks)
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
-        self._chunks: dict[tuple[str, str], tuple[list[str], int]] = {}
         self._cancel_handlers: list[CancelHandler] = []
         self._lost_handlers: list[LostHandler] = []
         self._orphan_handlers: list[OrphanHandler] = []
+        self._running_text: RunningTextHandler | None = None
         self._ending_orphans: set[tuple[str, str]] = set()
         self._leaving: set[tuple[str, str]] = set()
         self._releasing: dict[str, tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._chunks_ready = asyncio.Event()
-        self._storing = asyncio.Lock()  # batches of running text are appended in order
-        self._shared: set[str] = set()
         self._members_script = redis.register_script(_MEMBERS)
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._claim_script = redis.register_script(_CLAIM)
@@ -165,22 +167,11 @@ class RedisCoordination:
         self._renew_script = redis.register_script(_RENEW)
 
     @classmethod
-    async def open(cls, url: str, prefix: str, lock_seconds: float, tasks: TaskTracker) -> RedisCoordination:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=64,  # a bounded pool that waits: the default one fails past 100 at once
-            timeout=2,
-            decode_responses=True,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-            health_check_interval=10,
-        )
-        redis = Redis.from_pool(pool)
+    async def open(cls, redis: Redis, prefix: str, lock_seconds: float, tasks: TaskTracker) -> RedisCoordination:
+        """On the process's one Redis client (`redis_client`); fails the start when Redis cannot be reached."""
         coordination = cls(redis, prefix, lock_seconds, tasks)
-        await coordination._beat()  # fails the start when Redis cannot be reached
+        await coordination._beat()
         coordination._spawn(coordination._beat_forever(), "redis heartbeat")
-        coordination._spawn(coordination._listen(), "redis listener")
-        coordination._spawn(coordination._flush_chunks_forever(), "redis running text")
         return coordination
 
     def _key(self, *parts: str) -> str:
@@ -215,7 +206,7 @@ class RedisCoordination:
         except RedisError:
             processes = ["unknown"]
         if any(process != self._process for process in processes):
-            self._shared.add(session_id)
+            self.rooms.share(session_id)
         return True
 
     async def _renew_forever(self, session_id: str, turn_id: str, holder: str) -> None:
@@ -240,12 +231,17 @@ class RedisCoordination:
                 return
 
     async def _take_after_ending(self, session_id: str, turn_id: str, holder: str) -> bool:
-        """The lock, when its turn is publishing its `done`: it is released a round trip later."""
-        deadline = asyncio.get_running_loop().time() + ENDING_WAIT_SECONDS
+        """The lock, when its turn is sending its `done`: it is released a round trip later."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ENDING_WAIT_SECONDS
         while await self._redis.exists(self._key("ending", session_id)):
-            if asyncio.get_running_loop().time() > deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return False
-            await asyncio.sleep(0.005)
+            # Under the connections' 2 s read timeout; a stale push only means one more look.
+            await self._redis.blpop([self._key("released", session_id)], timeout=min(remaining, 1.5))
+            if await self._take(session_id, turn_id, holder):
+                return True
         return await self._take(session_id, turn_id, holder)
 
     async def turn_ending(self, session_id: str, turn_id: str) -> bool:
@@ -268,8 +264,7 @@ class RedisCoordination:
             return
         holder, renewal = self._held.pop(session_id)
         renewal.cancel()
-        self._shared.discard(session_id)
-        self._chunks.pop((session_id, turn_id), None)
+        self.rooms.unshare(session_id)
         await self._release(session_id, turn_id, holder)
 
     async def _release(self, session_id: str, turn_id: str, holder: str) -> None:
@@ -278,9 +273,9 @@ class RedisCoordination:
                 keys=[
                     self._key("turn", session_id),
                     self._key("text", session_id, turn_id),
-                    self._key("count", session_id, turn_id),
                     self._key("ending", session_id),
                     self._key("turns", self._process),
+                    self._key("released", session_id),
                 ],
                 args=[holder, session_id, turn_id],
             )
@@ -292,93 +287,42 @@ class RedisCoordination:
         holder = await self._redis.get(self._key("turn", session_id))
         return str(holder).split(" ")[0] if holder else None
 
-    # ------------------------------------------------------------------ the running text
-
     single_process = False
 
-    def chunks_stay_local(self, session_id: str) -> bool:
-        # Chunks are the bulk of the traffic: published to the other processes only when one of
-        # them serves a client of the session (told at turn start, or by a tab joining there).
-        return session_id not in self._shared
+    # ------------------------------------------------------------------ the process running a turn
 
-    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
-        parts, _ = self._chunks.get((session_id, turn_id), ([], 0))
-        parts.append(text)
-        self._chunks[(session_id, turn_id)] = (parts, index + 1)
-        self._chunks_ready.set()
-
-    async def _flush_chunks_forever(self) -> None:
-        while True:
-            await self._chunks_ready.wait()
-            await asyncio.sleep(CHUNK_FLUSH_SECONDS)  # gather a batch
-            self._chunks_ready.clear()
-            try:
-                await self._store_chunks(lambda _session: True)
-            except RedisError:
-                await asyncio.sleep(1)
-            except Exception:
-                log.exception("storing the running text in Redis failed; trying again")
-                await asyncio.sleep(1)
-
-    async def _store_chunks(self, which: Callable[[str], bool]) -> None:
-        """Append the buffered text of the sessions `which` selects, in order with earlier batches."""
-        async with self._storing:
-            batch = {key: value for key, value in self._chunks.items() if which(key[0])}
-            for key in batch:
-                del self._chunks[key]
-            if not batch:
-                return
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for (session_id, turn_id), (parts, count) in batch.items():
-                        text_key = self._key("text", session_id, turn_id)
-                        count_key = self._key("count", session_id, turn_id)
-                        pipe.append(text_key, "".join(parts))
-                        pipe.set(count_key, count)
-                        pipe.expire(text_key, RUNNING_TEXT_SECONDS)
-                        pipe.expire(count_key, RUNNING_TEXT_SECONDS)
-                    await pipe.execute()
-            except RedisError as exc:
-                log.warning("cannot store the running text of %d turns: %s", len(batch), exc)
-                for key, (parts, count) in batch.items():  # keep it for the next try, in order
-                    later, later_count = self._chunks.get(key, ([], count))
-                    self._chunks[key] = ([*parts, *later], max(count, later_count))
-                self._chunks_ready.set()
-                raise
-
-    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+    async def _running_elsewhere(self, session_id: str) -> tuple[str, str] | None:
+        """(turn, process) of the session's turn when a live process other than this one runs it."""
         holder = await self._redis.get(self._key("turn", session_id))
         if not holder:
             return None
         turn_id, _, process = str(holder).partition(" ")
-        if process == self._process:
-            return None  # the core reads its own turns directly
-        if process.startswith("recover:") or not await self._redis.exists(self._key("proc", process)):
+        if process == self._process or process.startswith("recover:"):
+            return None  # the core reads its own turns; a recovered one is being ended
+        if not await self._redis.exists(self._key("proc", process)):
             return None  # its process died: the turn is being ended as interrupted
-        # This tab is in the room already. Ask the process running the turn to publish its chunks
-        # from now on and to store the text it streamed so far; once it says it did, that text
-        # and the live chunks together miss nothing.
-        request = uuid.uuid4().hex
-        await self._redis.publish(self._key("share"), json.dumps({"session_id": session_id, "request": request}))
-        ack = self._key("shared", session_id, request)
-        for _ in range(50):
-            if await self._redis.exists(ack):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            log.warning("the process running session %s's turn did not answer; its text may lag", session_id)
-        text, count = await self._redis.mget(
-            self._key("text", session_id, turn_id), self._key("count", session_id, turn_id)
-        )
-        return ActiveTurn(turn_id=turn_id, text=text or "", next_index=int(count) if count else 0)
+        return turn_id, process
 
-    # ------------------------------------------------------------------ cancel
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        running = await self._running_elsewhere(session_id)
+        if running is None:
+            return None
+        turn_id, process = running
+        # This tab is in the room already, so the chunks its process sends from now on reach it.
+        return await self.rooms.running_text(process, session_id, turn_id)
 
     async def request_cancel(self, session_id: str, turn_id: str) -> None:
-        await self._redis.publish(self._key("cancel"), json.dumps({"session_id": session_id, "turn_id": turn_id}))
+        running = await self._running_elsewhere(session_id)
+        if running is not None and running[0] == turn_id:
+            await self.rooms.request_cancel(running[1], session_id, turn_id)
+        elif running is None:
+            await self._cancel(session_id, turn_id)  # this process's own
 
     def on_cancel(self, handler: CancelHandler) -> None:
         self._cancel_handlers.append(handler)
+
+    def on_running_text(self, handler: RunningTextHandler) -> None:
+        self._running_text = handler
 
     def on_turn_lost(self, handler: LostHandler) -> None:
         self._lost_handlers.append(handler)
@@ -386,46 +330,17 @@ class RedisCoordination:
     def on_turn_orphaned(self, handler: OrphanHandler) -> None:
         self._orphan_handlers.append(handler)
 
-    async def _listen(self) -> None:
-        cancel, share = self._key("cancel"), self._key("share")
-        backoff = 0.5
-        while True:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(cancel, share)
-                    backoff = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        try:
-                            request = json.loads(message["data"])
-                            session_id = str(request["session_id"])
-                            if message["channel"] == cancel:
-                                await self._cancel(session_id, str(request["turn_id"]))
-                            else:
-                                await self._share(session_id, str(request["request"]))
-                        except (ValueError, KeyError, TypeError):
-                            log.warning("ignoring a malformed message on %s", message.get("channel"))
-            except (RedisError, OSError) as exc:
-                log.warning("Redis listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10)
-            except Exception:
-                # Without it no cancel or catch-up request reaches this process: listen again.
-                log.exception("the Redis listener failed; listening again in %.1f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10)
-
     async def _cancel(self, session_id: str, turn_id: str) -> None:
         for handler in self._cancel_handlers:
             await handler(session_id, turn_id)
 
-    async def _share(self, session_id: str, request: str) -> None:
-        if session_id not in self._held:
-            return
-        self._shared.add(session_id)  # first: every chunk from now on is published
-        await self._store_chunks(lambda other: other == session_id)  # then: every chunk before is stored
-        await self._redis.set(self._key("shared", session_id, request), "1", ex=30)
+    def running_text_here(self, session_id: str) -> ActiveTurn | None:
+        return self._running_text(session_id) if self._running_text is not None else None
+
+    async def serve_rooms(self, hub: RoomHub) -> None:
+        """Fan the hub's rooms out over Redis; return once subscribed."""
+        self.rooms.attach(hub, self._cancel, self.running_text_here)
+        await self.rooms.start()
 
     # ------------------------------------------------------------------ presence
 
@@ -560,10 +475,24 @@ class RedisCoordination:
     async def aclose(self) -> None:
         self._lost_handlers.clear()
         self._orphan_handlers.clear()
+        await self.rooms.aclose()
         await cancel_and_wait({*self._background, *(renewal for _, renewal in self._held.values())})
         with contextlib.suppress(RedisError):
             await self._redis.delete(self._key("proc", self._process))
             if not await self._redis.hlen(self._key("turns", self._process)):
                 await self._redis.srem(self._key("procs"), self._process)
-        await self._redis.aclose()
         self._cancel_handlers.clear()
+
+
+def redis_client(url: str) -> Redis:
+    """The process's one Redis client: its pool serves the coordination, the rooms and the quota."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=64,  # a bounded pool that waits: the default one fails past 100 at once
+        timeout=2,
+        decode_responses=True,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+    )
+    return Redis.from_pool(pool)

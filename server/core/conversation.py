@@ -28,10 +28,11 @@ from server.core.ports import (
 )
 from server.core.rate_limit import LocalQuota, RateLimiter
 from server.core.recovery import TurnEnder
+from server.core.redelivery import Missed, as_live, user_message_key
 from server.core.summaries import SummaryScheduler
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolRegistry
-from server.core.turn import MessageAccepted, RunningTurns, Turn, TurnBusy, TurnContext, user_message_key
+from server.core.turn import MessageAccepted, RunningTurns, Turn, TurnBusy, TurnContext
 from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ class ConversationService:
         self._writer = OrderedWriter(self._store, tasks)
         self._history = HistoryCache(repo, self._store, sole_writer=coordination.single_process)
         self._store.on_stored(self._history.remember)
-        self._store.start()
         self._rate = RateLimiter(limits.messages_per_minute)
         self._user_quota = user_quota or LocalQuota(limits.messages_per_minute)
         self._joined: defaultdict[str, set[str]] = defaultdict(set)  # member -> its sessions
@@ -93,7 +93,7 @@ class ConversationService:
             provider=provider,
             tools=tools,
             emitter=emitter,
-            coordination=coordination,
+            locks=coordination,
             writer=self._writer,
             history=self._history,
             limits=limits,
@@ -113,17 +113,21 @@ class ConversationService:
             metrics=metrics,
         )
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
-        self._listen_to(coordination, tasks)
-        self.summaries.start()
-
-    def _listen_to(self, coordination: Coordination, tasks: TaskTracker) -> None:
-        coordination.on_cancel(self._cancel_here)
-        coordination.on_turn_lost(self._turn_lost)
-        coordination.on_turn_orphaned(self._end_orphaned)
+        self._tasks = tasks
         # Set once the turns a crash left open are ended: no turn starts before.
         self._recovered = asyncio.Event()
+        self._sweep: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background work: storage's queue, the summaries, the sweep of cut-off turns."""
+        self._coordination.on_cancel(self._cancel_here)
+        self._coordination.on_running_text(self._running_text)
+        self._coordination.on_turn_lost(self._turn_lost)
+        self._coordination.on_turn_orphaned(self._end_orphaned)
+        self._store.start()
+        self.summaries.start()
         # A loop, cancelled at shutdown: storage may be away for long.
-        self._sweep = tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
+        self._sweep = self._tasks.spawn_loop(self._end_cut_off_turns(), "end cut-off turns")
 
     # ------------------------------------------------------------------ join
 
@@ -144,7 +148,8 @@ class ConversationService:
             await self._refuse_over_session_cap(session_id, owner)
         try:
             session, history = await self._open_session(session_id, user_id, after_event_id, owner)
-            active = await self._enter(member, session_id)
+            history_end = history[-1].event_id if history else after_event_id
+            active = await self._enter(member, session_id, history_end)
         finally:
             self._joining[member].discard(session_id)
             if not self._joining[member]:
@@ -182,13 +187,13 @@ class ConversationService:
             self._history.note(session_id, history)
         return session, history
 
-    async def _enter(self, member: str, session_id: str) -> ActiveTurn | None:
+    async def _enter(self, member: str, session_id: str, history_end: int | None) -> ActiveTurn | None:
         """Put the member in the session's room; the session's running turn, if any."""
         newly = session_id not in self._joined[member]
-        if newly:
-            self._joined[member].add(session_id)
-            await self._emitter.add_member(member, session_id)
         try:
+            if newly:
+                self._joined[member].add(session_id)
+                await self._emitter.add_member(member, session_id, history_end=history_end)
             clients = await self._coordination.add_member(session_id, member)
             # Taken right after entering the room: every chunk is in this text or reaches the
             # socket live, and `next_index` tells the client which live chunks to drop.
@@ -253,7 +258,7 @@ class ConversationService:
         if retried is not None:
             return await asyncio.shield(retried.accepted)
         try:
-            earlier = await self._store.find(session_id, user_message_key(client_message_id))
+            earlier = await self._store.find(session_id, user_message_key("", client_message_id))
         except StorageUnavailable:
             raise storage_unavailable() from None
         if earlier is None or earlier.turn_id is None:
@@ -361,7 +366,24 @@ class ConversationService:
             raise ServiceError(ErrorCode.NOT_JOINED, "join the session first")
         return session_id
 
+    # ------------------------------------------------------------------ what a room missed
+
+    async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]:
+        """The session's stored events after `after_event_id`, as the live events they were."""
+        try:
+            rows = await self._repo.list_events(session_id, after_event_id)
+        except StorageUnavailable:
+            raise storage_unavailable() from None
+        return [missed for missed in map(as_live, rows) if missed is not None]
+
+    async def presence(self, session_id: str) -> PresenceEvent:
+        return PresenceEvent(session_id=session_id, clients=await self._coordination.member_count(session_id))
+
     # ------------------------------------------------------------------ turns of other processes
+
+    def _running_text(self, session_id: str) -> ActiveTurn | None:
+        turn = self._turns.get(session_id)
+        return turn.snapshot() if turn is not None else None
 
     async def _cancel_here(self, session_id: str, turn_id: str) -> None:
         turn = self._turns.get(session_id)
@@ -474,7 +496,8 @@ class ConversationService:
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""
         self._turns.closing = True
-        self._sweep.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
         ending = []
         for turn in self._turns:
             turn.stop("shutdown")

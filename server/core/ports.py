@@ -212,13 +212,13 @@ class Outbox(Protocol):
 
 
 class Emitter(Protocol):
-    """Delivers events to every client of a session (the Socket.IO room is one implementation)."""
+    """Delivers events to every client of a session, on every process (rooms/hub.py)."""
 
-    async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
-        """Deliver to the session's clients; `local`: only those connected to this process."""
+    async def publish(self, session_id: str, event: TurnEvent) -> None: ...
+
+    async def add_member(self, member: str, session_id: str, *, history_end: int | None = None) -> None:
+        """Put the member in the session's room; `history_end`: the last stored event its join gave it."""
         ...
-
-    async def add_member(self, member: str, session_id: str) -> None: ...
 
     async def remove_member(self, member: str, session_id: str) -> None: ...
 
@@ -230,6 +230,8 @@ CancelHandler = Callable[[str, str], Awaitable[None]]
 LostHandler = Callable[[str, str, bool], Awaitable[None]]
 # (session_id, turn_id, text streamed so far): see `Coordination.on_turn_orphaned`.
 OrphanHandler = Callable[[str, str, str], Awaitable[None]]
+# session_id -> the turn running here in it, as a tab joining elsewhere needs it (None: none here).
+RunningTextHandler = Callable[[str], ActiveTurn | None]
 
 
 class MessageQuota(Protocol):
@@ -249,8 +251,8 @@ class MessageQuota(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Coordination(Protocol):
-    """State shared by every process serving a session: in one process, or across many on Redis."""
+class TurnLocks(Protocol):
+    """One turn at a time per session, over every process; the turns of processes that died."""
 
     # True when this process is the only one serving sessions: then nothing but this process
     # writes a session's events, and what it has read and written of a session is all of it.
@@ -275,27 +277,6 @@ class Coordination(Protocol):
         """Whether no other live process serves sessions now (always, for one process)."""
         ...
 
-    def chunks_stay_local(self, session_id: str) -> bool:
-        """True while no other process serves a client of the session (no I/O: on the chunk path)."""
-        ...
-
-    def record_chunk(self, session_id: str, turn_id: str, index: int, text: str) -> None:
-        """Note a chunk of a turn running here, for tabs joining on other processes.
-
-        On the chunk hot path: must not block (a shared implementation buffers or batches).
-        """
-        ...
-
-    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
-        """The text so far of the session's turn when it runs in another process, else None."""
-        ...
-
-    async def request_cancel(self, session_id: str, turn_id: str) -> None:
-        """Ask whichever process runs the turn to cancel it (it calls the `on_cancel` handler)."""
-        ...
-
-    def on_cancel(self, handler: CancelHandler) -> None: ...
-
     def on_turn_lost(self, handler: LostHandler) -> None:
         """Call `handler(session_id, turn_id, ended_elsewhere)` when a turn held here lost its lock
         (it expired, so another process may hold it now): the turn must stop. `ended_elsewhere`:
@@ -309,6 +290,29 @@ class Coordination(Protocol):
         handler returns (an exception leaves the turn to be handed over again a little later)."""
         ...
 
+
+class TurnRequests(Protocol):
+    """What a client on any process asks of the process running a turn."""
+
+    async def request_cancel(self, session_id: str, turn_id: str) -> None:
+        """Ask whichever process runs the turn to cancel it (it calls the `on_cancel` handler)."""
+        ...
+
+    def on_cancel(self, handler: CancelHandler) -> None: ...
+
+    async def turn_snapshot(self, session_id: str) -> ActiveTurn | None:
+        """The text so far of the session's turn when it runs in another process, else None. The
+        caller's member is in the room already: that process's chunks from now on reach it."""
+        ...
+
+    def on_running_text(self, handler: RunningTextHandler) -> None:
+        """How this process answers `turn_snapshot` asked elsewhere of one of its turns."""
+        ...
+
+
+class Presence(Protocol):
+    """How many clients are in a session, over every process."""
+
     async def add_member(self, session_id: str, member: str) -> int | None:
         """Count the member in; the new count, or None when it was already in."""
         ...
@@ -319,9 +323,16 @@ class Coordination(Protocol):
 
     async def member_count(self, session_id: str) -> int: ...
 
+
+class SummaryClaims(Protocol):
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
         """True for exactly one caller per emptying of a session."""
         ...
+
+
+class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, Protocol):
+    """State shared by every process serving a session: in one process, or across many on Redis.
+    Each part of the core takes the concern it uses (a turn: `TurnLocks`; summaries: `SummaryClaims`)."""
 
     async def ping(self) -> None:
         """Raise when the shared state cannot be reached."""

@@ -24,6 +24,7 @@ from server.core.models import (
     utc_now,
 )
 from server.core.ports import Emitter, Metrics, Repository, ToolResultItem
+from server.core.redelivery import answer_key, tool_result_key
 from server.core.replay import tool_result_content
 from server.core.writer import OrderedWriter
 
@@ -60,7 +61,7 @@ class TurnEnder:
             session_id=session_id,
             event_type=EventType.AI_MESSAGE,
             content=text,
-            event_key=f"ai:{turn_id}",
+            event_key=answer_key(turn_id),
             turn_id=turn_id,
             timestamp=utc_now(),
             finish_reason="error",
@@ -107,7 +108,7 @@ class TurnEnder:
             session_id=session_id,
             event_type=event_type,
             content=tool_result_content(result),
-            event_key=f"tool_result:{turn_id}:{result.call_id}",
+            event_key=tool_result_key(turn_id, result.call_id),
             turn_id=turn_id,
             timestamp=utc_now(),
         )

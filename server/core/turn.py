@@ -43,7 +43,6 @@ from server.core.models import (
 )
 from server.core.ports import (
     ConversationItem,
-    Coordination,
     Emitter,
     Finished,
     Metrics,
@@ -57,8 +56,10 @@ from server.core.ports import (
     ToolCallItem,
     ToolCallRequest,
     ToolResultItem,
+    TurnLocks,
     UsageReport,
 )
+from server.core.redelivery import answer_key, tool_call_key, tool_result_key, user_message_key
 from server.core.replay import tool_call_content, tool_result_content
 from server.core.snapshot import Snapshot
 from server.core.tasks import TaskTracker
@@ -83,11 +84,6 @@ class MessageAccepted:
 
 class TurnBusy(Exception):
     """Another turn holds the session's lock."""
-
-
-def user_message_key(client_message_id: str) -> str:
-    """The idempotency key of a user message that carries a client_message_id."""
-    return f"user:cmid:{client_message_id}"
 
 
 class RunningTurns:
@@ -118,7 +114,7 @@ class TurnContext:
     provider: ModelProvider
     tools: ToolRegistry
     emitter: Emitter
-    coordination: Coordination
+    locks: TurnLocks
     writer: OrderedWriter
     history: HistoryCache
     limits: Limits
@@ -137,7 +133,7 @@ class Turn:
         self.session_id = session_id
         self.turn_id = str(uuid.uuid4())
         self.client_message_id = client_message_id
-        key = user_message_key(client_message_id) if client_message_id is not None else f"user:turn:{self.turn_id}"
+        key = user_message_key(self.turn_id, client_message_id)
         self.question = EventDraft(
             session_id=session_id,
             event_type=EventType.USER_MESSAGE,
@@ -210,16 +206,16 @@ class Turn:
         return accepted
 
     async def _take_lock(self) -> None:
-        coordination = self._ctx.coordination
+        locks = self._ctx.locks
         try:
-            acquired = await coordination.acquire_turn(self.session_id, self.turn_id)
+            acquired = await locks.acquire_turn(self.session_id, self.turn_id)
         except Exception as exc:
             # Refused rather than run without the lock: another process might run a turn too.
             raise shared_state_unavailable(exc) from None
         if not acquired:
             raise TurnBusy
         if self._ctx.running.closing:
-            await coordination.release_turn(self.session_id, self.turn_id)
+            await locks.release_turn(self.session_id, self.turn_id)
             raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
     async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]]) -> ServiceError:
@@ -230,7 +226,7 @@ class Turn:
         await asyncio.wait([self._generation])
         self._chunks.close()
         self._ctx.running.discard(self)
-        await self._ctx.coordination.release_turn(self.session_id, self.turn_id)
+        await self._ctx.locks.release_turn(self.session_id, self.turn_id)
         error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
         self.accepted.set_exception(error)
         self.accepted.exception()  # retrieved: a concurrent retry re-raises it
@@ -310,12 +306,9 @@ class Turn:
     async def _send_chunk(self, text: str, stamp: float | None) -> None:
         index = len(self.parts)
         self.parts.append(text)
-        coordination = self._ctx.coordination
-        coordination.record_chunk(self.session_id, self.turn_id, index, text)
         await self._ctx.emitter.publish(
             self.session_id,
             ChunkEvent(session_id=self.session_id, turn_id=self.turn_id, index=index, text=text, ts=stamp),
-            local=coordination.chunks_stay_local(self.session_id),
         )
         self._ctx.metrics.chunk_sent()
         if index == 0:
@@ -333,7 +326,7 @@ class Turn:
         for call in calls:
             self._store(
                 EventType.TOOL_CALL,
-                f"tool_call:{self.turn_id}:{call.call_id}",
+                tool_call_key(self.turn_id, call.call_id),
                 tool_call_content(call, text_offset=text_offset),
             )
             await self._ctx.emitter.publish(
@@ -401,7 +394,7 @@ class Turn:
         self._ctx.metrics.tool_called(
             result.name if result.name in self._ctx.tools else "unknown", result.error is None
         )
-        self._store(EventType.TOOL_RESULT, f"tool_result:{self.turn_id}:{result.call_id}", tool_result_content(result))
+        self._store(EventType.TOOL_RESULT, tool_result_key(self.turn_id, result.call_id), tool_result_content(result))
         await self._ctx.emitter.publish(
             self.session_id,
             ToolResultEvent(
@@ -455,19 +448,19 @@ class Turn:
             self._chunks.close()
             self._ctx.running.discard(self)
             self._ctx.metrics.turn_ended(self.finish_reason)
-            await self._ctx.coordination.release_turn(self.session_id, self.turn_id)
+            await self._ctx.locks.release_turn(self.session_id, self.turn_id)
 
     async def _finish(self) -> None:
         self._settle()
         # Held text goes out before `done`, which repeats it (a timer mid-send finishes first).
         await self._chunks.flush()
-        write = self._store(EventType.AI_MESSAGE, f"ai:{self.turn_id}", self.text, ending=True)
+        write = self._store(EventType.AI_MESSAGE, answer_key(self.turn_id), self.text, ending=True)
         await asyncio.wait([write], timeout=self._ctx.limits.done_store_wait_seconds)
         stored = write.result() if write.done() and write.exception() is None else None
         if self.usage is not None:
             self._ctx.metrics.tokens_used(self.usage)
         # A client that sends once it has `done` must not find the lock still held: `busy`.
-        if not await self._ctx.coordination.turn_ending(self.session_id, self.turn_id):
+        if not await self._ctx.locks.turn_ending(self.session_id, self.turn_id):
             return  # ended elsewhere, taking this process for dead: its `done` went out there
         await self._ctx.emitter.publish(
             self.session_id,

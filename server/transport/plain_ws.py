@@ -6,9 +6,8 @@ one `ack` frame before any event it causes; the session's events arrive as `{eve
 with the Socket.IO events' payloads. Everything a transport shares (identity, limits, the error
 order) is transport/clients.py; this module decodes frames and encodes events.
 
-Delivery: `PlainHub.deliver` is called by the Socket.IO manager's room emit, which every event of a
-session passes through on every process (local ones and those read back from Redis), so plain
-clients on any process get the session's events, each encoded once for all of them.
+Delivery: each connection is a member of the service's rooms (rooms/hub.py), as a Socket.IO socket
+is; an event is encoded as a frame once for all the plain clients of a room.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import contextlib
 import json
 import logging
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
+from server.rooms.hub import Outgoing, RoomHub
 from server.transport import fast_json
 from server.transport.clients import REQUESTS, TOKEN_EXPIRED, ClientConnection, ConnectionGate
 from server.transport.tokens import bearer_token
@@ -68,14 +67,18 @@ class PlainClient:
         self._oversized_waiting = False
         self.dropped = asyncio.Event()  # it let more than the limit wait: disconnected
         self.ended = False  # `end` queued its last frames: nothing is sent after them
-        self.rooms: set[str] = set()  # the rooms the hub has it in
         self._writer: asyncio.Task[None] | None = None
 
     @property
-    def member(self) -> str:
+    def name(self) -> str:
+        """Its name in the core and the rooms."""
         return self.connection.member
 
-    def send(self, text: str) -> None:
+    async def send(self, event: Outgoing) -> None:
+        """An event of one of its rooms (the hub's `Member`)."""
+        self.put(event.encoded(frame))
+
+    def put(self, text: str) -> None:
         if self.ended or self.dropped.is_set() or not self._count(text):
             return
         if self._held is not None:
@@ -105,7 +108,7 @@ class PlainClient:
     def _drop(self) -> None:
         log.warning(
             "disconnecting plain WebSocket %s: more than %d bytes waited for it (it stopped reading)",
-            self.member,
+            self.name,
             self._limit,
         )
         self.dropped.set()
@@ -185,52 +188,20 @@ class PlainClient:
             return  # the client went away; the reader notices too
 
 
-class PlainHub:
-    """The plain WebSocket clients of this process, by the session rooms they are in."""
+class PlainClients:
+    """The plain WebSocket connections open in this process (shutdown closes them)."""
 
     def __init__(self) -> None:
-        self._clients: dict[str, PlainClient] = {}
-        self._rooms: defaultdict[str, set[PlainClient]] = defaultdict(set)
+        self._open: set[PlainClient] = set()
 
-    def knows(self, member: str) -> bool:
-        return member in self._clients
+    def add(self, client: PlainClient) -> None:
+        self._open.add(client)
 
-    def register(self, client: PlainClient) -> None:
-        self._clients[client.member] = client
-
-    def unregister(self, client: PlainClient) -> None:
-        self._clients.pop(client.member, None)
-
-    def enter(self, member: str, room: str) -> None:
-        client = self._clients.get(member)
-        if client is not None and not client.ended:
-            self._rooms[room].add(client)
-            client.rooms.add(room)
-
-    def leave(self, member: str, room: str) -> None:
-        clients, client = self._rooms.get(room), self._clients.get(member)
-        if clients is not None and client is not None:
-            clients.discard(client)
-            client.rooms.discard(room)
-            if not clients:
-                del self._rooms[room]
-
-    def leave_all(self, member: str) -> None:
-        client = self._clients.get(member)
-        for room in list(client.rooms if client is not None else ()):
-            self.leave(member, room)
-
-    def deliver(self, room: str, event: str, data: Any) -> None:
-        """An event of the room, for its plain clients here: encoded once, queued for each (no wait)."""
-        clients = self._rooms.get(room)
-        if not clients:
-            return
-        text = frame(event, data)
-        for client in clients:
-            client.send(text)
+    def discard(self, client: PlainClient) -> None:
+        self._open.discard(client)
 
     def close_all(self, code: int) -> list[PlainClient]:
-        clients = list(self._clients.values())
+        clients = list(self._open)
         for client in clients:
             client.close(code)
         return clients
@@ -242,7 +213,8 @@ async def serve_plain_client(
     *,
     service: ConversationService,
     gate: ConnectionGate,
-    hub: PlainHub,
+    hub: RoomHub,
+    open_clients: PlainClients,
     origin_allowed: Any,
     packet_limit: int,
     send_limit: int | None = None,
@@ -263,11 +235,12 @@ async def serve_plain_client(
         await _refuse(websocket, exc)
         return
     client = PlainClient(websocket, connection, send_limit)
-    hub.register(client)
+    hub.connect(client)
+    open_clients.add(client)
 
     def expire() -> None:
         # Out of its session's room at once; the error frame and 4401 are the last it gets.
-        hub.leave_all(member)
+        hub.disconnect(client)
         error = ServiceError(ErrorCode.UNAUTHORIZED, TOKEN_EXPIRED)
         client.end(frame("error", error.as_dict()), CLOSE_CODES[ErrorCode.UNAUTHORIZED], error.code.value)
 
@@ -281,7 +254,8 @@ async def serve_plain_client(
             await service.disconnect(member)  # closing is leaving: presence, the last-leave summary
         except Exception:
             log.exception("failed to clean up after %s disconnected", member)
-        hub.unregister(client)
+        hub.disconnect(client)
+        open_clients.discard(client)
         gate.release(connection)
         client.close(1000)
         await asyncio.wait([writer])  # a dropped client's writer ends cancelled
@@ -327,7 +301,7 @@ async def _read(client: PlainClient, service: ConversationService, session_id: s
         text, data = received.get("text"), received.get("bytes")
         size = len(text) if text is not None else len(data or b"")
         if size > packet_limit:
-            log.info("closing plain WebSocket %s: a frame of %d characters", client.member, size)
+            log.info("closing plain WebSocket %s: a frame of %d characters", client.name, size)
             client.close(MESSAGE_TOO_BIG)
             return
         request, payload, problem = _command(text, session_id)

@@ -1,4 +1,4 @@
-"""The Socket.IO layer: translates client events to the core and core events to rooms."""
+"""The Socket.IO layer: client events to requests, and each socket a member of the service's rooms."""
 
 from __future__ import annotations
 
@@ -7,38 +7,27 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import socketio
+from engineio import packet as eio_packet
+from socketio import packet as sio_packet
 
 from server.config import Settings
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
-from server.core.models import EVENT_NAMES, TurnEvent
+from server.rooms.hub import Outgoing, RoomHub
 from server.transport import fast_json
 from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate
 from server.transport.origins import origin_matcher
-from server.transport.plain_ws import PlainHub
 from server.upstream import engineio
-from server.upstream.socketio import DirectEmitManager, GuardedServer, RedisManager
+from server.upstream.socketio import GuardedServer
 
 log = logging.getLogger(__name__)
 
 
-def room(session_id: str) -> str:
-    return f"session:{session_id}"
-
-
-def create_sio(settings: Settings, hub: PlainHub) -> GuardedServer:
+def create_sio(settings: Settings) -> GuardedServer:
+    """python-socketio for its protocol only: the session rooms are the service's (rooms/hub.py)."""
     engineio.install()
-    manager: DirectEmitManager = DirectEmitManager()
-    if settings.redis_url:
-        manager = RedisManager(
-            settings.redis_url,
-            channel=f"{settings.redis_channel}:socketio",
-            redis_options={"socket_timeout": 2, "socket_connect_timeout": 2},
-        )
-    manager.listener = hub
     sio = GuardedServer(
         async_mode="asgi",  # without it aiohttp mode wins whenever aiohttp is importable
-        client_manager=manager,
         cors_allowed_origins=origin_matcher(settings.cors_origin_list),
         max_http_buffer_size=settings.packet_limit,
         json=fast_json,
@@ -49,33 +38,32 @@ def create_sio(settings: Settings, hub: PlainHub) -> GuardedServer:
     return sio
 
 
-class SocketIOEmitter:
-    """Delivers to a session's room: its Socket.IO sockets and, through the same room emit, its plain
-    WebSocket clients (the manager hands every room event to the hub: see DirectEmitManager)."""
-
-    def __init__(self, sio: socketio.AsyncServer, hub: PlainHub) -> None:
-        self._sio = sio
-        self._hub = hub
-
-    async def publish(self, session_id: str, event: TurnEvent, *, local: bool = False) -> None:
-        await self._sio.emit(EVENT_NAMES[type(event)], event.payload(), room=room(session_id), ignore_queue=local)
-
-    async def add_member(self, member: str, session_id: str) -> None:
-        if self._hub.knows(member):
-            self._hub.enter(member, room(session_id))
-        else:
-            await self._sio.enter_room(member, room(session_id))
-
-    async def remove_member(self, member: str, session_id: str) -> None:
-        if self._hub.knows(member):
-            self._hub.leave(member, room(session_id))
-        else:
-            await self._sio.leave_room(member, room(session_id))
+def socketio_packet(name: str, data: Any) -> eio_packet.Packet:
+    """An event as the Engine.IO packet every Socket.IO member of a room is sent (encoded once).
+    binary=False: events are JSON documents, so python-socketio's scan of every packet for bytes
+    is skipped (docs/performance.md)."""
+    encoded = sio_packet.Packet(sio_packet.EVENT, namespace="/", data=[name, data], binary=False).encode()
+    return eio_packet.Packet(eio_packet.MESSAGE, encoded)
 
 
-def register_handlers(sio: GuardedServer, service: Callable[[], ConversationService], gate: ConnectionGate) -> None:
+class SocketIOMember:
+    """A Socket.IO socket as a member of session rooms: events go straight onto its Engine.IO queue."""
+
+    def __init__(self, sid: str, eio: Any, eio_sid: str) -> None:
+        self.name = sid
+        self._eio = eio
+        self._eio_sid = eio_sid
+
+    async def send(self, event: Outgoing) -> None:
+        await self._eio.send_packet(self._eio_sid, event.encoded(socketio_packet))
+
+
+def register_handlers(
+    sio: GuardedServer, service: Callable[[], ConversationService], hub: Callable[[], RoomHub], gate: ConnectionGate
+) -> None:
     """Socket.IO events to client requests: decode, run, answer. The rest is in transport/clients.py."""
     clients: dict[str, ClientConnection] = {}  # socket -> its connection
+    members: dict[str, SocketIOMember] = {}
     hooks = _Hooks(gate, clients)
     sio.hooks = hooks
 
@@ -112,8 +100,11 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
             client = await gate.admit(sid, "socketio", _client_address(environ), token, held)
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
+        eio_sid = sio.manager.eio_sid_from_sid(sid, "/")
         clients[sid] = client
-        gate.close_at_expiry(client, lambda: _close_expired(sio, sid))
+        members[sid] = member = SocketIOMember(sid, sio.eio, eio_sid)
+        hub().connect(member)
+        gate.close_at_expiry(client, lambda: _close_expired(sio, hub(), member, eio_sid))
 
     async def disconnect(sid: str, *_reason: Any) -> None:
         if not lifecycle(sid):
@@ -121,6 +112,7 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
         client = clients.pop(sid, None)
         if client is None:
             return
+        hub().disconnect(members.pop(sid))
         gate.release(client)
         try:
             await service().disconnect(sid)
@@ -131,14 +123,12 @@ def register_handlers(sio: GuardedServer, service: Callable[[], ConversationServ
     sio.on("disconnect", disconnect)
 
 
-def _close_expired(sio: GuardedServer, sid: str) -> None:
+def _close_expired(sio: GuardedServer, hub: RoomHub, member: SocketIOMember, eio_sid: str) -> None:
     """Its token expired: out of its sessions' rooms at once, then its Engine.IO transport closed.
     Not a Socket.IO DISCONNECT, after which socket.io-client would not reconnect: it reconnects by
     itself, asking its `auth` function for a fresh token."""
-    for name in sio.rooms(sid):
-        if name != sid:
-            sio.manager.basic_leave_room(sid, "/", name)
-    socket = sio.eio.sockets.get(sio.manager.eio_sid_from_sid(sid, "/"))
+    hub.disconnect(member)
+    socket = sio.eio.sockets.get(eio_sid)
     if isinstance(socket, engineio.FastWebSocket):
         socket.close_transport()
 

@@ -1,0 +1,290 @@
+"""The session rooms of this process: who is in each, and every event of a session to each of them.
+
+One hub serves every transport. A connected client is a `Member` (a Socket.IO socket, a plain
+WebSocket; a third transport is a third kind of member); the hub puts each event of a session on
+the queue of every member in its room, encoded once per kind of member. Across processes the hub
+hands each event to a `Fanout` (Redis: coordination/redis_rooms.py) and takes the other processes'
+events from it, the shape of Django Channels' `group_send` over a channel layer.
+
+No silent loss across processes: an event of a session that is stored (all but `chunk` and
+`presence`) carries its storage key. Each room remembers the keys it delivered since its `floor`
+(every stored event up to the floor has reached its members). When the fanout says events may
+have been missed (its subscription broke, or a process could not publish), the room catches up
+from storage: the events after its floor that it did not deliver, in order, then a current
+`presence`; live events wait meanwhile (chunks are dropped: `done.text` holds the whole answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.core.models import EVENT_NAMES, DoneEvent, PresenceEvent, TurnEvent
+from server.core.redelivery import Missed, event_key
+from server.core.tasks import TaskTracker
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_AT_ONCE = 8  # rooms catching up from storage at the same time
+CATCH_UP_RETRY_SECONDS = 2.0
+
+Encoder = Callable[[str, Any], Any]
+
+
+class Outgoing:
+    """One event on its way to a room's members: encoded once per kind of member, however many."""
+
+    __slots__ = ("_encoded", "data", "name")
+
+    def __init__(self, name: str, data: Any) -> None:
+        self.name = name
+        self.data = data
+        self._encoded: dict[Encoder, Any] = {}
+
+    def encoded(self, encoder: Encoder) -> Any:
+        try:
+            return self._encoded[encoder]
+        except KeyError:
+            value = self._encoded[encoder] = encoder(self.name, self.data)
+            return value
+
+
+class Member(Protocol):
+    """A connected client, as the hub reaches it."""
+
+    @property
+    def name(self) -> str:
+        """Unique in the process: the core's name for the connection."""
+        ...
+
+    async def send(self, event: Outgoing) -> None:
+        """Queue the event for the client (never waiting for the client itself)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessage:
+    """An event of a session between processes: `key` its storage key (None: not stored)."""
+
+    name: str
+    data: Any
+    key: str | None
+    event_id: int | None = None
+
+
+class Fanout(Protocol):
+    """A session's events to and from the other processes (a channel layer)."""
+
+    def publish(self, session_id: str, message: RoomMessage) -> None:
+        """Send the event to the other processes' members of the session, in order; never waits.
+        One that cannot be sent is reported to them as missed when it can."""
+        ...
+
+    async def watch(self, session_id: str) -> None:
+        """Receive the session's events from the other processes: from when this returns on."""
+        ...
+
+    def unwatch(self, session_id: str) -> None: ...
+
+
+class Backlog(Protocol):
+    """Where a room catches up from: the session's stored events, and its presence now."""
+
+    async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]: ...
+
+    async def presence(self, session_id: str) -> PresenceEvent: ...
+
+
+@dataclass(eq=False)
+class Room:
+    members: dict[str, tuple[Member, int]] = field(default_factory=dict)  # name -> (member, its history's end)
+    floor: int = 0  # every stored event up to this id has reached the members
+    delivered: set[str] = field(default_factory=set)  # keys delivered since the floor
+    stale: bool = False  # events may have been missed: the floor waits for a catch-up
+    held: list[RoomMessage] | None = None  # while catching up: live events, in order
+
+
+class RoomHub:
+    """Every session room of this process (the core's `Emitter`)."""
+
+    def __init__(self, tasks: TaskTracker, fanout: Fanout | None = None) -> None:
+        self._tasks = tasks
+        self._fanout = fanout
+        self._members: dict[str, Member] = {}
+        self._rooms: dict[str, Room] = {}
+        self._backlog: Backlog | None = None
+        self._catching_up: dict[str, asyncio.Task[None]] = {}
+        self._at_once = asyncio.Semaphore(CATCH_UP_AT_ONCE)
+
+    def catch_up_from(self, backlog: Backlog) -> None:
+        self._backlog = backlog
+
+    # ------------------------------------------------------------------ members
+
+    def connect(self, member: Member) -> None:
+        self._members[member.name] = member
+
+    def disconnect(self, member: Member) -> None:
+        """Forget the member, and take it out of every room (its sessions' presence is the core's)."""
+        if self._members.get(member.name) is member:
+            del self._members[member.name]
+        for session_id in [s for s, room in self._rooms.items() if member.name in room.members]:
+            self._leave(member.name, session_id)
+
+    def rooms_of(self, name: str) -> list[str]:
+        return [session_id for session_id, room in self._rooms.items() if name in room.members]
+
+    async def add_member(self, member: str, session_id: str, *, history_end: int | None = None) -> None:
+        """`history_end`: the last stored event the member has from its join (it gets the later ones)."""
+        client = self._members.get(member)
+        if client is None:
+            return  # gone already: its disconnect counts it out
+        room = self._rooms.get(session_id)
+        if room is None:
+            room = self._rooms[session_id] = Room(floor=history_end or 0)
+            if self._fanout is not None:
+                try:
+                    await self._fanout.watch(session_id)
+                except BaseException:
+                    self._rooms.pop(session_id, None)
+                    raise
+        room.members[member] = (client, history_end or 0)
+
+    async def remove_member(self, member: str, session_id: str) -> None:
+        self._leave(member, session_id)
+
+    def _leave(self, member: str, session_id: str) -> None:
+        room = self._rooms.get(session_id)
+        if room is None or room.members.pop(member, None) is None or room.members:
+            return
+        del self._rooms[session_id]
+        catching_up = self._catching_up.pop(session_id, None)
+        if catching_up is not None:
+            catching_up.cancel()
+        if self._fanout is not None:
+            self._fanout.unwatch(session_id)
+
+    # ------------------------------------------------------------------ events
+
+    async def publish(self, session_id: str, event: TurnEvent) -> None:
+        """The core's events: to the members here, then to the other processes'."""
+        message = RoomMessage(EVENT_NAMES[type(event)], event.payload(), event_key(event), _event_id(event))
+        room = self._rooms.get(session_id)
+        if room is not None:
+            await self._deliver(room, message)
+        if self._fanout is not None:
+            self._fanout.publish(session_id, message)
+
+    async def receive(self, session_id: str, message: RoomMessage) -> None:
+        """Another process's event of the session (from the fanout)."""
+        room = self._rooms.get(session_id)
+        if room is not None:
+            await self._deliver(room, message)
+
+    async def deliver_here(self, session_id: str, event: TurnEvent) -> None:
+        """To this process's members of the session only."""
+        room = self._rooms.get(session_id)
+        if room is not None:
+            await self._deliver(room, RoomMessage(EVENT_NAMES[type(event)], event.payload(), None))
+
+    async def _deliver(self, room: Room, message: RoomMessage) -> None:
+        if room.held is not None:
+            if message.key is not None:
+                room.held.append(message)  # after what the catch-up sends
+            return  # a chunk while catching up: `done.text` has it
+        if message.key is not None and self._fanout is not None:
+            if message.key in room.delivered:
+                return
+            room.delivered.add(message.key)
+            if message.name == "done" and message.event_id is not None and not room.stale:
+                room.floor, room.delivered = max(room.floor, message.event_id), set()
+        outgoing = Outgoing(message.name, message.data)
+        for member, _ in list(room.members.values()):
+            await _send(member, outgoing)
+
+    # ------------------------------------------------------------------ catching up
+
+    def link_lost(self) -> None:
+        """The fanout's subscription broke: what arrives meanwhile cannot be trusted to be whole."""
+        for room in self._rooms.values():
+            room.stale = True
+
+    def missed(self, sessions: Iterable[str] | None = None) -> None:
+        """Events of these sessions (None: of every room here) may have been missed: catch up."""
+        for session_id in self._rooms if sessions is None else sessions:
+            room = self._rooms.get(session_id)
+            if room is None:
+                continue
+            room.stale = True
+            running = self._catching_up.get(session_id)
+            if running is None or running.done():
+                self._catching_up[session_id] = self._tasks.spawn(
+                    self._catch_up(session_id), name=f"catch up {session_id}"
+                )
+
+    async def _catch_up(self, session_id: str) -> None:
+        while True:
+            room = self._rooms.get(session_id)
+            if room is None or self._backlog is None:
+                return
+            room.held = []
+            try:
+                async with self._at_once:
+                    room.stale = False  # a gap reported from now on catches up again
+                    missed = await self._backlog.missed_events(session_id, room.floor)
+                    presence = await self._backlog.presence(session_id)
+            except Exception as exc:
+                log.warning("cannot catch session %s up yet (%s); retried", session_id, type(exc).__name__)
+                room.stale = True
+                await self._release_held(room, set())
+                await asyncio.sleep(CATCH_UP_RETRY_SECONDS)
+                continue
+            await self._resend(room, missed)
+            await self._release_held(room, {m.key for m in missed})
+            await self._deliver(room, RoomMessage("presence", presence.payload(), None))
+            if not room.stale:
+                self._catching_up.pop(session_id, None)
+                return
+
+    async def _resend(self, room: Room, missed: list[Missed]) -> None:
+        for event in missed:
+            if event.key in room.delivered:
+                continue
+            outgoing = Outgoing(EVENT_NAMES[type(event.event)], event.event.payload())
+            for member, history_end in list(room.members.values()):
+                if event.event_id > history_end:
+                    await _send(member, outgoing)
+        if missed:
+            room.floor = max(room.floor, missed[-1].event_id)
+        # Keys of events stored by now are under the floor; the others may still come.
+        room.delivered -= {m.key for m in missed}
+
+    async def _release_held(self, room: Room, sent: set[str]) -> None:
+        held, room.held = room.held or [], None
+        for message in held:
+            if message.key not in sent:
+                await self._deliver(room, message)
+
+    async def close(self) -> None:
+        for task in list(self._catching_up.values()):
+            task.cancel()
+        if self._catching_up:
+            await asyncio.wait(list(self._catching_up.values()))
+        self._catching_up.clear()
+
+    def members(self) -> list[Member]:
+        return list(self._members.values())
+
+
+def _event_id(event: TurnEvent) -> int | None:
+    return event.event_id if isinstance(event, DoneEvent) else None
+
+
+async def _send(member: Member, outgoing: Outgoing) -> None:
+    try:
+        await member.send(outgoing)
+    except Exception as exc:  # one member's failure is not the others'
+        log.debug("could not send %s to %s: %r", outgoing.name, member.name, exc)

@@ -1,0 +1,172 @@
+"""The service's room hub (server/rooms/hub.py) on its own: members of two kinds, a fan-out that
+reports missed events, and the catch-up from storage that follows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server.core.models import DoneEvent, PresenceEvent, ToolCallEvent, UserMessageEvent
+from server.core.redelivery import Missed, event_key
+from server.core.tasks import TaskTracker
+from server.rooms.hub import Outgoing, RoomHub, RoomMessage
+
+SID = "11111111-1111-1111-1111-111111111111"
+encodings: list[str] = []
+
+
+def tagged(name: str, data: Any) -> str:
+    encodings.append(name)
+    return f"{name}:{data.get('turn_id', data.get('clients'))}"
+
+
+class Recorder:
+    def __init__(self, name: str, failing: bool = False) -> None:
+        self.name = name
+        self.failing = failing
+        self.got: list[str] = []
+
+    async def send(self, event: Outgoing) -> None:
+        if self.failing:
+            raise RuntimeError("this socket is gone")
+        self.got.append(event.encoded(tagged))
+
+
+class Fanout:
+    def __init__(self) -> None:
+        self.published: list[RoomMessage] = []
+        self.watched: set[str] = set()
+
+    def publish(self, session_id: str, message: RoomMessage) -> None:
+        self.published.append(message)
+
+    async def watch(self, session_id: str) -> None:
+        self.watched.add(session_id)
+
+    def unwatch(self, session_id: str) -> None:
+        self.watched.discard(session_id)
+
+
+class Storage:
+    def __init__(self) -> None:
+        self.rows: list[Missed] = []
+        self.asked: list[int] = []
+
+    async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]:
+        self.asked.append(after_event_id)
+        return [row for row in self.rows if row.event_id > after_event_id]
+
+    async def presence(self, session_id: str) -> PresenceEvent:
+        return PresenceEvent(session_id=SID, clients=2)
+
+
+def turn(n: int, first_id: int) -> list[Missed]:
+    """A stored turn: its user message, a tool call, its answer, with consecutive ids."""
+    events = [
+        UserMessageEvent(session_id=SID, turn_id=f"t{n}", event_id=first_id, text="hi", client_message_id=None),
+        ToolCallEvent(session_id=SID, turn_id=f"t{n}", call_id="c1", name="get_weather", args={}),
+        DoneEvent(
+            session_id=SID,
+            turn_id=f"t{n}",
+            text="ok",
+            finish_reason="stop",
+            usage=None,
+            event_id=first_id + 2,
+            error=None,
+        ),
+    ]
+    return [Missed(key=str(event_key(e)), event_id=first_id + i, event=e) for i, e in enumerate(events)]
+
+
+def as_message(missed: Missed) -> RoomMessage:
+    data = missed.event.payload()
+    name = {UserMessageEvent: "user_message", ToolCallEvent: "tool_call", DoneEvent: "done"}[type(missed.event)]
+    return RoomMessage(name, data, missed.key, missed.event_id if name == "done" else None)
+
+
+async def test_every_member_gets_each_event_in_order_encoded_once_per_kind_and_one_failure_is_skipped() -> None:
+    hub = RoomHub(TaskTracker())
+    members = [Recorder("a"), Recorder("b", failing=True), Recorder("c")]
+    for member in members:
+        hub.connect(member)
+        await hub.add_member(member.name, SID)
+    encodings.clear()
+    await hub.publish(SID, PresenceEvent(session_id=SID, clients=3))
+    await hub.publish(SID, turn(1, 1)[0].event)
+    assert members[0].got == members[2].got == ["presence:3", "user_message:t1"]
+    assert encodings == ["presence", "user_message"]  # once each, for both members
+    hub.disconnect(members[0])
+    await hub.publish(SID, turn(1, 1)[2].event)
+    assert members[0].got == ["presence:3", "user_message:t1"] and members[2].got[-1] == "done:t1"
+
+
+async def test_a_room_that_missed_events_gets_them_from_storage_once_in_order_then_presence() -> None:
+    fanout, storage = Fanout(), Storage()
+    hub = RoomHub(TaskTracker(), fanout)
+    hub.catch_up_from(storage)
+    tab = Recorder("tab")
+    hub.connect(tab)
+    await hub.add_member("tab", SID, history_end=0)
+    assert fanout.watched == {SID}
+    first, second = turn(1, 1), turn(2, 4)
+    storage.rows = [*first, *second]
+    # Turn 1 arrives whole, then the link breaks: turn 2's user message arrives, the rest is lost.
+    for missed in first:
+        await hub.receive(SID, as_message(missed))
+    hub.link_lost()
+    await hub.receive(SID, as_message(second[0]))
+    hub.missed()
+    async with asyncio.timeout(2):
+        while not tab.got or tab.got[-1] != "presence:2":
+            await asyncio.sleep(0.01)
+    assert tab.got == [
+        "user_message:t1",
+        "tool_call:t1",
+        "done:t1",
+        "user_message:t2",
+        "tool_call:t2",
+        "done:t2",
+        "presence:2",
+    ]
+    assert storage.asked == [3]  # from the last `done` it delivered while the link held
+    # Reported again: nothing is sent twice.
+    hub.missed([SID])
+    async with asyncio.timeout(2):
+        while tab.got.count("presence:2") < 2:
+            await asyncio.sleep(0.01)
+    assert tab.got[-1] == "presence:2" and len(tab.got) == 8
+    hub.disconnect(tab)
+    assert fanout.watched == set()
+    await hub.close()
+
+
+async def test_live_events_wait_for_the_catch_up_and_a_member_gets_nothing_its_join_gave_it() -> None:
+    storage = Storage()
+    hub = RoomHub(TaskTracker(), Fanout())
+    release = asyncio.Event()
+
+    class SlowStorage(Storage):
+        async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]:
+            await release.wait()
+            return await storage.missed_events(session_id, after_event_id)
+
+    hub.catch_up_from(SlowStorage())
+    early, late = Recorder("early"), Recorder("late")
+    for member, end in ((early, 0), (late, 3)):
+        hub.connect(member)
+        await hub.add_member(member.name, SID, history_end=end)
+    first, second = turn(1, 1), turn(2, 4)
+    storage.rows = [*first, *second]
+    hub.missed()
+    await asyncio.sleep(0.05)
+    for missed in second:  # live, while storage is read: held, then sent after the catch-up
+        await hub.receive(SID, as_message(missed))
+    assert early.got == late.got == []
+    release.set()
+    async with asyncio.timeout(2):
+        while not early.got or early.got[-1] != "presence:2":
+            await asyncio.sleep(0.01)
+    t2 = ["user_message:t2", "tool_call:t2", "done:t2"]
+    assert early.got == ["user_message:t1", "tool_call:t1", "done:t1", *t2, "presence:2"]
+    assert late.got == [*t2, "presence:2"]  # turn 1 was in its join's history
+    await hub.close()
