@@ -31,8 +31,18 @@
    connection and reconnect by themselves (python-engineio's client does not after a CLOSE packet,
    nor socket.io-client after a Socket.IO DISCONNECT). Nothing queued or sent after it goes out.
 
+Why python-engineio's public API cannot do it:
+- (1, 3, 4, 5) its server makes each connection's socket as `async_socket.AsyncSocket(self, sid)` in
+  its private `_handle_connect`, with no option naming another class, and the loop, `send`, the
+  POST handling and the ping task are that class's methods, with no hooks. No option bounds what
+  waits for a client (`max_http_buffer_size` bounds one packet), and a bounded `create_queue` would
+  make the emitting task wait behind a client that stopped reading instead of dropping it.
+- (2) its `disconnect` leaves the pending poll of a socket that is closed already waiting, and its
+  `shutdown` only stops its service task: a poll is woken by a None on the socket's `queue`.
+
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
-constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
+constraints.txt: the service does not start when the installed version or a piece differs
+(server/upstream/guard.py), and tests/test_upstream.py fails, so an upgrade is read first.
 Measured in docs/performance.md.
 """
 

@@ -10,8 +10,17 @@
    Engine.IO connection from its handshake to its close (the connections per address count it
    whether or not it ever connects to Socket.IO).
 
+Why python-socketio's public API cannot do 3 and 4 (GuardedServer):
+- (3) a client's message reaches the service's handlers only once the private `_handle_eio_message`
+  has decoded and dispatched it, and its decoding errors are raised there; a `serializer` class
+  (public) decodes it, but has no connection to close nor ack to answer.
+- (4) python-socketio registers its own handlers for Engine.IO's connect and disconnect (`eio.on`
+  keeps one handler per event: ours would replace its), and its own `connect` and `disconnect`
+  events are per namespace, so a connection that never connects to one raises neither.
+
 `PATCHED` holds the sha256 of each upstream piece this relies on, as in the version pinned in
-constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
+constraints.txt: the service does not start when the installed version or a piece differs
+(server/upstream/guard.py), and tests/test_upstream.py fails, so an upgrade is read first.
 """
 
 from __future__ import annotations

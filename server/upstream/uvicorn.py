@@ -5,8 +5,13 @@ shutdown ends turns with `done` before connections close). The supervisor makes 
 its module's `Process` class, and each worker's server in `Process.server`, with no way to pass
 another: the module attribute is replaced by a subclass of `WorkerProcess` for the run.
 
+Why uvicorn's public API cannot do it: `uvicorn.run(workers=...)` and `Multiprocess(config,
+sockets)` take no server class nor factory, and `Process.server` makes a plain `Server(config)`;
+only the class the module names decides what each worker runs.
+
 `PATCHED` holds the sha256 of the upstream module this relies on, as in the version pinned in
-constraints.txt; tests/test_upstream.py fails when either changes, so an upgrade is read first.
+constraints.txt: the service does not start when the installed version or the module differs
+(server/upstream/guard.py), and tests/test_upstream.py fails, so an upgrade is read first.
 """
 
 from __future__ import annotations
