@@ -3,6 +3,8 @@ streams at LLM speed, with chunk latency p99 ≤ 50 ms and ≥ 97 % of the offer
 
     .venv/bin/python bench/capacity.py                  # every configuration and both paces
     .venv/bin/python bench/capacity.py --no-redis       # the service and the bare server only
+    .venv/bin/python bench/capacity.py --baseline main --only service,redis1,redis2
+                                                        # each configuration before and after, in one run
     .venv/bin/python bench/run.py --workloads f --write # as `make bench` runs it
 
 Two paces, one tab per session, the next message once the answer is done:
@@ -12,6 +14,9 @@ Two paces, one tab per session, the next message once the answer is done:
   server sends the same chunks at the same pace, with no model behind it).
 For each configuration and pace the session count doubles from START until a run misses a bound,
 then is bisected to within 10 %; every run is reported. The configurations alternate at each step.
+With --baseline REV, every configuration also runs from a temporary `git worktree` of REV (labelled
+" (before)"), beside its current twin in that alternation, and the report gives both and their ratios.
+REV needs what the bench drives (BENCH_CHUNK_TIMESTAMPS, bench/bare_server.py): any commit since (f) was added.
 """
 
 from __future__ import annotations
@@ -19,11 +24,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import shlex
+import sys
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from common import REPORT, ROOT, ServerProcess, ensure_node_modules, write_section
-from servers import BARE, REDIS_1, REDIS_2, SERVICE, Kind, Stream, fmt, machine, redis_reachable, stream
+from common import REPORT, ROOT, ServerProcess, checkout_of, ensure_node_modules, write_section
+from servers import (
+    BARE,
+    BEFORE,
+    REDIS_1,
+    REDIS_2,
+    SERVICE,
+    Kind,
+    Stream,
+    before,
+    fmt,
+    machine,
+    redis_reachable,
+    stream,
+)
 
 PLOT = ROOT / "docs" / "capacity-vs-load.png"
 P99_BOUND_MS = 50.0
@@ -31,6 +52,19 @@ DELIVERED_BOUND = 0.97
 START = 100
 CALIBRATION = 20
 MAX_SESSIONS = 6400  # (all processes) the search stops there: no configuration here comes near it
+MAKE_BENCH = "bench/run.py --workloads f"  # how `make bench` runs this workload
+# The names --only takes, in the order the configurations run.
+CHOICES = {"service": SERVICE, "bare": BARE, "redis1": REDIS_1, "redis2": REDIS_2}
+# The ratios of sessions held that the report gives: (numerator, denominator).
+RATIOS = ((SERVICE, BARE), (REDIS_1, SERVICE), (REDIS_2, SERVICE))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Where the search of a count starts and the count (all processes) it does not go past."""
+
+    start: int = START
+    most: int = MAX_SESSIONS
 
 
 @dataclass(frozen=True)
@@ -74,8 +108,11 @@ class Probe:
 Found = dict[str, dict[str, list[Probe]]]  # pace name -> configuration label -> its probes in order
 
 
-def kinds(*, redis: bool = True) -> list[Kind]:
-    return [SERVICE, BARE, *([REDIS_1, REDIS_2] if redis else [])]
+def kinds(*, redis: bool = True, only: Sequence[str] = (), baseline: Path | None = None) -> list[Kind]:
+    """The configurations to measure; with a baseline checkout, each one followed by its twin running
+    that checkout, so the search's alternation keeps the two seconds apart."""
+    chosen = [k for name, k in CHOICES.items() if (not only or name in only) and (redis or not k.redis)]
+    return [twin for k in chosen for twin in (k, *([before(k, baseline)] if baseline else []))]
 
 
 @contextlib.asynccontextmanager
@@ -101,17 +138,19 @@ async def run_at(kind: Kind, pace: Pace, sessions: int, seconds: float, model: d
     return await stream(kind, sessions=sessions, tabs=1, seconds=seconds, delay_ms=pace.delay_ms, env=model)
 
 
-async def measure(configurations: list[Kind], seconds: float, paces: tuple[Pace, ...] = (WORDS, BURSTS)) -> Found:
+async def measure(
+    configurations: list[Kind], seconds: float, paces: tuple[Pace, ...] = (WORDS, BURSTS), limits: Limits = Limits()
+) -> Found:
     found: Found = {}
     for pace in paces:
         print(f"  pace: {pace.describe()}", flush=True)
         async with model_for(pace) as model:
-            found[pace.name] = await search(configurations, pace, seconds, model)
+            found[pace.name] = await search(configurations, pace, seconds, model, limits)
     return found
 
 
 async def search(
-    configurations: list[Kind], pace: Pace, seconds: float, model: dict[str, str]
+    configurations: list[Kind], pace: Pace, seconds: float, model: dict[str, str], limits: Limits
 ) -> dict[str, list[Probe]]:
     """Every probe of each configuration; the largest held count of each is its capacity."""
     probes: dict[str, list[Probe]] = {k.label: [] for k in configurations}
@@ -120,8 +159,8 @@ async def search(
     def next_count(label: str) -> int | None:
         held, missed = bounds[label]
         if missed is None:
-            count = max(START, 2 * held)
-            return count if count <= MAX_SESSIONS else None
+            count = max(limits.start, 2 * held)
+            return count if count <= limits.most else None
         if missed - held <= max(25, held // 10):
             return None
         return (held + missed) // 2
@@ -153,23 +192,54 @@ def largest_held(probes: list[Probe]) -> Probe | None:
     return max(held, key=lambda p: p.sessions) if held else None
 
 
-def report(found: Found, seconds: float, configurations: list[Kind]) -> str:
-    paces = {p.name: p for p in (WORDS, BURSTS)}
-    processes = {k.label: k.processes for k in configurations}
+def report(
+    found: Found,
+    seconds: float,
+    configurations: list[Kind],
+    limits: Limits = Limits(),
+    baseline: str | None = None,
+    command: str = MAKE_BENCH,
+) -> str:
+    """The section of docs/performance.md; `baseline` names the revision the " (before)" rows ran."""
+    how = f"`{command}`" + (" (`make bench`; `bench/capacity.py`)" if command == MAKE_BENCH else "")
     lines = [
         "## Capacity at a model's pace: sessions per process",
         "",
-        "`bench/run.py --workloads f` (`make bench`; `bench/capacity.py`). Every session streams at a"
+        f"{how}. Every session streams at a"
         " model's pace, one tab each, the next message once the answer is done. A count of sessions"
         f" is held when chunk latency p99 ≤ {P99_BOUND_MS:.0f} ms and ≥ {DELIVERED_BOUND:.0%} of the offered"
         f" chunks arrive, over {seconds:g} s; offered is the count times what one session gets from the"
         f" same configuration with {CALIBRATION} sessions (its pace with the gaps between answers). The"
-        " count doubles from 100 until a run misses, then is bisected to within 10 %. The service runs"
-        " SQLite storage; with Redis, each process its own SQLite file and the sessions spread round"
-        " robin over the processes, as a load balancer would.",
+        f" count doubles from {limits.start:,} (up to {limits.most:,} in all) until a run misses, then is"
+        " bisected to within 10 %. The service runs SQLite storage; with Redis, each process its own"
+        " SQLite file and the sessions spread round robin over the processes, as a load balancer would.",
         "",
         machine(),
         "",
+    ]
+    if baseline:
+        lines += [
+            f"Rows marked{BEFORE} run {baseline} from a temporary `git worktree`, each configuration"
+            " beside its current twin in the same alternation: after and before share the run's minutes.",
+            "",
+        ]
+    lines += held_table(found, configurations, limits)
+    lines += ["", *ratios(found, baseline)]
+    lines += [
+        "",
+        f"![chunk latency p99 against sessions]({PLOT.relative_to(REPORT.parent)})",
+        "",
+        "The plot shows latency; a count can also miss on the delivered rate (the table below says which).",
+        "",
+        *every_run(found),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def held_table(found: Found, configurations: list[Kind], limits: Limits) -> list[str]:
+    paces = {p.name: p for p in (WORDS, BURSTS)}
+    processes = {k.label: k.processes for k in configurations}
+    lines = [
         "| pace | configuration | sessions held | per process | offered chunks/s there"
         " | chunk latency p50 / p99 ms | server CPU % |",
         "|---|---|---|---|---|---|---|",
@@ -178,7 +248,7 @@ def report(found: Found, seconds: float, configurations: list[Kind]) -> str:
         for label, probes in by_kind.items():
             best = largest_held(probes)
             if best is None:
-                lines.append(f"| {paces[name].describe()} | {label} | fewer than {START:,} | | | | |")
+                lines.append(f"| {paces[name].describe()} | {label} | fewer than {limits.start:,} | | | | |")
                 continue
             lines.append(
                 f"| {paces[name].describe()} | {label} | **{best.sessions:,}** | "
@@ -186,19 +256,39 @@ def report(found: Found, seconds: float, configurations: list[Kind]) -> str:
                 f"{best.offered:,.0f} | {fmt(best.run.latency_p50)} / {fmt(best.run.latency_p99)} | "
                 f"{best.run.server_cpu_percent:.0f} |"
             )
-    ratios = []
+    return lines
+
+
+def held_ratio(by_kind: dict[str, list[Probe]], numerator: str, denominator: str) -> float | None:
+    """Sessions held (all processes) by one configuration over another's, if both held a count."""
+    top, bottom = (largest_held(by_kind.get(label, [])) for label in (numerator, denominator))
+    return top.sessions / bottom.sessions if top and bottom else None
+
+
+def times(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
+def ratios(found: Found, baseline: str | None) -> list[str]:
+    """The ratios of sessions held, for the current tree and, with a baseline, for the baseline's."""
+    trees = [BEFORE, ""] if baseline else [""]
+    head = f"| pace | sessions held | before: {baseline} | after |" if baseline else "| pace | sessions held | ratio |"
+    lines = [head, "|---|---|---|---|" if baseline else "|---|---|---|"]
     for name, by_kind in found.items():
-        service, bare = (largest_held(by_kind.get(k.label, [])) for k in (SERVICE, BARE))
-        if service and bare:
-            ratios.append(f"{service.sessions / bare.sessions:.2f}× at {name}")
-    if ratios:
-        lines += ["", f"Sessions per process, the service ÷ the bare server: {', '.join(ratios)}."]
-    lines += [
-        "",
-        f"![chunk latency p99 against sessions]({PLOT.relative_to(REPORT.parent)})",
-        "",
-        "The plot shows latency; a count can also miss on the delivered rate (the table below says which).",
-        "",
+        for top, bottom in RATIOS:
+            if top.label not in by_kind or bottom.label not in by_kind:
+                continue
+            cells = [times(held_ratio(by_kind, top.label + tree, bottom.label + tree)) for tree in trees]
+            lines.append(f"| {name} | {top.label} ÷ {bottom.label} | " + " | ".join(cells) + " |")
+        for label in (k for k in by_kind if baseline and not k.endswith(BEFORE)):
+            lines.append(
+                f"| {name} | {label}: after ÷ before | | {times(held_ratio(by_kind, label, label + BEFORE))} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def every_run(found: Found) -> list[str]:
+    lines = [
         "Every run, in order:",
         "",
         "| pace | configuration | sessions | delivered | chunk latency p50 / p99 ms | server CPU % | held |",
@@ -211,7 +301,7 @@ def report(found: Found, seconds: float, configurations: list[Kind]) -> str:
                     f"| {name} | {label} | {p.sessions:,} | {p.delivered:.1%} | {fmt(p.run.latency_p50)} / "
                     f"{fmt(p.run.latency_p99)} | {p.run.server_cpu_percent:.0f} | {'yes' if p.held else 'no'} |"
                 )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(found: Found) -> None:
@@ -221,15 +311,17 @@ def plot(found: Found) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4.2), dpi=110, squeeze=False)
-    colours = ("tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red")
+    palette = ("tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red")
+    # One colour per configuration; its baseline twin in the same colour, dashed.
+    colours = {k.label: c for k, c in zip(CHOICES.values(), palette, strict=False)}
     for axis, (name, by_kind) in zip(axes[0], found.items(), strict=True):
-        for (label, probes), colour in zip(by_kind.items(), colours, strict=False):
+        for label, probes in by_kind.items():
             ordered = sorted(probes, key=lambda p: p.sessions)
             axis.plot(
                 [p.sessions for p in ordered],
                 [p.run.latency_p99 for p in ordered],
-                "-o",
-                color=colour,
+                "--o" if label.endswith(BEFORE) else "-o",
+                color=colours.get(label.removesuffix(BEFORE), "tab:purple"),
                 label=label,
             )
         axis.axhline(P99_BOUND_MS, color="black", linestyle=":", linewidth=1, label=f"bound {P99_BOUND_MS:.0f} ms")
@@ -245,22 +337,51 @@ def plot(found: Found) -> None:
     print(f"wrote {PLOT.relative_to(ROOT)}")
 
 
-async def main() -> None:
+def configurations_named(names: str) -> list[str]:
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    if unknown := [n for n in chosen if n not in CHOICES]:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
+    return chosen
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per run")
     parser.add_argument("--no-redis", action="store_true", help="without the Redis configurations")
+    parser.add_argument("--only", type=configurations_named, default=[], help=f"some of {','.join(CHOICES)}")
     parser.add_argument("--pace", choices=("words", "bursts"), action="append", help="one pace only (default both)")
+    parser.add_argument("--baseline", metavar="REV", help="also run every configuration from this git revision")
+    parser.add_argument("--start", type=int, default=START, help="the first count of sessions tried")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help="the search goes no higher")
     parser.add_argument("--write", action="store_true", help="write its section of docs/performance.md and the plot")
-    args = parser.parse_args()
-    await ensure_node_modules()
+    return parser.parse_args()
+
+
+async def run(args: argparse.Namespace, tree: Path | None, baseline: str | None) -> None:
     paces = tuple(p for p in (WORDS, BURSTS) if not args.pace or p.name in args.pace)
-    configurations = kinds(redis=not args.no_redis and await redis_reachable())
-    found = await measure(configurations, args.seconds, paces)
-    text = report(found, args.seconds, configurations)
+    wants_redis = not args.no_redis and (not args.only or any(CHOICES[name].redis for name in args.only))
+    configurations = kinds(redis=wants_redis and await redis_reachable(), only=args.only, baseline=tree)
+    if not configurations:
+        raise SystemExit("no configuration to measure")
+    limits = Limits(args.start, args.max_sessions)
+    found = await measure(configurations, args.seconds, paces, limits)
+    command = shlex.join(["bench/capacity.py", *(a for a in sys.argv[1:] if a != "--write")])
+    text = report(found, args.seconds, configurations, limits, baseline, command)
     print(text)
     if args.write:
         write_section("capacity", text)
         plot(found)
+
+
+async def main() -> None:
+    args = arguments()
+    await ensure_node_modules()
+    if not args.baseline:
+        await run(args, None, None)
+        return
+    async with checkout_of(args.baseline) as (tree, commit):
+        print(f"  before: {args.baseline} ({commit}) in {tree}", flush=True)
+        await run(args, tree, f"`{args.baseline}` ({commit})")
 
 
 if __name__ == "__main__":

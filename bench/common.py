@@ -4,10 +4,12 @@ and the pace the bench servers stream at."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,9 +82,10 @@ class ServerProcess:
         return cpu_seconds(self.pid)
 
     @classmethod
-    async def start(cls, args: Sequence[str], env: Mapping[str, str], cwd: str) -> ServerProcess:
+    async def start(cls, args: Sequence[str], env: Mapping[str, str], cwd: str, root: Path = ROOT) -> ServerProcess:
+        """`root` is the checkout whose code runs (`python -m server` imports it): this one, or a baseline's."""
         port = free_port()
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(port), **env}
+        full_env = {**os.environ, "PYTHONPATH": str(root), "PORT": str(port), **env}
         process = await asyncio.create_subprocess_exec(sys.executable, *args, env=full_env, cwd=cwd)
         server = cls(process, f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient() as http:
@@ -106,6 +109,29 @@ class ServerProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def checkout_of(revision: str) -> AsyncIterator[tuple[Path, str]]:
+    """A temporary `git worktree` of `revision` (detached) and its short commit id, removed on exit."""
+    commit = (await git("rev-parse", "--short", f"{revision}^{{commit}}")).strip()
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as parent:
+        tree = Path(parent) / "tree"
+        await git("worktree", "add", "--detach", "--quiet", str(tree), commit)
+        try:
+            yield tree, commit
+        finally:
+            await git("worktree", "remove", "--force", str(tree))
+
+
+async def git(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "git", "-C", str(ROOT), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if process.returncode:
+        raise SystemExit(f"git {' '.join(args)} failed: {err.decode().strip()}")
+    return out.decode()
 
 
 async def ensure_node_modules() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import subprocess
@@ -28,6 +29,7 @@ class Kind:
     env: dict[str, str] = field(default_factory=dict)
     processes: int = 1  # more than one: service processes sharing Redis, sessions spread round robin
     redis: bool = False
+    root: Path = ROOT  # the checkout its code runs from (a baseline's: `capacity.py --baseline`)
 
 
 BARE = Kind("bare", "bare")
@@ -36,6 +38,12 @@ SERVICE = Kind("service", "service")
 TUNED_BARE = Kind("bare-tuned", "bare", {"BARE_TUNED": "1"})
 REDIS_1 = Kind("service, Redis, 1 process", "service", redis=True)
 REDIS_2 = Kind("service, Redis, 2 processes", "service", processes=2, redis=True)
+BEFORE = " (before)"
+
+
+def before(kind: Kind, tree: Path) -> Kind:
+    """The same configuration running a baseline checkout's code."""
+    return dataclasses.replace(kind, label=kind.label + BEFORE, root=tree)
 
 
 @dataclass
@@ -84,9 +92,7 @@ async def running(
         servers: list[ServerProcess] = []
         try:
             for _ in range(kind.processes):
-                servers.append(
-                    await start(kind.base, dirs.enter_context(tempfile.TemporaryDirectory()), delay_ms, extra)
-                )
+                servers.append(await start(kind, dirs.enter_context(tempfile.TemporaryDirectory()), delay_ms, extra))
             yield servers
         finally:
             await asyncio.gather(*(s.stop() for s in servers))
@@ -94,10 +100,10 @@ async def running(
                 await clean_redis(channel)
 
 
-async def start(base: str, data: str, delay_ms: float, extra: dict[str, str]) -> ServerProcess:
-    if base == "bare":
+async def start(kind: Kind, data: str, delay_ms: float, extra: dict[str, str]) -> ServerProcess:
+    if kind.base == "bare":
         env = {"BARE_CHUNK_DELAY_MS": str(delay_ms), "LOG_LEVEL": "warning", **extra}
-        return await ServerProcess.start([str(ROOT / "bench" / "bare_server.py")], env, data)
+        return await ServerProcess.start([str(kind.root / "bench" / "bare_server.py")], env, data, kind.root)
     env = {
         **SERVICE_ENV,
         "OFFLINE_CHUNK_DELAY_MS": str(delay_ms),
@@ -105,7 +111,7 @@ async def start(base: str, data: str, delay_ms: float, extra: dict[str, str]) ->
         "BENCH_CHUNK_TIMESTAMPS": "1",
         **extra,
     }
-    return await ServerProcess.start(["-m", "server"], env, data)
+    return await ServerProcess.start(["-m", "server"], env, data, kind.root)
 
 
 async def redis_reachable() -> bool:
