@@ -12,6 +12,8 @@ PLACES = {
     "paris": {"name": "Paris", "country": "France", "latitude": 48.85341, "longitude": 2.3488},
     # Answers only after SLOW_SECONDS: for stopping a turn while its tool runs.
     "slowtown": {"name": "Slowtown", "country": "Nowhere", "latitude": 1.0, "longitude": 1.0},
+    # Found without coordinates: an answer the tool cannot use.
+    "nullplace": {"name": "Nullplace", "country": "Nowhere", "latitude": None},
 }
 SLOW_SECONDS = 3
 

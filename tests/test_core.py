@@ -19,7 +19,7 @@ import pytest
 
 from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService
-from server.core.errors import ErrorCode, ServiceError
+from server.core.errors import ErrorCode, ServiceError, TurnErrorCode
 from server.core.limits import Limits
 from server.core.models import EVENT_NAMES, ActiveTurn, EventDraft, EventType, TurnEvent, Usage, utc_now
 from server.core.ports import (
@@ -149,14 +149,14 @@ async def test_a_provider_error_mid_stream_ends_the_turn_with_the_partial_text(m
     async def script(request: ModelRequest, n: int) -> AsyncGenerator[ModelEvent, None]:
         yield TextDelta("partial ")
         yield TextDelta("answer")
-        raise ProviderError("upstream_failed", "the model stream broke")
+        raise ProviderError(TurnErrorCode.PROVIDER_UNAVAILABLE, "the model stream broke")
 
     core, _ = await make_core(script)
     events, stored = await core.turn()
     done = events[-1][1]
     assert [n for n, _ in events] == ["user_message", "chunk", "chunk", "done"]
     assert done["finish_reason"] == "error" and done["text"] == "partial answer"
-    assert done["error"] == {"code": "upstream_failed", "message": "the model stream broke"}
+    assert done["error"] == {"code": "provider_unavailable", "message": "the model stream broke"}
     assert [(e.event_type, e.content) for e in stored][-1] == ("ai_message", "partial answer")
 
 
@@ -234,7 +234,7 @@ async def test_a_failing_tool_is_reported_and_the_turn_goes_on(make_core: Any) -
             yield ToolCallRequest(call_id="c1", name="get_weather", args={"location": "x"})
             yield ToolCallRequest(call_id="c2", name="no_such_tool", args={})
         else:
-            errors = [i.error["code"] for i in request.conversation if isinstance(i, ToolResultItem) and i.error]
+            errors = [i.error.code for i in request.conversation if isinstance(i, ToolResultItem) and i.error]
             yield TextDelta("tools failed: " + ",".join(errors))
         yield Finished("stop")
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from server.core.errors import ToolErrorCode
 from server.core.event_store import EventStore
 from server.core.history import HistoryCache
-from server.core.models import EventDraft, EventType, StoredEvent, utc_now
-from server.core.replay import conversation_from_events
+from server.core.models import ErrorInfo, EventDraft, EventType, StoredEvent, utc_now
+from server.core.ports import ToolCallItem, ToolResultItem
+from server.core.replay import conversation_from_events, tool_call_content, tool_result_content
 from server.core.tasks import TaskTracker
 from server.providers.offline import PromptWords
 from server.storage.sqlite import SqliteRepository
@@ -159,3 +161,32 @@ async def test_the_offline_word_count_follows_an_answer_placed_before_items_it_c
     cache.remember(stored(question("second one", "t2")))
     conversation = cache.conversation(SESSION, await cache.read(SESSION))
     assert words.count(conversation) == 3 + 3 + 2 == PromptWords().count(conversation)
+
+
+def test_tool_events_read_back_as_written_and_ones_of_another_shape_are_left_out() -> None:
+    call = ToolCallItem(call_id="a", name="get_weather", args={"location": "Oslo"}, provider_data={"part": {"x": 1}})
+    failed = ToolResultItem(
+        call_id="a", name="get_weather", error=ErrorInfo(code=ToolErrorCode.TOOL_TIMEOUT, message="too long")
+    )
+    answered = ToolResultItem(call_id="b", name="get_weather", result={"conditions": ["snow", None, 1.5]})
+    written = [
+        event(EventType.TOOL_CALL, tool_call_content(call), "tool_call:t1:a", "t1"),
+        event(EventType.TOOL_RESULT, tool_result_content(failed), "tool_result:t1:a", "t1"),
+        event(EventType.TOOL_RESULT, tool_result_content(answered), "tool_result:t1:b", "t1"),
+    ]
+    assert json.loads(written[1].content)["error"] == {"code": "tool_timeout", "message": "too long"}
+    assert conversation_from_events(written) == [call, failed, answered]
+
+    others = [
+        {"call_id": "c", "name": "get_weather", "error": "not an object"},
+        {"call_id": "c", "name": "get_weather", "error": {"code": 7, "message": "m"}},
+        {"call_id": 3, "name": "get_weather", "result": 1},
+        ["call_id", "name"],
+    ]
+    stored_others = [
+        event(EventType.TOOL_RESULT, json.dumps(body), f"tool_result:t1:x{n}", "t1") for n, body in enumerate(others)
+    ]
+    assert conversation_from_events(stored_others) == []
+    odd_call = {"call_id": "d", "name": "get_weather", "args": ["Oslo"], "provider_data": "sig"}
+    read = conversation_from_events([event(EventType.TOOL_CALL, json.dumps(odd_call), "tool_call:t1:d", "t1")])
+    assert read == [ToolCallItem(call_id="d", name="get_weather", args={}, provider_data=None)]

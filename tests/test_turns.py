@@ -200,6 +200,19 @@ async def test_weather_for_an_unknown_place_is_a_tool_error_and_the_turn_goes_on
     assert done["finish_reason"] == "stop" and "could not answer for Atlantis" in done["text"]
 
 
+async def test_a_place_found_without_coordinates_is_a_tool_error(server: RunningServer, connect: TabFactory) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    events, done = await whole_turn(tab, sid, "How's the weather in Nullplace?")
+    result = next(d for n, d in events if n == "tool_result")
+    assert result["result"] is None
+    assert result["error"] == {
+        "code": "weather_unavailable",
+        "message": "the weather service sent a place without coordinates",
+    }
+    assert done["finish_reason"] == "stop" and done["error"] is None
+
+
 async def test_weather_service_unreachable_is_a_tool_error(start_server: ServerFactory, connect: TabFactory) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     server = await start_server(weather_geocoding_url=dead, weather_forecast_url=dead)

@@ -22,6 +22,37 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
 
 
+class TurnErrorCode(StrEnum):
+    """Why a turn ended in error: `done.error.code`, and the stored answer's `error`."""
+
+    SHUTDOWN = "shutdown"
+    TURN_LOCK_LOST = "turn_lock_lost"
+    INTERRUPTED = "interrupted"  # the process running the turn died
+    UNAVAILABLE = "unavailable"  # storage could not give the conversation
+    TOOL_ROUNDS_EXCEEDED = "tool_rounds_exceeded"
+    PROVIDER_NOT_CONFIGURED = "provider_not_configured"
+    PROVIDER_REJECTED = "provider_rejected"
+    PROVIDER_RATE_LIMITED = "provider_rate_limited"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PROVIDER_TIMEOUT = "provider_timeout"
+    PROVIDER_ERROR = "provider_error"
+
+
+class ToolErrorCode(StrEnum):
+    """Why a tool call gave no result: `tool_result.error.code`."""
+
+    TOOL_ERROR = "tool_error"  # what an MCP server's tool, or the call to it, reported
+    TOOL_FAILED = "tool_failed"  # a tool raised something unexpected
+    TOOL_TIMEOUT = "tool_timeout"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    # get_weather's own codes
+    WEATHER_UNAVAILABLE = "weather_unavailable"
+    UNKNOWN_LOCATION = "unknown_location"
+
+
 class ServiceError(Exception):
     """A refused request: nothing was changed, and the client is told why."""
 

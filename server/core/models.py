@@ -6,11 +6,13 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, JsonValue, field_serializer, field_validator
 
-JSON = Any
+# Any value JSON can carry, recursively. pydantic's own alias: mypy reads it as the plain union, and
+# pydantic builds it once (a recursive alias of our own would need typing_extensions on Python 3.11).
+JSONValue: TypeAlias = JsonValue
 
 
 def utc_now() -> datetime:
@@ -87,9 +89,9 @@ class StoredEvent(BaseModel):
 
     _parse_error = field_validator("error", mode="before")(_error_from_storage)
 
-    def public(self) -> dict[str, JSON]:
+    def public(self) -> dict[str, JSONValue]:
         """The shape of `history` items and of `GET /api/sessions/{id}/events`."""
-        body: dict[str, JSON] = {
+        body: dict[str, JSONValue] = {
             "event_id": self.event_id,
             "event_type": self.event_type.value,
             "content": self.content,
@@ -123,7 +125,7 @@ class Usage(BaseModel):
 class WireEvent(BaseModel):
     """An event sent to a session's room."""
 
-    def payload(self) -> dict[str, JSON]:
+    def payload(self) -> dict[str, JSONValue]:
         """Its JSON object on the wire."""
         return self.model_dump(mode="json")
 
@@ -149,8 +151,8 @@ class ChunkEvent:
     # Benchmark only (BENCH_CHUNK_TIMESTAMPS): CLOCK_MONOTONIC in ms when the provider yielded the text.
     ts: float | None = None
 
-    def payload(self) -> dict[str, JSON]:
-        body: dict[str, JSON] = {
+    def payload(self) -> dict[str, JSONValue]:
+        body: dict[str, JSONValue] = {
             "session_id": self.session_id,
             "turn_id": self.turn_id,
             "index": self.index,
@@ -166,7 +168,7 @@ class ToolCallEvent(WireEvent):
     turn_id: str
     call_id: str
     name: str
-    args: dict[str, JSON]
+    args: dict[str, JSONValue]
 
 
 class ToolResultEvent(WireEvent):
@@ -174,7 +176,7 @@ class ToolResultEvent(WireEvent):
     turn_id: str
     call_id: str
     name: str
-    result: JSON = None
+    result: JSONValue = None
     error: ErrorInfo | None = None
 
 

@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from server.core.models import JSON, ActiveTurn, EventDraft, FinishReason, Session, StoredEvent, TurnEvent, Usage
+from server.core.errors import TurnErrorCode
+from server.core.models import (
+    ActiveTurn,
+    ErrorInfo,
+    EventDraft,
+    FinishReason,
+    JSONValue,
+    Session,
+    StoredEvent,
+    TurnEvent,
+    Usage,
+)
 
 # ---------------------------------------------------------------- model provider
 
@@ -26,17 +37,17 @@ class ModelText:
 class ToolCallItem:
     call_id: str
     name: str
-    args: dict[str, JSON]
+    args: dict[str, JSONValue]
     # Whatever the provider needs to replay the call verbatim (e.g. Gemini's thought signature).
-    provider_data: dict[str, JSON] | None = None
+    provider_data: dict[str, JSONValue] | None = None
 
 
 @dataclass(frozen=True)
 class ToolResultItem:
     call_id: str
     name: str
-    result: JSON = None
-    error: dict[str, str] | None = None
+    result: JSONValue = None
+    error: ErrorInfo | None = None
 
 
 ConversationItem = UserText | ModelText | ToolCallItem | ToolResultItem
@@ -46,7 +57,7 @@ ConversationItem = UserText | ModelText | ToolCallItem | ToolResultItem
 class ToolSpec:
     name: str
     description: str
-    parameters: dict[str, JSON]
+    parameters: dict[str, JSONValue]
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,8 @@ class TextDelta:
 class ToolCallRequest:
     call_id: str
     name: str
-    args: dict[str, JSON]
-    provider_data: dict[str, JSON] | None = None
+    args: dict[str, JSONValue]
+    provider_data: dict[str, JSONValue] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class ProviderError(Exception):
     """The model could not answer; `code` goes to the client in `done.error`, `detail` (what the
     vendor said, which can name its internals) only to the log."""
 
-    def __init__(self, code: str, message: str, detail: str | None = None) -> None:
+    def __init__(self, code: TurnErrorCode, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from server.core.errors import ToolErrorCode, TurnErrorCode
 from server.core.models import (
     DoneEvent,
     ErrorInfo,
@@ -30,8 +31,8 @@ from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED = ErrorInfo(code="interrupted", message="the server process running this turn stopped")
-TOOL_INTERRUPTED = {"code": "interrupted", "message": "the server process running this turn stopped"}
+INTERRUPTED = ErrorInfo(code=TurnErrorCode.INTERRUPTED, message="the server process running this turn stopped")
+TOOL_INTERRUPTED = ErrorInfo(code=ToolErrorCode.INTERRUPTED, message="the server process running this turn stopped")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class TurnEnder:
                     turn_id=turn_id,
                     call_id=result.call_id,
                     name=result.name,
-                    error=ErrorInfo(**TOOL_INTERRUPTED),
+                    error=TOOL_INTERRUPTED,
                 ),
             )
         await self.emitter.publish(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from server.core.models import JSON, EventDraft, EventType, StoredEvent
+from pydantic import ValidationError
+
+from server.core.models import ErrorInfo, EventDraft, EventType, JSONValue, StoredEvent
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
 from server.core.snapshot import Snapshot
 
@@ -16,7 +18,7 @@ def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
     The answer is stored once, as the turn's `ai_message`; the offset lets a rebuilt history put
     the text the model wrote before calling a tool back before the call, where the model wrote it.
     """
-    body: dict[str, JSON] = {"call_id": call.call_id, "name": call.name, "args": call.args}
+    body: dict[str, JSONValue] = {"call_id": call.call_id, "name": call.name, "args": call.args}
     if text_offset:
         body["text_offset"] = text_offset
     if call.provider_data:
@@ -25,9 +27,9 @@ def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
 
 
 def tool_result_content(result: ToolResultItem) -> str:
-    body: dict[str, JSON] = {"call_id": result.call_id, "name": result.name}
+    body: dict[str, JSONValue] = {"call_id": result.call_id, "name": result.name}
     if result.error is not None:
-        body["error"] = result.error
+        body["error"] = result.error.model_dump()
     else:
         body["result"] = result.result
     return json.dumps(body, ensure_ascii=False)
@@ -78,46 +80,55 @@ class ConversationBuilder:
         elif event.event_type is EventType.TOOL_CALL:
             call = _tool_body(event.content)  # None: not written the way this service writes tool events
             if call is not None:
-                self._add_tool_call(event.turn_id, call)
+                self._add_tool_call(event.turn_id, *call)
         elif event.event_type is EventType.TOOL_RESULT:
             result = _tool_body(event.content)
-            if result is not None:
-                items.append(
-                    ToolResultItem(
-                        call_id=result["call_id"],
-                        name=result["name"],
-                        result=result.get("result"),
-                        error=result.get("error"),
-                    )
-                )
+            item = _result_item(*result) if result is not None else None
+            if item is not None:
+                items.append(item)
         self.consumed += 1
         self.last_key = event.event_key
 
-    def _add_tool_call(self, turn_id: str | None, body: dict[str, JSON]) -> None:
+    def _add_tool_call(self, turn_id: str | None, call_id: str, name: str, body: dict[str, JSONValue]) -> None:
         offset = body.get("text_offset")
         if turn_id and isinstance(offset, int) and offset > 0:
             turn_rounds = self._rounds.setdefault(turn_id, [])
             if not turn_rounds or turn_rounds[-1][1] < offset:
                 turn_rounds.append((len(self.items), offset))
+        args, provider_data = body.get("args"), body.get("provider_data")
         self.items.append(
             ToolCallItem(
-                call_id=body["call_id"],
-                name=body["name"],
-                args=body.get("args") or {},
-                provider_data=body.get("provider_data"),
+                call_id=call_id,
+                name=name,
+                args=args if isinstance(args, dict) else {},
+                provider_data=provider_data if isinstance(provider_data, dict) else None,
             )
         )
 
 
-def _tool_body(content: str) -> dict[str, JSON] | None:
-    """A tool event's JSON content, or None when it is not the shape this service stores."""
+def _tool_body(content: str) -> tuple[str, str, dict[str, JSONValue]] | None:
+    """A tool event's call_id, name and JSON content; None when it is not the shape this service stores."""
     try:
         body = json.loads(content)
     except ValueError:
         return None
-    if not isinstance(body, dict) or not isinstance(body.get("call_id"), str) or not isinstance(body.get("name"), str):
+    if not isinstance(body, dict):
         return None
-    return body
+    call_id, name = body.get("call_id"), body.get("name")
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        return None
+    return call_id, name, body
+
+
+def _result_item(call_id: str, name: str, body: dict[str, JSONValue]) -> ToolResultItem | None:
+    """None for an `error` that is not the shape this service stores."""
+    error = body.get("error")
+    if error is None:
+        return ToolResultItem(call_id=call_id, name=name, result=body.get("result"))
+    try:
+        return ToolResultItem(call_id=call_id, name=name, error=ErrorInfo.model_validate(error))
+    except ValidationError:
+        return None
 
 
 def _insert_answer(items: list[ConversationItem], text: str, turn_rounds: list[tuple[int, int]]) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from server.core.models import JSON
+from server.core.errors import ToolErrorCode
+from server.core.models import JSONValue
 from server.core.ports import ToolSpec
 
 
 class ToolError(Exception):
     """A tool failed in a way the model and the client should hear about."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ToolErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -21,7 +22,7 @@ class ToolError(Exception):
 @dataclass(frozen=True)
 class Tool:
     spec: ToolSpec
-    run: Callable[[dict[str, JSON]], Awaitable[JSON]]
+    run: Callable[[dict[str, JSONValue]], Awaitable[JSONValue]]
     timeout_seconds: float | None = None  # None: the turn's default
 
 
@@ -56,8 +57,8 @@ class ToolRegistry:
         tool = self._tools.get(name)
         return tool.timeout_seconds if tool is not None else None
 
-    async def call(self, name: str, args: dict[str, JSON]) -> JSON:
+    async def call(self, name: str, args: dict[str, JSONValue]) -> JSONValue:
         tool = self._tools.get(name)
         if tool is None:
-            raise ToolError("unknown_tool", f"no tool named {name!r}")
+            raise ToolError(ToolErrorCode.UNKNOWN_TOOL, f"no tool named {name!r}")
         return await tool.run(args)

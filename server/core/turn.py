@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from server.core.chunks import ChunkStream
-from server.core.errors import ErrorCode, ServiceError, shared_state_unavailable
+from server.core.errors import ErrorCode, ServiceError, ToolErrorCode, TurnErrorCode, shared_state_unavailable
 from server.core.event_store import HistoryEvent
 from server.core.history import HistoryCache
 from server.core.limits import Limits
 from server.core.log_context import log_scope
 from server.core.models import (
-    JSON,
     ActiveTurn,
     ChunkEvent,
     DoneEvent,
@@ -34,6 +33,7 @@ from server.core.models import (
     EventDraft,
     EventType,
     FinishReason,
+    JSONValue,
     StoredEvent,
     ToolCallEvent,
     ToolResultEvent,
@@ -70,9 +70,9 @@ log = logging.getLogger(__name__)
 
 # ended_elsewhere: this process was taken for dead, and another one ended the turn as interrupted.
 StopReason = Literal["cancelled", "shutdown", "lock_lost", "ended_elsewhere"]
-SHUTDOWN = ErrorInfo(code="shutdown", message="the server is shutting down")
+SHUTDOWN = ErrorInfo(code=TurnErrorCode.SHUTDOWN, message="the server is shutting down")
 LOCK_LOST = ErrorInfo(
-    code="turn_lock_lost", message="this turn lost its session lock (shared state was unreachable too long)"
+    code=TurnErrorCode.TURN_LOCK_LOST, message="this turn lost its session lock (shared state was unreachable too long)"
 )
 
 
@@ -267,7 +267,8 @@ class Turn:
             await self._chunks.flush()
             if round_number == ctx.limits.max_tool_rounds:
                 raise ProviderError(
-                    "tool_rounds_exceeded", f"the model asked for tools more than {ctx.limits.max_tool_rounds} times"
+                    TurnErrorCode.TOOL_ROUNDS_EXCEEDED,
+                    f"the model asked for tools more than {ctx.limits.max_tool_rounds} times",
                 )
             round_text = "".join(self.parts[round_start:])
             if round_text:
@@ -357,7 +358,9 @@ class Turn:
             unanswered = calls[len(results) :] if self.stop_reason != "ended_elsewhere" else []
             for call in unanswered:
                 cancelled = ToolResultItem(
-                    call_id=call.call_id, name=call.name, error={"code": "cancelled", "message": "the turn was stopped"}
+                    call_id=call.call_id,
+                    name=call.name,
+                    error=ErrorInfo(code=ToolErrorCode.CANCELLED, message="the turn was stopped"),
                 )
                 with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
                     await self._publish_result(cancelled)
@@ -368,25 +371,27 @@ class Turn:
         timeout = self._ctx.tools.timeout_of(call.name) or self._ctx.limits.tool_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                result: JSON = await self._ctx.tools.call(call.name, call.args)
+                result: JSONValue = await self._ctx.tools.call(call.name, call.args)
         except ToolError as exc:
             # The code and the cause's kind, never the message: it may quote the arguments.
             cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
             log.warning("tool %s failed: %s%s", call.name, exc.code, cause)
             return ToolResultItem(
-                call_id=call.call_id, name=call.name, error={"code": exc.code, "message": exc.message}
+                call_id=call.call_id, name=call.name, error=ErrorInfo(code=exc.code, message=exc.message)
             )
         except TimeoutError:
             log.warning("tool %s failed: tool_timeout (no answer in %.0f s)", call.name, timeout)
             return ToolResultItem(
                 call_id=call.call_id,
                 name=call.name,
-                error={"code": "tool_timeout", "message": "the tool took too long"},
+                error=ErrorInfo(code=ToolErrorCode.TOOL_TIMEOUT, message="the tool took too long"),
             )
         except Exception:
             log.exception("tool %s failed", call.name)
             return ToolResultItem(
-                call_id=call.call_id, name=call.name, error={"code": "tool_failed", "message": "the tool failed"}
+                call_id=call.call_id,
+                name=call.name,
+                error=ErrorInfo(code=ToolErrorCode.TOOL_FAILED, message="the tool failed"),
             )
         return ToolResultItem(call_id=call.call_id, name=call.name, result=result)
 
@@ -403,7 +408,7 @@ class Turn:
                 call_id=result.call_id,
                 name=result.name,
                 result=result.result,
-                error=ErrorInfo(**result.error) if result.error is not None else None,
+                error=result.error,
             ),
         )
 
@@ -497,7 +502,7 @@ class Turn:
             self.error = ErrorInfo(code=exc.code, message=exc.message)
         elif isinstance(exc, StorageUnavailable):
             log.warning("turn failed: unavailable (%s)", type(exc.__cause__ or exc).__name__)
-            self.error = ErrorInfo(code="unavailable", message="storage could not give the conversation")
+            self.error = ErrorInfo(code=TurnErrorCode.UNAVAILABLE, message="storage could not give the conversation")
         else:
             log.error("turn %s failed", self.turn_id, exc_info=exc)
-            self.error = ErrorInfo(code="provider_error", message="the model could not answer")
+            self.error = ErrorInfo(code=TurnErrorCode.PROVIDER_ERROR, message="the model could not answer")

@@ -25,7 +25,8 @@ from google.genai import errors, types
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity.wait import wait_exponential_jitter
 
-from server.core.models import JSON, Usage
+from server.core.errors import TurnErrorCode
+from server.core.models import JSONValue, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -172,14 +173,18 @@ class GeminiProvider:
             raise _provider_error(exc) from exc
         text = (response.text or "").strip()
         if not text:
-            raise ProviderError("provider_error", f"the model gave no summary ({_finish_of(response) or 'no text'})")
+            raise ProviderError(
+                TurnErrorCode.PROVIDER_ERROR, f"the model gave no summary ({_finish_of(response) or 'no text'})"
+            )
         return text
 
     # ------------------------------------------------------------------ internals
 
     def _require_client(self) -> genai.Client:
         if self._client is None:
-            raise ProviderError("provider_not_configured", "the model is not configured (GEMINI_API_KEY is not set)")
+            raise ProviderError(
+                TurnErrorCode.PROVIDER_NOT_CONFIGURED, "the model is not configured (GEMINI_API_KEY is not set)"
+            )
         return self._client
 
     def _retrying(self) -> AsyncRetrying:
@@ -281,7 +286,9 @@ def _call_part(call: ToolCallItem) -> types.PartDict:
 
 def _response_part(result: ToolResultItem, gemini_id: str | None) -> types.PartDict:
     # Gemini's documented keys: "output" for a result, "error" for a failure.
-    response: dict[str, JSON] = {"error": result.error} if result.error is not None else {"output": result.result}
+    response: dict[str, JSONValue] = (
+        {"error": result.error.model_dump()} if result.error is not None else {"output": result.result}
+    )
     function_response: types.FunctionResponseDict = {"name": result.name, "response": response}
     if gemini_id is not None:
         function_response["id"] = gemini_id
@@ -335,8 +342,8 @@ def _events_of(chunk: types.GenerateContentResponse) -> list[ModelEvent]:
     return events
 
 
-def _stored_part(part: types.Part) -> dict[str, JSON]:
-    stored: dict[str, JSON] = part.model_dump(mode="json", by_alias=True, exclude_none=True)
+def _stored_part(part: types.Part) -> dict[str, JSONValue]:
+    stored: dict[str, JSONValue] = part.model_dump(mode="json", by_alias=True, exclude_none=True)
     if part.thought_signature is not None:
         # Standard base64, as Gemini sends it (pydantic would write the URL-safe alphabet).
         stored["thoughtSignature"] = base64.b64encode(part.thought_signature).decode("ascii")
@@ -369,7 +376,7 @@ def _map_finish(reason: str | None) -> Literal["stop", "max_tokens", "safety"]:
         return "max_tokens"
     if reason in _SAFETY_REASONS:
         return "safety"
-    raise ProviderError("provider_error", f"the model stopped with {reason}")
+    raise ProviderError(TurnErrorCode.PROVIDER_ERROR, f"the model stopped with {reason}")
 
 
 # ---------------------------------------------------------------------- failures
@@ -413,14 +420,16 @@ def _provider_error(exc: BaseException) -> ProviderError:
     if detail is not None and len(detail) > DETAIL_CHARS:
         detail = detail[:DETAIL_CHARS] + "…"
     if isinstance(exc, httpx2.TimeoutException):
-        return ProviderError("provider_timeout", "the model did not answer in time", detail)
+        return ProviderError(TurnErrorCode.PROVIDER_TIMEOUT, "the model did not answer in time", detail)
     if isinstance(exc, httpx2.TransportError):
-        return ProviderError("provider_unavailable", "the model could not be reached", detail)
+        return ProviderError(TurnErrorCode.PROVIDER_UNAVAILABLE, "the model could not be reached", detail)
     assert isinstance(exc, errors.APIError)
     if exc.code == 429:
-        return ProviderError("provider_rate_limited", "the model is rate limited; try again later", detail)
+        return ProviderError(TurnErrorCode.PROVIDER_RATE_LIMITED, "the model is rate limited; try again later", detail)
     if exc.code in RETRYABLE_STATUS:
-        return ProviderError("provider_unavailable", f"the model is unavailable (HTTP {exc.code})", detail)
+        return ProviderError(TurnErrorCode.PROVIDER_UNAVAILABLE, f"the model is unavailable (HTTP {exc.code})", detail)
     return ProviderError(
-        "provider_rejected", f"the model refused the request (HTTP {exc.code} {exc.status or ''})".strip(), detail
+        TurnErrorCode.PROVIDER_REJECTED,
+        f"the model refused the request (HTTP {exc.code} {exc.status or ''})".strip(),
+        detail,
     )

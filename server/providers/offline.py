@@ -9,7 +9,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
-from server.core.models import JSON, Usage
+from server.core.models import JSONValue, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -54,7 +54,7 @@ def _excerpt(text: str, limit: int = 80) -> str:
 def _weather_answer(place: str, result: ToolResultItem) -> str:
     if result.error is not None:
         return (
-            f"{LABEL} The get_weather tool could not answer for {place}: {result.error['message']}. "
+            f"{LABEL} The get_weather tool could not answer for {place}: {result.error.message}. "
             "This deterministic script has nothing more to say about the weather, but the conversation can go on."
         )
     r = result.result if isinstance(result.result, dict) else {}
@@ -67,7 +67,7 @@ def _weather_answer(place: str, result: ToolResultItem) -> str:
     )
 
 
-def named_tool_call(text: str, offered: set[str]) -> tuple[str, dict[str, JSON]] | None:
+def named_tool_call(text: str, offered: set[str]) -> tuple[str, dict[str, JSONValue]] | None:
     """The tool and arguments a message names (`use <tool> with {json}`), when that tool is offered."""
     match = _USE_TOOL.search(text)
     if not match or match.group("name") not in offered:
@@ -82,7 +82,7 @@ def named_tool_call(text: str, offered: set[str]) -> tuple[str, dict[str, JSON]]
 def _tool_answer(result: ToolResultItem) -> str:
     if result.error is not None:
         return (
-            f"{LABEL} The {result.name} tool failed: {result.error['message']} ({result.error['code']}). "
+            f"{LABEL} The {result.name} tool failed: {result.error.message} ({result.error.code}). "
             "This deterministic script only reports what the tool said."
         )
     shown = result.result if isinstance(result.result, str) else json.dumps(result.result, ensure_ascii=False)

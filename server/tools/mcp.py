@@ -30,7 +30,8 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from server.core.models import JSON
+from server.core.errors import ToolErrorCode
+from server.core.models import JSONValue
 from server.core.ports import ToolSpec
 from server.core.tools import Tool, ToolError, ToolRegistry
 from server.tools.mcp_config import HttpServer, ServerConfig, StdioServer
@@ -201,20 +202,20 @@ class McpConnection:
         self.listed = listed
         self.on_change()
 
-    async def call(self, tool: str, args: dict[str, JSON], limits: CallLimits) -> JSON:
+    async def call(self, tool: str, args: dict[str, JSONValue], limits: CallLimits) -> JSONValue:
         client, listed = self._client, self.listed.get(tool)
         if client is None or listed is None or self.state != "connected":
-            raise ToolError("tool_error", f"the MCP server {self.name!r} is not connected")
+            raise ToolError(ToolErrorCode.TOOL_ERROR, f"the MCP server {self.name!r} is not connected")
         _check_arguments(listed, args)
         try:
             result = await client.call_tool(tool, dict(args))
         except MCPError as exc:
             # Not a sign of a dropped session by itself: CONNECTION_CLOSED's code (-32000) is also the
             # generic server error; a drop shows as the read side ending (`_reporting_end`).
-            raise ToolError("tool_error", _capped(exc.message, ERROR_MESSAGE_CHARS)) from exc
+            raise ToolError(ToolErrorCode.TOOL_ERROR, _capped(exc.message, ERROR_MESSAGE_CHARS)) from exc
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._ended.set()
-            raise ToolError("tool_error", f"the MCP server {self.name!r} dropped the call") from exc
+            raise ToolError(ToolErrorCode.TOOL_ERROR, f"the MCP server {self.name!r} dropped the call") from exc
         return tool_result(result, limits.result_max_chars)
 
 
@@ -296,20 +297,22 @@ class McpTools:
         return tools
 
 
-def _runner(connection: McpConnection, tool: str, limits: CallLimits) -> Callable[[dict[str, JSON]], Awaitable[JSON]]:
-    async def run(args: dict[str, JSON]) -> JSON:
+def _runner(
+    connection: McpConnection, tool: str, limits: CallLimits
+) -> Callable[[dict[str, JSONValue]], Awaitable[JSONValue]]:
+    async def run(args: dict[str, JSONValue]) -> JSONValue:
         return await connection.call(tool, args, limits)
 
     return run
 
 
-def tool_result(result: mcp.CallToolResult, max_chars: int) -> JSON:
+def tool_result(result: mcp.CallToolResult, max_chars: int) -> JSONValue:
     """The contract's result: `structuredContent` when present, else the text items joined; an
     error result is a ToolError. Whatever is longer than `max_chars` (as JSON) becomes a cut text."""
     text = "\n".join(_text_of(block) for block in result.content)
     if result.is_error:
-        raise ToolError("tool_error", _capped(text or "the tool reported an error", ERROR_MESSAGE_CHARS))
-    value: JSON = result.structured_content if result.structured_content is not None else text
+        raise ToolError(ToolErrorCode.TOOL_ERROR, _capped(text or "the tool reported an error", ERROR_MESSAGE_CHARS))
+    value: JSONValue = result.structured_content if result.structured_content is not None else text
     serialized = json.dumps(value, ensure_ascii=False)
     if len(serialized) <= max_chars:
         return value
@@ -347,13 +350,15 @@ def _validator(server: str, tool: mcp.Tool) -> jsonschema.protocols.Validator | 
     return validator
 
 
-def _check_arguments(listed: _Listed, args: dict[str, JSON]) -> None:
+def _check_arguments(listed: _Listed, args: dict[str, JSONValue]) -> None:
     if listed.validator is None:
         return
     error = jsonschema.exceptions.best_match(listed.validator.iter_errors(args))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "the arguments"
-        raise ToolError("tool_error", f"invalid arguments for {listed.tool.name} ({where}): {error.message}")
+        raise ToolError(
+            ToolErrorCode.TOOL_ERROR, f"invalid arguments for {listed.tool.name} ({where}): {error.message}"
+        )
 
 
 def describe(error: BaseException) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from server.core.models import JSON
+from server.core.errors import ToolErrorCode
+from server.core.models import JSONValue
 from server.core.ports import ToolSpec
 from server.core.tools import Tool, ToolError
 
@@ -55,53 +56,53 @@ def weather_tool(client: httpx.AsyncClient, geocoding_url: str, forecast_url: st
     geocoding_url = geocoding_url.rstrip("/")
     forecast_url = forecast_url.rstrip("/")
 
-    async def get_json(url: str, params: dict[str, str | int | float]) -> dict[str, JSON]:
+    async def get_json(url: str, params: dict[str, str | int | float]) -> dict[str, JSONValue]:
         try:
             response = await client.get(url, params=params)
             response.raise_for_status()
             body = response.json()
         except httpx.HTTPStatusError as exc:
             raise ToolError(
-                "weather_unavailable", f"the weather service answered HTTP {exc.response.status_code}"
+                ToolErrorCode.WEATHER_UNAVAILABLE, f"the weather service answered HTTP {exc.response.status_code}"
             ) from exc
         except httpx.TimeoutException as exc:
-            raise ToolError("weather_unavailable", "the weather service did not answer in time") from exc
+            raise ToolError(ToolErrorCode.WEATHER_UNAVAILABLE, "the weather service did not answer in time") from exc
         except (httpx.HTTPError, ValueError) as exc:
-            raise ToolError("weather_unavailable", "the weather service could not be reached") from exc
+            raise ToolError(ToolErrorCode.WEATHER_UNAVAILABLE, "the weather service could not be reached") from exc
         if not isinstance(body, dict):
-            raise ToolError("weather_unavailable", "the weather service sent an unexpected answer")
+            raise ToolError(ToolErrorCode.WEATHER_UNAVAILABLE, "the weather service sent an unexpected answer")
         return body
 
-    async def run(args: dict[str, JSON]) -> JSON:
+    async def run(args: dict[str, JSONValue]) -> JSONValue:
         location = args.get("location")
         if not isinstance(location, str) or not location.strip():
-            raise ToolError("invalid_arguments", "get_weather needs a non-empty 'location' string")
+            raise ToolError(ToolErrorCode.INVALID_ARGUMENTS, "get_weather needs a non-empty 'location' string")
         found = await get_json(
             f"{geocoding_url}/v1/search",
             {"name": location.strip(), "count": 1, "language": "en", "format": "json"},
         )
         places = found.get("results") or []
         if not places:
-            raise ToolError("unknown_location", f"no place called {location.strip()!r} was found")
-        place = places[0]
+            raise ToolError(ToolErrorCode.UNKNOWN_LOCATION, f"no place called {location.strip()!r} was found")
+        place, latitude, longitude = _first_place(places)
         forecast = await get_json(
             f"{forecast_url}/v1/forecast",
             {
-                "latitude": place["latitude"],
-                "longitude": place["longitude"],
+                "latitude": latitude,
+                "longitude": longitude,
                 "current": "temperature_2m,relative_humidity_2m,wind_speed_10m,weather_code",
                 "timezone": "auto",
             },
         )
         current = forecast.get("current")
         if not isinstance(current, dict):
-            raise ToolError("weather_unavailable", "the weather service sent no current conditions")
+            raise ToolError(ToolErrorCode.WEATHER_UNAVAILABLE, "the weather service sent no current conditions")
         code = current.get("weather_code")
         return {
             "location": place.get("name", location),
             "country": place.get("country"),
-            "latitude": place["latitude"],
-            "longitude": place["longitude"],
+            "latitude": latitude,
+            "longitude": longitude,
             "temperature_c": current.get("temperature_2m"),
             "humidity_percent": current.get("relative_humidity_2m"),
             "wind_speed_kmh": current.get("wind_speed_10m"),
@@ -110,3 +111,13 @@ def weather_tool(client: httpx.AsyncClient, geocoding_url: str, forecast_url: st
         }
 
     return Tool(spec=SPEC, run=run)
+
+
+def _first_place(places: JSONValue) -> tuple[dict[str, JSONValue], float, float]:
+    """The first place of a geocoding answer, with its latitude and longitude."""
+    place = places[0] if isinstance(places, list) and places else None
+    if isinstance(place, dict):
+        latitude, longitude = place.get("latitude"), place.get("longitude")
+        if isinstance(latitude, int | float) and isinstance(longitude, int | float):
+            return place, latitude, longitude
+    raise ToolError(ToolErrorCode.WEATHER_UNAVAILABLE, "the weather service sent a place without coordinates")
