@@ -67,22 +67,8 @@ def register_handlers(
     hooks = _Hooks(gate, clients)
     sio.hooks = hooks
 
-    def handler(name: str) -> Callable[..., Awaitable[Ack]]:
-        model, action = REQUESTS[name]
-
-        async def handle(sid: str, *args: Any) -> Ack:
-            client = clients.get(sid)
-            if client is None:  # an event racing its socket's disconnect
-                gate.metrics.refused(ErrorCode.UNAVAILABLE.value)
-                return {"ok": False, "error": {"code": "unavailable", "message": "the connection is closing"}}
-            if len(args) != 1:
-                return client.undecodable("send exactly one payload object")
-            return await client.request(service(), action, model, args[0])
-
-        return handle
-
     for name in REQUESTS:
-        sio.on(name, handler(name))
+        sio.on(name, _request_handler(name, clients, service, gate))
 
     # python-socketio also hands a client's *events* named "connect" or "disconnect" to these
     # handlers. A real connect or disconnect runs while the socket is pending, i.e. not yet (or
@@ -94,13 +80,12 @@ def register_handlers(
         if not lifecycle(sid):
             return
         # Refused here, before the socket can join any room.
+        eio_sid = sio.manager.eio_sid_from_sid(sid, "/")
         token = auth.get("token") if isinstance(auth, dict) else None
-        held = hooks.held(sio.manager.eio_sid_from_sid(sid, "/"))
         try:
-            client = await gate.admit(sid, "socketio", _client_address(environ), token, held)
+            client = await gate.admit(sid, "socketio", _client_address(environ), token, hooks.held(eio_sid))
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
-        eio_sid = sio.manager.eio_sid_from_sid(sid, "/")
         clients[sid] = client
         members[sid] = member = SocketIOMember(sid, sio.eio, eio_sid)
         hub().connect(member)
@@ -121,6 +106,23 @@ def register_handlers(
 
     sio.on("connect", connect)
     sio.on("disconnect", disconnect)
+
+
+def _request_handler(
+    name: str, clients: dict[str, ClientConnection], service: Callable[[], ConversationService], gate: ConnectionGate
+) -> Callable[..., Awaitable[Ack]]:
+    model, action = REQUESTS[name]
+
+    async def handle(sid: str, *args: Any) -> Ack:
+        client = clients.get(sid)
+        if client is None:  # an event racing its socket's disconnect
+            gate.metrics.refused(ErrorCode.UNAVAILABLE.value)
+            return {"ok": False, "error": {"code": "unavailable", "message": "the connection is closing"}}
+        if len(args) != 1:
+            return client.undecodable("send exactly one payload object")
+        return await client.request(service(), action, model, args[0])
+
+    return handle
 
 
 def _close_expired(sio: GuardedServer, hub: RoomHub, member: SocketIOMember, eio_sid: str) -> None:
