@@ -373,11 +373,17 @@ class RedisCoordination:
             await pipe.execute()
 
     async def _beat_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        beating_since: float | None = loop.time()
         while True:
             await asyncio.sleep(min(self._beat_ms / 3000, 1.0))
             try:
                 await self._beat()
-                await self._find_orphans()
+                beating_since = beating_since or loop.time()
+                # Right after Redis was away, every other process's heartbeat has lapsed too: they
+                # are taken for dead only once they had a heartbeat's time to beat again.
+                if loop.time() - beating_since >= self._beat_ms / 1000:
+                    await self._find_orphans()
                 # What Redis missed while it was away: locks to free, members to count out.
                 for session_id, (turn_id, holder) in list(self._releasing.items()):
                     del self._releasing[session_id]
@@ -386,6 +392,7 @@ class RedisCoordination:
                     await self._members("remove", session_id, member)
                     self._leaving.discard((session_id, member))
             except RedisError as exc:
+                beating_since = None
                 log.warning("cannot reach Redis for the process heartbeat: %s", exc)
             except Exception:
                 # Without its heartbeat this process's clients are counted out elsewhere: keep beating.

@@ -377,6 +377,11 @@ class ConversationService:
         return [missed for missed in map(as_live, rows) if missed is not None]
 
     async def presence(self, session_id: str) -> PresenceEvent:
+        """The session's presence now. This process's members are counted in again first: shared
+        state that was away may have counted them out (their process's heartbeat lapsed)."""
+        for member, sessions in list(self._joined.items()):
+            if session_id in sessions:
+                await self._coordination.add_member(session_id, member)
         return PresenceEvent(session_id=session_id, clients=await self._coordination.member_count(session_id))
 
     # ------------------------------------------------------------------ turns of other processes

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.core.models import EVENT_NAMES, DoneEvent, PresenceEvent, TurnEvent
+from server.core.models import EVENT_NAMES, DoneEvent, PresenceEvent, TurnEvent, UserMessageEvent
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
 
@@ -196,8 +196,8 @@ class RoomHub:
                 room.held.append(message)  # after what the catch-up sends
             return  # a chunk while catching up: `done.text` has it
         if message.key is not None and self._fanout is not None:
-            if message.key in room.delivered:
-                return
+            if message.key in room.delivered or (message.event_id is not None and message.event_id <= room.floor):
+                return  # sent already (live, or by a catch-up)
             room.delivered.add(message.key)
             if message.name == "done" and message.event_id is not None and not room.stale:
                 room.floor, room.delivered = max(room.floor, message.event_id), set()
@@ -280,7 +280,7 @@ class RoomHub:
 
 
 def _event_id(event: TurnEvent) -> int | None:
-    return event.event_id if isinstance(event, DoneEvent) else None
+    return event.event_id if isinstance(event, DoneEvent | UserMessageEvent) else None
 
 
 async def _send(member: Member, outgoing: Outgoing) -> None:
