@@ -29,7 +29,10 @@ from server.core.tasks import TaskTracker
 log = logging.getLogger(__name__)
 
 CATCH_UP_AT_ONCE = 8  # rooms catching up from storage at the same time
+CATCH_UP_FIRST_RETRY_SECONDS = 0.1
 CATCH_UP_RETRY_SECONDS = 2.0
+# How long live events wait for a catch-up that cannot read storage, before they go on without it.
+CATCH_UP_HOLD_SECONDS = 5.0
 
 Encoder = Callable[[str, Any], Any]
 
@@ -226,21 +229,29 @@ class RoomHub:
                 )
 
     async def _catch_up(self, session_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        holding_since = loop.time()
+        pause = CATCH_UP_FIRST_RETRY_SECONDS
         while True:
             room = self._rooms.get(session_id)
             if room is None or self._backlog is None:
                 return
-            room.held = []
+            if room.held is None:
+                room.held, holding_since = [], loop.time()
             try:
                 async with self._at_once:
                     room.stale = False  # a gap reported from now on catches up again
                     missed = await self._backlog.missed_events(session_id, room.floor)
                     presence = await self._backlog.presence(session_id)
             except Exception as exc:
-                log.warning("cannot catch session %s up yet (%s); retried", session_id, type(exc).__name__)
                 room.stale = True
-                await self._release_held(room, set())
-                await asyncio.sleep(CATCH_UP_RETRY_SECONDS)
+                if loop.time() - holding_since > CATCH_UP_HOLD_SECONDS:
+                    # Storage or shared state stays away: live events go on, out of order with the
+                    # missed ones that follow once it is back, rather than not at all meanwhile.
+                    log.warning("cannot catch session %s up yet (%s); retried", session_id, type(exc).__name__)
+                    await self._release_held(room, set())
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, CATCH_UP_RETRY_SECONDS)
                 continue
             await self._resend(room, missed)
             await self._release_held(room, {m.key for m in missed})
