@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from server.core.models import JSON
 from server.core.ports import ToolSpec
+from server.core.tasks import cancel_and_wait
 from server.core.tools import Tool, ToolError, ToolRegistry
 from server.tools.mcp_config import HttpServer, ServerConfig, StdioServer
 from server.tools.mcp_schema import model_schema, unique_names
@@ -242,12 +243,8 @@ class McpTools:
         """Close every session: stdio servers are stopped (stdin closed, then killed if need be)."""
         for connection in self._connections.values():
             connection.closing = True
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            # Each stdio server gets the SDK's bounded stop (about 6 s at worst) before a new cancel.
-            _, pending = await asyncio.wait(pending, timeout=10)
+        # Each stdio server gets the SDK's bounded stop (about 6 s at worst) before a new cancel.
+        await cancel_and_wait(self._tasks, patience_seconds=10)
         self._tasks.clear()
 
     def states(self) -> dict[str, McpServerState]:
