@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +496,50 @@ async def test_a_failed_summary_is_retried_later(
     assert session.summary == "Summary after a retry."
     first, second = fake.calls("generateContent")
     assert second.at - first.at >= 0.2 and first.body == second.body
+
+
+async def test_summary_retries_wait_twice_as_long_each_time_with_one_line_per_failure(
+    start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.generate(
+        error_reply(400, "FAILED_PRECONDITION"),
+        error_reply(400, "FAILED_PRECONDITION"),
+        Reply(body=text_response("Summary at the third attempt.")),
+    )
+    server = await start_gemini(summary_delay_seconds=0.05, summary_retry_seconds=0.2)
+    tab, sid = await open_session(server, connect)
+    await ask(tab, sid, "Hello")
+    with caplog.at_level(logging.WARNING, logger="server.core.summaries"):
+        await tab.call("leave", {"session_id": sid})
+        session = await wait_for_summary(server, sid)
+    assert session.summary == "Summary at the third attempt."
+    first, second, third = fake.calls("generateContent")
+    assert second.at - first.at >= 0.2 and third.at - second.at >= 0.4
+    failures = [r for r in caplog.records if r.name == "server.core.summaries"]
+    assert [r.getMessage().split("; ")[1] for r in failures] == ["trying again in 0.2 s", "trying again in 0.4 s"]
+    assert "(attempt 1, provider_rejected" in failures[0].getMessage()
+    assert "(attempt 2, provider_rejected" in failures[1].getMessage()
+    assert not any(r.exc_info for r in failures)  # a provider's failure is expected: no traceback
+
+
+async def test_a_rejoin_while_a_failed_summary_waits_to_retry_cancels_it(
+    start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.generate(error_reply(400, "FAILED_PRECONDITION"), Reply(body=text_response("After the second leave.")))
+    server = await start_gemini(summary_delay_seconds=0.05, summary_retry_seconds=1)
+    tab, sid = await open_session(server, connect)
+    await ask(tab, sid, "Hello")
+    await tab.call("leave", {"session_id": sid})
+    async with asyncio.timeout(10):
+        while not fake.calls("generateContent"):
+            await asyncio.sleep(0.02)
+    await tab.join(sid)  # while the failed summary waits its second to retry
+    await asyncio.sleep(1.5)
+    assert len(fake.calls("generateContent")) == 1
+    await tab.call("leave", {"session_id": sid})
+    session = await wait_for_summary(server, sid)
+    assert session.summary == "After the second leave."
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_readiness_needs_an_api_key_but_no_model_call(

@@ -114,7 +114,7 @@ async def test_calls_their_results_and_their_failures(
     crashed = await use(tab, sid, "local__crash", {})
     assert crashed["error"] == {"code": "tool_error", "message": "Error executing tool crash"}  # no bug details
     invalid = await use(tab, sid, "local__add", {"a": "two", "b": 3})
-    assert invalid["error"]["code"] == "tool_error" and "invalid arguments" in invalid["error"]["message"]
+    assert invalid["error"]["code"] == "invalid_arguments" and "invalid arguments" in invalid["error"]["message"]
     capped = await use(tab, sid, "local__big", {"n": 50_000})
     assert capped["result"].startswith("x" * 1000) and "the first 1,000 are kept" in capped["result"]
     assert len(capped["result"]) < 1100
@@ -272,7 +272,7 @@ async def test_declarations_reach_gemini_and_a_history_with_mcp_calls_replays_af
     )
     refused = await run_turn(tab, sid, "Search for UPPER")
     assert (
-        refused["tool_result"]["error"]["code"] == "tool_error"
+        refused["tool_result"]["error"]["code"] == "invalid_arguments"
         and "does not match" in refused["tool_result"]["error"]["message"]
     )
 

@@ -13,8 +13,8 @@ import pytest
 
 from server.providers.offline import echo_answer
 from tests.conftest import ServerFactory, TabFactory
-from tests.fakes import SLOW_SECONDS
-from tests.harness import RunningServer, Tab, free_port, wait_for_summary
+from tests.fakes import SLOW_SECONDS, open_meteo_app
+from tests.harness import RunningServer, Tab, free_port, serving, wait_for_summary
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -211,6 +211,26 @@ async def test_a_place_found_without_coordinates_is_a_tool_error(server: Running
         "message": "the weather service sent a place without coordinates",
     }
     assert done["finish_reason"] == "stop" and done["error"] is None
+
+
+async def test_weather_arguments_off_its_schema_are_invalid_arguments_and_the_service_is_not_asked(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    open_meteo = open_meteo_app()
+    async with serving(open_meteo) as url:
+        server = await start_server(weather_geocoding_url=url, weather_forecast_url=url)
+        tab = await connect(server)
+        sid = (await tab.join())["session"]["session_id"]
+        for args, where in (({"location": "  "}, "(location)"), ({"location": 5}, "(location)"), ({}, "'location'")):
+            events, done = await whole_turn(tab, sid, f"use get_weather with {json.dumps(args)}")
+            result = next(d for n, d in events if n == "tool_result")
+            assert result["result"] is None and result["error"]["code"] == "invalid_arguments", result
+            assert result["error"]["message"].startswith("invalid arguments for get_weather")
+            assert where in result["error"]["message"], result
+            assert done["finish_reason"] == "stop" and done["error"] is None
+        events, _ = await whole_turn(tab, sid, 'use get_weather with {"location": " Paris "}')
+        assert next(d for n, d in events if n == "tool_result")["result"]["location"] == "Paris"
+    assert [request[0] for request in open_meteo.state.requests] == ["search", "forecast"]
 
 
 async def test_weather_service_unreachable_is_a_tool_error(start_server: ServerFactory, connect: TabFactory) -> None:

@@ -8,6 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
 from server.core.models import EventDraft, StoredEvent
 from server.core.ports import Outbox, Repository, StorageUnavailable
 from server.core.tasks import TaskTracker
@@ -16,6 +18,7 @@ log = logging.getLogger(__name__)
 
 HistoryEvent = StoredEvent | EventDraft  # stored, or waiting in the outbox
 DRAIN_BATCH = 100
+FIRST_DRAIN_BACKOFF_SECONDS = 0.2
 MAX_DRAIN_BACKOFF_SECONDS = 10.0
 
 
@@ -137,7 +140,6 @@ class EventStore:
 
     async def _drain_forever(self) -> None:
         assert self._outbox is not None
-        backoff = 0.2
         while True:
             if self._outbox.depth == 0:
                 self._empty.set()
@@ -150,22 +152,41 @@ class EventStore:
                 await self._wake.wait()
                 continue
             try:
-                await self._drain_batch()
-                backoff = 0.2
-            except StorageUnavailable as exc:
+                await self._drain_batch_retrying()
+            except StorageUnavailable as exc:  # storage still out as the service stops
                 self._outage = True
-                if self._closing:
-                    log.error(
-                        "stopping with %d events in the local queue (%s): written at the next start",
-                        self._outbox.depth,
-                        exc,
-                    )
-                    return
-                log.warning("storage still unreachable, %d events queued locally: %s", self._outbox.depth, exc)
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), backoff)
-                backoff = min(backoff * 2, MAX_DRAIN_BACKOFF_SECONDS)
+                log.error(
+                    "stopping with %d events in the local queue (%s): written at the next start",
+                    self._outbox.depth,
+                    exc,
+                )
+                return
+
+    async def _drain_batch_retrying(self) -> None:
+        """One batch, tried again while storage is out (backing off) until it is written or we stop."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StorageUnavailable),
+            wait=wait_exponential(multiplier=FIRST_DRAIN_BACKOFF_SECONDS, max=MAX_DRAIN_BACKOFF_SECONDS),
+            stop=lambda _: self._closing,
+            before_sleep=self._still_out,
+            sleep=self._nap,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._drain_batch()
+
+    def _still_out(self, retry: RetryCallState) -> None:
+        assert self._outbox is not None
+        self._outage = True
+        error = retry.outcome.exception() if retry.outcome is not None else None
+        log.warning("storage still unreachable, %d events queued locally: %s", self._outbox.depth, error)
+
+    async def _nap(self, seconds: float) -> None:
+        """The pause between two tries, cut short by a new event (or by close)."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _drain_batch(self) -> None:
         assert self._outbox is not None

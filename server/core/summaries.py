@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential
+
 from server.core.models import utc_now
 from server.core.ports import (
     ConversationItem,
@@ -28,6 +30,14 @@ EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
 MAX_RETRY_SECONDS = 3600.0
 RESCAN_SECONDS = 300.0
 RESCAN_BATCH = 100
+
+
+class _Rejoined(Exception):
+    """The session was joined again while its summary waited to retry: the next emptying summarises it."""
+
+
+def _reason(exc: BaseException | None) -> str:
+    return f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else repr(exc)
 
 
 @dataclass
@@ -137,39 +147,54 @@ class SummaryScheduler:
 
     async def _summarise_until_done(self, session_id: str, emptied_at: datetime) -> None:
         """Summarise, and after a failure try again later (backing off), never dropping it silently."""
-        delay = self._retry_seconds
-        attempt = 1
-        while True:
-            try:
-                await self._summarise(session_id, emptied_at)
-                return
-            except Exception as exc:
-                self._metrics.summary_made(ok=False)
-                reason = f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else repr(exc)
-                if self._hurry.is_set():
-                    log.warning(
-                        "summary of session %s failed (%s) while the server stops; "
-                        "it stays due in storage and is made after the next start",
-                        session_id,
-                        reason,
-                    )
-                    return
-                log.warning(
-                    "summary of session %s failed (attempt %d, %s); trying again in %.1f s",
-                    session_id,
-                    attempt,
-                    reason,
-                    delay,
-                    exc_info=not isinstance(exc, ProviderError | StorageUnavailable),
-                )
-            # While it waits to retry, a rejoin cancels it: the next emptying summarises anyway.
-            self._set_waiting(session_id, True)
-            await self._pause(delay)
-            self._set_waiting(session_id, False)
-            if await self._coordination.member_count(session_id) > 0:
-                return
-            delay = min(delay * 2, MAX_RETRY_SECONDS)
-            attempt += 1
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=self._retry_seconds, max=MAX_RETRY_SECONDS),
+            stop=lambda _: self._hurry.is_set(),
+            before_sleep=lambda retry: self._log_failure(session_id, retry),
+            sleep=lambda seconds: self._wait_to_retry(session_id, seconds),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._summarise_counted(session_id, emptied_at)
+        except _Rejoined:
+            return
+        except Exception as exc:
+            if not self._hurry.is_set():
+                raise
+            log.warning(
+                "summary of session %s failed (%s) while the server stops; "
+                "it stays due in storage and is made after the next start",
+                session_id,
+                _reason(exc),
+            )
+
+    async def _summarise_counted(self, session_id: str, emptied_at: datetime) -> None:
+        try:
+            await self._summarise(session_id, emptied_at)
+        except Exception:
+            self._metrics.summary_made(ok=False)
+            raise
+
+    def _log_failure(self, session_id: str, retry: RetryCallState) -> None:
+        exc = retry.outcome.exception() if retry.outcome is not None else None
+        log.warning(
+            "summary of session %s failed (attempt %d, %s); trying again in %.1f s",
+            session_id,
+            retry.attempt_number,
+            _reason(exc),
+            retry.next_action.sleep if retry.next_action is not None else 0.0,
+            exc_info=exc if not isinstance(exc, ProviderError | StorageUnavailable) else None,
+        )
+
+    async def _wait_to_retry(self, session_id: str, seconds: float) -> None:
+        # While it waits to retry, a rejoin cancels it: the next emptying summarises anyway.
+        self._set_waiting(session_id, True)
+        await self._pause(seconds)
+        self._set_waiting(session_id, False)
+        if await self._coordination.member_count(session_id) > 0:
+            raise _Rejoined
 
     async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
         await self._writer.require_stored(session_id)  # else: retried once the queue is written

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,12 @@ class TaskTracker:
         await cancel_and_wait(set(self._loops))
 
 
-async def cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until they end, cancelling again those that go on: a library can
-    turn a cancel that lands in the middle of its I/O into an error of its own (redis-py does),
-    which a loop that outlives its errors would then outlive too."""
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], *, patience_seconds: float = 0.5) -> None:
+    """Cancel the tasks and wait until they end, cancelling again those still going after
+    `patience_seconds`: a library can turn a cancel that lands in the middle of its I/O into an
+    error of its own (redis-py does), which a loop that outlives its errors would then outlive too."""
     pending = {task for task in tasks if not task.done()}
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
+        _, pending = await asyncio.wait(pending, timeout=patience_seconds)

@@ -1,13 +1,23 @@
-"""The tools a model may call, by name: the registry the core asks. Each tool is an adapter (server/tools/)."""
+"""The tools a model may call, by name: the registry the core asks. Each tool is an adapter (server/tools/);
+the registry checks every call's arguments against the tool's JSON Schema before the tool runs."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+from jsonschema.protocols import Validator
 
 from server.core.errors import ToolErrorCode
 from server.core.models import JSONValue
 from server.core.ports import ToolSpec
+
+log = logging.getLogger(__name__)
 
 
 class ToolError(Exception):
@@ -24,6 +34,43 @@ class Tool:
     spec: ToolSpec
     run: Callable[[dict[str, JSONValue]], Awaitable[JSONValue]]
     timeout_seconds: float | None = None  # None: the turn's default
+    # The schema the arguments must match, None: the spec's `parameters`. The spec is what the model
+    # is shown, which holds only the keywords every provider accepts; this is the tool's whole schema.
+    input_schema: Mapping[str, Any] | None = None
+    validator: Validator | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        schema = self.spec.parameters if self.input_schema is None else self.input_schema
+        object.__setattr__(self, "validator", _validator(self.spec.name, json.dumps(schema, sort_keys=True)))
+
+
+# An MCP server's tools are built again whenever any server's list changes: each schema is compiled,
+# and a bad one logged, once.
+@functools.lru_cache(maxsize=1024)
+def _validator(name: str, schema_json: str) -> Validator | None:
+    """The validator of the schema's own draft (2020-12 when it names none); None when the schema
+    itself is invalid: that tool's arguments go unchecked rather than the tool going unusable."""
+    schema = json.loads(schema_json)
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError:
+        log.warning("tool %s has an invalid input schema; its arguments go unchecked", name)
+        return None
+    validator: Validator = cls(schema)
+    return validator
+
+
+def check_arguments(tool: Tool, args: dict[str, JSONValue]) -> None:
+    """Raise `invalid_arguments`, naming the first mismatch, when the arguments do not match the schema."""
+    if tool.validator is None:
+        return
+    error = jsonschema.exceptions.best_match(tool.validator.iter_errors(args))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "the arguments"
+        raise ToolError(
+            ToolErrorCode.INVALID_ARGUMENTS, f"invalid arguments for {tool.spec.name} ({where}): {error.message}"
+        )
 
 
 class ToolRegistry:
@@ -61,4 +108,5 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             raise ToolError(ToolErrorCode.UNKNOWN_TOOL, f"no tool named {name!r}")
+        check_arguments(tool, args)
         return await tool.run(args)

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import anyio
 import httpx2
-import jsonschema
 import mcp_types as mcp
 from mcp.client import Client, Transport
 from mcp.client._transport import TransportStreams  # the SDK's own name for a transport's two streams
@@ -33,6 +32,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from server.core.errors import ToolErrorCode
 from server.core.models import JSONValue
 from server.core.ports import ToolSpec
+from server.core.tasks import cancel_and_wait
 from server.core.tools import Tool, ToolError, ToolRegistry
 from server.tools.mcp_config import HttpServer, ServerConfig, StdioServer
 from server.tools.mcp_schema import model_schema, unique_names
@@ -69,12 +69,6 @@ class CallLimits:
 
 
 @dataclass
-class _Listed:
-    tool: mcp.Tool
-    validator: jsonschema.protocols.Validator | None
-
-
-@dataclass
 class McpConnection:
     """One server: its session (owned by `run`, one task) and the tools it lists now."""
 
@@ -83,7 +77,7 @@ class McpConnection:
     on_change: Callable[[], None]
     state: Literal["connecting", "connected", "reconnecting"] = "connecting"
     last_error: str | None = None
-    listed: dict[str, _Listed] = field(default_factory=dict)
+    listed: dict[str, mcp.Tool] = field(default_factory=dict)
     attempted: asyncio.Event = field(default_factory=asyncio.Event)  # the first start tried
     closing: bool = False
     _client: Client | None = None
@@ -190,12 +184,12 @@ class McpConnection:
             self._changed.set()
 
     async def _list_tools(self, client: Client) -> None:
-        listed: dict[str, _Listed] = {}
+        listed: dict[str, mcp.Tool] = {}
         cursor: str | None = None
         while True:
             page = await client.list_tools(cursor=cursor)
             for tool in page.tools:
-                listed[tool.name] = _Listed(tool, _validator(self.name, tool))
+                listed[tool.name] = tool
             cursor = page.next_cursor
             if cursor is None:
                 break
@@ -206,7 +200,6 @@ class McpConnection:
         client, listed = self._client, self.listed.get(tool)
         if client is None or listed is None or self.state != "connected":
             raise ToolError(ToolErrorCode.TOOL_ERROR, f"the MCP server {self.name!r} is not connected")
-        _check_arguments(listed, args)
         try:
             result = await client.call_tool(tool, dict(args))
         except MCPError as exc:
@@ -243,12 +236,8 @@ class McpTools:
         """Close every session: stdio servers are stopped (stdin closed, then killed if need be)."""
         for connection in self._connections.values():
             connection.closing = True
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            # Each stdio server gets the SDK's bounded stop (about 6 s at worst) before a new cancel.
-            _, pending = await asyncio.wait(pending, timeout=10)
+        # Each stdio server gets the SDK's bounded stop (about 6 s at worst) before a new cancel.
+        await cancel_and_wait(self._tasks, patience_seconds=10)
         self._tasks.clear()
 
     def states(self) -> dict[str, McpServerState]:
@@ -289,11 +278,12 @@ class McpTools:
             listed = connection.listed[tool_name]
             spec = ToolSpec(
                 name=exposed,
-                description=listed.tool.description or listed.tool.title or f"{tool_name} (MCP server {server})",
-                parameters=model_schema(listed.tool.input_schema),
+                description=listed.description or listed.title or f"{tool_name} (MCP server {server})",
+                parameters=model_schema(listed.input_schema),
             )
             runner = _runner(connection, tool_name, self._limits)
-            tools.append((server, Tool(spec, runner, self._limits.tool_timeout_seconds)))
+            # The model sees the schema's Gemini subset; the arguments are checked against all of it.
+            tools.append((server, Tool(spec, runner, self._limits.tool_timeout_seconds, listed.input_schema)))
         return tools
 
 
@@ -338,29 +328,6 @@ def _capped(text: str, limit: int) -> str:
     return text[:limit] + f"… [cut: the tool returned {len(text):,} characters; the first {limit:,} are kept]"
 
 
-def _validator(server: str, tool: mcp.Tool) -> jsonschema.protocols.Validator | None:
-    schema = tool.input_schema
-    try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
-    except jsonschema.SchemaError:
-        log.warning("MCP server %s: tool %s has an invalid input schema; its arguments go unchecked", server, tool.name)
-        return None
-    validator: jsonschema.protocols.Validator = cls(schema)
-    return validator
-
-
-def _check_arguments(listed: _Listed, args: dict[str, JSONValue]) -> None:
-    if listed.validator is None:
-        return
-    error = jsonschema.exceptions.best_match(listed.validator.iter_errors(args))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "the arguments"
-        raise ToolError(
-            ToolErrorCode.TOOL_ERROR, f"invalid arguments for {listed.tool.name} ({where}): {error.message}"
-        )
-
-
 def describe(error: BaseException) -> str:
     """A failure in a line: the innermost cause of an exception group, never a header or an env value."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
@@ -391,7 +358,7 @@ def _check_command(config: StdioServer) -> None:
         raise FileNotFoundError(errno.ENOENT, "not found, or not executable")
 
 
-def _tool_list(listed: dict[str, _Listed]) -> str:
+def _tool_list(listed: dict[str, mcp.Tool]) -> str:
     return f"{len(listed)} tools ({', '.join(sorted(listed))})" if listed else "no tools"
 
 

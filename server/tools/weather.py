@@ -8,15 +8,24 @@ from server.core.errors import ToolErrorCode
 from server.core.models import JSONValue
 from server.core.ports import ToolSpec
 from server.core.tools import Tool, ToolError
+from server.tools.mcp_schema import model_schema
 
+# What the arguments are checked against; the model is shown its subset every provider accepts.
+INPUT_SCHEMA: dict[str, JSONValue] = {
+    "type": "object",
+    "properties": {
+        "location": {
+            "type": "string",
+            "description": "A city or place name, e.g. 'Delhi'.",
+            "pattern": r"\S",  # not blank
+        }
+    },
+    "required": ["location"],
+}
 SPEC = ToolSpec(
     name="get_weather",
     description="Current weather (temperature, conditions, humidity, wind) for a named place.",
-    parameters={
-        "type": "object",
-        "properties": {"location": {"type": "string", "description": "A city or place name, e.g. 'Delhi'."}},
-        "required": ["location"],
-    },
+    parameters=model_schema(INPUT_SCHEMA),
 )
 
 # WMO weather interpretation codes, as Open-Meteo documents them.
@@ -74,9 +83,7 @@ def weather_tool(client: httpx.AsyncClient, geocoding_url: str, forecast_url: st
         return body
 
     async def run(args: dict[str, JSONValue]) -> JSONValue:
-        location = args.get("location")
-        if not isinstance(location, str) or not location.strip():
-            raise ToolError(ToolErrorCode.INVALID_ARGUMENTS, "get_weather needs a non-empty 'location' string")
+        location = str(args["location"])  # the registry checked it is a string, not blank
         found = await get_json(
             f"{geocoding_url}/v1/search",
             {"name": location.strip(), "count": 1, "language": "en", "format": "json"},
@@ -110,7 +117,7 @@ def weather_tool(client: httpx.AsyncClient, geocoding_url: str, forecast_url: st
             "observed_at": current.get("time"),
         }
 
-    return Tool(spec=SPEC, run=run)
+    return Tool(spec=SPEC, run=run, input_schema=INPUT_SCHEMA)
 
 
 def _first_place(places: JSONValue) -> tuple[dict[str, JSONValue], float, float]:
