@@ -21,8 +21,8 @@ def tagged(name: str, data: Any) -> str:
 
 
 class Recorder:
-    def __init__(self, name: str, failing: bool = False) -> None:
-        self.name = name
+    def __init__(self, connection_id: str, failing: bool = False) -> None:
+        self.connection_id = connection_id
         self.failing = failing
         self.got: list[str] = []
 
@@ -89,7 +89,7 @@ async def test_every_member_gets_each_event_in_order_encoded_once_per_kind_and_o
     members = [Recorder("a"), Recorder("b", failing=True), Recorder("c")]
     for member in members:
         hub.connect(member)
-        await hub.add_member(member.name, SID)
+        await hub.add_member(member.connection_id, SID)
     encodings.clear()
     await hub.publish(SID, PresenceEvent(session_id=SID, clients=3))
     await hub.publish(SID, turn(1, 1)[0].event)
@@ -154,7 +154,7 @@ async def test_live_events_wait_for_the_catch_up_and_a_member_gets_nothing_its_j
     early, late = Recorder("early"), Recorder("late")
     for member, end in ((early, 0), (late, 3)):
         hub.connect(member)
-        await hub.add_member(member.name, SID, history_end=end)
+        await hub.add_member(member.connection_id, SID, history_end=end)
     first, second = turn(1, 1), turn(2, 4)
     storage.rows = [*first, *second]
     hub.missed()

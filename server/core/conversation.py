@@ -56,7 +56,10 @@ def parse_session_id(value: str) -> str:
 
 
 class ConversationService:
-    """What clients ask of sessions (join, message, cancel, leave), whichever transport they use."""
+    """What clients ask of sessions (join, message, cancel, leave), whichever transport they use.
+
+    A client is named by its `connection`: the transport's id of its connection, unique in the
+    process (a Socket.IO sid, or `ws:<hex>` for a plain WebSocket)."""
 
     def __init__(
         self,
@@ -85,8 +88,8 @@ class ConversationService:
         self._store.on_stored(self._history.remember)
         self._rate = RateLimiter(limits.messages_per_minute)
         self._user_quota = user_quota or LocalQuota(limits.messages_per_minute)
-        self._joined: defaultdict[str, set[str]] = defaultdict(set)  # member -> its sessions
-        # Sessions a member's joins are still working on: they count against its cap already.
+        self._joined: defaultdict[str, set[str]] = defaultdict(set)  # connection -> the sessions it joined
+        # Sessions a connection's joins are still working on: they count against its cap already.
         self._joining: defaultdict[str, set[str]] = defaultdict(set)
         self._turns = RunningTurns()
         self._turn_context = TurnContext(
@@ -133,7 +136,7 @@ class ConversationService:
 
     async def join(
         self,
-        member: str,
+        connection: str,
         session_id: str | None,
         user_id: str | None,
         after_event_id: int | None,
@@ -144,24 +147,24 @@ class ConversationService:
         session_id = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
         if owner is not None:
             user_id = owner
-        if not self._reserve_join(member, session_id):
+        if not self._reserve_join(connection, session_id):
             await self._refuse_over_session_cap(session_id, owner)
         try:
             session, history = await self._open_session(session_id, user_id, after_event_id, owner)
             history_end = history[-1].event_id if history else after_event_id
-            active = await self._enter(member, session_id, history_end)
+            active = await self._enter(connection, session_id, history_end)
         finally:
-            self._joining[member].discard(session_id)
-            if not self._joining[member]:
-                del self._joining[member]
-            if not self._joined.get(member, True):
-                del self._joined[member]
+            self._joining[connection].discard(session_id)
+            if not self._joining[connection]:
+                del self._joining[connection]
+            if not self._joined.get(connection, True):
+                del self._joined[connection]
         return JoinResult(session=session, history=history, active_turn=active)
 
-    def _reserve_join(self, member: str, session_id: str) -> bool:
-        """Count the session against the member's cap now, before any await: joins sent at once are
+    def _reserve_join(self, connection: str, session_id: str) -> bool:
+        """Count the session against the connection's cap now, before any await: joins sent at once are
         counted as if sent one after another. False when the cap is reached."""
-        joined, joining = self._joined[member], self._joining[member]
+        joined, joining = self._joined[connection], self._joining[connection]
         if session_id in joined or session_id in joining:
             return True
         if len(joined) + len(joining) >= self._limits.max_sessions_per_member:
@@ -187,22 +190,22 @@ class ConversationService:
             self._history.note(session_id, history)
         return session, history
 
-    async def _enter(self, member: str, session_id: str, history_end: int | None) -> ActiveTurn | None:
-        """Put the member in the session's room; the session's running turn, if any."""
-        newly = session_id not in self._joined[member]
+    async def _enter(self, connection: str, session_id: str, history_end: int | None) -> ActiveTurn | None:
+        """Put the connection in the session's room; the session's running turn, if any."""
+        newly = session_id not in self._joined[connection]
         try:
             if newly:
-                self._joined[member].add(session_id)
-                await self._emitter.add_member(member, session_id, history_end=history_end)
-            clients = await self._coordination.add_member(session_id, member)
+                self._joined[connection].add(session_id)
+                await self._emitter.add_member(connection, session_id, history_end=history_end)
+            clients = await self._coordination.add_member(session_id, connection)
             # Taken right after entering the room: every chunk is in this text or reaches the
             # socket live, and `next_index` tells the client which live chunks to drop.
             turn = self._turns.get(session_id)
             active = turn.snapshot() if turn is not None else await self._coordination.turn_snapshot(session_id)
         except Exception as exc:
             if newly:  # the join did not happen: undo it
-                self._joined[member].discard(session_id)
-                await self._emitter.remove_member(member, session_id)
+                self._joined[connection].discard(session_id)
+                await self._emitter.remove_member(connection, session_id)
             raise shared_state_unavailable(exc) from None
         self.summaries.session_joined(session_id)
         if clients is not None:
@@ -226,11 +229,11 @@ class ConversationService:
     # ------------------------------------------------------------------ message
 
     async def send_message(
-        self, member: str, session_id: str, text: str, client_message_id: str | None, *, user: str | None = None
+        self, connection: str, session_id: str, text: str, client_message_id: str | None, *, user: str | None = None
     ) -> MessageAccepted:
         """`user`: the authenticated user, whose messages over all their connections are limited too."""
         received_at = time.monotonic()
-        session_id = self._joined_session(member, session_id)
+        session_id = self._joined_session(connection, session_id)
         if not text.strip():
             raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
         if len(text) > self._limits.max_message_chars:
@@ -242,14 +245,14 @@ class ConversationService:
             if earlier is not None:
                 return earlier
         await self._wait_recovered()
-        await self._take_quota(member, user)
+        await self._take_quota(connection, user)
         try:
             accepted, started = await self._start_turn(session_id, text, client_message_id, received_at)
         except BaseException:
-            await self._give_back_quota(member, user)
+            await self._give_back_quota(connection, user)
             raise
         if not started:  # a retry answered like the first attempt: it does not count
-            await self._give_back_quota(member, user)
+            await self._give_back_quota(connection, user)
         return accepted
 
     async def _earlier_answer(self, session_id: str, client_message_id: str) -> MessageAccepted | None:
@@ -265,23 +268,23 @@ class ConversationService:
             return None
         return MessageAccepted(turn_id=earlier.turn_id, event_id=getattr(earlier, "event_id", None))
 
-    async def _take_quota(self, member: str, user: str | None) -> None:
+    async def _take_quota(self, connection: str, user: str | None) -> None:
         """Count the message against the socket's and the user's limits, or refuse it."""
-        if not self._rate.try_take(member):
+        if not self._rate.try_take(connection):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages; wait a little")
         if user is None:
             return
         try:
             allowed = await self._user_quota.take(user)
         except Exception as exc:
-            self._rate.give_back(member)
+            self._rate.give_back(connection)
             raise shared_state_unavailable(exc) from None
         if not allowed:
-            self._rate.give_back(member)
+            self._rate.give_back(connection)
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many messages from this user; wait a little")
 
-    async def _give_back_quota(self, member: str, user: str | None) -> None:
-        self._rate.give_back(member)
+    async def _give_back_quota(self, connection: str, user: str | None) -> None:
+        self._rate.give_back(connection)
         if user is not None:
             try:
                 await self._user_quota.give_back(user)
@@ -311,8 +314,8 @@ class ConversationService:
 
     # ------------------------------------------------------------------ cancel, leave
 
-    async def cancel(self, member: str, session_id: str) -> str:
-        session_id = self._joined_session(member, session_id)
+    async def cancel(self, connection: str, session_id: str) -> str:
+        session_id = self._joined_session(connection, session_id)
         here = self._turns.get(session_id)
         try:
             turn_id = await self._coordination.running_turn(session_id)
@@ -328,20 +331,20 @@ class ConversationService:
             raise shared_state_unavailable(exc) from None
         return turn_id
 
-    async def leave(self, member: str, session_id: str) -> None:
+    async def leave(self, connection: str, session_id: str) -> None:
         session_id = parse_session_id(session_id)
-        joined = self._joined.get(member)
+        joined = self._joined.get(connection)
         if joined is None or session_id not in joined:
             return
         joined.discard(session_id)
         if not joined:
-            del self._joined[member]
-        await self._emitter.remove_member(member, session_id)
+            del self._joined[connection]
+        await self._emitter.remove_member(connection, session_id)
         try:
-            clients = await self._coordination.remove_member(session_id, member)
+            clients = await self._coordination.remove_member(session_id, connection)
         except Exception as exc:
             # The socket is out of the room; the shared count catches up when it can (see coordination).
-            log.warning("cannot count %s out of session %s: %r", member, session_id, exc)
+            log.warning("cannot count %s out of session %s: %r", connection, session_id, exc)
             return
         if clients is None:
             return
@@ -349,20 +352,20 @@ class ConversationService:
         if clients == 0:
             self.summaries.session_emptied(session_id, utc_now())
 
-    async def disconnect(self, member: str) -> None:
-        for session_id in list(self._joined.get(member, ())):
-            await self.leave(member, session_id)
-        self._joined.pop(member, None)  # also the empty entry of a socket whose joins were all refused
-        self._rate.forget(member)
+    async def disconnect(self, connection: str) -> None:
+        for session_id in list(self._joined.get(connection, ())):
+            await self.leave(connection, session_id)
+        self._joined.pop(connection, None)  # also the empty entry of a socket whose joins were all refused
+        self._rate.forget(connection)
 
     async def disconnect_all(self) -> None:
-        """Shutdown: count out every member still known, so emptied sessions get summarised."""
-        for member in list(self._joined):
-            await self.disconnect(member)
+        """Shutdown: count out every connection still known, so emptied sessions get summarised."""
+        for connection in list(self._joined):
+            await self.disconnect(connection)
 
-    def _joined_session(self, member: str, session_id: str) -> str:
+    def _joined_session(self, connection: str, session_id: str) -> str:
         session_id = parse_session_id(session_id)
-        if session_id not in self._joined.get(member, ()):
+        if session_id not in self._joined.get(connection, ()):
             raise ServiceError(ErrorCode.NOT_JOINED, "join the session first")
         return session_id
 
@@ -379,9 +382,9 @@ class ConversationService:
     async def presence(self, session_id: str) -> PresenceEvent:
         """The session's presence now. This process's members are counted in again first: shared
         state that was away may have counted them out (their process's heartbeat lapsed)."""
-        for member, sessions in list(self._joined.items()):
+        for connection, sessions in list(self._joined.items()):
             if session_id in sessions:
-                await self._coordination.add_member(session_id, member)
+                await self._coordination.add_member(session_id, connection)
         return PresenceEvent(session_id=session_id, clients=await self._coordination.member_count(session_id))
 
     # ------------------------------------------------------------------ turns of other processes

@@ -227,11 +227,11 @@ class Emitter(Protocol):
 
     async def publish(self, session_id: str, event: TurnEvent) -> None: ...
 
-    async def add_member(self, member: str, session_id: str, *, history_end: int | None = None) -> None:
-        """Put the member in the session's room; `history_end`: the last stored event its join gave it."""
+    async def add_member(self, connection: str, session_id: str, *, history_end: int | None = None) -> None:
+        """Put the connection in the session's room; `history_end`: the last stored event its join gave it."""
         ...
 
-    async def remove_member(self, member: str, session_id: str) -> None: ...
+    async def remove_member(self, connection: str, session_id: str) -> None: ...
 
 
 # ---------------------------------------------------------------- coordination
@@ -324,12 +324,12 @@ class TurnRequests(Protocol):
 class Presence(Protocol):
     """How many clients are in a session, over every process."""
 
-    async def add_member(self, session_id: str, member: str) -> int | None:
-        """Count the member in; the new count, or None when it was already in."""
+    async def add_member(self, session_id: str, connection: str) -> int | None:
+        """Count the connection in; the new count, or None when it was already in."""
         ...
 
-    async def remove_member(self, session_id: str, member: str) -> int | None:
-        """Count the member out; the new count, or None when it was not in."""
+    async def remove_member(self, session_id: str, connection: str) -> int | None:
+        """Count the connection out; the new count, or None when it was not in."""
         ...
 
     async def member_count(self, session_id: str) -> int: ...

@@ -59,8 +59,8 @@ class Member(Protocol):
     """A connected client, as the hub reaches it."""
 
     @property
-    def name(self) -> str:
-        """Unique in the process: the core's name for the connection."""
+    def connection_id(self) -> str:
+        """The core's name for the connection (unique in the process)."""
         ...
 
     async def send(self, event: Outgoing) -> None:
@@ -103,7 +103,7 @@ class Backlog(Protocol):
 
 @dataclass(eq=False)
 class Room:
-    members: dict[str, tuple[Member, int]] = field(default_factory=dict)  # name -> (member, its history's end)
+    members: dict[str, tuple[Member, int]] = field(default_factory=dict)  # connection -> (member, its history's end)
     floor: int = 0  # every stored event up to this id has reached the members
     delivered: set[str] = field(default_factory=set)  # keys delivered since the floor
     stale: bool = False  # events may have been missed: the floor waits for a catch-up
@@ -128,21 +128,18 @@ class RoomHub:
     # ------------------------------------------------------------------ members
 
     def connect(self, member: Member) -> None:
-        self._members[member.name] = member
+        self._members[member.connection_id] = member
 
     def disconnect(self, member: Member) -> None:
         """Forget the member, and take it out of every room (its sessions' presence is the core's)."""
-        if self._members.get(member.name) is member:
-            del self._members[member.name]
-        for session_id in [s for s, room in self._rooms.items() if member.name in room.members]:
-            self._leave(member.name, session_id)
+        if self._members.get(member.connection_id) is member:
+            del self._members[member.connection_id]
+        for session_id in [s for s, room in self._rooms.items() if member.connection_id in room.members]:
+            self._leave(member.connection_id, session_id)
 
-    def rooms_of(self, name: str) -> list[str]:
-        return [session_id for session_id, room in self._rooms.items() if name in room.members]
-
-    async def add_member(self, member: str, session_id: str, *, history_end: int | None = None) -> None:
+    async def add_member(self, connection_id: str, session_id: str, *, history_end: int | None = None) -> None:
         """`history_end`: the last stored event the member has from its join (it gets the later ones)."""
-        client = self._members.get(member)
+        client = self._members.get(connection_id)
         if client is None:
             return  # gone already: its disconnect counts it out
         room = self._rooms.get(session_id)
@@ -154,14 +151,14 @@ class RoomHub:
                 except BaseException:
                     self._rooms.pop(session_id, None)
                     raise
-        room.members[member] = (client, history_end or 0)
+        room.members[connection_id] = (client, history_end or 0)
 
-    async def remove_member(self, member: str, session_id: str) -> None:
-        self._leave(member, session_id)
+    async def remove_member(self, connection_id: str, session_id: str) -> None:
+        self._leave(connection_id, session_id)
 
-    def _leave(self, member: str, session_id: str) -> None:
+    def _leave(self, connection_id: str, session_id: str) -> None:
         room = self._rooms.get(session_id)
-        if room is None or room.members.pop(member, None) is None or room.members:
+        if room is None or room.members.pop(connection_id, None) is None or room.members:
             return
         del self._rooms[session_id]
         catching_up = self._catching_up.pop(session_id, None)
@@ -298,4 +295,4 @@ async def _send(member: Member, outgoing: Outgoing) -> None:
     try:
         await member.send(outgoing)
     except Exception as exc:  # one member's failure is not the others'
-        log.debug("could not send %s to %s: %r", outgoing.name, member.name, exc)
+        log.debug("could not send %s to %s: %r", outgoing.name, member.connection_id, exc)

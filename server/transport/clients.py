@@ -32,9 +32,10 @@ TOKEN_EXPIRED = "the token has expired; reconnect with a fresh one"
 
 @dataclass(eq=False)
 class ClientConnection:
-    """One connected client, on either transport. `member` is its name in the core (unique)."""
+    """One connected client, on either transport. `connection_id`: its name in the core and the rooms
+    (unique in the process: a Socket.IO sid, or `ws:<hex>` for a plain WebSocket)."""
 
-    member: str
+    connection_id: str
     transport: Transport
     address: str
     identity: Identity | None
@@ -83,7 +84,7 @@ class ClientConnection:
         except ServiceError as exc:
             return self.refusal(exc.code.value, exc.message)
         except Exception:
-            log.exception("unexpected failure handling a request from %s", self.member)
+            log.exception("unexpected failure handling a request from %s", self.connection_id)
             return self.refusal(ErrorCode.UNAVAILABLE.value, "the server could not do this now")
 
 
@@ -97,7 +98,7 @@ class ConnectionGate:
         self._max = max_per_address
         self.metrics = metrics
         self._per_address: Counter[str] = Counter()
-        self._held_by_transport: set[str] = set()  # members whose connection `hold` counts
+        self._held_by_transport: set[str] = set()  # connections that `hold` counts
         self._expiring: set[ClientConnection] = set()  # those with an expiry timer
 
     @property
@@ -116,7 +117,7 @@ class ConnectionGate:
         self._forget(address)
 
     async def admit(
-        self, member: str, transport: Transport, address: str, token: object, held: bool | None = None
+        self, connection_id: str, transport: Transport, address: str, token: object, held: bool | None = None
     ) -> ClientConnection:
         """The connection, or ServiceError `rate_limited` / `unauthorized`. `held`: what `hold`
         answered for this connection (it stays counted until `let_go`), or None to count it here
@@ -139,9 +140,9 @@ class ConnectionGate:
                 self._forget(address)
             raise
         if held is not None:
-            self._held_by_transport.add(member)
+            self._held_by_transport.add(connection_id)
         self.metrics.connection_opened(transport)
-        return ClientConnection(member, transport, address, identity, self.authenticating, self.metrics)
+        return ClientConnection(connection_id, transport, address, identity, self.authenticating, self.metrics)
 
     def close_at_expiry(self, connection: ClientConnection, close: Callable[[], None]) -> None:
         """Call `close` (which must not block) once the connection's token has expired: its `exp`
@@ -156,7 +157,7 @@ class ConnectionGate:
     def _expire(self, connection: ClientConnection, close: Callable[[], None]) -> None:
         connection.expiry = None
         self._expiring.discard(connection)
-        log.info("closing %s connection %s: its token expired", connection.transport, connection.member)
+        log.info("closing %s connection %s: its token expired", connection.transport, connection.connection_id)
         close()
 
     def expiry_timers(self) -> list[asyncio.TimerHandle]:
@@ -165,8 +166,8 @@ class ConnectionGate:
     def release(self, connection: ClientConnection) -> None:
         self._cancel_expiry(connection)
         self.metrics.connection_closed(connection.transport)
-        if connection.member in self._held_by_transport:
-            self._held_by_transport.discard(connection.member)  # `let_go` uncounts it
+        if connection.connection_id in self._held_by_transport:
+            self._held_by_transport.discard(connection.connection_id)  # `let_go` uncounts it
         else:
             self._forget(connection.address)
 
@@ -191,7 +192,7 @@ class ConnectionGate:
 
 
 async def join(svc: ConversationService, client: ClientConnection, p: JoinPayload, user: str | None) -> Ack:
-    result = await svc.join(client.member, p.session_id, p.user_id, p.after_event_id, owner=user)
+    result = await svc.join(client.connection_id, p.session_id, p.user_id, p.after_event_id, owner=user)
     return {
         "session": result.session.model_dump(mode="json"),
         "history": [event.public() for event in result.history],
@@ -200,16 +201,16 @@ async def join(svc: ConversationService, client: ClientConnection, p: JoinPayloa
 
 
 async def message(svc: ConversationService, client: ClientConnection, p: MessagePayload, user: str | None) -> Ack:
-    accepted = await svc.send_message(client.member, p.session_id, p.text, p.client_message_id, user=user)
+    accepted = await svc.send_message(client.connection_id, p.session_id, p.text, p.client_message_id, user=user)
     return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
 
 
 async def cancel(svc: ConversationService, client: ClientConnection, p: SessionPayload, user: str | None) -> Ack:
-    return {"turn_id": await svc.cancel(client.member, p.session_id)}
+    return {"turn_id": await svc.cancel(client.connection_id, p.session_id)}
 
 
 async def leave(svc: ConversationService, client: ClientConnection, p: SessionPayload, user: str | None) -> Ack:
-    await svc.leave(client.member, p.session_id)
+    await svc.leave(client.connection_id, p.session_id)
     return {}
 
 

@@ -70,9 +70,8 @@ class PlainClient:
         self._writer: asyncio.Task[None] | None = None
 
     @property
-    def name(self) -> str:
-        """Its name in the core and the rooms."""
-        return self.connection.member
+    def connection_id(self) -> str:
+        return self.connection.connection_id
 
     async def send(self, event: Outgoing) -> None:
         """An event of one of its rooms (the hub's `Member`)."""
@@ -108,7 +107,7 @@ class PlainClient:
     def _drop(self) -> None:
         log.warning(
             "disconnecting plain WebSocket %s: more than %d bytes waited for it (it stopped reading)",
-            self.name,
+            self.connection_id,
             self._limit,
         )
         self.dropped.set()
@@ -228,9 +227,9 @@ async def serve_plain_client(
     query = websocket.query_params
     address = websocket.client.host if websocket.client else "unknown"
     token = query.get("token") or bearer_token(websocket.headers.get("authorization"))
-    member = f"ws:{uuid.uuid4().hex}"
+    connection_id = f"ws:{uuid.uuid4().hex}"
     try:
-        connection = await gate.admit(member, "websocket", address, token)
+        connection = await gate.admit(connection_id, "websocket", address, token)
     except ServiceError as exc:
         await _refuse(websocket, exc)
         return
@@ -245,15 +244,15 @@ async def serve_plain_client(
         client.end(frame("error", error.as_dict()), CLOSE_CODES[ErrorCode.UNAUTHORIZED], error.code.value)
 
     gate.close_at_expiry(connection, expire)
-    writer = asyncio.create_task(client.write(), name=f"plain writer {member}")
+    writer = asyncio.create_task(client.write(), name=f"plain writer {connection_id}")
     try:
         if await _join(client, service, session_id, query):
             await _read(client, service, session_id, packet_limit)
     finally:
         try:
-            await service.disconnect(member)  # closing is leaving: presence, the last-leave summary
+            await service.disconnect(connection_id)  # closing is leaving: presence, the last-leave summary
         except Exception:
-            log.exception("failed to clean up after %s disconnected", member)
+            log.exception("failed to clean up after %s disconnected", connection_id)
         hub.disconnect(client)
         open_clients.discard(client)
         gate.release(connection)
@@ -301,7 +300,7 @@ async def _read(client: PlainClient, service: ConversationService, session_id: s
         text, data = received.get("text"), received.get("bytes")
         size = len(text) if text is not None else len(data or b"")
         if size > packet_limit:
-            log.info("closing plain WebSocket %s: a frame of %d characters", client.name, size)
+            log.info("closing plain WebSocket %s: a frame of %d characters", client.connection_id, size)
             client.close(MESSAGE_TOO_BIG)
             return
         request, payload, problem = _command(text, session_id)

@@ -50,7 +50,7 @@ class SocketIOMember:
     """A Socket.IO socket as a member of session rooms: events go straight onto its Engine.IO queue."""
 
     def __init__(self, sid: str, eio: Any, eio_sid: str) -> None:
-        self.name = sid
+        self.connection_id = sid
         self._eio = eio
         self._eio_sid = eio_sid
 
