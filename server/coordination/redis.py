@@ -11,9 +11,9 @@ Keys (under the `REDIS_CHANNEL` prefix):
   interrupted, and frees the lock, so the session takes messages again;
 - `text:{session}:{turn}`: the text streamed so far of a turn whose session has a member on another
   process (kept by redis_rooms.py), for whoever ends it should its process die;
-- `members:{session}`: hash member -> process; `proc:{process}`: a heartbeat with an expiry (a
+- `members:{session}`: hash connection -> process; `proc:{process}`: a heartbeat with an expiry (a
   third of the lock's, so a dead process is found while its locks still hold). A member whose
-  process stopped beating is counted out, so a crashed process leaves no ghosts;
+  process was found dead (and left `procs`) is counted out, so a crashed process leaves no ghosts;
 - `summary:{session}:{emptied_at}`: set once, by the one process that summarises that emptying.
 """
 
@@ -46,9 +46,10 @@ MAX_BEAT_MS = 15000
 # How long who sent a turn's `done` is remembered: past any recovery attempt.
 ENDED_MS = 600_000
 
-# Count the session's members whose process still beats, dropping the others. ARGV: op, member,
-# process, proc-key prefix. Answers the new count, or -1 when the member was already in (add) or
-# not in (remove).
+# Count the session's members whose process is not taken for dead, dropping the others (a process
+# leaves `procs` once found dead, so a Redis outage, which lapses every heartbeat, counts no one out).
+# ARGV: op, member, process, the `procs` set. Answers the new count, or -1 when the member was
+# already in (add) or not in (remove).
 _MEMBERS = """
 local key, op, member, process, procs = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local changed = 1
@@ -59,7 +60,7 @@ elseif op == 'remove' then
 end
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
-  if redis.call('EXISTS', procs .. all[i + 1]) == 0 then
+  if redis.call('SISMEMBER', procs, all[i + 1]) == 0 then
     redis.call('HDEL', key, all[i])
   end
 end
@@ -346,7 +347,7 @@ class RedisCoordination:
 
     async def _members(self, op: str, session_id: str, member: str = "") -> int:
         count: int = await self._members_script(
-            keys=[self._key("members", session_id)], args=[op, member, self._process, self._key("proc", "")]
+            keys=[self._key("members", session_id)], args=[op, member, self._process, self._key("procs")]
         )
         return count
 

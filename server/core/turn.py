@@ -324,27 +324,16 @@ class Turn:
         return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
 
     async def _run_tools(self, calls: list[ToolCallItem], *, text_offset: int) -> list[ToolResultItem]:
-        for call in calls:
-            self._store(
-                EventType.TOOL_CALL,
-                tool_call_key(self.turn_id, call.call_id),
-                tool_call_content(call, text_offset=text_offset),
-            )
-            await self._ctx.emitter.publish(
-                self.session_id,
-                ToolCallEvent(
-                    session_id=self.session_id,
-                    turn_id=self.turn_id,
-                    call_id=call.call_id,
-                    name=call.name,
-                    args=call.args,
-                ),
-            )
-        pending = [
-            self._ctx.tasks.spawn(self._run_tool(call), name=f"tool {call.name} {self.turn_id}") for call in calls
-        ]
+        announced: list[ToolCallItem] = []
+        pending: list[asyncio.Task[ToolResultItem]] = []
         results: list[ToolResultItem] = []
         try:
+            for call in calls:
+                announced.append(call)  # stored from here on, whatever stops the round
+                await self._announce(call, text_offset)
+            pending = [
+                self._ctx.tasks.spawn(self._run_tool(call), name=f"tool {call.name} {self.turn_id}") for call in calls
+            ]
             for task in pending:
                 results.append(await task)
                 await self._publish_result(results[-1])
@@ -353,9 +342,10 @@ class Turn:
             # every stored tool_call gets its tool_result, so the history stays valid for a model.
             for task in pending:
                 task.cancel()
-            await asyncio.wait(pending)
+            if pending:
+                await asyncio.wait(pending)
             # Ended elsewhere: the process that took this one for dead answered them (`interrupted`).
-            unanswered = calls[len(results) :] if self.stop_reason != "ended_elsewhere" else []
+            unanswered = announced[len(results) :] if self.stop_reason != "ended_elsewhere" else []
             for call in unanswered:
                 cancelled = ToolResultItem(
                     call_id=call.call_id,
@@ -366,6 +356,19 @@ class Turn:
                     await self._publish_result(cancelled)
             raise
         return results
+
+    async def _announce(self, call: ToolCallItem, text_offset: int) -> None:
+        await self._stored(
+            EventType.TOOL_CALL,
+            tool_call_key(self.turn_id, call.call_id),
+            tool_call_content(call, text_offset=text_offset),
+        )
+        await self._ctx.emitter.publish(
+            self.session_id,
+            ToolCallEvent(
+                session_id=self.session_id, turn_id=self.turn_id, call_id=call.call_id, name=call.name, args=call.args
+            ),
+        )
 
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
         timeout = self._ctx.tools.timeout_of(call.name) or self._ctx.limits.tool_timeout_seconds
@@ -399,7 +402,9 @@ class Turn:
         self._ctx.metrics.tool_called(
             result.name if result.name in self._ctx.tools else "unknown", result.error is None
         )
-        self._store(EventType.TOOL_RESULT, tool_result_key(self.turn_id, result.call_id), tool_result_content(result))
+        await self._stored(
+            EventType.TOOL_RESULT, tool_result_key(self.turn_id, result.call_id), tool_result_content(result)
+        )
         await self._ctx.emitter.publish(
             self.session_id,
             ToolResultEvent(
@@ -411,6 +416,12 @@ class Turn:
                 error=result.error,
             ),
         )
+
+    async def _stored(self, event_type: EventType, key: str, content: str) -> None:
+        """Store a tool event before it is published (briefly waited for, as the answer is before
+        `done`): a room that missed it live then finds it in storage (rooms/hub.py)."""
+        write = self._store(event_type, key, content)
+        await asyncio.wait([write], timeout=self._ctx.limits.done_store_wait_seconds)
 
     def _store(
         self, event_type: EventType, key: str, content: str, *, ending: bool = False

@@ -219,6 +219,8 @@ class RoomHub:
             if room is None:
                 continue
             room.stale = True
+            if room.held is None:
+                room.held = []  # from now: what arrives live follows what the catch-up sends
             running = self._catching_up.get(session_id)
             if running is None or running.done():
                 self._catching_up[session_id] = self._tasks.spawn(
