@@ -46,12 +46,13 @@ MAX_BEAT_MS = 15000
 # How long who sent a turn's `done` is remembered: past any recovery attempt.
 ENDED_MS = 600_000
 
-# Count the session's members whose process is not taken for dead, dropping the others (a process
-# leaves `procs` once found dead, so a Redis outage, which lapses every heartbeat, counts no one out).
-# ARGV: op, member, process, the `procs` set. Answers the new count, or -1 when the member was
-# already in (add) or not in (remove).
+# Count the session's members whose process lives, dropping the others: a process that left `procs`
+# (found dead), or, when the caller trusts heartbeats (it has beaten for a heartbeat's time since
+# Redis was last away: every live process has beaten again since), one whose heartbeat expired.
+# ARGV: op, member, process, proc-key prefix, the `procs` set, trust ('1' or '0'). Answers the new
+# count, or -1 when the member was already in (add) or not in (remove).
 _MEMBERS = """
-local key, op, member, process, procs = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key, op, member, process, beat, procs = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local changed = 1
 if op == 'add' then
   changed = redis.call('HSETNX', key, member, process)
@@ -60,7 +61,8 @@ elseif op == 'remove' then
 end
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
-  if redis.call('SISMEMBER', procs, all[i + 1]) == 0 then
+  local owner = all[i + 1]
+  if redis.call('SISMEMBER', procs, owner) == 0 or (ARGV[6] == '1' and redis.call('EXISTS', beat .. owner) == 0) then
     redis.call('HDEL', key, all[i])
   end
 end
@@ -158,6 +160,8 @@ class RedisCoordination:
         self._ending_orphans: set[tuple[str, str]] = set()
         self._leaving: set[tuple[str, str]] = set()
         self._releasing: dict[str, tuple[str, str]] = {}
+        # Whether a missing heartbeat means a dead process (not right after Redis was away: see _MEMBERS).
+        self._trusting = False
         self._background: set[asyncio.Task[None]] = set()
         self._members_script = redis.register_script(_MEMBERS)
         self._acquire_script = redis.register_script(_ACQUIRE)
@@ -346,8 +350,10 @@ class RedisCoordination:
     # ------------------------------------------------------------------ presence
 
     async def _members(self, op: str, session_id: str, member: str = "") -> int:
+        trust = "1" if self._trusting else "0"
         count: int = await self._members_script(
-            keys=[self._key("members", session_id)], args=[op, member, self._process, self._key("procs")]
+            keys=[self._key("members", session_id)],
+            args=[op, member, self._process, self._key("proc", ""), self._key("procs"), trust],
         )
         return count
 
@@ -383,7 +389,8 @@ class RedisCoordination:
                 beating_since = beating_since or loop.time()
                 # Right after Redis was away, every other process's heartbeat has lapsed too: they
                 # are taken for dead only once they had a heartbeat's time to beat again.
-                if loop.time() - beating_since >= self._beat_ms / 1000:
+                self._trusting = loop.time() - beating_since >= self._beat_ms / 1000
+                if self._trusting:
                     await self._find_orphans()
                 # What Redis missed while it was away: locks to free, members to count out.
                 for session_id, (turn_id, holder) in list(self._releasing.items()):
@@ -393,7 +400,7 @@ class RedisCoordination:
                     await self._members("remove", session_id, member)
                     self._leaving.discard((session_id, member))
             except RedisError as exc:
-                beating_since = None
+                beating_since, self._trusting = None, False
                 log.warning("cannot reach Redis for the process heartbeat: %s", exc)
             except Exception:
                 # Without its heartbeat this process's clients are counted out elsewhere: keep beating.
