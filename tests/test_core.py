@@ -74,7 +74,9 @@ class RecordingEmitter:
         if name == "done":
             self.done.set()
 
-    async def add_member(self, member: str, session_id: str, *, history_end: int | None = None) -> None:
+    async def add_member(
+        self, member: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+    ) -> None:
         return None
 
     async def remove_member(self, member: str, session_id: str) -> None:

@@ -170,3 +170,44 @@ async def test_live_events_wait_for_the_catch_up_and_a_member_gets_nothing_its_j
     assert early.got == ["user_message:t1", "tool_call:t1", "done:t1", *t2, "presence:2"]
     assert late.got == [*t2, "presence:2"]  # turn 1 was in its join's history
     await hub.close()
+
+
+async def test_a_clients_after_event_id_does_not_become_the_rooms_floor() -> None:
+    """A tab joining with an `after_event_id` past every stored event gets an empty history: that
+    claim is its own, and the room's other members still get every event."""
+    hub = RoomHub(TaskTracker(), Fanout())
+    claims, other = Recorder("claims"), Recorder("other")
+    for member in (claims, other):
+        hub.connect(member)
+    await hub.add_member("claims", SID, history_end=2**62, stored_end=None)
+    await hub.add_member("other", SID, history_end=None, stored_end=None)
+    for missed in turn(1, 1):
+        await hub.receive(SID, as_message(missed))
+    assert other.got == ["user_message:t1", "tool_call:t1", "done:t1"]
+    await hub.close()
+
+
+async def test_a_member_that_leaves_while_its_room_subscribes_is_not_left_in_it() -> None:
+    subscribed = asyncio.Event()
+
+    class SlowFanout(Fanout):
+        async def watch(self, session_id: str) -> None:
+            await subscribed.wait()
+            await super().watch(session_id)
+
+    fanout = SlowFanout()
+    hub = RoomHub(TaskTracker(), fanout)
+    leaving, staying = Recorder("leaving"), Recorder("staying")
+    for member in (leaving, staying):
+        hub.connect(member)
+    joins = [asyncio.create_task(hub.add_member(m.connection_id, SID)) for m in (leaving, staying)]
+    await asyncio.sleep(0.01)
+    hub.disconnect(leaving)  # while the room subscribes
+    subscribed.set()
+    results = await asyncio.gather(*joins, return_exceptions=True)
+    assert isinstance(results[0], ConnectionError) and results[1] is None
+    await hub.publish(SID, PresenceEvent(session_id=SID, clients=1))
+    assert staying.got == ["presence:1"] and leaving.got == []
+    hub.disconnect(staying)
+    assert fanout.watched == set()
+    await hub.close()

@@ -270,6 +270,10 @@ class RedisCoordination:
         holder, renewal = self._held.pop(session_id)
         renewal.cancel()
         self.rooms.unshare(session_id)
+        # The turn's `done` reaches Redis before the release that lets the next turn start anywhere.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ENDING_WAIT_SECONDS):
+                await self.rooms.sent()
         await self._release(session_id, turn_id, holder)
 
     async def _release(self, session_id: str, turn_id: str, holder: str) -> None:

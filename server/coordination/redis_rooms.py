@@ -61,6 +61,10 @@ class RedisRooms:
         self._hub: RoomHub | None = None
         self._queue: list[tuple[str, bytes, RunningText | None]] = []
         self._queued = asyncio.Event()
+        # Events queued so far, and how many of them the writer has sent (or given up on).
+        self._enqueued = 0
+        self._settled = 0
+        self._progress = asyncio.Condition()
         self._shared: set[str] = set()  # sessions with a member elsewhere during this turn
         self._unsent: set[str] = set()  # sessions with an event Redis did not take
         self._watched: set[str] = set()
@@ -106,6 +110,7 @@ class RedisRooms:
         if len(self._queue) >= MAX_QUEUED:
             self._drop_queue()
         self._queue.append((channel, body, text))
+        self._enqueued += 1
         self._queued.set()
 
     def share(self, session_id: str) -> None:
@@ -124,6 +129,7 @@ class RedisRooms:
                 await self._queued.wait()
             self._queued.clear()
             batch, self._queue = self._queue, []
+            upto = self._enqueued
             missed = sorted(self._unsent)
             try:
                 await self._send(missed, batch)
@@ -131,10 +137,22 @@ class RedisRooms:
                 if not self._unsent:
                     log.warning("cannot publish to Redis (%s): other processes catch up once it is back", exc)
                 self._unsent.update(_session_of(channel) for channel, _, _ in batch)
-                continue
-            if missed:
-                log.warning("publishing to Redis again: %d sessions told to catch up", len(missed))
-                self._unsent.difference_update(missed)
+            else:
+                if missed:
+                    log.warning("publishing to Redis again: %d sessions told to catch up", len(missed))
+                    self._unsent.difference_update(missed)
+            await self._settle(upto)
+
+    async def _settle(self, upto: int) -> None:
+        async with self._progress:
+            self._settled = max(self._settled, upto)
+            self._progress.notify_all()
+
+    async def sent(self) -> None:
+        """Return once every event queued before the call is sent to Redis (or given up on)."""
+        target = self._enqueued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._settled >= target)
 
     async def _send(self, missed: list[str], batch: list[tuple[str, bytes, RunningText | None]]) -> None:
         if not missed and not batch:
@@ -156,6 +174,7 @@ class RedisRooms:
         log.warning("%d events waited for Redis: dropped; other processes catch up from storage", len(self._queue))
         self._unsent.update(_session_of(channel) for channel, _, _ in self._queue)
         self._queue = []
+        self._settled = self._enqueued  # given up on: none of them waits any more
 
     # ------------------------------------------------------------------ requests to a turn's process
 
@@ -186,6 +205,8 @@ class RedisRooms:
         assert self._on_share is not None
         self._shared.add(session_id)  # first: every chunk from now on is published
         snapshot = self._on_share(session_id)  # then, with no await between: the text before them
+        if snapshot is None:
+            self._shared.discard(session_id)  # no turn of it runs here (any more)
         body = {"o": self._process, "reply": request, "turn": snapshot.model_dump() if snapshot else None}
         # The whole text so far, for whoever ends the turn should this process die; it is written
         # after every chunk queued before it (which the text holds), and before those after it.
@@ -195,14 +216,18 @@ class RedisRooms:
     # ------------------------------------------------------------------ subscribing
 
     async def watch(self, session_id: str) -> None:
-        self._watched.add(session_id)
         channel = self._channel("room", session_id)
         if self._pubsub is None:
             raise ConnectionError("not subscribed to Redis now")
-        confirmed = self._confirming.setdefault(channel, asyncio.get_running_loop().create_future())
-        await self._pubsub.subscribe(channel)
-        async with asyncio.timeout(2):
-            await asyncio.shield(confirmed)
+        self._watched.add(session_id)
+        try:
+            confirmed = self._confirming.setdefault(channel, asyncio.get_running_loop().create_future())
+            await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(2):
+                await asyncio.shield(confirmed)
+        except BaseException:
+            self._watched.discard(session_id)
+            raise
 
     def unwatch(self, session_id: str) -> None:
         self._watched.discard(session_id)
@@ -314,6 +339,9 @@ class RedisRooms:
             await self._hub.receive(session_id, message)
 
     async def aclose(self) -> None:
+        with contextlib.suppress(TimeoutError):  # the last events (shutdown's `done`s) go out first
+            async with asyncio.timeout(1):
+                await self.sent()
         await cancel_and_wait(self._loops)
 
 

@@ -151,8 +151,7 @@ class ConversationService:
             await self._refuse_over_session_cap(session_id, owner)
         try:
             session, history = await self._open_session(session_id, user_id, after_event_id, owner)
-            history_end = history[-1].event_id if history else after_event_id
-            active = await self._enter(connection, session_id, history_end)
+            active = await self._enter(connection, session_id, history, after_event_id)
         finally:
             self._joining[connection].discard(session_id)
             if not self._joining[connection]:
@@ -190,13 +189,18 @@ class ConversationService:
             self._history.note(session_id, history)
         return session, history
 
-    async def _enter(self, connection: str, session_id: str, history_end: int | None) -> ActiveTurn | None:
+    async def _enter(
+        self, connection: str, session_id: str, history: list[StoredEvent], after_event_id: int | None
+    ) -> ActiveTurn | None:
         """Put the connection in the session's room; the session's running turn, if any."""
         newly = session_id not in self._joined[connection]
+        stored_end = history[-1].event_id if history else None
         try:
             if newly:
                 self._joined[connection].add(session_id)
-                await self._emitter.add_member(connection, session_id, history_end=history_end)
+                await self._emitter.add_member(
+                    connection, session_id, history_end=stored_end or after_event_id, stored_end=stored_end
+                )
             clients = await self._coordination.add_member(session_id, connection)
             # Taken right after entering the room: every chunk is in this text or reaches the
             # socket live, and `next_index` tells the client which live chunks to drop.

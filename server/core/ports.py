@@ -227,8 +227,11 @@ class Emitter(Protocol):
 
     async def publish(self, session_id: str, event: TurnEvent) -> None: ...
 
-    async def add_member(self, connection: str, session_id: str, *, history_end: int | None = None) -> None:
-        """Put the connection in the session's room; `history_end`: the last stored event its join gave it."""
+    async def add_member(
+        self, connection: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+    ) -> None:
+        """Put the connection in the session's room. `history_end`: the last stored event its join
+        gave it (as the client asked); `stored_end`: the last stored event the join read."""
         ...
 
     async def remove_member(self, connection: str, session_id: str) -> None: ...

@@ -107,7 +107,9 @@ class Room:
     floor: int = 0  # every stored event up to this id has reached the members
     delivered: set[str] = field(default_factory=set)  # keys delivered since the floor
     stale: bool = False  # events may have been missed: the floor waits for a catch-up
+    again: bool = False  # reported missing events since its catch-up began: one more pass
     held: list[RoomMessage] | None = None  # while catching up: live events, in order
+    watching: asyncio.Task[None] | None = None  # subscribing to the other processes' events
 
 
 class RoomHub:
@@ -137,21 +139,34 @@ class RoomHub:
         for session_id in [s for s, room in self._rooms.items() if member.connection_id in room.members]:
             self._leave(member.connection_id, session_id)
 
-    async def add_member(self, connection_id: str, session_id: str, *, history_end: int | None = None) -> None:
-        """`history_end`: the last stored event the member has from its join (it gets the later ones)."""
+    async def add_member(
+        self, connection_id: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+    ) -> None:
+        """`history_end`: the last stored event the member has from its join (it is not sent those
+        again); `stored_end`: the last stored event its join read, where a new room's floor starts.
+        Raises when the room cannot receive the other processes' events, or the member left meanwhile."""
         client = self._members.get(connection_id)
         if client is None:
-            return  # gone already: its disconnect counts it out
+            raise ConnectionError("the connection has closed")
         room = self._rooms.get(session_id)
         if room is None:
-            room = self._rooms[session_id] = Room(floor=history_end or 0)
+            room = self._rooms[session_id] = Room(floor=stored_end or 0)
             if self._fanout is not None:
-                try:
-                    await self._fanout.watch(session_id)
-                except BaseException:
-                    self._rooms.pop(session_id, None)
-                    raise
+                room.watching = self._tasks.spawn(self._watch(session_id, room), f"watch {session_id}", awaited=True)
+        if room.watching is not None:
+            await asyncio.shield(room.watching)  # every joiner waits until the room hears other processes
+        if self._members.get(connection_id) is not client or self._rooms.get(session_id) is not room:
+            raise ConnectionError("the connection has closed")
         room.members[connection_id] = (client, history_end or 0)
+
+    async def _watch(self, session_id: str, room: Room) -> None:
+        assert self._fanout is not None
+        try:
+            await self._fanout.watch(session_id)
+        except BaseException:
+            if self._rooms.get(session_id) is room and not room.members:
+                del self._rooms[session_id]
+            raise
 
     async def remove_member(self, connection_id: str, session_id: str) -> None:
         self._leave(connection_id, session_id)
@@ -218,7 +233,7 @@ class RoomHub:
             room = self._rooms.get(session_id)
             if room is None:
                 continue
-            room.stale = True
+            room.stale = room.again = True
             if room.held is None:
                 room.held = []  # from now: what arrives live follows what the catch-up sends
             running = self._catching_up.get(session_id)
@@ -229,22 +244,18 @@ class RoomHub:
 
     async def _catch_up(self, session_id: str) -> None:
         loop = asyncio.get_running_loop()
-        holding_since = loop.time()
+        reported = loop.time()
         pause = CATCH_UP_FIRST_RETRY_SECONDS
-        while True:
-            room = self._rooms.get(session_id)
-            if room is None or self._backlog is None:
-                return
-            if room.held is None:
-                room.held, holding_since = [], loop.time()
+        while (room := self._rooms.get(session_id)) is not None and self._backlog is not None:
+            room.again = False
+            room.stale = False  # a gap reported from now on catches up again
             try:
                 async with self._at_once:
-                    room.stale = False  # a gap reported from now on catches up again
                     missed = await self._backlog.missed_events(session_id, room.floor)
                     presence = await self._backlog.presence(session_id)
             except Exception as exc:
-                room.stale = True
-                if loop.time() - holding_since > CATCH_UP_HOLD_SECONDS:
+                room.stale = room.again = True
+                if room.held is not None and loop.time() - reported > CATCH_UP_HOLD_SECONDS:
                     # Storage or shared state stays away: live events go on, out of order with the
                     # missed ones that follow once it is back, rather than not at all meanwhile.
                     log.warning("cannot catch session %s up yet (%s); retried", session_id, type(exc).__name__)
@@ -255,9 +266,11 @@ class RoomHub:
             await self._resend(room, missed)
             await self._release_held(room, {m.key for m in missed})
             await self._deliver(room, RoomMessage("presence", presence.payload(), None))
-            if not room.stale:
-                self._catching_up.pop(session_id, None)
-                return
+            if not room.again:
+                break
+            room.held = []  # reported again while it ran: the next pass holds what arrives, as the first
+            reported, pause = loop.time(), CATCH_UP_FIRST_RETRY_SECONDS
+        self._catching_up.pop(session_id, None)
 
     async def _resend(self, room: Room, missed: list[Missed]) -> None:
         for event in missed:
@@ -269,8 +282,8 @@ class RoomHub:
                     await _send(member, outgoing)
         if missed:
             room.floor = max(room.floor, missed[-1].event_id)
-        # Keys of events stored by now are under the floor; the others may still come.
-        room.delivered -= {m.key for m in missed}
+        # Kept until a `done` moves the floor: a live copy may still be on its way.
+        room.delivered |= {m.key for m in missed}
 
     async def _release_held(self, room: Room, sent: set[str]) -> None:
         held, room.held = room.held or [], None
