@@ -69,13 +69,19 @@ end
 if changed == 0 then return -1 end
 return redis.call('HLEN', key)
 """
-# KEYS: lock, the process's turns. ARGV: holder, ttl ms, session, turn.
+# KEYS: lock, the process's turns, the session's members. ARGV: holder, ttl ms, session, turn, this
+# process. Answers 0 (held by another turn), 1 (taken), 2 (taken, and another process has a member).
 _ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-  return 1
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 0
 end
-return 0
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+for _, process in ipairs(redis.call('HVALS', KEYS[3])) do
+  if process ~= ARGV[5] then
+    return 2
+  end
+end
+return 1
 """
 # KEYS: lock, text, ending, the process's turns, released. ARGV: holder, session, turn. A `message`
 # that came while the turn was ending waits on `released`.
@@ -191,10 +197,13 @@ class RedisCoordination:
     # ------------------------------------------------------------------ the turn lock
 
     async def _take(self, session_id: str, turn_id: str, holder: str) -> bool:
+        """Take the lock; then a session with a member on another process has its chunks shared."""
         taken = await self._acquire_script(
-            keys=[self._key("turn", session_id), self._key("turns", self._process)],
-            args=[holder, self._lock_ms, session_id, turn_id],
+            keys=[self._key("turn", session_id), self._key("turns", self._process), self._key("members", session_id)],
+            args=[holder, self._lock_ms, session_id, turn_id, self._process],
         )
+        if taken == 2:
+            self.rooms.share(session_id)
         return bool(taken)
 
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
@@ -206,12 +215,6 @@ class RedisCoordination:
             return False
         renewal = self._tasks.spawn_loop(self._renew_forever(session_id, turn_id, holder), f"turn lock {turn_id}")
         self._held[session_id] = (holder, renewal)
-        try:
-            processes = await self._redis.hvals(self._key("members", session_id))
-        except RedisError:
-            processes = ["unknown"]
-        if any(process != self._process for process in processes):
-            self.rooms.share(session_id)
         return True
 
     async def _renew_forever(self, session_id: str, turn_id: str, holder: str) -> None:
@@ -269,11 +272,12 @@ class RedisCoordination:
             return
         holder, renewal = self._held.pop(session_id)
         renewal.cancel()
-        self.rooms.unshare(session_id)
-        # The turn's `done` reaches Redis before the release that lets the next turn start anywhere.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(ENDING_WAIT_SECONDS):
-                await self.rooms.sent()
+        if self.rooms.unshare(session_id):
+            # Another process serves the session: the turn's `done` reaches Redis before the release
+            # that lets the next turn start there.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ENDING_WAIT_SECONDS):
+                    await self.rooms.sent()
         await self._release(session_id, turn_id, holder)
 
     async def _release(self, session_id: str, turn_id: str, holder: str) -> None:

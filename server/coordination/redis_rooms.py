@@ -103,8 +103,6 @@ class RedisRooms:
             data = message.data
             text = RunningText(self._channel("text", session_id, data["turn_id"]), data["text"], append=True)
         self._enqueue(self._channel("room", session_id), orjson.dumps(body), text)
-        if message.name == "done":
-            self._shared.discard(session_id)
 
     def _enqueue(self, channel: str, body: bytes, text: RunningText | None = None) -> None:
         if len(self._queue) >= MAX_QUEUED:
@@ -117,8 +115,11 @@ class RedisRooms:
         """Another process has a member in the session: publish the chunks of its turn running here."""
         self._shared.add(session_id)
 
-    def unshare(self, session_id: str) -> None:
+    def unshare(self, session_id: str) -> bool:
+        """The session's turn here ended; whether another process had a member in it."""
+        shared = session_id in self._shared
         self._shared.discard(session_id)
+        return shared
 
     async def _write_forever(self) -> None:
         while True:
