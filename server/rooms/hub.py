@@ -199,12 +199,6 @@ class RoomHub:
         if room is not None:
             await self._deliver(room, message)
 
-    async def deliver_here(self, session_id: str, event: TurnEvent) -> None:
-        """To this process's members of the session only."""
-        room = self._rooms.get(session_id)
-        if room is not None:
-            await self._deliver(room, RoomMessage(EVENT_NAMES[type(event)], event.payload(), None))
-
     async def _deliver(self, room: Room, message: RoomMessage) -> None:
         if room.held is not None:
             if message.key is not None:
@@ -259,12 +253,12 @@ class RoomHub:
                     # Storage or shared state stays away: live events go on, out of order with the
                     # missed ones that follow once it is back, rather than not at all meanwhile.
                     log.warning("cannot catch session %s up yet (%s); retried", session_id, type(exc).__name__)
-                    await self._release_held(room, set())
+                    await self._release_held(room)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, CATCH_UP_RETRY_SECONDS)
                 continue
             await self._resend(room, missed)
-            await self._release_held(room, {m.key for m in missed})
+            await self._release_held(room)
             await self._deliver(room, RoomMessage("presence", presence.payload(), None))
             if not room.again:
                 break
@@ -285,11 +279,11 @@ class RoomHub:
         # Kept until a `done` moves the floor: a live copy may still be on its way.
         room.delivered |= {m.key for m in missed}
 
-    async def _release_held(self, room: Room, sent: set[str]) -> None:
+    async def _release_held(self, room: Room) -> None:
+        """Send what waited, but what the catch-up sent (its keys are in `delivered`)."""
         held, room.held = room.held or [], None
         for message in held:
-            if message.key not in sent:
-                await self._deliver(room, message)
+            await self._deliver(room, message)
 
     async def close(self) -> None:
         for task in list(self._catching_up.values()):
@@ -297,9 +291,6 @@ class RoomHub:
         if self._catching_up:
             await asyncio.wait(list(self._catching_up.values()))
         self._catching_up.clear()
-
-    def members(self) -> list[Member]:
-        return list(self._members.values())
 
 
 def _event_id(event: TurnEvent) -> int | None:
