@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, JsonValue, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_serializer, field_validator
 
 # Any value JSON can carry, recursively. pydantic's own alias: mypy reads it as the plain union, and
 # pydantic builds it once (a recursive alias of our own would need typing_extensions on Python 3.11).
@@ -38,10 +38,19 @@ class Session(BaseModel):
     end_time: datetime | None = None
     summary: str | None = None
     duration_seconds: int | None = None
+    title: str | None = None
+    # When it last changed: its creation, a stored event, a rename (not a generated title).
+    updated_at: datetime | None = None
+    # A deleted session keeps only its id, its user and this: never on the wire.
+    deleted_at: datetime | None = Field(default=None, exclude=True)
 
-    @field_serializer("start_time", "end_time")
+    @field_serializer("start_time", "end_time", "updated_at")
     def _iso(self, moment: datetime | None) -> str | None:
         return iso(moment) if moment is not None else None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
 
 FinishReason = Literal["stop", "cancelled", "error", "max_tokens", "safety"]
@@ -195,6 +204,16 @@ class PresenceEvent(WireEvent):
     clients: int
 
 
+class SessionUpdatedEvent(WireEvent):
+    session_id: str
+    title: str | None
+    updated_at: str | None
+
+
+class SessionDeletedEvent(WireEvent):
+    session_id: str
+
+
 class ActiveTurn(BaseModel):
     turn_id: str
     text: str
@@ -204,6 +223,8 @@ class ActiveTurn(BaseModel):
 
 
 TurnEvent = UserMessageEvent | ChunkEvent | ToolCallEvent | ToolResultEvent | DoneEvent | PresenceEvent
+# What a session's room and every other connection of its user hear about the session itself.
+SessionEvent = SessionUpdatedEvent | SessionDeletedEvent
 
 EVENT_NAMES: dict[type[WireEvent | ChunkEvent], str] = {
     UserMessageEvent: "user_message",
@@ -212,4 +233,6 @@ EVENT_NAMES: dict[type[WireEvent | ChunkEvent], str] = {
     ToolResultEvent: "tool_result",
     DoneEvent: "done",
     PresenceEvent: "presence",
+    SessionUpdatedEvent: "session_updated",
+    SessionDeletedEvent: "session_deleted",
 }

@@ -136,20 +136,71 @@ class StorageRefused(Exception):
     waiting does not help, the configuration must change. The message says what to change."""
 
 
+class SessionDeleted(Exception):
+    """The session was deleted: storage takes nothing more of it (a write of it is dropped)."""
+
+
+@dataclass(frozen=True)
+class SessionCursor:
+    """Where a page of a user's sessions ends: the last one's `updated_at` and `session_id`."""
+
+    updated_at: datetime
+    session_id: str
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[StoredEvent]  # in stored order
+    more: bool  # events exist beyond the page, in the direction asked
+
+
 class Repository(Protocol):
-    """Sessions and events. Every write is idempotent, so retrying one is always safe."""
+    """Sessions and events. Every write is idempotent, so retrying one is always safe.
+
+    A deleted session keeps its row (id, user, `deleted_at`) so that its id is never used again;
+    every other read and write treats it as gone: `append_event` raises SessionDeleted, summaries
+    and titles of it are not written, and it is never listed."""
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session: ...
 
     async def get_session(self, session_id: str) -> Session | None: ...
 
     async def append_event(self, draft: EventDraft) -> StoredEvent:
-        """Store the event once; a second call with the same (session, event_key) returns the first row."""
+        """Store the event once; a second call with the same (session, event_key) returns the first row.
+        SessionDeleted when the session is deleted (storage itself refuses it, whoever writes)."""
         ...
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None: ...
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]: ...
+
+    async def page_events(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int
+    ) -> EventPage:
+        """One indexed query: with `after`, the first `limit` events after it; with `before`, the last
+        `limit` before it; with neither, the last `limit`. `more`: events exist past the page (later
+        ones for `after`, earlier ones otherwise)."""
+        ...
+
+    async def list_sessions(self, user_id: str, limit: int, after: SessionCursor | None = None) -> list[Session]:
+        """Up to `limit` of the user's sessions that are not deleted, most recently updated first
+        (`updated_at` descending, then `session_id` descending), those after `after` in that order."""
+        ...
+
+    async def rename_session(self, session_id: str, title: str) -> Session | None:
+        """Set the title and `updated_at` (now); None when the session is unknown or deleted."""
+        ...
+
+    async def set_generated_title(self, session_id: str, title: str) -> Session | None:
+        """Store the title only when the session has none and is not deleted (`updated_at` stays);
+        the session when stored, else None."""
+        ...
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete the session at once, atomically: its events (and files) removed, its title, summary
+        and times cleared, `deleted_at` set; from then on storage refuses events of it. False when
+        it is unknown or already deleted."""
+        ...
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         """Write the summary of the emptying at `end_time`; a summary due for it or earlier is done."""
@@ -215,6 +266,10 @@ class Outbox(Protocol):
         ...
 
     async def find(self, session_id: str, event_key: str) -> EventDraft | None: ...
+
+    async def discard(self, session_id: str) -> int:
+        """Drop the session's waiting events (it was deleted); how many there were."""
+        ...
 
     async def aclose(self) -> None: ...
 
