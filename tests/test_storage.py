@@ -21,8 +21,9 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClientOptions, acreate_client
 
 from server.core.models import ErrorInfo, EventDraft, EventType, Session
-from server.core.ports import Repository, SessionCursor, SessionDeleted
+from server.core.ports import NoMetrics, Repository, SessionCursor, SessionDeleted, StorageRefused
 from server.storage import supabase as supabase_storage
+from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
@@ -624,6 +625,16 @@ async def test_a_signed_in_user_updates_or_deletes_no_session_through_postgrest(
     assert bob_session.title is None and not bob_session.deleted and len(await repo.list_events(bobs)) == 1
 
 
+async def test_supabase_without_the_conversations_migration_is_not_ready_and_says_which(
+    supabase: tuple[FakePostgrest, Repository],
+) -> None:
+    postgrest, repo = supabase
+    await repo.ping()
+    await postgres_statement(postgrest.dsn)("alter table sessions drop column deleted_at cascade")
+    with pytest.raises(StorageRefused, match=re.escape("apply supabase/migrations/20261208000000_conversations.sql")):
+        await repo.ping()
+
+
 async def test_the_sqlite_listing_and_pages_are_each_one_indexed_query(tmp_path: Path) -> None:
     path = tmp_path / "plans.db"
     repo = await SqliteRepository.open(path, retry_seconds=1)
@@ -759,3 +770,44 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path:
         assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
         assert all(UPDATED_AT_FORMAT.fullmatch(v) for (v,) in db.execute("SELECT updated_at FROM sessions"))
         assert db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []
+
+
+class RecordedMetrics(NoMetrics):
+    def __init__(self) -> None:
+        self.operations: list[str] = []
+        self.queued: list[int] = []
+
+    def storage_operation(self, operation: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.operations.append(operation)
+
+    def events_queued(self, count: int) -> None:
+        self.queued.append(count)
+
+
+async def test_the_conversation_operations_are_timed_by_name(tmp_path: Path) -> None:
+    metrics = RecordedMetrics()
+    repo = MeasuredRepository(await SqliteRepository.open(tmp_path / "timed.db", retry_seconds=1), metrics)
+    outbox = MeasuredOutbox(await SqliteOutbox.open(tmp_path / "queue.db"), metrics)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, "ada", datetime.now(UTC))
+        await outbox.put(draft(sid, "k"))
+        del metrics.operations[:]
+        assert (await repo.page_events(sid, limit=5)).events == []
+        assert [s.session_id for s in await repo.list_sessions("ada", 5)] == [sid]
+        assert (await repo.set_generated_title(sid, "generated")) is not None
+        assert (await repo.rename_session(sid, "renamed")) is not None
+        assert await repo.delete_session(sid)
+        assert await outbox.discard(sid) == 1
+    finally:
+        await outbox.aclose()
+        await repo.aclose()
+    assert metrics.operations == [
+        "page_events",
+        "list_sessions",
+        "set_generated_title",
+        "rename_session",
+        "delete_session",
+    ]
+    assert metrics.queued[-1] == 0
