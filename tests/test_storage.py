@@ -740,15 +740,18 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(schema + OLD_ROWS)
     answered, unanswered, cut_off = (f"00000000-0000-4000-8000-00000000000{c}" for c in "abc")
-    for _ in range(2):  # and opening it again changes nothing
-        repo = await SqliteRepository.open(path, retry_seconds=1)
-        try:
+    # Three workers starting together on it, then one more: it is brought up once.
+    opened = await asyncio.gather(*(SqliteRepository.open(path, retry_seconds=1) for _ in range(3)))
+    opened.append(await SqliteRepository.open(path, retry_seconds=1))
+    try:
+        for repo in opened:
             assert (await session_of(repo, answered)).updated_at == datetime(2026, 11, 27, 10, 5, 0, 123000, UTC)
             assert (await session_of(repo, unanswered)).updated_at == datetime(2026, 11, 27, 9, 0, 0, 250000, UTC)
             assert [s.session_id for s in await repo.list_sessions("ada", 10)] == [answered, unanswered]
             assert await repo.open_turns(None, 10) == [(cut_off, "t9")]
             assert [e.content for e in await repo.list_events(answered)] == ["q", "a"]
-        finally:
+    finally:
+        for repo in opened:
             await repo.aclose()
 
     await sqlite_statement(path)(
@@ -766,7 +769,10 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path:
         assert db.execute("PRAGMA user_version").fetchone() == (3,)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert {r[2] for r in db.execute("PRAGMA foreign_key_list(events)")} == {"sessions"}
-        assert {r[1] for r in db.execute("PRAGMA index_list(sessions)")} >= {"sessions_by_user_updated"}
+        assert {r[1] for r in db.execute("PRAGMA index_list(sessions)")} >= {
+            "sessions_by_user_updated",
+            "sessions_open_turn",
+        }
         assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
         assert all(UPDATED_AT_FORMAT.fullmatch(v) for (v,) in db.execute("SELECT updated_at FROM sessions"))
         assert db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import logging
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,9 +110,25 @@ _INSERT_EVENT = (
 )
 
 
+async def schema_version(db: aiosqlite.Connection) -> int:
+    (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+    return int(version)
+
+
+@contextlib.asynccontextmanager
+async def exclusive(lock_path: Path) -> AsyncIterator[None]:
+    """Held by one process at a time (an flock, which the OS frees if the process dies)."""
+    handle = await asyncio.to_thread(open, lock_path, "a+b")
+    try:
+        await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
 async def migrate(db: aiosqlite.Connection) -> None:
     """Bring the file to SCHEMA_VERSION: create the tables, or bring those of an older file up."""
-    (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+    version = await schema_version(db)
     if version >= SCHEMA_VERSION:
         return
     tables = {row[0] for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -184,7 +204,11 @@ class SqliteRepository:
         await db.execute("PRAGMA foreign_keys=ON")
         # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
         await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
-        await migrate(db)
+        if await schema_version(db) < SCHEMA_VERSION:
+            # Workers that start together on an older file: one brings it up (a rebuild must not run
+            # twice), the others then find it done.
+            async with exclusive(path.with_name(path.name + ".migrating")):
+                await migrate(db)
         return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
