@@ -122,7 +122,9 @@ class FakePostgrest:
                 else:
                     rows = await self._delete(conn, table, request)
         except asyncpg.PostgresError as exc:
-            status = {"23505": 409, "23503": 409, "42501": 401}.get(exc.sqlstate or "", 400)
+            # Permission denied: 401 without a user's token, 403 with one (as PostgREST answers).
+            denied = 401 if role == "anon" else 403
+            status = {"23505": 409, "23503": 409, "42501": denied}.get(exc.sqlstate or "", 400)
             return _error(status, exc.sqlstate or "", str(exc))
         except _BadRequest as exc:
             return _error(400, exc.code, str(exc))
