@@ -101,7 +101,9 @@ class PrometheusMetrics:
         )
         self._summaries = Counter("realtime_summaries", "Summaries written or failed", ["outcome"], registry=r)
         self._titles = Counter("realtime_titles", "Titles generated", ["outcome"], registry=r)
+        self._export_known_labels(provider)
 
+    def _export_known_labels(self, provider: str) -> None:
         self._provider = {
             outcome: self._provider_requests.labels(provider, outcome) for outcome in get_args(ProviderOutcome)
         }

@@ -78,6 +78,7 @@ class ScriptedProvider:
 class RecordingEmitter:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.announced: list[tuple[str, dict[str, Any]]] = []  # session events (a title)
         self.done = asyncio.Event()
 
     async def publish(self, session_id: str, event: TurnEvent) -> None:
@@ -98,7 +99,7 @@ class RecordingEmitter:
         return None
 
     async def announce(self, session_id: str, user_id: str | None, event: SessionEvent) -> None:
-        self.events.append((EVENT_NAMES[type(event)], event.payload()))
+        self.announced.append((EVENT_NAMES[type(event)], event.payload()))
 
 
 class Core:

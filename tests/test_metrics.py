@@ -135,6 +135,8 @@ async def test_a_known_workload_moves_every_counter_by_exactly_what_was_done(
         hello = await ws.ack("hello there")
         await first.turn(hello["turn_id"])
         await ws.turn(hello["turn_id"])
+        # The session's title, made once after its first answer that ended with `stop`.
+        await first.wait_for(lambda ev: any(n == "session_updated" for n, _ in ev))
 
         metrics = await scrape(server.url)
         turns = metrics.by_label("realtime_turns_total", "finish_reason")
@@ -157,8 +159,10 @@ async def test_a_known_workload_moves_every_counter_by_exactly_what_was_done(
             "invalid_payload": 2,
             "no_active_turn": 1,
         }
-        # The weather turn is two model requests (the tool round, the answer), the others one each.
-        assert metrics.value("realtime_provider_requests_total", provider="offline", outcome="ok") == 4
+        # The weather turn is two model requests (the tool round, the answer), the others and the
+        # title one each.
+        assert metrics.value("realtime_provider_requests_total", provider="offline", outcome="ok") == 5
+        assert metrics.by_label("realtime_titles_total", "outcome") == {"ok": 1, "error": 0}
         usage = [d["usage"] for d in first.named("done") if d["usage"]]
         for direction in ("input", "output"):
             reported = sum(u[f"{direction}_tokens"] for u in usage)
@@ -176,7 +180,7 @@ async def test_a_known_workload_moves_every_counter_by_exactly_what_was_done(
     metrics = await scrape(server.url)
     assert metrics.by_label("realtime_connections", "transport") == {"socketio": 0, "websocket": 0}
     assert metrics.by_label("realtime_summaries_total", "outcome") == {"ok": 1, "error": 0}
-    assert metrics.value("realtime_provider_requests_total", provider="offline", outcome="ok") == 5
+    assert metrics.value("realtime_provider_requests_total", provider="offline", outcome="ok") == 6  # and the summary
     assert metrics.value("realtime_provider_requests_total", provider="offline", outcome="error") == 0
 
     # No label carries a session, a turn, a user or any text.

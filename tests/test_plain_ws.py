@@ -97,7 +97,7 @@ async def test_the_postman_flow_plain_text_in_a_streamed_turn_out(server: Runnin
         first = await client.wait_for(lambda f: f[:1])
         assert first[0][0] == "session"
         opened = first[0][1]
-        assert set(opened) == {"session", "history", "active_turn"}
+        assert set(opened) == {"session", "history", "history_more", "active_turn"}
         assert opened["session"]["session_id"] == sid and opened["history"] == [] and opened["active_turn"] is None
         ack = await client.ack("How's the weather in Delhi ?")
         assert ack["request"] == "message" and ack["ok"] and set(ack) == {"request", "ok", "turn_id", "event_id"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.core.models import DoneEvent, PresenceEvent, ToolCallEvent, UserMessageEvent
+from server.core.models import DoneEvent, PresenceEvent, Session, ToolCallEvent, UserMessageEvent
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
 from server.rooms.hub import Outgoing, RoomHub, RoomMessage
@@ -58,6 +58,9 @@ class Storage:
 
     async def presence(self, session_id: str) -> PresenceEvent:
         return PresenceEvent(session_id=SID, clients=2)
+
+    async def session_state(self, session_id: str) -> Session | None:
+        return None  # neither deleted nor titled: nothing of the session itself to catch up
 
 
 def turn(n: int, first_id: int) -> list[Missed]:

@@ -163,7 +163,16 @@ async def test_join_with_an_unknown_uuid_creates_that_session(
     assert joined["session"]["session_id"] == wanted  # canonical form
     body = (await http.get(f"/api/sessions/{wanted}")).json()
     assert body == joined["session"]
-    assert set(body) == {"session_id", "user_id", "start_time", "end_time", "summary", "duration_seconds"}
+    assert set(body) == {
+        "session_id",
+        "user_id",
+        "start_time",
+        "end_time",
+        "summary",
+        "duration_seconds",
+        "title",
+        "updated_at",
+    }
 
 
 async def test_weather_tool_call_and_result(

@@ -107,28 +107,13 @@ class ConversationService:
         self._joining: defaultdict[str, set[str]] = defaultdict(set)
         self._turns = RunningTurns()
         self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions known deleted, newest last
-        self.titles = TitleWriter(
-            repo=repo,
-            provider=provider,
-            claims=coordination,
-            emitter=emitter,
-            tasks=tasks,
-            metrics=metrics,
-            enabled=title_generation,
-        )
-        self._turn_context = TurnContext(
-            provider=provider,
-            tools=tools,
-            emitter=emitter,
-            locks=coordination,
-            writer=self._writer,
-            history=self._history,
-            limits=limits,
-            tasks=tasks,
-            running=self._turns,
-            metrics=metrics,
-            finished=self._turn_finished,
-        )
+        self._tasks = tasks
+        self._turn_context = self._context_of_turns(provider, tools, metrics)
+        self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
+        # Set once the turns a crash left open are ended: no turn starts before.
+        self._recovered = asyncio.Event()
+        self._sweep: asyncio.Task[None] | None = None
+        # What follows sessions and turns in the background.
         self.summaries = SummaryScheduler(
             repo=repo,
             provider=provider,
@@ -140,11 +125,22 @@ class ConversationService:
             wait_turn_end=self.wait_turn_end,
             metrics=metrics,
         )
-        self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
-        self._tasks = tasks
-        # Set once the turns a crash left open are ended: no turn starts before.
-        self._recovered = asyncio.Event()
-        self._sweep: asyncio.Task[None] | None = None
+        self.titles = TitleWriter(repo, provider, coordination, emitter, tasks, metrics, enabled=title_generation)
+
+    def _context_of_turns(self, provider: ModelProvider, tools: ToolRegistry, metrics: Metrics) -> TurnContext:
+        return TurnContext(
+            provider=provider,
+            tools=tools,
+            emitter=self._emitter,
+            locks=self._coordination,
+            writer=self._writer,
+            history=self._history,
+            limits=self._limits,
+            tasks=self._tasks,
+            running=self._turns,
+            metrics=metrics,
+            finished=self._turn_finished,
+        )
 
     def start(self) -> None:
         """Start the background work: storage's queue, the summaries, the sweep of cut-off turns."""

@@ -38,13 +38,13 @@ class TitleWriter:
 
     def __init__(
         self,
-        *,
         repo: Repository,
         provider: ModelProvider,
         claims: JobClaims,
         emitter: Emitter,
         tasks: TaskTracker,
         metrics: Metrics,
+        *,
         enabled: bool,
     ) -> None:
         self._repo = repo
