@@ -99,14 +99,23 @@ def stdin_lines() -> asyncio.Queue[str]:
 
 
 async def receive(ws: ClientConnection, turn_over: asyncio.Event) -> None:
+    answering = False  # an answer is being printed: a title waits for its end
+    title: str | None = None
     with contextlib.suppress(ConnectionClosed):
         async for raw in ws:
             frame = json.loads(raw)
-            line = show(frame["event"], frame["data"])
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            if frame["event"] == "done" or (frame["event"] == "ack" and not frame["data"]["ok"]):
+            event = frame["event"]
+            if event in ("user_message", "chunk", "tool_call", "tool_result"):
+                answering = True
+            if event == "session_updated" and answering:
+                title = show(event, frame["data"])
+                continue
+            line = show(event, frame["data"]) or ""
+            if event == "done":
+                answering, line, title = False, line + (title or ""), None
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if event == "done" or (event == "ack" and not frame["data"]["ok"]):
                 turn_over.set()
 
 

@@ -52,6 +52,8 @@ class Chat:
         self.turn_done = asyncio.Event()
         self.turn_done.set()
         self.deleted = asyncio.Event()  # the session was deleted: the chat is over
+        self.answering = False  # an answer is being printed: a title waits for its end
+        self.title: str | None = None  # a title to show once the answer ends
         self.sent_ids: set[str] = set()
         for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
             self.sio.on(name, getattr(self, f"on_{name}"))
@@ -72,6 +74,7 @@ class Chat:
         if data["client_message_id"] not in self.sent_ids:  # sent from another tab
             self.say(f"\n[other tab] you: {data['text']}")
         self.turn_done.clear()
+        self.answering = True
         self.say("assistant: ", end="")
 
     async def on_chunk(self, data: dict[str, Any]) -> None:
@@ -91,6 +94,10 @@ class Chat:
         if data["usage"]:
             note += f", tokens in/out {data['usage']['input_tokens']}/{data['usage']['output_tokens']}"
         self.say(f"\n[done: {note}]")
+        self.answering = False
+        if self.title is not None:
+            self.say(f"[title: {self.title}]")
+            self.title = None
         self.turn_done.set()
 
     async def on_presence(self, data: dict[str, Any]) -> None:
@@ -98,7 +105,11 @@ class Chat:
 
     async def on_session_updated(self, data: dict[str, Any]) -> None:
         # With authentication on, the user's other sessions are announced too: only this one is shown.
-        if data["session_id"] == self.session_id:
+        if data["session_id"] != self.session_id:
+            return
+        if self.answering:
+            self.title = data["title"]
+        else:
             self.say(f"[title: {data['title']}]")
 
     async def on_session_deleted(self, data: dict[str, Any]) -> None:
@@ -138,6 +149,7 @@ class Chat:
             self.say(history_line(event))
         if ack["active_turn"]:
             self.turn_done.clear()
+            self.answering = True
             self.say(f"assistant (answer in progress): {ack['active_turn']['text']}", end="")
 
     async def send(self, line: str) -> None:

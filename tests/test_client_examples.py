@@ -320,22 +320,28 @@ async def started() -> AsyncIterator[Starter]:
 
 
 async def test_clients_show_titles_and_end_when_their_session_is_deleted(
-    server: RunningServer, started: Starter
+    start_server: ServerFactory, started: Starter
 ) -> None:
+    server = await start_server(offline_chunk_delay_ms=40)  # an answer streams for about a second
     python = await started(sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url)
     assert python.process.stdin is not None
     python.process.stdin.write(b"hello\n")
     out = await python.until(lambda out: "[done: stop" in out)
     sid = out.split("session ", 1)[1].split()[0]
-    await python.until(lambda out: "[title: hello]" in out)  # made from the first message, once answered
+    await python.until(lambda out: "\n[title: hello]\n" in out)  # made from the first message, once answered
     plain = await started(sys.executable, str(EXAMPLES / "plain_ws_client.py"), "--url", server.url, "--session", sid)
     shown = await plain.until(lambda out: 'You wrote 1 word: "hello"' in out)  # the history's answer
     assert shown.startswith(f"session {sid}\n[title: hello]\nyou: hello\n"), shown
 
+    python.process.stdin.write(b"tell me more\n")
+    await python.until(lambda out: out.count("[offline ") == 2)
+    await plain.until(lambda out: out.count("[offline ") == 2)  # both are printing the answer
     async with httpx.AsyncClient(base_url=server.url) as http:
         assert (await http.patch(f"/api/sessions/{sid}", json={"title": "Named by a person"})).status_code == 200
-        for client in (python, plain):
-            await client.until(lambda out: "[title: Named by a person]" in out)
+        for client in (python, plain):  # not in the middle of the answer: on its own line after it
+            out = await client.until(lambda out: "[title: Named by a person]\n" in out)
+            before = out.split("[title: Named by a person]")[0].splitlines()
+            assert before[-1].startswith("[done: stop") and 'You wrote 3 words: "tell me more"' in before[-2], out
         assert (await http.delete(f"/api/sessions/{sid}")).status_code == 204
     # Their input is still open: the deletion alone ends them, with its line and status 1.
     for client in (python, plain):

@@ -64,7 +64,12 @@ socket.on("connect_error", (err) =>
   ),
 );
 socket.on("presence", ({ clients }) => console.log(`[${clients} tab(s) in this session]`));
-socket.on("user_message", (m) => console.log(`you: ${m.text}`));
+let answering = false; // an answer is being printed: a title waits for its end
+let title = null;
+socket.on("user_message", (m) => {
+  answering = true;
+  console.log(`you: ${m.text}`);
+});
 socket.on("chunk", (c) => process.stdout.write(c.text));
 socket.on("tool_call", (c) => console.log(`\n  -> tool call ${c.name}(${JSON.stringify(c.args)})`));
 socket.on("tool_result", (r) =>
@@ -72,7 +77,11 @@ socket.on("tool_result", (r) =>
 );
 // With authentication on, the user's other sessions are announced too: only this one is shown.
 let joinedId = null;
-socket.on("session_updated", (s) => s.session_id === joinedId && console.log(`[title: ${s.title}]`));
+socket.on("session_updated", (s) => {
+  if (s.session_id !== joinedId) return;
+  if (answering) title = s.title;
+  else console.log(`[title: ${s.title}]`);
+});
 socket.on("session_deleted", (s) => {
   if (s.session_id !== joinedId || exiting) return;
   console.log(`\n[session ${joinedId} was deleted; this chat is over]`);
@@ -83,6 +92,9 @@ socket.on("done", (d) => {
   const usage = d.usage ? `, tokens in/out ${d.usage.input_tokens}/${d.usage.output_tokens}` : "";
   const error = d.error ? ` (${d.error.code}: ${d.error.message})` : "";
   console.log(`\n[done: ${d.finish_reason}${error}${usage}; stored as event ${d.event_id}]`);
+  answering = false;
+  if (title !== null) console.log(`[title: ${title}]`);
+  title = null;
   if (d.turn_id === turnId) finish(0);
 });
 
