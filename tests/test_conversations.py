@@ -4,8 +4,11 @@ read a page at a time however long they grow."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 import websockets
 
 from server.storage.postgres import PostgresRepository
-from tests.conftest import ServerFactory, TabFactory
+from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
 from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
@@ -62,6 +65,15 @@ async def every_page(http: httpx.AsyncClient, user: str, limit: int) -> list[str
         cursor = page["next_cursor"]
         if cursor is None:
             return seen
+
+
+async def frames_until_closed(ws: Any) -> list[dict[str, Any]]:
+    """Every frame until the server closes (with a code of the contract's, not a normal close)."""
+    frames = []
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            frames.append(json.loads(await ws.recv()))
+    return frames
 
 
 def refusal(answer: httpx.Response, status: int, code: str) -> None:
@@ -139,15 +151,16 @@ async def test_a_title_is_made_once_from_the_first_answer_and_never_replaces_a_p
 ) -> None:
     tab = await connect(server)
     sid = (await tab.join(user_id="titled"))["session"]["session_id"]
-    for text in ("Plan a weekend in Lisbon with kids please", "And in Porto?"):
-        ack = await tab.call("message", {"session_id": sid, "text": text})
-        await tab.turn(ack["turn_id"])
+    ack = await tab.call("message", {"session_id": sid, "text": "Plan a weekend in Lisbon with kids please"})
+    await tab.turn(ack["turn_id"])
     updated = await tab.wait_for(lambda _: tab.named("session_updated"))
     assert updated[0]["title"] == "Plan a weekend in Lisbon with"
     session = (await http.get(f"/api/sessions/{sid}")).json()
     assert session["title"] == "Plan a weekend in Lisbon with"
-    # A generated title leaves `updated_at` as the last event left it.
+    # A generated title leaves `updated_at` as the turn's last event left it.
     assert updated[0]["updated_at"] == session["updated_at"]
+    ack = await tab.call("message", {"session_id": sid, "text": "And in Porto?"})
+    await tab.turn(ack["turn_id"])
     await asyncio.sleep(0.3)
     assert len(tab.named("session_updated")) == 1
     assert (await scrape(server.url)).by_label("realtime_titles_total", "outcome") == {"ok": 1, "error": 0}
@@ -264,12 +277,13 @@ async def test_deletion_tells_every_client_and_leaves_nothing_behind(
         assert answer.status_code == 204, answer.text
 
         for tab in (first, second):
+            await tab.wait_for(lambda _, tab=tab: tab.named("session_deleted"))  # type: ignore[misc]
             names = [n for n, d in tab.events if d.get("session_id") == sid and n in ("done", "session_deleted")]
             assert names == ["done", "session_deleted"], tab.events
             assert tab.named("done")[0]["finish_reason"] == "cancelled"
         await follower.wait_for(lambda _: follower.named("session_deleted"))
         assert follower.named("session_deleted") == [{"session_id": sid}]
-        frames = [json.loads(frame) async for frame in plain]
+        frames = await frames_until_closed(plain)
         assert [f["event"] for f in frames][-2:] == ["done", "session_deleted"]
         assert plain.close_code == 4404 and plain.close_reason == "session_deleted"
 
@@ -315,3 +329,29 @@ async def test_only_the_owner_lists_renames_or_deletes(start_server: ServerFacto
         await tab.wait_for(lambda _: tab.named("session_deleted"))
     finally:
         await tab.close()
+
+
+async def test_ten_joins_of_a_session_of_50000_events_cost_a_page_each(spawn: Spawner, tmp_path: Path) -> None:
+    """Answered whole, ten such joins took the server to 1,080 MiB (docs/performance.md)."""
+    process, url = await spawn(sys.executable, "-m", "server")
+    sid = str(uuid.uuid4())
+    await asyncio.to_thread(insert_with_original_sql, tmp_path / "data" / "realtime.db", sid, 50_000, "x" * 190)
+    tabs = [await Tab(url).connect() for _ in range(10)]
+    try:
+        before = rss_mib(process.pid)
+        peak = before
+        joins = asyncio.gather(*(tab.join(sid) for tab in tabs))
+        while not joins.done():
+            peak = max(peak, rss_mib(process.pid))
+            await asyncio.sleep(0.005)
+        for answer in await joins:
+            assert len(answer["history"]) == 1000 and answer["history_more"] is True
+        assert peak - before < 64, f"RSS went from {before:.0f} MiB to {peak:.0f} MiB"
+    finally:
+        for tab in tabs:
+            await tab.close()
+
+
+def rss_mib(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
