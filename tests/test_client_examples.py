@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import shutil
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 
@@ -177,7 +181,7 @@ async def test_plain_websocket_client_chats_beside_a_socketio_tab(server: Runnin
         sid,
         stdin=b"How's the weather in Delhi?\nhello\n",
     )
-    assert out.startswith(f"session {sid} (0 events before)")
+    assert out.startswith(f"session {sid}\n")
     assert "-> tool call get_weather({'location': 'Delhi'})" in out and "<- tool result {'location': 'Delhi'" in out
     assert out.count("[done: stop]") == 2
     done = await tab.wait_for(lambda ev: [d for n, d in ev if n == "done"][1:])
@@ -192,3 +196,154 @@ async def test_plain_websocket_client_says_a_refusal_in_one_line(server: Running
     dead = f"http://127.0.0.1:{free_port()}"
     out = await run(sys.executable, str(EXAMPLES / "plain_ws_client.py"), env={"SERVER_URL": dead}, exit_code=1)
     assert len(out.strip().splitlines()) == 1 and "--url or SERVER_URL" in out and str(dead.split(":")[-1]) in out
+
+
+# ---------------------------------------------------------------- long sessions, titles, deletion
+
+LONG = 3000  # events written with the original design's SQL, then one answer too big for a default frame
+BIG = "long " * 1_000_000  # 5 MB: over aiohttp's 4 MiB and websockets' 1 MiB message limits
+PAGE = 50  # the examples' history page
+
+
+def insert_long_session(path: Path, session_id: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("insert into sessions (session_id, user_id) values (?, 'reader')", (session_id,))
+        db.executemany(
+            "insert into events (session_id, event_type, content) values (?, ?, ?)",
+            ((session_id, "user_message" if n % 2 == 0 else "ai_message", f"event {n}") for n in range(LONG)),
+        )
+        db.execute(
+            "insert into events (session_id, event_type, content) values (?, 'ai_message', ?)", (session_id, BIG)
+        )
+
+
+@pytest.fixture
+async def long_session(server: RunningServer) -> tuple[str, str]:
+    """A session of LONG + 1 events, and the line the examples print about its earlier ones."""
+    sid = str(uuid.uuid4())
+    await asyncio.to_thread(insert_long_session, server.settings.sqlite_path, sid)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        page = (await http.get(f"/api/sessions/{sid}/events", params={"limit": PAGE})).json()
+        first = page["events"][0]["event_id"]
+        earlier = f"{server.url}/api/sessions/{sid}/events?before_event_id={first}"
+        before = (await http.get(f"{earlier}&limit=10")).json()  # where the line points
+    assert [e["content"] for e in before["events"]] == [f"event {n}" for n in range(LONG - PAGE - 9, LONG - PAGE + 1)]
+    assert before["more"] is True
+    return sid, f"[earlier messages not shown: GET {earlier}]"
+
+
+def shows_the_last_page(out: str, earlier_line: str) -> None:
+    assert out.count(earlier_line) == 1, out[:2000]
+    assert f"event {LONG - PAGE + 1}\n" in out and f"event {LONG - PAGE}\n" not in out, out[:2000]
+    assert BIG.strip() in out  # the answer too big for a default frame, whole
+    assert out.index(earlier_line) < out.index(f"event {LONG - 1}\n") < out.index(BIG)
+
+
+async def test_python_client_shows_the_last_page_of_a_long_session_and_chats(
+    server: RunningServer, long_session: tuple[str, str]
+) -> None:
+    sid, earlier_line = long_session
+    argv = [sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url, "--session", sid]
+    out = await run(*argv, stdin=b"hello\n")
+    shows_the_last_page(out, earlier_line)
+    assert out.count("[done: stop") == 1 and 'You wrote 1 word: "hello"' in out
+    again = await run(*argv, "--history", "3", stdin=b"/quit\n")
+    assert BIG in again and "you: hello\n" in again and f"event {LONG - 1}\n" not in again  # the last 3
+    assert "[earlier messages not shown: GET " in again
+
+
+async def test_plain_websocket_client_shows_the_last_page_of_a_long_session_and_chats(
+    server: RunningServer, long_session: tuple[str, str]
+) -> None:
+    sid, earlier_line = long_session
+    out = await run(
+        sys.executable, str(EXAMPLES / "plain_ws_client.py"), "--url", server.url, "--session", sid, stdin=b"hello\n"
+    )
+    assert out.startswith(f"session {sid}\n")
+    shows_the_last_page(out, earlier_line)
+    assert out.count("[done: stop]") == 1 and 'You wrote 1 word: "hello"' in out
+
+
+async def test_node_client_shows_the_last_page_of_a_long_session_and_chats(
+    server: RunningServer, long_session: tuple[str, str], node_client: Path
+) -> None:
+    sid, earlier_line = long_session
+    out = await run("node", "chat.mjs", "hello", "--session", sid, cwd=node_client, env={"SERVER_URL": server.url})
+    assert f"session {sid}\n" in out
+    shows_the_last_page(out, earlier_line)
+    assert out.count("[done: stop") == 1 and 'You wrote 1 word: "hello"' in out
+
+
+class Running:
+    """An example client left running with its input open; what it has printed so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.out = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    async def until(self, seen: Callable[[str], bool], timeout: float = 20) -> str:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while not seen(self.out):
+                data = await self.process.stdout.read(65536)
+                assert data, f"it ended first:\n{self.out}"
+                self.out += self._decoder.decode(data)
+        return self.out
+
+    async def ends(self, timeout: float = 10) -> int:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            self.out += self._decoder.decode(await self.process.stdout.read(), final=True)
+            return await self.process.wait()
+
+
+Starter = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Starter]:
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(*argv: str) -> Running:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        processes.append(process)
+        return Running(process)
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_clients_show_titles_and_end_when_their_session_is_deleted(
+    start_server: ServerFactory, started: Starter
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=40)  # an answer streams for about a second
+    python = await started(sys.executable, str(EXAMPLES / "python_client.py"), "--url", server.url)
+    assert python.process.stdin is not None
+    python.process.stdin.write(b"hello\n")
+    out = await python.until(lambda out: "[done: stop" in out)
+    sid = out.split("session ", 1)[1].split()[0]
+    await python.until(lambda out: "\n[title: hello]\n" in out)  # made from the first message, once answered
+    plain = await started(sys.executable, str(EXAMPLES / "plain_ws_client.py"), "--url", server.url, "--session", sid)
+    shown = await plain.until(lambda out: 'You wrote 1 word: "hello"' in out)  # the history's answer
+    assert shown.startswith(f"session {sid}\n[title: hello]\nyou: hello\n"), shown
+
+    python.process.stdin.write(b"tell me more\n")
+    await python.until(lambda out: out.count("[offline ") == 2)
+    await plain.until(lambda out: out.count("[offline ") == 2)  # both are printing the answer
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.patch(f"/api/sessions/{sid}", json={"title": "Named by a person"})).status_code == 200
+        for client in (python, plain):  # not in the middle of the answer: on its own line after it
+            out = await client.until(lambda out: "[title: Named by a person]\n" in out)
+            before = out.split("[title: Named by a person]")[0].splitlines()
+            assert before[-1].startswith("[done: stop") and 'You wrote 3 words: "tell me more"' in before[-2], out
+        assert (await http.delete(f"/api/sessions/{sid}")).status_code == 204
+    # Their input is still open: the deletion alone ends them, with its line and status 1.
+    for client in (python, plain):
+        assert await client.ends() == 1, client.out
+        assert client.out.rstrip().endswith(f"[session {sid} was deleted; this chat is over]"), client.out
