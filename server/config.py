@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # Not in PROTOCOL.md: first wait before a failed summary is tried again (it doubles, up to an hour).
     summary_retry_seconds: float = Field(30, gt=0)
     max_message_chars: int = Field(8000, gt=0)
+    # Events in a `join` answer when the client names no `history_limit`.
+    join_history_limit: int = Field(1000, ge=1, le=1000)
+    # A session's title is asked of the model after its first answer that ends with `stop`.
+    title_generation: bool = True
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
     playground: bool = True

@@ -81,7 +81,7 @@ class PrometheusMetrics:
         )
         self._provider_requests = Counter(
             "realtime_provider_requests",
-            "Model requests (turn rounds and summaries)",
+            "Model requests (turn rounds, summaries and titles)",
             ["provider", "outcome"],
             registry=r,
         )
@@ -100,6 +100,7 @@ class PrometheusMetrics:
             multiprocess_mode="livesum",
         )
         self._summaries = Counter("realtime_summaries", "Summaries written or failed", ["outcome"], registry=r)
+        self._titles = Counter("realtime_titles", "Titles generated", ["outcome"], registry=r)
 
         self._provider = {
             outcome: self._provider_requests.labels(provider, outcome) for outcome in get_args(ProviderOutcome)
@@ -116,6 +117,7 @@ class PrometheusMetrics:
             self._storage.labels(operation)
         for outcome in ("ok", "error"):
             self._summaries.labels(outcome)
+            self._titles.labels(outcome)
         self.declare_tools([])
 
     def declare_tools(self, names: Iterable[str]) -> None:
@@ -154,6 +156,9 @@ class PrometheusMetrics:
 
     def summary_made(self, ok: bool) -> None:
         self._summaries.labels("ok" if ok else "error").inc()
+
+    def title_made(self, ok: bool) -> None:
+        self._titles.labels("ok" if ok else "error").inc()
 
     def storage_operation(self, operation: str, seconds: float) -> None:
         self._storage.labels(operation).observe(seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination, redis_client
+from server.core.catalog import SessionCatalog
 from server.core.conversation import ConversationService
 from server.core.limits import Limits
 from server.core.ports import (
@@ -129,6 +131,7 @@ class Shared:
     async def serve(self, service: ConversationService) -> None:
         """Start the rooms' fan-out, once the service they catch up from is built."""
         self.hub.catch_up_from(service)
+        self.hub.on_session_deleted(service.session_deleted)
         if isinstance(self.coordination, RedisCoordination):
             await self.coordination.serve_rooms(self.hub)
 
@@ -152,6 +155,10 @@ class Runtime:
     @property
     def coordination(self) -> Coordination:
         return self.shared.coordination
+
+    @functools.cached_property
+    def catalog(self) -> SessionCatalog:
+        return SessionCatalog(self.repo, self.hub, self.service)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: PrometheusMetrics) -> Runtime:
@@ -179,12 +186,14 @@ class Runtime:
                 max_sessions_per_member=settings.max_sessions_per_socket,
                 chunk_coalesce_seconds=settings.chunk_coalesce_ms / 1000,
                 chunk_timestamps=settings.bench_chunk_timestamps,
+                join_history_limit=settings.join_history_limit,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
             outbox=MeasuredOutbox(outbox, metrics) if outbox is not None else None,
             user_quota=shared.user_quota,
             metrics=metrics,
+            title_generation=settings.title_generation,
         )
         service.start()
         await shared.serve(service)

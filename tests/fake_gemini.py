@@ -61,6 +61,10 @@ class FakeGemini:
         self.requests: list[Recorded] = []
         self.stream_replies: deque[Reply] = deque()
         self.generate_replies: deque[Reply] = deque()
+        # Title requests (their own queue and record, so that a session's title does not take a
+        # reply scripted for its summary): answered "A fake title" unless scripted.
+        self.title_replies: deque[Reply] = deque()
+        self.title_requests: list[Recorded] = []
         self.hung_up = 0  # streams the client closed before their end
         self.hang_ups = asyncio.Event()
         self.app = Starlette(routes=[Route("/{version}/models/{target:path}", self._handle, methods=["POST"])])
@@ -79,17 +83,23 @@ class FakeGemini:
         version = request.path_params["version"]
         if version not in ("v1", "v1beta") or method not in ("streamGenerateContent", "generateContent"):
             return JSONResponse(_error(404, "NOT_FOUND", f"no route {request.url.path}"), status_code=404)
-        self.requests.append(
-            Recorded(
-                method,
-                version,
-                model,
-                dict(request.query_params),
-                dict(request.headers),
-                await request.json(),
-                time.monotonic(),
-            )
+        recorded = Recorded(
+            method,
+            version,
+            model,
+            dict(request.query_params),
+            dict(request.headers),
+            await request.json(),
+            time.monotonic(),
         )
+        if method == "generateContent" and _asks_for_title(recorded.body):
+            self.title_requests.append(recorded)
+            reply = self.title_replies.popleft() if self.title_replies else Reply(body=text_response("A fake title"))
+            for event in reply.events:  # a scripted pause before the answer
+                if isinstance(event, Pause):
+                    await asyncio.sleep(event.seconds)
+            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+        self.requests.append(recorded)
         if method == "generateContent":
             reply = self.generate_replies.popleft() if self.generate_replies else Reply(body=text_response("Summary."))
             return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
@@ -113,6 +123,11 @@ class FakeGemini:
             if not finished:
                 self.hung_up += 1
                 self.hang_ups.set()
+
+
+def _asks_for_title(body: dict[str, Any]) -> bool:
+    parts = (body.get("systemInstruction") or {}).get("parts") or []
+    return any("short title" in str(part.get("text", "")) for part in parts)
 
 
 # ---------------------------------------------------------------- replies, in Gemini's wire format

@@ -252,7 +252,16 @@ class Tab:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def connect(self, auth: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Tab:
-        for name in ("user_message", "chunk", "tool_call", "tool_result", "done", "presence"):
+        for name in (
+            "user_message",
+            "chunk",
+            "tool_call",
+            "tool_result",
+            "done",
+            "presence",
+            "session_updated",
+            "session_deleted",
+        ):
             self.client.on(name, self._recorder(name))
         await self.client.connect(
             self.url, transports=[self.transport], wait_timeout=10, auth=auth, headers=headers or {}

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 import asyncpg
 import httpx
 import pytest
+import websockets
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from server.storage.postgres import PostgresRepository
@@ -388,3 +390,62 @@ async def test_with_workers_every_scrape_reports_the_sum_of_all_of_them(
         await tab.close()
     supervisor.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(supervisor.wait(), 30) == 0
+
+
+async def test_a_deletion_on_one_process_reaches_every_client_on_both(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab], database: str
+) -> None:
+    first, second = cluster
+    a, b, follower = await open_tab(tabs, first), await open_tab(tabs, second), await open_tab(tabs, second)
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    sid = (await a.join(user_id=user))["session"]["session_id"]
+    await b.join(sid)
+    await follower.join(user_id=user)  # the user's tab on another session, on the other process
+    plain_url = first.replace("http", "ws") + f"/ws/session/{sid}"
+    fake_gemini.stream(Reply(events=[text_chunk("Started "), HANG]))
+    async with websockets.connect(plain_url) as plain:
+        assert json.loads(await plain.recv())["event"] == "session"
+        ack = await b.call("message", {"session_id": sid, "text": "a long one"})
+        await a.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+        async with httpx.AsyncClient() as http:
+            assert (await http.delete(f"{first}/api/sessions/{sid}")).status_code == 204
+        for tab in (a, b):
+            await tab.wait_for(lambda ev: any(n == "session_deleted" for n, _ in ev))
+            order = [n for n, d in tab.events if n in ("done", "session_deleted")]
+            assert order == ["done", "session_deleted"], tab.events
+            assert tab.named("done")[0]["finish_reason"] == "cancelled"
+        frames = [json.loads(frame)["event"] async for frame in plain]
+        assert frames[-2:] == ["done", "session_deleted"] and plain.close_code == 4404
+    await follower.wait_for(lambda ev: any(n == "session_deleted" for n, _ in ev))
+    assert follower.named("session_deleted") == [{"session_id": sid}]
+    for tab in (a, b):
+        refused = await tab.call("message", {"session_id": sid, "text": "again"})
+        assert refused["error"]["code"] == "session_deleted", refused
+        rejoined = await tab.call("join", {"session_id": sid})
+        assert rejoined["error"]["code"] == "session_deleted", rejoined
+    await asyncio.sleep(1)  # the cancelled turn's writes, on the other process, had their chance
+    conn = await asyncpg.connect(database)
+    try:
+        assert await conn.fetchval("select count(*) from events where session_id = $1", sid) == 0
+        assert await conn.fetchval("select deleted_at is not null from sessions where session_id = $1", sid)
+    finally:
+        await conn.close()
+    assert ack["ok"]
+
+
+async def test_a_session_gets_one_title_however_many_processes_serve_it(
+    cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    a, b, sid = await both_in_one_session(tabs, *cluster)
+    # The first title takes a while: the next turn ends on the other process meanwhile.
+    fake_gemini.title_replies.append(Reply(events=[Pause(1.0)], body=text_response("Ships at sea")))
+    for sender in (a, b):
+        ack = await sender.call("message", {"session_id": sid, "text": "tell me about ships"})
+        assert ack["ok"], ack
+        await sender.turn(ack["turn_id"])
+    for tab in (a, b):
+        await tab.wait_for(lambda ev: any(n == "session_updated" for n, _ in ev))
+    await asyncio.sleep(0.5)
+    assert len(fake_gemini.title_requests) == 1
+    for tab in (a, b):
+        assert [d["title"] for d in tab.named("session_updated")] == ["Ships at sea"]

@@ -21,7 +21,16 @@ from server.coordination.local import LocalCoordination
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError, TurnErrorCode
 from server.core.limits import Limits
-from server.core.models import EVENT_NAMES, ActiveTurn, EventDraft, EventType, TurnEvent, Usage, utc_now
+from server.core.models import (
+    EVENT_NAMES,
+    ActiveTurn,
+    EventDraft,
+    EventType,
+    SessionEvent,
+    TurnEvent,
+    Usage,
+    utc_now,
+)
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -56,6 +65,9 @@ class ScriptedProvider:
     async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
         return f"{len(conversation)} items"
 
+    async def title(self, conversation: Sequence[ConversationItem]) -> str:
+        return "A scripted title"
+
     def not_ready_reason(self) -> str | None:
         return None
 
@@ -81,6 +93,12 @@ class RecordingEmitter:
 
     async def remove_member(self, member: str, session_id: str) -> None:
         return None
+
+    async def follow_user(self, connection: str, user_id: str) -> None:
+        return None
+
+    async def announce(self, session_id: str, user_id: str | None, event: SessionEvent) -> None:
+        self.events.append((EVENT_NAMES[type(event)], event.payload()))
 
 
 class Core:

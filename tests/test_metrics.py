@@ -30,6 +30,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "realtime_storage_seconds": ("histogram", {"operation"}),
     "realtime_queued_events": ("gauge", set()),
     "realtime_summaries": ("counter", {"outcome"}),
+    "realtime_titles": ("counter", {"outcome"}),
 }
 WEATHER = "How's the weather in Delhi?"
 STORY = "Tell me a long story about the sea and the ships on it"

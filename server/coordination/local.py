@@ -21,6 +21,7 @@ class LocalCoordination:
         self._ending: dict[str, asyncio.Event] = {}  # turns publishing their `done`, set when released
         self._members: defaultdict[str, set[str]] = defaultdict(set)
         self._cancel_handlers: list[CancelHandler] = []
+        self._jobs: set[tuple[str, str]] = set()  # (job, session) running (one process: no expiry needed)
 
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
         ending = self._ending.get(session_id)
@@ -95,6 +96,15 @@ class LocalCoordination:
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
         # One process: the summary scheduler already runs one job per emptying.
         return True
+
+    async def claim_job(self, job: str, session_id: str, seconds: float) -> bool:
+        if (job, session_id) in self._jobs:
+            return False
+        self._jobs.add((job, session_id))
+        return True
+
+    async def release_job(self, job: str, session_id: str) -> None:
+        self._jobs.discard((job, session_id))
 
     async def ping(self) -> None:
         return None

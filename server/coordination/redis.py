@@ -490,6 +490,15 @@ class RedisCoordination:
         )
         return bool(claimed)
 
+    async def claim_job(self, job: str, session_id: str, seconds: float) -> bool:
+        claimed = await self._redis.set(
+            self._key("job", job, session_id), self._process, nx=True, px=int(seconds * 1000)
+        )
+        return bool(claimed)
+
+    async def release_job(self, job: str, session_id: str) -> None:
+        await self._redis.delete(self._key("job", job, session_id))
+
     # ------------------------------------------------------------------ lifecycle
 
     async def ping(self) -> None:

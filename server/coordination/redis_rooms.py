@@ -5,6 +5,8 @@ Channels (under the `REDIS_CHANNEL` prefix):
 - `room:{session}`: the session's events, subscribed to by every process with a member in it (so a
   process receives only the sessions it serves). Each message names its process, which skips it.
 - `to:{process}`: requests for that process: `cancel` a turn, `share` a turn's running text.
+- `user:{user}`: the user's session events (`session_updated`, `session_deleted`), subscribed to by
+  every process with a connection that follows the user (they go to its room's channel too).
 
 Publishing never waits on Redis: events go on one ordered queue, and a writer task sends what
 queued as one pipeline (one round trip however many). Chunks are published only while another
@@ -26,7 +28,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +99,15 @@ class RedisRooms:
         chunk = message.name == "chunk"
         if chunk and session_id not in self._shared:
             return
-        body = {"o": self._process, "e": message.name, "d": message.data, "k": message.key, "i": message.event_id}
+        body = _body(self._process, message)
         text = None
         if chunk:
             data = message.data
             text = RunningText(self._channel("text", session_id, data["turn_id"]), data["text"], append=True)
         self._enqueue(self._channel("room", session_id), orjson.dumps(body), text)
+
+    def publish_to_user(self, user_id: str, session_id: str, message: RoomMessage) -> None:
+        self._enqueue(self._channel("user", user_id), orjson.dumps({**_body(self._process, message), "s": session_id}))
 
     def _enqueue(self, channel: str, body: bytes, text: RunningText | None = None) -> None:
         if len(self._queue) >= MAX_QUEUED:
@@ -137,7 +142,7 @@ class RedisRooms:
             except (RedisError, OSError) as exc:
                 if not self._unsent:
                     log.warning("cannot publish to Redis (%s): other processes catch up once it is back", exc)
-                self._unsent.update(_session_of(channel) for channel, _, _ in batch)
+                self._unsent.update(self._rooms_of(channel for channel, _, _ in batch))
             else:
                 if missed:
                     log.warning("publishing to Redis again: %d sessions told to catch up", len(missed))
@@ -171,9 +176,14 @@ class RedisRooms:
                         pipe.set(text.key, text.text, ex=RUNNING_TEXT_SECONDS)
             await pipe.execute()
 
+    def _rooms_of(self, channels: Iterable[str]) -> set[str]:
+        """The sessions whose room channels are among `channels` (a user's channel is no room's)."""
+        room = self._channel("room", "")
+        return {channel.removeprefix(room) for channel in channels if channel.startswith(room)}
+
     def _drop_queue(self) -> None:
         log.warning("%d events waited for Redis: dropped; other processes catch up from storage", len(self._queue))
-        self._unsent.update(_session_of(channel) for channel, _, _ in self._queue)
+        self._unsent.update(self._rooms_of(channel for channel, _, _ in self._queue))
         self._queue = []
         self._settled = self._enqueued  # given up on: none of them waits any more
 
@@ -217,27 +227,39 @@ class RedisRooms:
     # ------------------------------------------------------------------ subscribing
 
     async def watch(self, session_id: str) -> None:
-        channel = self._channel("room", session_id)
+        await self._subscribe(self._channel("room", session_id))
+
+    def unwatch(self, session_id: str) -> None:
+        self._unsubscribe_soon(self._channel("room", session_id))
+
+    async def watch_user(self, user_id: str) -> None:
+        await self._subscribe(self._channel("user", user_id))
+
+    def unwatch_user(self, user_id: str) -> None:
+        self._unsubscribe_soon(self._channel("user", user_id))
+
+    async def _subscribe(self, channel: str) -> None:
+        """Return once Redis confirms the subscription (kept, and made again after a reconnect)."""
         if self._pubsub is None:
             raise ConnectionError("not subscribed to Redis now")
-        self._watched.add(session_id)
+        self._watched.add(channel)
         try:
             confirmed = self._confirming.setdefault(channel, asyncio.get_running_loop().create_future())
             await self._pubsub.subscribe(channel)
             async with asyncio.timeout(2):
                 await asyncio.shield(confirmed)
         except BaseException:
-            self._watched.discard(session_id)
+            self._watched.discard(channel)
             raise
 
-    def unwatch(self, session_id: str) -> None:
-        self._watched.discard(session_id)
+    def _unsubscribe_soon(self, channel: str) -> None:
+        self._watched.discard(channel)
         if self._pubsub is not None:
-            self._tasks.spawn(self._unsubscribe(self._channel("room", session_id)), name="redis unsubscribe")
+            self._tasks.spawn(self._unsubscribe(channel), name="redis unsubscribe")
 
     async def _unsubscribe(self, channel: str) -> None:
         pubsub = self._pubsub
-        if pubsub is not None and _session_of(channel) not in self._watched:
+        if pubsub is not None and channel not in self._watched:
             with contextlib.suppress(RedisError, OSError):  # the connection is made again without it
                 await pubsub.unsubscribe(channel)
 
@@ -262,8 +284,7 @@ class RedisRooms:
     async def _listen(self) -> None:
         pubsub = self._redis.pubsub()
         try:
-            channels = [self._channel("to", self._process), *(self._channel("room", s) for s in self._watched)]
-            await pubsub.subscribe(*channels)
+            await pubsub.subscribe(self._channel("to", self._process), *self._watched)
             await self._read(pubsub, resubscribed=bool(self._watched))
         finally:
             if self._pubsub is pubsub:
@@ -312,8 +333,10 @@ class RedisRooms:
             body = json.loads(message["data"])
             if channel.startswith(self._channel("to", "")):
                 await self._request(body)
+            elif channel.startswith(self._channel("user", "")):
+                await self._room_message(str(body["s"]), body)
             else:
-                await self._room_message(_session_of(channel), body)
+                await self._room_message(channel.removeprefix(self._channel("room", "")), body)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed message on %s", channel)
 
@@ -336,7 +359,7 @@ class RedisRooms:
         elif body.get("missed"):
             self._hub.missed([session_id])
         else:
-            message = RoomMessage(str(body["e"]), body["d"], body.get("k"), body.get("i"))
+            message = RoomMessage(str(body["e"]), body["d"], body.get("k"), body.get("i"), body.get("u"))
             await self._hub.receive(session_id, message)
 
     async def aclose(self) -> None:
@@ -355,8 +378,11 @@ class RunningText:
     append: bool = False
 
 
-def _session_of(channel: str) -> str:
-    return channel.rsplit(":", 1)[-1]
+def _body(process: str, message: RoomMessage) -> dict[str, Any]:
+    body = {"o": process, "e": message.name, "d": message.data, "k": message.key, "i": message.event_id}
+    if message.user_id is not None:
+        body["u"] = message.user_id
+    return body
 
 
 def _text(value: object) -> str:

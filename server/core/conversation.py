@@ -6,17 +6,24 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
-from server.core.errors import ErrorCode, ServiceError, shared_state_unavailable, storage_unavailable
+from server.core.errors import (
+    ErrorCode,
+    ServiceError,
+    session_deleted,
+    shared_state_unavailable,
+    storage_unavailable,
+)
 from server.core.event_store import EventStore
 from server.core.history import HistoryCache
 from server.core.limits import Limits
-from server.core.models import ActiveTurn, PresenceEvent, Session, StoredEvent, utc_now
+from server.core.models import ActiveTurn, FinishReason, PresenceEvent, Session, StoredEvent, utc_now
 from server.core.ports import (
     Coordination,
     Emitter,
+    EventPage,
     MessageQuota,
     Metrics,
     ModelProvider,
@@ -31,6 +38,7 @@ from server.core.recovery import TurnEnder
 from server.core.redelivery import Missed, as_live, user_message_key
 from server.core.summaries import SummaryScheduler
 from server.core.tasks import TaskTracker
+from server.core.titles import TitleWriter
 from server.core.tools import ToolRegistry
 from server.core.turn import MessageAccepted, RunningTurns, Turn, TurnBusy, TurnContext
 from server.core.writer import OrderedWriter
@@ -40,10 +48,15 @@ log = logging.getLogger(__name__)
 OPEN_TURNS_PAGE = 1000
 
 
+DELETED_REMEMBERED = 10_000  # deleted sessions this process answers `session_deleted` for without a read
+DELETE_TURN_WAIT_SECONDS = 10.0  # how long a deletion waits for the session's cancelled turn to end
+
+
 @dataclass(frozen=True)
 class JoinResult:
     session: Session
     history: list[StoredEvent]
+    history_more: bool
     active_turn: ActiveTurn | None
 
 
@@ -76,6 +89,7 @@ class ConversationService:
         outbox: Outbox | None = None,
         user_quota: MessageQuota | None = None,
         metrics: Metrics | None = None,
+        title_generation: bool = True,
     ) -> None:
         metrics = metrics or NoMetrics()
         self._repo = repo
@@ -92,6 +106,16 @@ class ConversationService:
         # Sessions a connection's joins are still working on: they count against its cap already.
         self._joining: defaultdict[str, set[str]] = defaultdict(set)
         self._turns = RunningTurns()
+        self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions known deleted, newest last
+        self.titles = TitleWriter(
+            repo=repo,
+            provider=provider,
+            claims=coordination,
+            emitter=emitter,
+            tasks=tasks,
+            metrics=metrics,
+            enabled=title_generation,
+        )
         self._turn_context = TurnContext(
             provider=provider,
             tools=tools,
@@ -103,6 +127,7 @@ class ConversationService:
             tasks=tasks,
             running=self._turns,
             metrics=metrics,
+            finished=self._turn_finished,
         )
         self.summaries = SummaryScheduler(
             repo=repo,
@@ -140,25 +165,30 @@ class ConversationService:
         session_id: str | None,
         user_id: str | None,
         after_event_id: int | None,
+        history_limit: int | None = None,
         *,
         owner: str | None = None,
     ) -> JoinResult:
-        """`owner`: the authenticated user, who may only join sessions they created (or new ones)."""
+        """`owner`: the authenticated user, who may only join sessions they created (or new ones).
+        `history_limit`: the most events the history holds (JOIN_HISTORY_LIMIT when None)."""
         session_id = parse_session_id(session_id) if session_id is not None else str(uuid.uuid4())
         if owner is not None:
             user_id = owner
         if not self._reserve_join(connection, session_id):
             await self._refuse_over_session_cap(session_id, owner)
+        limit = history_limit or self._limits.join_history_limit
         try:
-            session, history = await self._open_session(session_id, user_id, after_event_id, owner)
-            active = await self._enter(connection, session_id, history, after_event_id)
+            session, page = await self._open_session(session_id, user_id, after_event_id, limit, owner)
+            active = await self._enter(connection, session_id, page.events, after_event_id)
+            if session.user_id is not None:
+                await self._emitter.follow_user(connection, session.user_id)
         finally:
             self._joining[connection].discard(session_id)
             if not self._joining[connection]:
                 del self._joining[connection]
             if not self._joined.get(connection, True):
                 del self._joined[connection]
-        return JoinResult(session=session, history=history, active_turn=active)
+        return JoinResult(session=session, history=page.events, history_more=page.more, active_turn=active)
 
     def _reserve_join(self, connection: str, session_id: str) -> bool:
         """Count the session against the connection's cap now, before any await: joins sent at once are
@@ -172,22 +202,25 @@ class ConversationService:
         return True
 
     async def _open_session(
-        self, session_id: str, user_id: str | None, after_event_id: int | None, owner: str | None
-    ) -> tuple[Session, list[StoredEvent]]:
+        self, session_id: str, user_id: str | None, after_event_id: int | None, limit: int, owner: str | None
+    ) -> tuple[Session, EventPage]:
         try:
             if self._store.outage:
                 raise StorageUnavailable("storage is out; events wait in the local queue")
             session = await self._repo.ensure_session(session_id, user_id, utc_now())
             if owner is not None and session.user_id != owner:
                 raise ServiceError(ErrorCode.FORBIDDEN, "this session belongs to another user")
+            if session.deleted:
+                self._remember_deleted(session_id)
+                raise session_deleted()
             # A history with gaps would mislead the tab: the session's queued events go first.
             await self._writer.wait_stored(session_id, within_seconds=self._limits.done_store_wait_seconds)
-            history = await self._repo.list_events(session_id, after_event_id)
+            page = await self._repo.page_events(session_id, after=after_event_id, limit=limit)
         except StorageUnavailable:
             raise storage_unavailable() from None
-        if after_event_id is None:
-            self._history.note(session_id, history)
-        return session, history
+        if after_event_id is None and not page.more:
+            self._history.note(session_id, page.events)  # the whole session: a turn need not read it again
+        return session, page
 
     async def _enter(
         self, connection: str, session_id: str, history: list[StoredEvent], after_event_id: int | None
@@ -225,6 +258,8 @@ class ConversationService:
                 raise storage_unavailable() from None
             if existing is not None and existing.user_id != owner:
                 raise ServiceError(ErrorCode.FORBIDDEN, "this session belongs to another user")
+        if session_id in self._deleted:
+            raise session_deleted()
         raise ServiceError(
             ErrorCode.RATE_LIMITED,
             f"this connection is in {self._limits.max_sessions_per_member} sessions already; leave one first",
@@ -370,8 +405,55 @@ class ConversationService:
     def _joined_session(self, connection: str, session_id: str) -> str:
         session_id = parse_session_id(session_id)
         if session_id not in self._joined.get(connection, ()):
+            if session_id in self._deleted:
+                raise session_deleted()
             raise ServiceError(ErrorCode.NOT_JOINED, "join the session first")
         return session_id
+
+    # ------------------------------------------------------------------ deletion
+
+    async def end_deleted(self, session_id: str) -> None:
+        """The session was just deleted in storage: its running turn, here or on another process,
+        is cancelled, and this returns once it has ended (its `done` sent), or after a while."""
+        try:
+            async with asyncio.timeout(DELETE_TURN_WAIT_SECONDS):
+                turn_id = await self._coordination.running_turn(session_id)
+                if turn_id is not None:
+                    here = self._turns.get(session_id)
+                    if here is not None and here.turn_id == turn_id:
+                        here.stop("cancelled")
+                    else:
+                        await self._coordination.request_cancel(session_id, turn_id)
+                    await self.wait_turn_end(session_id)
+        except Exception as exc:  # the deletion stands; storage refuses what that turn still writes
+            log.warning("deleted session %s: its turn did not end in time (%r)", session_id, exc)
+
+    async def session_deleted(self, session_id: str) -> None:
+        """On every process that hears it: forget the session (its rooms are emptied by the hub),
+        and drop what waits to be written of it."""
+        self._remember_deleted(session_id)
+        for connection, sessions in list(self._joined.items()):
+            if session_id in sessions:
+                sessions.discard(session_id)
+                if not sessions:
+                    del self._joined[connection]
+                try:
+                    await self._coordination.remove_member(session_id, connection)
+                except Exception as exc:  # presence of a deleted session is read by nobody
+                    log.debug("cannot count %s out of deleted session %s: %r", connection, session_id, exc)
+        self.summaries.session_deleted(session_id)
+        self.titles.session_deleted(session_id)
+        self._history.forget(session_id)
+        await self._store.discard(session_id)
+
+    def _remember_deleted(self, session_id: str) -> None:
+        self._deleted[session_id] = None
+        self._deleted.move_to_end(session_id)
+        while len(self._deleted) > DELETED_REMEMBERED:
+            self._deleted.popitem(last=False)
+
+    def _turn_finished(self, session_id: str, finish_reason: FinishReason) -> None:
+        self.titles.turn_finished(session_id, finish_reason)
 
     # ------------------------------------------------------------------ what a room missed
 

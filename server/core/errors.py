@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     INVALID_PAYLOAD = "invalid_payload"
     INVALID_SESSION_ID = "invalid_session_id"
     FORBIDDEN = "forbidden"
+    SESSION_DELETED = "session_deleted"
     NOT_JOINED = "not_joined"
     EMPTY_MESSAGE = "empty_message"
     MESSAGE_TOO_LONG = "message_too_long"
@@ -20,6 +21,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"
     NO_ACTIVE_TURN = "no_active_turn"
     UNAVAILABLE = "unavailable"
+    NOT_FOUND = "not_found"  # HTTP only: no such session
 
 
 class TurnErrorCode(StrEnum):
@@ -67,6 +69,10 @@ class ServiceError(Exception):
 
 def storage_unavailable() -> ServiceError:
     return ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe")
+
+
+def session_deleted() -> ServiceError:
+    return ServiceError(ErrorCode.SESSION_DELETED, "this session was deleted")
 
 
 def shared_state_unavailable(cause: Exception) -> ServiceError:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from server.core.models import EventDraft, StoredEvent
-from server.core.ports import Outbox, Repository, StorageUnavailable
+from server.core.ports import Outbox, Repository, SessionDeleted, StorageUnavailable
 from server.core.tasks import TaskTracker
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,12 @@ class EventStore:
             self._enter_outage(exc)
             await self._enqueue(draft)
             return None
+
+    async def discard(self, session_id: str) -> None:
+        """The session was deleted: what waits of it in the outbox is never written."""
+        if self._outbox is not None and self._outbox.holds(session_id):
+            dropped = await self._outbox.discard(session_id)
+            log.info("session %s was deleted: %d of its events waiting in the local queue dropped", session_id, dropped)
 
     async def waiting(self, session_id: str) -> list[EventDraft]:
         """The session's events in the outbox, oldest first."""
@@ -195,6 +201,9 @@ class EventStore:
                 stored = await self._repo.append_event(draft)
             except StorageUnavailable:
                 raise
+            except SessionDeleted:  # deleted meanwhile: nothing of it is written any more
+                await self._outbox.remove(position, draft.session_id)
+                continue
             except Exception as exc:
                 # Not a passing failure (e.g. the session row is gone): keep it aside, on disk, loudly.
                 log.error(

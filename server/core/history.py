@@ -78,6 +78,11 @@ class HistoryCache:
         later = [e for e in copy.events if e.event_id > last] if copy is not None else []
         self._put(session_id, _Copy([*stored, *later], last, copy.built if copy is not None else ConversationBuilder()))
 
+    def forget(self, session_id: str) -> None:
+        copy = self._copies.pop(session_id, None)
+        if copy is not None:
+            self._events -= len(copy.events)
+
     def remember(self, stored: StoredEvent) -> None:
         """A write of this process: in the copy at once, for reads during an outage."""
         copy = self._copies.get(stored.session_id)

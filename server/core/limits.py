@@ -17,3 +17,5 @@ class Limits:
     # Text deltas arriving within this window go out as one chunk (0: every delta is a chunk).
     chunk_coalesce_seconds: float = 0.0
     chunk_timestamps: bool = False
+    # Events in a `join` answer when the client names no `history_limit`.
+    join_history_limit: int = 1000

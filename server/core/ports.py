@@ -15,6 +15,7 @@ from server.core.models import (
     FinishReason,
     JSONValue,
     Session,
+    SessionEvent,
     StoredEvent,
     TurnEvent,
     Usage,
@@ -116,6 +117,10 @@ class ModelProvider(Protocol):
         ...
 
     async def summarise(self, conversation: Sequence[ConversationItem]) -> str: ...
+
+    async def title(self, conversation: Sequence[ConversationItem]) -> str:
+        """A short title for the conversation (one request; the caller trims it to one line)."""
+        ...
 
     def not_ready_reason(self) -> str | None:
         """Why the provider cannot serve (no network call), or None when it is configured."""
@@ -291,6 +296,15 @@ class Emitter(Protocol):
 
     async def remove_member(self, connection: str, session_id: str) -> None: ...
 
+    async def follow_user(self, connection: str, user_id: str) -> None:
+        """The connection hears the session events of every session of this user, joined or not."""
+        ...
+
+    async def announce(self, session_id: str, user_id: str | None, event: SessionEvent) -> None:
+        """A session event to the session's room and to every connection following its user, on
+        every process, once each. After `session_deleted` the room is empty everywhere."""
+        ...
+
 
 # ---------------------------------------------------------------- coordination
 
@@ -393,13 +407,23 @@ class Presence(Protocol):
     async def member_count(self, session_id: str) -> int: ...
 
 
+class JobClaims(Protocol):
+    """At most one process at a time does a session's background job of one kind (a title)."""
+
+    async def claim_job(self, job: str, session_id: str, seconds: float) -> bool:
+        """True for one caller until `release_job`, or until `seconds` pass (should it stop first)."""
+        ...
+
+    async def release_job(self, job: str, session_id: str) -> None: ...
+
+
 class SummaryClaims(Protocol):
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
         """True for exactly one caller per emptying of a session."""
         ...
 
 
-class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, Protocol):
+class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, JobClaims, Protocol):
     """State shared by every process serving a session: in one process, or across many on Redis.
     Each part of the core takes the concern it uses (a turn: `TurnLocks`; summaries: `SummaryClaims`)."""
 
@@ -446,6 +470,8 @@ class Metrics(Protocol):
 
     def summary_made(self, ok: bool) -> None: ...
 
+    def title_made(self, ok: bool) -> None: ...
+
     def storage_operation(self, operation: str, seconds: float) -> None: ...
 
     def events_queued(self, count: int) -> None:
@@ -489,6 +515,9 @@ class NoMetrics:
         pass
 
     def summary_made(self, ok: bool) -> None:
+        pass
+
+    def title_made(self, ok: bool) -> None:
         pass
 
     def storage_operation(self, operation: str, seconds: float) -> None:

@@ -108,6 +108,12 @@ class SummaryScheduler:
             pending.task.cancel()
             del self._pending[session_id]
 
+    def session_deleted(self, session_id: str) -> None:
+        """Drop its summary, waiting or under way: nothing of a deleted session is written."""
+        pending = self._pending.pop(session_id, None)
+        if pending is not None:
+            pending.task.cancel()
+
     def hurry(self) -> None:
         """Shutdown: skip the grace period of every waiting job."""
         self._hurry.set()
@@ -199,7 +205,7 @@ class SummaryScheduler:
     async def _summarise(self, session_id: str, emptied_at: datetime) -> None:
         await self._writer.require_stored(session_id)  # else: retried once the queue is written
         session = await self._repo.get_session(session_id)
-        if session is None:
+        if session is None or session.deleted:
             return
         events = await self._repo.list_events(session_id)
         conversation = conversation_from_events(events)

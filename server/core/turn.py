@@ -15,12 +15,19 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from server.core.chunks import ChunkStream
-from server.core.errors import ErrorCode, ServiceError, ToolErrorCode, TurnErrorCode, shared_state_unavailable
+from server.core.errors import (
+    ErrorCode,
+    ServiceError,
+    ToolErrorCode,
+    TurnErrorCode,
+    session_deleted,
+    shared_state_unavailable,
+)
 from server.core.event_store import HistoryEvent
 from server.core.history import HistoryCache
 from server.core.limits import Limits
@@ -51,6 +58,7 @@ from server.core.ports import (
     ModelText,
     ProviderError,
     ProviderOutcome,
+    SessionDeleted,
     StorageUnavailable,
     TextDelta,
     ToolCallItem,
@@ -121,6 +129,8 @@ class TurnContext:
     tasks: TaskTracker
     running: RunningTurns
     metrics: Metrics
+    # Told of every turn that ended here (with its `done`): what follows a turn (a title).
+    finished: Callable[[str, FinishReason], None] = lambda session_id, finish_reason: None
 
 
 class Turn:
@@ -190,8 +200,8 @@ class Turn:
         try:
             stored = await ctx.writer.append(self.question)
         except BaseException as exc:
-            refusal = await self._abandon(history)
-            if isinstance(exc, StorageUnavailable):
+            refusal = await self._abandon(history, exc)
+            if isinstance(exc, StorageUnavailable | SessionDeleted):
                 raise refusal from None
             raise
         accepted = MessageAccepted(turn_id=self.turn_id, event_id=stored.event_id if stored is not None else None)
@@ -218,7 +228,7 @@ class Turn:
             await locks.release_turn(self.session_id, self.turn_id)
             raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
-    async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]]) -> ServiceError:
+    async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]], cause: BaseException) -> ServiceError:
         """The user message could not be stored: the turn never started, and nothing it held is sent."""
         history.cancel()
         assert self._generation is not None
@@ -227,7 +237,10 @@ class Turn:
         self._chunks.close()
         self._ctx.running.discard(self)
         await self._ctx.locks.release_turn(self.session_id, self.turn_id)
-        error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
+        if isinstance(cause, SessionDeleted):
+            error = session_deleted()
+        else:
+            error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
         self.accepted.set_exception(error)
         self.accepted.exception()  # retrieved: a concurrent retry re-raises it
         return error
@@ -460,6 +473,7 @@ class Turn:
                 self.finish_reason = "error"  # its answer and `done` are the other process's
                 return
             await self._finish()
+            self._ctx.finished(self.session_id, self.finish_reason)
         finally:
             self._chunks.close()
             self._ctx.running.discard(self)

@@ -4,12 +4,15 @@ turn never waits for storage on the chunk path and a session's events are stored
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from server.core.event_store import EventStore
 from server.core.models import EventDraft, StoredEvent
-from server.core.ports import StorageUnavailable
+from server.core.ports import SessionDeleted, StorageUnavailable
 from server.core.tasks import TaskTracker
+
+log = logging.getLogger(__name__)
 
 
 class OrderedWriter:
@@ -25,7 +28,7 @@ class OrderedWriter:
     def submit(self, draft: EventDraft) -> asyncio.Task[StoredEvent | None]:
         session_id = draft.session_id
         task = self._tasks.spawn(
-            self._write_after(self._tails.get(session_id), draft), name=f"store {draft.event_type.value} {session_id}"
+            self._submitted(self._tails.get(session_id), draft), name=f"store {draft.event_type.value} {session_id}"
         )
         self._tails[session_id] = task
 
@@ -49,6 +52,13 @@ class OrderedWriter:
             marker.set_result(None)
             if self._tails.get(session_id) is marker:
                 del self._tails[session_id]
+
+    async def _submitted(self, previous: asyncio.Future[Any] | None, draft: EventDraft) -> StoredEvent | None:
+        try:
+            return await self._write_after(previous, draft)
+        except SessionDeleted:  # storage takes nothing more of it: the write is dropped, as deletion means
+            log.info("session %s was deleted: its %s is not stored", draft.session_id, draft.event_type.value)
+            return None
 
     async def _write_after(self, previous: asyncio.Future[Any] | None, draft: EventDraft) -> StoredEvent | None:
         if previous is not None:

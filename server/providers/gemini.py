@@ -55,6 +55,11 @@ SUMMARY_PROMPT = (
     "Summarise the conversation below in two or three sentences for someone who did not read it: "
     "what the user wanted, what was answered, and any tools used. Reply with the summary only."
 )
+TITLE_PROMPT = (
+    "Give the conversation below a short title (at most eight words) that names its subject, in the "
+    "language of the conversation. Reply with the title only: no quotes, no trailing punctuation."
+)
+TITLE_MAX_OUTPUT_TOKENS = 60
 # Key under which a tool call's Gemini part is stored verbatim (thought signature included).
 PART_KEY = "gemini_part"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -159,10 +164,17 @@ class GeminiProvider:
         yield Finished(_map_finish(finish))
 
     async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
+        return await self._one_answer(SUMMARY_PROMPT, conversation, "summary", self._config.max_output_tokens)
+
+    async def title(self, conversation: Sequence[ConversationItem]) -> str:
+        return await self._one_answer(TITLE_PROMPT, conversation, "title", TITLE_MAX_OUTPUT_TOKENS)
+
+    async def _one_answer(
+        self, instruction: str, conversation: Sequence[ConversationItem], what: str, max_output_tokens: int | None
+    ) -> str:
+        """One request, not streamed, about the conversation (a summary, a title)."""
         client = self._require_client()
-        config = types.GenerateContentConfig(
-            system_instruction=SUMMARY_PROMPT, max_output_tokens=self._config.max_output_tokens
-        )
+        config = types.GenerateContentConfig(system_instruction=instruction, max_output_tokens=max_output_tokens)
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -174,7 +186,7 @@ class GeminiProvider:
         text = (response.text or "").strip()
         if not text:
             raise ProviderError(
-                TurnErrorCode.PROVIDER_ERROR, f"the model gave no summary ({_finish_of(response) or 'no text'})"
+                TurnErrorCode.PROVIDER_ERROR, f"the model gave no {what} ({_finish_of(response) or 'no text'})"
             )
         return text
 

@@ -46,6 +46,9 @@ def weather_place(text: str) -> str | None:
     return place or None
 
 
+TITLE_WORDS = 6  # a title is the first message's first words
+
+
 def _excerpt(text: str, limit: int = 80) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -174,6 +177,11 @@ class OfflineProvider:
         if len(questions) > 1:
             parts.append(f'Last message: "{_excerpt(questions[-1])}".')
         return " ".join(parts)
+
+    async def title(self, conversation: Sequence[ConversationItem]) -> str:
+        questions = [item.text for item in conversation if isinstance(item, UserText)]
+        words = " ".join(questions[:1]).split()[:TITLE_WORDS]
+        return " ".join(words) or "Untitled conversation"
 
 
 def _text_of(item: ConversationItem) -> str:

@@ -18,11 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.core.models import EVENT_NAMES, DoneEvent, PresenceEvent, TurnEvent, UserMessageEvent
+from server.core.models import (
+    EVENT_NAMES,
+    DoneEvent,
+    PresenceEvent,
+    SessionDeletedEvent,
+    SessionEvent,
+    SessionUpdatedEvent,
+    TurnEvent,
+    UserMessageEvent,
+)
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
 
@@ -33,6 +44,11 @@ CATCH_UP_FIRST_RETRY_SECONDS = 0.1
 CATCH_UP_RETRY_SECONDS = 2.0
 # How long live events wait for a catch-up that cannot read storage, before they go on without it.
 CATCH_UP_HOLD_SECONDS = 5.0
+# Session events heard lately (each arrives twice across processes: on its room's channel and its
+# user's), with the connections each went to.
+RECENT_SESSION_EVENTS = 1024
+SESSION_EVENT_NAMES = frozenset({EVENT_NAMES[SessionUpdatedEvent], EVENT_NAMES[SessionDeletedEvent]})
+DeletedHandler = Callable[[str], Awaitable[None]]
 
 Encoder = Callable[[str, Any], Any]
 
@@ -70,12 +86,14 @@ class Member(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RoomMessage:
-    """An event of a session between processes: `key` its storage key (None: not stored)."""
+    """An event of a session between processes: `key` its storage key (None: not stored), or the
+    id of a session event; `user_id`: the session's user, for a session event."""
 
     name: str
     data: Any
     key: str | None
     event_id: int | None = None
+    user_id: str | None = None
 
 
 class Fanout(Protocol):
@@ -91,6 +109,16 @@ class Fanout(Protocol):
         ...
 
     def unwatch(self, session_id: str) -> None: ...
+
+    def publish_to_user(self, user_id: str, session_id: str, message: RoomMessage) -> None:
+        """A session event to the other processes' connections that follow the user (never waits)."""
+        ...
+
+    async def watch_user(self, user_id: str) -> None:
+        """Receive the session events of the user's sessions from the other processes."""
+        ...
+
+    def unwatch_user(self, user_id: str) -> None: ...
 
 
 class Backlog(Protocol):
@@ -123,9 +151,17 @@ class RoomHub:
         self._backlog: Backlog | None = None
         self._catching_up: dict[str, asyncio.Task[None]] = {}
         self._at_once = asyncio.Semaphore(CATCH_UP_AT_ONCE)
+        self._followers: dict[str, set[str]] = {}  # user -> connections here that follow it
+        self._following: dict[str, set[str]] = {}  # connection -> the users it follows
+        self._heard: OrderedDict[str, set[str]] = OrderedDict()  # session event key -> connections sent to
+        self._on_deleted: DeletedHandler | None = None
 
     def catch_up_from(self, backlog: Backlog) -> None:
         self._backlog = backlog
+
+    def on_session_deleted(self, handler: DeletedHandler) -> None:
+        """Called once per deleted session on each process that hears it, after its room is emptied."""
+        self._on_deleted = handler
 
     # ------------------------------------------------------------------ members
 
@@ -138,6 +174,30 @@ class RoomHub:
             del self._members[member.connection_id]
         for session_id in [s for s, room in self._rooms.items() if member.connection_id in room.members]:
             self._leave(member.connection_id, session_id)
+        for user_id in self._following.pop(member.connection_id, ()):
+            followers = self._followers.get(user_id)
+            if followers is not None:
+                followers.discard(member.connection_id)
+                if not followers:
+                    del self._followers[user_id]
+                    if self._fanout is not None:
+                        self._fanout.unwatch_user(user_id)
+
+    async def follow_user(self, connection_id: str, user_id: str) -> None:
+        """The connection hears the session events of every session of the user, joined or not."""
+        if connection_id not in self._members or user_id in self._following.get(connection_id, ()):
+            return
+        self._following.setdefault(connection_id, set()).add(user_id)
+        followers = self._followers.get(user_id)
+        if followers is not None:
+            followers.add(connection_id)
+            return
+        self._followers[user_id] = {connection_id}
+        if self._fanout is not None:
+            try:
+                await self._fanout.watch_user(user_id)
+            except Exception as exc:  # its joined sessions' rooms still bring it their events
+                log.warning("cannot follow a user's sessions on other processes now: %r", exc)
 
     async def add_member(
         self, connection_id: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
@@ -175,7 +235,11 @@ class RoomHub:
         room = self._rooms.get(session_id)
         if room is None or room.members.pop(connection_id, None) is None or room.members:
             return
-        del self._rooms[session_id]
+        self._drop_room(session_id)
+
+    def _drop_room(self, session_id: str) -> None:
+        if self._rooms.pop(session_id, None) is None:
+            return
         catching_up = self._catching_up.pop(session_id, None)
         if catching_up is not None:
             catching_up.cancel()
@@ -195,9 +259,51 @@ class RoomHub:
 
     async def receive(self, session_id: str, message: RoomMessage) -> None:
         """Another process's event of the session (from the fanout)."""
+        if message.name in SESSION_EVENT_NAMES:
+            await self._hear(session_id, message)
+            return
         room = self._rooms.get(session_id)
         if room is not None:
             await self._deliver(room, message)
+
+    # ------------------------------------------------------------------ session events
+
+    async def announce(self, session_id: str, user_id: str | None, event: SessionEvent) -> None:
+        """To the session's room and the user's followers: here, then on the other processes."""
+        name = EVENT_NAMES[type(event)]
+        message = RoomMessage(name, event.payload(), f"{name}:{uuid.uuid4().hex}", user_id=user_id)
+        await self._hear(session_id, message)
+        if self._fanout is not None:
+            self._fanout.publish(session_id, message)
+            if user_id is not None:
+                self._fanout.publish_to_user(user_id, session_id, message)
+
+    async def _hear(self, session_id: str, message: RoomMessage) -> None:
+        """Each connection here in the room or following the user gets a session event once,
+        whichever channel brought it first."""
+        assert message.key is not None
+        first = message.key not in self._heard
+        sent = self._heard.setdefault(message.key, set())
+        while len(self._heard) > RECENT_SESSION_EVENTS:
+            self._heard.popitem(last=False)
+        deleted = message.name == EVENT_NAMES[SessionDeletedEvent]
+        room = self._rooms.get(session_id)
+        if room is not None and deleted and room.held is not None:
+            await self._release_held(room)  # what the room holds (the cancelled turn's `done`) goes first
+        recipients = dict(room.members) if room is not None else {}
+        for connection_id in self._followers.get(message.user_id or "", ()):
+            member = self._members.get(connection_id)
+            if member is not None:
+                recipients.setdefault(connection_id, (member, 0))
+        outgoing = Outgoing(message.name, message.data)
+        for connection_id, (member, _) in recipients.items():
+            if connection_id not in sent:
+                sent.add(connection_id)
+                await _send(member, outgoing)
+        if deleted and first:
+            self._drop_room(session_id)
+            if self._on_deleted is not None:
+                await self._on_deleted(session_id)
 
     async def _deliver(self, room: Room, message: RoomMessage) -> None:
         if room.held is not None:

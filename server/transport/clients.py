@@ -192,10 +192,13 @@ class ConnectionGate:
 
 
 async def join(svc: ConversationService, client: ClientConnection, p: JoinPayload, user: str | None) -> Ack:
-    result = await svc.join(client.connection_id, p.session_id, p.user_id, p.after_event_id, owner=user)
+    result = await svc.join(
+        client.connection_id, p.session_id, p.user_id, p.after_event_id, p.history_limit, owner=user
+    )
     return {
         "session": result.session.model_dump(mode="json"),
         "history": [event.public() for event in result.history],
+        "history_more": result.history_more,
         "active_turn": result.active_turn.model_dump(mode="json") if result.active_turn else None,
     }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,10 +13,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from server.core.conversation import parse_session_id
-from server.core.errors import ServiceError
+from server.core.errors import ErrorCode, ServiceError
 from server.core.models import ErrorInfo, EventType, FinishReason, Session
-from server.core.ports import StorageUnavailable
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.tools.mcp import McpServerState
@@ -46,6 +46,16 @@ class HistoryItem(BaseModel):
 
 class Events(BaseModel):
     events: list[HistoryItem]
+    more: bool  # events exist beyond the page, in the direction asked
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+    next_cursor: str | None  # asks for the next page; null on the last one
+
+
+class Rename(BaseModel):
+    title: str
 
 
 class Refusal(BaseModel):
@@ -57,7 +67,7 @@ def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "`invalid_session_id`, or `invalid_payload` for a malformed query parameter",
         401: "`unauthorized`: authentication is on and the Bearer token is missing, invalid or expired",
         403: "`forbidden`: the session belongs to another user",
-        404: "`not_found`: no such session",
+        404: "`not_found`: no such session; `session_deleted`: it was deleted",
         503: "`unavailable`: storage is unreachable; retrying is safe",
     }
     return {status: {"model": Refusal, "description": meanings[status]} for status in statuses}
@@ -68,11 +78,27 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _session_id(value: str) -> str:
+STATUS = {
+    ErrorCode.INVALID_PAYLOAD: 400,
+    ErrorCode.INVALID_SESSION_ID: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.SESSION_DELETED: 404,
+}
+
+
+def _http(error: ServiceError) -> HTTPException:
+    return HTTPException(status_code=STATUS.get(error.code, 503), detail=error.as_dict())
+
+
+@contextlib.contextmanager
+def _answered() -> Iterator[None]:
+    """A refusal of the core as the HTTP answer the contract gives it."""
     try:
-        return parse_session_id(value)
+        yield
     except ServiceError as exc:
-        raise HTTPException(status_code=400, detail=exc.as_dict()) from None
+        raise _http(exc) from None
 
 
 async def _caller(request: Request) -> str | None:
@@ -89,16 +115,6 @@ async def _caller(request: Request) -> str | None:
             headers={"WWW-Authenticate": "Bearer"},
         ) from None
     return identity.user_id
-
-
-def _owned(session: Session | None, caller: str | None) -> Session:
-    if session is None:
-        raise HTTPException(status_code=404, detail={"code": "not_found", "message": "no such session"})
-    if caller is not None and session.user_id != caller:
-        raise HTTPException(
-            status_code=403, detail={"code": "forbidden", "message": "this session belongs to another user"}
-        )
-    return session
 
 
 @router.get("/healthz", response_model=Health)
@@ -125,37 +141,61 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(answer, status_code=503 if problems else 200)
 
 
+@router.get("/api/sessions", response_model=SessionList, responses=_refusals(400, 401, 503))
+async def list_sessions(
+    request: Request,
+    limit: int = Query(default=20, description="sessions per page, 1 to 100"),
+    cursor: str | None = Query(default=None, description="`next_cursor` of the previous page"),
+    user_id: str | None = Query(default=None, description="whose sessions, when authentication is off"),
+) -> JSONResponse:
+    caller = await _caller(request)
+    if caller is None and not user_id:
+        raise _http(ServiceError(ErrorCode.INVALID_PAYLOAD, "user_id: required while authentication is off"))
+    with _answered():
+        page = await _runtime(request).catalog.list(caller or user_id or "", limit, cursor)
+    sessions = [session.model_dump(mode="json") for session in page.sessions]
+    return JSONResponse({"sessions": sessions, "next_cursor": page.next_cursor})
+
+
 @router.get("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
 async def get_session(session_id: str, request: Request) -> Session:
     caller = await _caller(request)
-    session_id = _session_id(session_id)
-    try:
-        session = await _runtime(request).repo.get_session(session_id)
-    except StorageUnavailable:
-        raise HTTPException(
-            status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
-        ) from None
-    return _owned(session, caller)
+    with _answered():
+        return await _runtime(request).catalog.get(session_id, caller)
+
+
+@router.patch("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
+async def rename_session(session_id: str, rename: Rename, request: Request) -> Session:
+    caller = await _caller(request)
+    with _answered():
+        return await _runtime(request).catalog.rename(session_id, caller, rename.title)
+
+
+@router.delete(
+    "/api/sessions/{session_id}", status_code=204, response_class=Response, responses=_refusals(400, 401, 403, 404, 503)
+)
+async def delete_session(session_id: str, request: Request) -> Response:
+    caller = await _caller(request)
+    with _answered():
+        await _runtime(request).catalog.delete(session_id, caller)
+    return Response(status_code=204)
 
 
 @router.get("/api/sessions/{session_id}/events", response_model=Events, responses=_refusals(400, 401, 403, 404, 503))
 async def get_events(
     session_id: str,
     request: Request,
-    after_event_id: int | None = Query(default=None, description="only the events after this one"),
+    after_event_id: int | None = Query(default=None, description="the first events after this one"),
+    before_event_id: int | None = Query(default=None, description="the last events before this one"),
+    limit: int = Query(default=1000, description="events per page, 1 to 1,000"),
 ) -> JSONResponse:
     caller = await _caller(request)
-    session_id = _session_id(session_id)
-    repo = _runtime(request).repo
-    try:
-        _owned(await repo.get_session(session_id), caller)
-        events = await repo.list_events(session_id, after_event_id)
-    except StorageUnavailable:
-        raise HTTPException(
-            status_code=503, detail={"code": "unavailable", "message": "storage is unreachable"}
-        ) from None
-    # Answered as built (the model above documents it): history can be long, and validating it again costs.
-    return JSONResponse({"events": [event.public() for event in events]})
+    with _answered():
+        page = await _runtime(request).catalog.events(
+            session_id, caller, after=after_event_id, before=before_event_id, limit=limit
+        )
+    # Answered as built (the model above documents it): validating a page again costs.
+    return JSONResponse({"events": [event.public() for event in page.events], "more": page.more})
 
 
 @router.get(

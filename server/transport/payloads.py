@@ -28,6 +28,8 @@ def _without_nul(value: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 ShortText = Annotated[str, Field(max_length=256), AfterValidator(_encodable), AfterValidator(_without_nul)]
 EventId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_HISTORY_PAGE = 1000
+HistoryLimit = Annotated[int, Field(ge=1, le=MAX_HISTORY_PAGE)]
 
 
 class _Payload(BaseModel):
@@ -38,6 +40,7 @@ class JoinPayload(_Payload):
     session_id: Text | None = None  # any string: one that is not a UUID is `invalid_session_id`
     user_id: ShortText | None = None
     after_event_id: EventId | None = None
+    history_limit: HistoryLimit | None = None  # None: JOIN_HISTORY_LIMIT
 
 
 class MessagePayload(_Payload):

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server.core.conversation import ConversationService
+from server.core.conversation import ConversationService, parse_session_id
 from server.core.errors import ErrorCode, ServiceError
 from server.rooms.hub import Outgoing, RoomHub
 from server.transport import fast_json
@@ -37,6 +37,7 @@ CLOSE_CODES = {
     ErrorCode.INVALID_PAYLOAD: 4400,
     ErrorCode.UNAUTHORIZED: 4401,
     ErrorCode.FORBIDDEN: 4403,
+    ErrorCode.SESSION_DELETED: 4404,
     ErrorCode.RATE_LIMITED: 4429,
 }
 # Not in PROTOCOL.md's list: storage or shared state could not take the join; retrying is safe.
@@ -55,9 +56,12 @@ class PlainClient:
     While one of its requests runs, the events for it are held, so its `ack` goes out before the
     events the request caused (a `user_message`, the first chunks)."""
 
-    def __init__(self, websocket: WebSocket, connection: ClientConnection, send_limit: int | None = None) -> None:
+    def __init__(
+        self, websocket: WebSocket, connection: ClientConnection, session_id: str, send_limit: int | None = None
+    ) -> None:
         self.websocket = websocket
         self.connection = connection
+        self.session_id = session_id  # the URL's (as given: an invalid one is refused at the join)
         self._queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()  # a frame, or (close code, reason)
         self._held: list[str] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -76,6 +80,8 @@ class PlainClient:
     async def send(self, event: Outgoing) -> None:
         """An event of one of its rooms (the hub's `Member`)."""
         self.put(event.encoded(frame))
+        if event.name == "session_deleted" and event.data.get("session_id") == self.session_id:
+            self.close(CLOSE_CODES[ErrorCode.SESSION_DELETED], ErrorCode.SESSION_DELETED.value)
 
     def put(self, text: str) -> None:
         if self.ended or self.dropped.is_set() or not self._count(text):
@@ -233,9 +239,11 @@ async def serve_plain_client(
     except ServiceError as exc:
         await _refuse(websocket, exc)
         return
-    client = PlainClient(websocket, connection, send_limit)
+    client = PlainClient(websocket, connection, _canonical(session_id), send_limit)
     hub.connect(client)
     open_clients.add(client)
+    if connection.identity is not None:
+        await hub.follow_user(connection_id, connection.identity.user_id)
 
     def expire() -> None:
         # Out of its session's room at once; the error frame and 4401 are the last it gets.
@@ -263,11 +271,12 @@ async def serve_plain_client(
 async def _join(client: PlainClient, service: ConversationService, session_id: str, query: Any) -> bool:
     """Join the URL's session: the `session` frame first, or a refusal (error frame, close code)."""
     payload: dict[str, Any] = {"session_id": session_id}
-    if "after_event_id" in query:
-        try:
-            payload["after_event_id"] = int(query["after_event_id"])
-        except ValueError:
-            payload["after_event_id"] = query["after_event_id"]  # refused as invalid_payload below
+    for name in ("after_event_id", "history_limit"):
+        if name in query:
+            try:
+                payload[name] = int(query[name])
+            except ValueError:
+                payload[name] = query[name]  # refused as invalid_payload below
     if "user_id" in query and not client.connection.authenticating:
         payload["user_id"] = query["user_id"]
     model, action = REQUESTS["join"]
@@ -280,6 +289,13 @@ async def _join(client: PlainClient, service: ConversationService, session_id: s
     code = ack["error"]["code"]
     client.close(_close_code(code), reason=code)
     return False
+
+
+def _canonical(session_id: str) -> str:
+    try:
+        return parse_session_id(session_id)
+    except ServiceError:
+        return session_id  # refused at the join
 
 
 def _close_code(code: str) -> int:

@@ -90,6 +90,8 @@ def register_handlers(
         members[sid] = member = SocketIOMember(sid, sio.eio, eio_sid)
         hub().connect(member)
         gate.close_at_expiry(client, lambda: _close_expired(sio, hub(), member, eio_sid))
+        if client.identity is not None:  # its user's session events reach it, joined or not
+            await hub().follow_user(sid, client.identity.user_id)
 
     async def disconnect(sid: str, *_reason: Any) -> None:
         if not lifecycle(sid):

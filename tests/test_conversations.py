@@ -1,0 +1,317 @@
+"""A user's conversations over real sockets: listed in pages, titled once, renamed, deleted, and
+read a page at a time however long they grow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from server.storage.postgres import PostgresRepository
+from tests.conftest import ServerFactory, TabFactory
+from tests.fake_postgrest import FakePostgrest, make_key
+from tests.harness import RunningServer, Tab, serving
+from tests.pg import scratch_database
+from tests.test_auth import SECRET, token
+from tests.test_metrics import scrape
+
+
+@pytest.fixture(params=["sqlite", "postgres", "supabase"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """The settings of a server on each storage backend."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    async with scratch_database(supabase_roles=True) as dsn:
+        await (await PostgresRepository.open(dsn)).aclose()  # the schema, as a Supabase project has it
+        if request.param == "postgres":
+            yield {"storage_backend": "postgres", "database_url": dsn}
+            return
+        stand_in = FakePostgrest(dsn)
+        async with serving(stand_in.app, lifespan="on") as url:
+            yield {
+                "storage_backend": "supabase",
+                "supabase_url": url,
+                "supabase_key": make_key("service_role"),
+                "outbox_path": tmp_path / "outbox.db",
+            }
+
+
+async def list_page(http: httpx.AsyncClient, user: str, **params: Any) -> dict[str, Any]:
+    answer = await http.get("/api/sessions", params={"user_id": user, **params})
+    assert answer.status_code == 200, answer.text
+    page: dict[str, Any] = answer.json()
+    return page
+
+
+async def every_page(http: httpx.AsyncClient, user: str, limit: int) -> list[str]:
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await list_page(http, user, limit=limit, **({"cursor": cursor} if cursor else {}))
+        assert len(page["sessions"]) <= limit
+        seen += [s["session_id"] for s in page["sessions"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return seen
+
+
+def refusal(answer: httpx.Response, status: int, code: str) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.json()["detail"]["code"] == code
+
+
+async def test_a_users_sessions_come_newest_first_in_pages_while_new_ones_arrive(
+    backend: dict[str, Any], start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(**backend)
+    user, other = f"user-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    tab = await connect(server)
+    created = [(await tab.join(user_id=user))["session"]["session_id"] for _ in range(7)]
+    await tab.join(user_id=other)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        first = await list_page(http, user, limit=3)
+        assert [s["session_id"] for s in first["sessions"]] == created[::-1][:3]
+        # Sessions made while a client pages are newer: they come first, not inside later pages.
+        newer = [(await tab.join(user_id=user))["session"]["session_id"] for _ in range(3)]
+        rest: list[str] = []
+        cursor = first["next_cursor"]
+        while cursor is not None:
+            page = await list_page(http, user, limit=3, cursor=cursor)
+            rest += [s["session_id"] for s in page["sessions"]]
+            cursor = page["next_cursor"]
+        assert rest == created[::-1][3:]
+        assert await every_page(http, user, limit=100) == [*newer[::-1], *created[::-1]]
+
+        # A stored event moves its session to the top; its `updated_at` says when.
+        before = {s["session_id"]: s for s in (await list_page(http, user, limit=100))["sessions"]}
+        ack = await tab.call("message", {"session_id": created[0], "text": "bump"})
+        assert ack["ok"], ack
+        await tab.turn(ack["turn_id"])
+        top = (await list_page(http, user, limit=1))["sessions"][0]
+        assert top["session_id"] == created[0] and top["updated_at"] > before[created[0]]["updated_at"]
+        assert set(top) >= {"session_id", "user_id", "start_time", "title", "updated_at", "summary"}
+
+        refusal(await http.get("/api/sessions"), 400, "invalid_payload")  # no user_id, no token
+        for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"cursor": "not-a-cursor"}):
+            refusal(await http.get("/api/sessions", params={"user_id": user, **bad}), 400, "invalid_payload")
+
+
+async def test_a_rename_reaches_the_room_and_every_other_tab_of_the_user(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient
+) -> None:
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    in_room, elsewhere, stranger = await connect(server), await connect(server), await connect(server)
+    sid = (await in_room.join(user_id=user))["session"]["session_id"]
+    await elsewhere.join(user_id=user)  # another session of the same user
+    await stranger.join(user_id="someone-else")
+
+    for bad in ("", "   ", "x" * 201, "line\nbreak", "nul\x00"):
+        refusal(await http.patch(f"/api/sessions/{sid}", json={"title": bad}), 400, "invalid_payload")
+    refusal(await http.patch(f"/api/sessions/{sid}", json={"name": "x"}), 400, "invalid_payload")
+    refusal(await http.patch(f"/api/sessions/{uuid.uuid4()}", json={"title": "x"}), 404, "not_found")
+    refusal(await http.patch("/api/sessions/nope", json={"title": "x"}), 400, "invalid_session_id")
+    assert (await http.get(f"/api/sessions/{sid}")).json()["title"] is None
+
+    answer = await http.patch(f"/api/sessions/{sid}", json={"title": "  Trip to Delhi  "})
+    assert answer.status_code == 200, answer.text
+    renamed = answer.json()
+    assert renamed["title"] == "Trip to Delhi" and renamed["session_id"] == sid
+    expected = {"session_id": sid, "title": "Trip to Delhi", "updated_at": renamed["updated_at"]}
+    for tab in (in_room, elsewhere):
+        await tab.wait_for(lambda events: ("session_updated", expected) in events)
+    await asyncio.sleep(0.2)
+    assert in_room.named("session_updated") == [expected] and elsewhere.named("session_updated") == [expected]
+    assert stranger.named("session_updated") == []
+    assert (await list_page(http, user, limit=1))["sessions"][0]["title"] == "Trip to Delhi"
+
+
+async def test_a_title_is_made_once_from_the_first_answer_and_never_replaces_a_persons(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient
+) -> None:
+    tab = await connect(server)
+    sid = (await tab.join(user_id="titled"))["session"]["session_id"]
+    for text in ("Plan a weekend in Lisbon with kids please", "And in Porto?"):
+        ack = await tab.call("message", {"session_id": sid, "text": text})
+        await tab.turn(ack["turn_id"])
+    updated = await tab.wait_for(lambda _: tab.named("session_updated"))
+    assert updated[0]["title"] == "Plan a weekend in Lisbon with"
+    session = (await http.get(f"/api/sessions/{sid}")).json()
+    assert session["title"] == "Plan a weekend in Lisbon with"
+    # A generated title leaves `updated_at` as the last event left it.
+    assert updated[0]["updated_at"] == session["updated_at"]
+    await asyncio.sleep(0.3)
+    assert len(tab.named("session_updated")) == 1
+    assert (await scrape(server.url)).by_label("realtime_titles_total", "outcome") == {"ok": 1, "error": 0}
+
+    # A person's title stays, whatever turns follow.
+    await http.patch(f"/api/sessions/{sid}", json={"title": "Mine"})
+    ack = await tab.call("message", {"session_id": sid, "text": "one more"})
+    await tab.turn(ack["turn_id"])
+    await asyncio.sleep(0.3)
+    assert (await http.get(f"/api/sessions/{sid}")).json()["title"] == "Mine"
+
+
+async def test_title_generation_can_be_turned_off(start_server: ServerFactory, connect: TabFactory) -> None:
+    server = await start_server(title_generation=False)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    ack = await tab.call("message", {"session_id": sid, "text": "no title for this one"})
+    await tab.turn(ack["turn_id"])
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get(f"/api/sessions/{sid}")).json()["title"] is None
+    assert tab.named("session_updated") == []
+
+
+# ---------------------------------------------------------------- long sessions
+
+
+def insert_with_original_sql(path: Path, session_id: str, count: int, text: str = "") -> None:
+    """Rows as the original design's SQL writes them (no keys, no turns)."""
+    with sqlite3.connect(path) as db:
+        db.execute("insert into sessions (session_id, user_id) values (?, ?)", (session_id, "pager"))
+        db.executemany(
+            "insert into events (session_id, event_type, content) values (?, ?, ?)",
+            ((session_id, "user_message" if n % 2 == 0 else "ai_message", f"event {n} {text}") for n in range(count)),
+        )
+
+
+def contents(events: list[dict[str, Any]]) -> list[str]:
+    return [e["content"].strip() for e in events]
+
+
+async def test_history_pages_every_way_on_a_long_session(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient
+) -> None:
+    sid = str(uuid.uuid4())
+    await asyncio.to_thread(insert_with_original_sql, server.settings.sqlite_path, sid, 2500)
+    every = [f"event {n}" for n in range(2500)]
+    tab = await connect(server)
+
+    latest = await tab.join(sid)
+    assert contents(latest["history"]) == every[-1000:] and latest["history_more"] is True
+    ids = [e["event_id"] for e in latest["history"]]
+    assert ids == sorted(ids)
+    small = await tab.join(sid, history_limit=10)
+    assert contents(small["history"]) == every[-10:] and small["history_more"] is True
+    first_id = latest["history"][0]["event_id"] - 1500
+    after = await tab.join(sid, after_event_id=first_id - 1, history_limit=1000)
+    assert contents(after["history"]) == every[:1000] and after["history_more"] is True
+    last = await tab.join(sid, after_event_id=ids[-1])
+    assert last["history"] == [] and last["history_more"] is False
+    for bad in (0, 1001, "10", -1):
+        ack = await tab.call("join", {"session_id": sid, "history_limit": bad})
+        assert ack["error"]["code"] == "invalid_payload", ack
+
+    async def events(**params: Any) -> dict[str, Any]:
+        answer = await http.get(f"/api/sessions/{sid}/events", params=params)
+        assert answer.status_code == 200, answer.text
+        page: dict[str, Any] = answer.json()
+        return page
+
+    page = await events()
+    assert contents(page["events"]) == every[-1000:] and page["more"] is True
+    page = await events(before_event_id=page["events"][0]["event_id"], limit=1000)
+    assert contents(page["events"]) == every[500:1500] and page["more"] is True
+    page = await events(before_event_id=page["events"][0]["event_id"], limit=1000)
+    assert contents(page["events"]) == every[:500] and page["more"] is False
+    page = await events(after_event_id=first_id - 1, limit=700)
+    assert contents(page["events"]) == every[:700] and page["more"] is True
+    page = await events(after_event_id=ids[-2], limit=5)
+    assert contents(page["events"]) == every[-1:] and page["more"] is False
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after_event_id": 1, "before_event_id": 9}, {"limit": "x"}):
+        refusal(await http.get(f"/api/sessions/{sid}/events", params=bad), 400, "invalid_payload")
+
+    ws_url = server.url.replace("http", "ws") + f"/ws/session/{sid}"
+    async with websockets.connect(f"{ws_url}?history_limit=5") as plain:
+        first = json.loads(await plain.recv())
+        assert first["event"] == "session"
+        assert contents(first["data"]["history"]) == every[-5:] and first["data"]["history_more"] is True
+    async with websockets.connect(f"{ws_url}?history_limit=many") as plain:
+        assert json.loads(await plain.recv())["data"]["code"] == "invalid_payload"
+        await plain.wait_closed()
+        assert plain.close_code == 4400
+
+
+# ---------------------------------------------------------------- deletion
+
+
+async def test_deletion_tells_every_client_and_leaves_nothing_behind(
+    backend: dict[str, Any], start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=50, **backend)
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    first, second, follower = await connect(server), await connect(server), await connect(server)
+    sid = (await first.join(user_id=user))["session"]["session_id"]
+    await second.join(sid)
+    await follower.join(user_id=user)  # the user's tab on another session: its list must hear it
+    ws_url = server.url.replace("http", "ws") + f"/ws/session/{sid}"
+    async with websockets.connect(ws_url) as plain, httpx.AsyncClient(base_url=server.url) as http:
+        assert json.loads(await plain.recv())["event"] == "session"
+        ack = await first.call("message", {"session_id": sid, "text": "tell me a long story"})
+        await first.wait_for(lambda _: first.named("chunk"))
+
+        answer = await http.delete(f"/api/sessions/{sid}")
+        assert answer.status_code == 204, answer.text
+
+        for tab in (first, second):
+            names = [n for n, d in tab.events if d.get("session_id") == sid and n in ("done", "session_deleted")]
+            assert names == ["done", "session_deleted"], tab.events
+            assert tab.named("done")[0]["finish_reason"] == "cancelled"
+        await follower.wait_for(lambda _: follower.named("session_deleted"))
+        assert follower.named("session_deleted") == [{"session_id": sid}]
+        frames = [json.loads(frame) async for frame in plain]
+        assert [f["event"] for f in frames][-2:] == ["done", "session_deleted"]
+        assert plain.close_code == 4404 and plain.close_reason == "session_deleted"
+
+        # Out of the room, the id reserved, nothing of it left or written after the 204.
+        ack = await first.call("message", {"session_id": sid, "text": "still there?"})
+        assert ack["error"]["code"] == "session_deleted", ack
+        for tab in (first, await connect(server)):
+            ack = await tab.call("join", {"session_id": sid})
+            assert ack["error"]["code"] == "session_deleted", ack
+        async with websockets.connect(ws_url) as again:
+            assert json.loads(await again.recv())["data"]["code"] == "session_deleted"
+            await again.wait_closed()
+            assert again.close_code == 4404
+        refusal(await http.get(f"/api/sessions/{sid}"), 404, "session_deleted")
+        refusal(await http.get(f"/api/sessions/{sid}/events"), 404, "session_deleted")
+        refusal(await http.patch(f"/api/sessions/{sid}", json={"title": "back"}), 404, "session_deleted")
+        refusal(await http.delete(f"/api/sessions/{sid}"), 404, "session_deleted")
+        refusal(await http.delete(f"/api/sessions/{uuid.uuid4()}"), 404, "not_found")
+        assert sid not in [s["session_id"] for s in (await list_page(http, user, limit=100))["sessions"]]
+        await asyncio.sleep(0.5)  # the cancelled turn's last writes had their chance
+        assert (await server.runtime.repo.page_events(sid, limit=1000)).events == []
+        tombstone = await server.runtime.repo.get_session(sid)
+        assert tombstone.deleted and tombstone.title is None and tombstone.summary is None
+
+
+async def test_only_the_owner_lists_renames_or_deletes(start_server: ServerFactory, connect: TabFactory) -> None:
+    server = await start_server(auth_jwt_secret=SECRET)
+    alice, bob = token("alice"), token("bob")
+    tab = Tab(server.url)
+    await tab.connect(auth={"token": alice})
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            as_bob = {"Authorization": f"Bearer {bob}"}
+            as_alice = {"Authorization": f"Bearer {alice}"}
+            refusal(await http.get("/api/sessions"), 401, "unauthorized")
+            assert (await http.get("/api/sessions", headers=as_bob)).json() == {"sessions": [], "next_cursor": None}
+            mine = (await http.get("/api/sessions", params={"user_id": "bob"}, headers=as_alice)).json()
+            assert [s["session_id"] for s in mine["sessions"]] == [sid]  # the token's user, not ?user_id=
+            refusal(await http.patch(f"/api/sessions/{sid}", json={"title": "x"}, headers=as_bob), 403, "forbidden")
+            refusal(await http.delete(f"/api/sessions/{sid}", headers=as_bob), 403, "forbidden")
+            assert (await http.delete(f"/api/sessions/{sid}", headers=as_alice)).status_code == 204
+        await tab.wait_for(lambda _: tab.named("session_deleted"))
+    finally:
+        await tab.close()
