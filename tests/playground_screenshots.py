@@ -70,6 +70,7 @@ async def main() -> None:
 
 async def take(server: RunningServer) -> None:
     remember = f"localStorage.setItem('playground.user_id', {json.dumps(USER)})"
+    remember = f"if (location.origin === {json.dumps(server.url)}) {remember}"  # not on about:blank
     async with chromium() as browser:
         laptop_watch = await watched(browser, server.url, **LAPTOP)
         await laptop_watch.context.add_init_script(remember)

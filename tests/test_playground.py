@@ -381,6 +381,10 @@ async def test_with_authentication_on_the_page_asks_for_a_token(start_server: Se
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
     await expect(field).to_be_hidden()
     await expect(page.locator("#log .msg.user .text")).to_have_text(["Hello as alice"])
+    # The list is the token's user's (asked with the token as a Bearer header), nothing in local storage.
+    await expect(chat(page, session_of(page)).locator(".chat-name")).to_have_text("Hello as alice")
+    await expect(chats(page)).to_have_count(1)
+    assert await page.evaluate("() => localStorage.length") == 0
     # The browser logs the refused Socket.IO handshakes; nothing else went wrong.
     assert not watch.foreign and not watch.page_errors
     assert all("unauthorized" in e or "400" in e or "403" in e for e in watch.console_errors), watch.console_errors
@@ -561,7 +565,8 @@ async def test_answers_markdown_is_rendered_as_it_streams_and_never_runs_a_model
 
 async def as_user(watch: Watched, user_id: str) -> None:
     """Every page of the context is the anonymous user `user_id` (the id the page keeps in local storage)."""
-    await watch.context.add_init_script(f"localStorage.setItem('playground.user_id', {json.dumps(user_id)})")
+    remember = f"localStorage.setItem('playground.user_id', {json.dumps(user_id)})"
+    await watch.context.add_init_script(f"if (location.origin === {json.dumps(watch.origin)}) {remember}")
 
 
 def chats(page: Page) -> Locator:
@@ -720,8 +725,10 @@ async def test_earlier_messages_load_in_place_and_a_rejoin_catches_up_over_sever
     proxy = await TcpProxy("127.0.0.1", server.settings.port).start()
     origin = f"http://127.0.0.1:{proxy.port}"
     try:
-        watch = await watched(browser, origin, **LAPTOP)
+        # A short window: the latest page fills the log, so there is something to keep in place.
+        watch = await watched(browser, origin, viewport={"width": 1000, "height": 480})
         page = await open_playground(watch, f"{origin}/?session={session_id}")
+        assert await page.locator("#log").evaluate("log => log.scrollHeight > log.clientHeight")
         fetched: list[str] = []
         page.on("request", lambda request: fetched.append(request.url) if "/events" in request.url else None)
         # The last 5 events: Lima's call, result and answer (its question is earlier), then the last turn.

@@ -296,8 +296,10 @@ export function showEarlier(events) {
   const view = { into: document.createDocumentFragment(), openTurn: null };
   for (const item of events) showStored(item, view);
   const log = ui.log;
-  const fromBottom = log.scrollHeight - log.scrollTop;
   const next = log.querySelector(":scope > article.msg");
+  // What stays where the reader sees it: the log's first message, or what its answer began with.
+  const anchor = (next?.dataset.continued && next.querySelector(".body").firstElementChild) || next;
+  const anchorTop = anchor?.getBoundingClientRect().top;
   const unfinished = view.openTurn;
   if (unfinished && next?.dataset.continued) {
     // The page ended inside a turn the log begins with: one answer, its question now above it.
@@ -310,7 +312,7 @@ export function showEarlier(events) {
   }
   ui.empty.hidden = true;
   (next ?? ui.empty).before(view.into);
-  log.scrollTop = log.scrollHeight - fromBottom;
+  if (anchor) log.scrollTop += anchor.getBoundingClientRect().top - anchorTop;
 }
 
 export function setEarlierAvailable(more) {

@@ -63,16 +63,23 @@ function keepAllowed(root) {
   }
 }
 
+// A bar above each code block: its language (from the fence) and a Copy button.
 function addCopyButtons(root) {
   for (const pre of Array.from(root.querySelectorAll("pre"))) {
     const block = document.createElement("div");
     block.className = "code-block";
+    const head = document.createElement("div");
+    head.className = "code-head";
+    const language = document.createElement("span");
+    language.className = "code-language";
+    language.textContent = /\blanguage-(\S+)/.exec(pre.querySelector("code")?.className ?? "")?.[1] ?? "";
     const button = document.createElement("button");
     button.type = "button";
     button.className = "copy-code";
     button.textContent = "Copy";
+    head.append(language, button);
     pre.replaceWith(block);
-    block.append(button, pre);
+    block.append(head, pre);
   }
 }
 
@@ -102,7 +109,7 @@ function copyBySelection(code) {
 
 /** Copy the code block's text; the button says whether it worked. */
 export async function copyCode(button) {
-  const code = button.parentElement.querySelector("code");
+  const code = button.closest(".code-block").querySelector("pre code");
   let copied = false;
   try {
     await navigator.clipboard.writeText(code.textContent);
