@@ -2,9 +2,11 @@
 
 It serves the requests supabase-py sends for this service:
 `POST /rest/v1/{table}` with `on_conflict` and `Prefer: return=…, resolution=ignore-duplicates`,
-`GET` with `select`, `eq.`/`gt.` filters, `order` and `limit`, and `PATCH` with filters. Each
-request runs in one transaction as the role its key names (`SET LOCAL ROLE`, with the claims in
-`request.jwt.claims`), as PostgREST does, so row level security applies for real.
+`GET` with `select`, filters (`eq.`, `gt.`, `lt.`, …, `is.null`, and `or=(…)` with nested `and(…)`
+and quoted values), `order` on one or more columns and `limit`, and `PATCH` and `DELETE` with
+filters. Each request runs in one transaction as the role of its JWT (the `Authorization` bearer
+token, as PostgREST reads it: a user's token, or else the API key) with its claims in
+`request.jwt.claims` (`SET LOCAL ROLE`), as PostgREST does, so row level security applies for real.
 
 Faults for the tests: `fail_next(n)` answers 503 (PGRST001, no database connection) without
 touching the database; `lose_next_response()` commits the next write and answers only after the client gave up.
@@ -29,13 +31,15 @@ TABLES = ("sessions", "events")
 OPERATORS = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
-def make_key(role: str) -> str:
-    """An API key as Supabase issues them: a JWT whose claims name the role (unsigned here)."""
+def make_key(role: str, **claims: str) -> str:
+    """An API key as Supabase issues them: a JWT whose claims name the role (unsigned here); with
+    `sub`, a signed-in user's access token."""
 
     def part(data: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'role': role, 'iss': 'supabase'})}.c2lnbmF0dXJl"
+    body = {"role": role, "iss": "supabase", **claims}
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(body)}.c2lnbmF0dXJl"
 
 
 class FakePostgrest:
@@ -45,13 +49,15 @@ class FakePostgrest:
         self.pool: asyncpg.Pool | None = None
         self.columns: dict[str, dict[str, str]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path?query)
+        # Supabase's PostgREST answers at most this many rows (db-max-rows), whatever `limit` says.
+        self.max_rows = 1000
         self.answered_503 = 0
         self._fail = 0
         self._lose = 0
         self._hold = 0.0
         self.lost = asyncio.Event()
         self.app = Starlette(
-            routes=[Route("/rest/v1/{table}", self._handle, methods=["GET", "POST", "PATCH"])],
+            routes=[Route("/rest/v1/{table}", self._handle, methods=["GET", "POST", "PATCH", "DELETE"])],
             lifespan=self._lifespan,
         )
 
@@ -97,7 +103,8 @@ class FakePostgrest:
             self._fail -= 1
             self.answered_503 += 1
             return _error(503, "PGRST001", "Database client error. Retrying the connection.")
-        role = _role_of(request.headers.get("apikey", ""))
+        claims = _claims_of(request)
+        role = claims["role"]
         prefer = {
             p.strip().split("=")[0]: p.strip().split("=")[-1] for p in request.headers.get("prefer", "").split(",")
         }
@@ -105,22 +112,28 @@ class FakePostgrest:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL ROLE {role}")
-                await conn.execute("SELECT set_config('request.jwt.claims', $1, true)", json.dumps({"role": role}))
+                await conn.execute("SELECT set_config('request.jwt.claims', $1, true)", json.dumps(claims))
                 if request.method == "GET":
                     rows = await self._select(conn, table, request)
                 elif request.method == "POST":
                     rows = await self._insert(conn, table, request, prefer)
-                else:
+                elif request.method == "PATCH":
                     rows = await self._update(conn, table, request)
+                else:
+                    rows = await self._delete(conn, table, request)
         except asyncpg.PostgresError as exc:
-            status = {"23505": 409, "23503": 409, "42501": 401}.get(exc.sqlstate or "", 400)
+            # Permission denied: 401 without a user's token, 403 with one (as PostgREST answers).
+            denied = 401 if role == "anon" else 403
+            status = {"23505": 409, "23503": 409, "42501": denied}.get(exc.sqlstate or "", 400)
             return _error(status, exc.sqlstate or "", str(exc))
+        except _BadRequest as exc:
+            return _error(400, exc.code, str(exc))
         if request.method != "GET" and self._lose:
             # Committed, but the answer never arrives: the client's read times out.
             self._lose -= 1
             self.lost.set()
             await asyncio.sleep(self._hold)
-        if request.method != "GET" and prefer.get("return") == "minimal":
+        if request.method != "GET" and prefer.get("return") != "representation":
             return Response(status_code=201 if request.method == "POST" else 204)
         return JSONResponse(rows, status_code=201 if request.method == "POST" else 200)
 
@@ -134,13 +147,48 @@ class FakePostgrest:
         for column, condition in request.query_params.multi_items():
             if column in ("select", "order", "limit", "on_conflict", "columns"):
                 continue
-            op, _, value = condition.partition(".")
-            if op in ("is", "not") and value.endswith("null"):  # is.null, not.is.null
-                clauses.append(f'"{column}" IS {"NOT " if op == "not" else ""}NULL')
-                continue
-            args.append(value)
-            clauses.append(f'"{column}" {OPERATORS[op]} ${len(args)}::text::{self._cast(table, column)}')
+            if column in ("or", "and"):  # or=(a.lt.1,and(b.eq.2,c.gt.3))
+                clauses.append(self._logic(table, column, condition, args))
+            else:
+                clauses.append(self._condition(table, column, condition, args))
         return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+    def _condition(self, table: str, column: str, condition: str, args: list[Any]) -> str:
+        op, _, value = condition.partition(".")
+        if op in ("is", "not") and value.endswith("null"):  # is.null, not.is.null
+            return f'"{column}" IS {"NOT " if op == "not" else ""}NULL'
+        args.append(value)
+        return f'"{column}" {OPERATORS[op]} ${len(args)}::text::{self._cast(table, column)}'
+
+    def _logic(self, table: str, operator: str, tree: str, args: list[Any]) -> str:
+        """A logical tree as PostgREST reads one: `(item,item,...)`, each item `column.op.value`
+        (a value in double quotes may hold `,.:()`) or a nested `and(...)` / `or(...)`."""
+        if not (tree.startswith("(") and tree.endswith(")")):
+            raise _BadRequest("PGRST100", f"failed to parse logic tree ({tree})")
+        parts = []
+        for item in _split_items(tree[1:-1]):
+            nested, _, rest = item.partition("(")
+            if nested in ("and", "or") and item.endswith(")"):
+                parts.append(self._logic(table, nested, f"({rest}", args))
+                continue
+            column, _, condition = item.partition(".")
+            op, _, value = condition.partition(".")
+            if value.startswith('"') and value.endswith('"'):
+                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            parts.append(self._condition(table, column, f"{op}.{value}", args))
+        return "(" + f" {operator.upper()} ".join(parts) + ")"
+
+    @staticmethod
+    def _order(request: Request) -> str:
+        terms = []
+        for term in request.query_params["order"].split(","):
+            column, *modifiers = term.split(".")
+            nulls = {"nullsfirst": " NULLS FIRST", "nullslast": " NULLS LAST"}
+            terms.append(
+                f'"{column}" {"DESC" if "desc" in modifiers else "ASC"}'
+                + "".join(nulls[m] for m in modifiers if m in nulls)
+            )
+        return " ORDER BY " + ", ".join(terms)
 
     async def _select(self, conn: asyncpg.Connection, table: str, request: Request) -> Any:
         args: list[Any] = []
@@ -148,10 +196,8 @@ class FakePostgrest:
         columns = "*" if select == "*" else ", ".join(f'"{c}"' for c in select.split(","))
         sql = f"SELECT {columns} FROM {table}{self._where(table, request, args)}"
         if "order" in request.query_params:
-            column, _, direction = request.query_params["order"].partition(".")
-            sql += f' ORDER BY "{column}" {"DESC" if direction.startswith("desc") else "ASC"}'
-        if "limit" in request.query_params:
-            sql += f" LIMIT {int(request.query_params['limit'])}"
+            sql += self._order(request)
+        sql += f" LIMIT {min(int(request.query_params.get('limit', self.max_rows)), self.max_rows)}"
         return json.loads(await conn.fetchval(f"SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t", *args))
 
     async def _insert(self, conn: asyncpg.Connection, table: str, request: Request, prefer: dict[str, str]) -> Any:
@@ -190,6 +236,34 @@ class FakePostgrest:
             await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
         )
 
+    async def _delete(self, conn: asyncpg.Connection, table: str, request: Request) -> Any:
+        args: list[Any] = []
+        sql = f"DELETE FROM {table}{self._where(table, request, args)}"
+        return json.loads(
+            await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
+        )
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _split_items(items: str) -> list[str]:
+    """Split at the commas outside parentheses and double quotes."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for n, char in enumerate(items):
+        if char == '"' and (n == 0 or items[n - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and char in "()":
+            depth += 1 if char == "(" else -1
+        elif not quoted and depth == 0 and char == ",":
+            parts.append(items[start:n])
+            start = n + 1
+    parts.append(items[start:])
+    return parts
+
 
 def _as_text(value: Any) -> str | None:
     """A JSON value as PostgreSQL reads it from text (objects and arrays, for jsonb, as JSON)."""
@@ -198,13 +272,17 @@ def _as_text(value: Any) -> str | None:
     return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
-def _role_of(key: str) -> str:
+def _claims_of(request: Request) -> dict[str, Any]:
+    """The JWT's claims, as PostgREST takes them: from `Authorization: Bearer` (supabase-py sends
+    the API key there, or a signed-in user's token), else the anonymous role. Not verified here."""
+    token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     try:
-        claims = json.loads(base64.urlsafe_b64decode(key.split(".")[1] + "=="))
-        role = claims.get("role")
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     except (IndexError, ValueError):
-        role = None
-    return role if role in ("anon", "authenticated", "service_role") else "anon"
+        claims = {}
+    if not isinstance(claims, dict) or claims.get("role") not in ("anon", "authenticated", "service_role"):
+        claims = {"role": "anon"}
+    return claims
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

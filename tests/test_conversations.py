@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import websockets
 
 from server.storage.postgres import PostgresRepository
-from tests.conftest import ServerFactory, TabFactory
+from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
 from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
@@ -315,3 +317,29 @@ async def test_only_the_owner_lists_renames_or_deletes(start_server: ServerFacto
         await tab.wait_for(lambda _: tab.named("session_deleted"))
     finally:
         await tab.close()
+
+
+async def test_ten_joins_of_a_session_of_50000_events_cost_a_page_each(spawn: Spawner, tmp_path: Path) -> None:
+    """Answered whole, ten such joins took the server to 1,080 MiB (docs/performance.md)."""
+    process, url = await spawn(sys.executable, "-m", "server")
+    sid = str(uuid.uuid4())
+    await asyncio.to_thread(insert_with_original_sql, tmp_path / "data" / "realtime.db", sid, 50_000, "x" * 190)
+    tabs = [await Tab(url).connect() for _ in range(10)]
+    try:
+        before = rss_mib(process.pid)
+        peak = before
+        joins = asyncio.gather(*(tab.join(sid) for tab in tabs))
+        while not joins.done():
+            peak = max(peak, rss_mib(process.pid))
+            await asyncio.sleep(0.005)
+        for answer in await joins:
+            assert len(answer["history"]) == 1000 and answer["history_more"] is True
+        assert peak - before < 64, f"RSS went from {before:.0f} MiB to {peak:.0f} MiB"
+    finally:
+        for tab in tabs:
+            await tab.close()
+
+
+def rss_mib(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)

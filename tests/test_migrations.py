@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -113,7 +115,132 @@ async def test_row_level_security_with_supabase_roles(supabase_db: asyncpg.Conne
             "INSERT INTO events (session_id, event_type, content, event_key) VALUES ($1, 'user_message', 'x', 'k2')",
             alice_session,
         )
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await as_role(
-            "authenticated", alice, "UPDATE sessions SET summary = 'mine now' WHERE session_id = $1", bob_session
+    # Nor does anyone but the service update or delete a session: another's, or their own.
+    for session in (bob_session, alice_session):
+        for statement in (
+            "UPDATE sessions SET summary = 'mine now' WHERE session_id = $1",
+            "UPDATE sessions SET deleted_at = now() WHERE session_id = $1",
+            "DELETE FROM sessions WHERE session_id = $1",
+            "DELETE FROM events WHERE session_id = $1",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await as_role("authenticated", alice, statement, session)
+
+    # The service deletes one: the tombstone, and its events gone with it.
+    await as_role("service_role", None, "UPDATE sessions SET deleted_at = now() WHERE session_id = $1", bob_session)
+    assert await as_role("service_role", None, "SELECT * FROM events WHERE session_id = $1", bob_session) == []
+    assert len(await as_role("service_role", None, "SELECT * FROM sessions WHERE session_id = $1", bob_session)) == 1
+
+
+CONVERSATIONS = "20261208000000"
+
+
+async def test_an_existing_schema_gets_conversations_with_updated_at_from_its_events(
+    scratch_db: asyncpg.Connection,
+) -> None:
+    db = scratch_db
+    for path in MIGRATIONS:
+        if path.name < CONVERSATIONS:
+            await db.execute(path.read_text())
+    answered, unanswered = uuid.uuid4(), uuid.uuid4()
+    await db.execute(
+        "INSERT INTO sessions (session_id, user_id, start_time) VALUES ($1, 'ada', '2026-11-27T10:00:00Z'),"
+        " ($2, 'ada', '2026-11-27T09:00:00Z')",
+        answered,
+        unanswered,
+    )
+    await db.execute(
+        "INSERT INTO events (session_id, event_type, content, timestamp) VALUES"
+        " ($1, 'user_message', 'q', '2026-11-27T10:00:01Z'), ($1, 'ai_message', 'a', '2026-11-27T10:05:00.123456Z')",
+        answered,
+    )
+    await apply_migrations(db)
+    await apply_migrations(db)
+
+    async def updated_at(session_id: uuid.UUID) -> datetime:
+        return await db.fetchval("SELECT updated_at FROM sessions WHERE session_id = $1", session_id)
+
+    assert await updated_at(answered) == datetime(2026, 11, 27, 10, 5, 0, 123456, UTC)
+    assert await updated_at(unanswered) == datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC)
+    column = await db.fetchrow(
+        "SELECT is_nullable, column_default FROM information_schema.columns"
+        " WHERE table_name = 'sessions' AND column_name = 'updated_at'"
+    )
+    assert (column["is_nullable"], column["column_default"]) == ("NO", "now()")
+
+    # The original design's SQL: a session updated at its creation, then by each event.
+    created = uuid.uuid4()
+    await db.execute("INSERT INTO sessions (session_id, user_id) VALUES ($1, 'ops')", created)
+    await db.execute(
+        "INSERT INTO events (session_id, event_type, content) VALUES ($1, 'user_message', 'x')", unanswered
+    )
+    for session in (created, unanswered):
+        assert abs((datetime.now(UTC) - await updated_at(session)).total_seconds()) < 60
+
+
+async def test_the_listing_is_an_index_range_on_every_page(scratch_db: asyncpg.Connection) -> None:
+    await apply_migrations(scratch_db)
+    await scratch_db.execute("SET enable_seqscan = off")  # an empty table: show the plan a big one gets
+    plan = "\n".join(
+        row[0]
+        for row in await scratch_db.fetch(
+            "EXPLAIN SELECT * FROM sessions WHERE user_id = 'ada' AND deleted_at IS NULL"
+            " AND (updated_at, session_id) < (now(), '6a1f0c2e-0000-4000-8000-000000000001')"
+            " ORDER BY updated_at DESC, session_id DESC LIMIT 20"
         )
+    )
+    assert "Index Scan using sessions_by_user_updated" in plan and "Sort" not in plan
+    assert "Index Cond: ((user_id = 'ada'::text) AND (ROW(updated_at, session_id) < ROW(" in plan
+
+
+@pytest.fixture
+async def two_connections() -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection]]:
+    async with scratch_database() as dsn:
+        first, second = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            await apply_migrations(first)
+            yield first, second
+        finally:
+            await first.close()
+            await second.close()
+
+
+DELETE = "UPDATE sessions SET deleted_at = now() WHERE session_id = $1 AND deleted_at IS NULL RETURNING session_id"
+INSERT = "INSERT INTO events (session_id, event_type, content) VALUES ($1, 'user_message', 'racing')"
+
+
+async def test_an_event_stored_just_before_a_delete_goes_with_it(
+    two_connections: tuple[asyncpg.Connection, asyncpg.Connection],
+) -> None:
+    writer, deleter = two_connections
+    sid = uuid.uuid4()
+    await writer.execute("INSERT INTO sessions (session_id) VALUES ($1)", sid)
+    transaction = writer.transaction()
+    await transaction.start()
+    await writer.execute(INSERT, sid)  # its check passed; not committed yet
+    delete = asyncio.create_task(deleter.fetchval(DELETE, sid))
+    await asyncio.sleep(0.3)
+    assert not delete.done()  # the insert's row lock holds the delete back
+    await transaction.commit()
+    assert await delete == sid
+    assert await writer.fetchval("SELECT count(*) FROM events WHERE session_id = $1", sid) == 0
+
+
+async def test_an_event_racing_a_delete_it_did_not_see_is_not_stored(
+    two_connections: tuple[asyncpg.Connection, asyncpg.Connection],
+) -> None:
+    writer, deleter = two_connections
+    sid = uuid.uuid4()
+    await writer.execute("INSERT INTO sessions (session_id) VALUES ($1)", sid)
+    transaction = deleter.transaction()
+    await transaction.start()
+    assert await deleter.fetchval(DELETE, sid) == sid  # not committed: the writer still sees the session
+    insert = asyncio.create_task(writer.execute(INSERT, sid))
+    await asyncio.sleep(0.3)
+    assert not insert.done()  # waits for the delete, then checks the tombstone again
+    await transaction.commit()
+    assert await insert == "INSERT 0 0"
+    assert await writer.fetchval("SELECT count(*) FROM events WHERE session_id = $1", sid) == 0
+    # An unknown session is still the foreign key's to refuse.
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await writer.execute(INSERT, uuid.uuid4())

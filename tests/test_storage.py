@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,12 +15,16 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import asyncpg
+import httpx
 import pytest
 from postgrest.exceptions import APIError
+from supabase import AsyncClientOptions, acreate_client
 
-from server.core.models import ErrorInfo, EventDraft, EventType
-from server.core.ports import Repository
+from server.core.models import ErrorInfo, EventDraft, EventType, Session
+from server.core.ports import NoMetrics, Repository, SessionCursor, SessionDeleted, StorageRefused
 from server.storage import supabase as supabase_storage
+from server.storage.measured import MeasuredOutbox, MeasuredRepository
+from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import SupabaseRepository
@@ -365,3 +370,450 @@ async def test_an_sqlite_file_from_before_the_schema_was_versioned_is_rebuilt_wi
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert {r[1] for r in db.execute("PRAGMA index_list(events)")} >= {"events_session_order"}
+        # Its last event's moment (the one written above), in updated_at's one format.
+        ((updated_at,),) = db.execute("SELECT updated_at FROM sessions WHERE session_id = ?", (sid,)).fetchall()
+        ((last,),) = db.execute("SELECT max(timestamp) FROM events WHERE session_id = ?", (sid,)).fetchall()
+        assert UPDATED_AT_FORMAT.fullmatch(updated_at) and updated_at == last
+
+
+# ---------------------------------------------------------------- conversations (issue 29)
+
+
+def raw_moment(backend: Backend, moment: datetime) -> object:
+    """`updated_at` as an operator's SQL writes it: SQLite's one text format, else a timestamptz."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds") if backend.name == "sqlite" else moment
+
+
+async def session_of(repo: Repository, session_id: str) -> Session:
+    session = await repo.get_session(session_id)
+    assert session is not None
+    return session
+
+
+async def all_pages(repo: Repository, user_id: str, limit: int) -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        page = await repo.list_sessions(user_id, limit, cursor)
+        if not page:
+            return pages
+        pages.append([s.session_id for s in page])
+        assert page[-1].updated_at is not None
+        cursor = SessionCursor(updated_at=page[-1].updated_at, session_id=page[-1].session_id)
+
+
+async def listed_user(repo: Repository, backend: Backend) -> tuple[str, list[str]]:
+    """A user of seven sessions, four of them updated at the very same moment, and sessions that are
+    never listed around them; with the order the listing must give."""
+    user = f"user-{uuid.uuid4()}"
+    sessions = [str(uuid.uuid4()) for _ in range(7)]
+    for sid in sessions:
+        await repo.ensure_session(sid, user, datetime.now(UTC))
+    tie = datetime(2026, 12, 1, 10, 0, 0, 123000, tzinfo=UTC)
+    for sid in sessions[:4]:
+        await backend.sql("update sessions set updated_at = ? where session_id = ?", raw_moment(backend, tie), sid)
+    later = raw_moment(backend, tie + timedelta(seconds=1))
+    await backend.sql("update sessions set updated_at = ? where session_id = ?", later, sessions[4])
+    await repo.ensure_session(str(uuid.uuid4()), "someone else", datetime.now(UTC))
+    await repo.ensure_session(str(uuid.uuid4()), None, datetime.now(UTC))
+    deleted = str(uuid.uuid4())
+    await repo.ensure_session(deleted, user, datetime.now(UTC))
+    assert await repo.delete_session(deleted)
+    stored = [await session_of(repo, sid) for sid in sessions]
+    return user, [s.session_id for s in sorted(stored, key=lambda s: (s.updated_at, s.session_id), reverse=True)]
+
+
+async def test_a_users_sessions_come_newest_first_in_pages_ties_included(repo: Repository, backend: Backend) -> None:
+    user, expected = await listed_user(repo, backend)
+    assert len(set(expected)) == 7
+    assert await all_pages(repo, user, 3) == [expected[:3], expected[3:6], expected[6:]]
+    assert await all_pages(repo, user, 2) == [expected[:2], expected[2:4], expected[4:6], expected[6:]]
+    assert await all_pages(repo, user, 100) == [expected]
+    assert await repo.list_sessions(f"user-{uuid.uuid4()}", 10) == []
+
+
+async def test_a_session_created_while_paging_does_not_disturb_the_pages_after(
+    repo: Repository, backend: Backend
+) -> None:
+    user, expected = await listed_user(repo, backend)
+    first = await repo.list_sessions(user, 3)
+    assert [s.session_id for s in first] == expected[:3]
+    newest = str(uuid.uuid4())
+    await repo.ensure_session(newest, user, datetime.now(UTC))  # lands before the cursor, on page one
+    assert first[-1].updated_at is not None
+    cursor = SessionCursor(updated_at=first[-1].updated_at, session_id=first[-1].session_id)
+    second = await repo.list_sessions(user, 3, cursor)
+    assert [s.session_id for s in second] == expected[3:6]
+    assert [s.session_id for s in await repo.list_sessions(user, 1)] == [newest]
+
+
+async def test_updated_at_follows_events_and_renames_but_not_a_generated_title(
+    repo: Repository, backend: Backend
+) -> None:
+    sid = str(uuid.uuid4())
+    created = await repo.ensure_session(sid, "ada", datetime.now(UTC))
+    assert created.updated_at is not None and abs((datetime.now(UTC) - created.updated_at).total_seconds()) < 60
+    assert created.title is None and created.deleted_at is None
+
+    moments = [created.updated_at]
+
+    async def changed() -> Session:
+        session = await session_of(repo, sid)
+        assert session.updated_at is not None and session.updated_at > moments[-1]
+        moments.append(session.updated_at)
+        return session
+
+    await asyncio.sleep(0.01)  # SQLite keeps milliseconds
+    await repo.append_event(draft(sid, "k1"))
+    await changed()
+    await asyncio.sleep(0.01)
+    await backend.sql("insert into events (session_id, event_type, content) values (?, 'user_message', 'raw')", sid)
+    await changed()
+
+    titled = await repo.set_generated_title(sid, "A generated title")
+    assert titled is not None and (titled.title, titled.updated_at) == ("A generated title", moments[-1])
+    assert await repo.set_generated_title(sid, "Another one") is None
+    assert (await session_of(repo, sid)).title == "A generated title"
+
+    await asyncio.sleep(0.01)
+    renamed = await repo.rename_session(sid, "My «title»")
+    assert renamed is not None and renamed.title == "My «title»"
+    assert renamed == await changed()
+    assert await repo.set_generated_title(sid, "Never over a person's") is None
+    assert (await session_of(repo, sid)).title == "My «title»"
+
+    unknown = str(uuid.uuid4())
+    assert await repo.rename_session(unknown, "x") is None and await repo.set_generated_title(unknown, "x") is None
+
+
+async def test_a_session_inserted_with_the_original_sql_has_its_updated_at(repo: Repository, backend: Backend) -> None:
+    sid = str(uuid.uuid4())
+    await backend.sql("insert into sessions (session_id, user_id) values (?, ?)", sid, "ops")
+    session = await session_of(repo, sid)
+    assert session.updated_at is not None and abs((datetime.now(UTC) - session.updated_at).total_seconds()) < 60
+    assert [s.session_id for s in await repo.list_sessions("ops", 100)].count(sid) == 1
+
+
+async def test_a_deleted_session_keeps_only_its_tombstone_and_takes_no_more_events(
+    repo: Repository, backend: Backend
+) -> None:
+    sid, user = str(uuid.uuid4()), f"user-{uuid.uuid4()}"
+    start = datetime.now(UTC).replace(microsecond=0)
+    await repo.ensure_session(sid, user, start)
+    stored = [await repo.append_event(draft(sid, f"k{n}")) for n in range(3)]  # a turn left open too
+    await repo.rename_session(sid, "Secret plans")
+    await repo.mark_emptied(sid, start + timedelta(seconds=5))
+    await repo.write_summary(sid, "a summary", start + timedelta(seconds=5), 5)
+    await repo.mark_emptied(sid, start + timedelta(seconds=9))  # a summary still due
+
+    assert await repo.delete_session(sid) is True
+    tomb = await session_of(repo, sid)
+    assert (tomb.session_id, tomb.user_id, tomb.start_time) == (sid, user, start)
+    assert tomb.deleted and abs((datetime.now(UTC) - tomb.deleted_at).total_seconds()) < 60  # type: ignore[operator]
+    assert (tomb.title, tomb.summary, tomb.end_time, tomb.duration_seconds) == (None, None, None, None)
+    assert await repo.list_events(sid) == [] and await repo.find_event(sid, "k0") is None
+    assert (await repo.page_events(sid, limit=10)).events == []
+    assert await repo.delete_session(sid) is False
+    assert await repo.delete_session(str(uuid.uuid4())) is False
+    assert sid not in [s for s, _ in await repo.due_summaries(100)]
+    assert sid not in [s for s, _ in await repo.open_turns(None, 100)]
+    assert await repo.list_sessions(user, 10) == []
+
+    # Storage itself refuses its events: the service's (a new one, a retry of a stored one) and raw SQL.
+    for key in ("late", stored[0].event_key):
+        with pytest.raises(SessionDeleted):
+            await repo.append_event(draft(sid, key or ""))
+    await backend.sql("insert into events (session_id, event_type, content) values (?, 'user_message', 'raw')", sid)
+    assert await repo.list_events(sid) == []
+
+    # And writes nothing else of it; its id stays taken.
+    assert await repo.rename_session(sid, "back") is None and await repo.set_generated_title(sid, "back") is None
+    await repo.mark_emptied(sid, start + timedelta(seconds=20))
+    await repo.write_summary(sid, "late summary", start + timedelta(seconds=20), 20)
+    assert await repo.ensure_session(sid, "someone else", datetime.now(UTC)) == tomb
+    assert await session_of(repo, sid) == tomb
+
+
+async def test_events_come_in_pages_in_every_direction(
+    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (sid, other):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    await repo.append_event(draft(other, "before"))
+    # A few thousand events, written as the original design's SQL writes them.
+    await backend.sql(
+        "with recursive n(i) as (select 1 union all select i + 1 from n where i < 3000)"
+        f" insert into events (session_id, event_type, content) select '{sid}', 'user_message', 'event ' || i from n"
+    )
+    await repo.append_event(draft(other, "after"))
+    every = await repo.list_events(sid)
+    assert [e.content for e in every] == [f"event {n}" for n in range(1, 3001)]
+
+    async def page(limit: int, **bound: int) -> tuple[list[int], bool]:
+        answer = await repo.page_events(sid, limit=limit, **bound)
+        return [e.event_id for e in answer.events], answer.more
+
+    ids = [e.event_id for e in every]
+    assert await page(1000) == (ids[2000:], True)
+    assert await page(1000, before=ids[2000]) == (ids[1000:2000], True)
+    assert await page(1000, before=ids[1000]) == (ids[:1000], False)
+    assert await page(1000, after=ids[999]) == (ids[1000:2000], True)
+    assert await page(1000, after=ids[1999]) == (ids[2000:], False)
+    assert await page(1, after=ids[1]) == ([ids[2]], True)
+    assert await page(5, before=ids[3]) == (ids[:3], False)
+    assert await page(3000) == (ids, False)
+    assert await page(2999) == (ids[1:], True)
+    assert await page(10, after=ids[-1]) == ([], False) and await page(10, before=ids[0]) == ([], False)
+    if backend.postgrest is not None:  # a page larger than Supabase answers at once still comes whole
+        monkeypatch.setattr(supabase_storage, "PAGE_SIZE", 7)
+        backend.postgrest.max_rows = 7
+        assert await page(20, before=ids[100]) == (ids[80:100], True)
+        assert await page(20, after=ids[2979]) == (ids[2980:], False)
+
+
+async def test_a_page_of_events_is_one_request_to_postgrest(supabase: tuple[FakePostgrest, Repository]) -> None:
+    postgrest, repo = supabase
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    for n in range(5):
+        await repo.append_event(draft(sid, f"k{n}"))
+    del postgrest.requests[:]
+    page = await repo.page_events(sid, limit=3)
+    assert [e.content for e in page.events] == ["hi"] * 3 and page.more
+    ((method, path),) = postgrest.requests
+    assert method == "GET" and "limit=4" in path and "order=event_id.desc" in path
+
+
+async def test_a_signed_in_user_updates_or_deletes_no_session_through_postgrest(
+    supabase: tuple[FakePostgrest, Repository],
+) -> None:
+    """Row level security as the browser's client meets it: a user's own token, Supabase's API."""
+    postgrest, repo = supabase
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    alices, bobs = str(uuid.uuid4()), str(uuid.uuid4())
+    await repo.ensure_session(alices, alice, datetime.now(UTC))
+    await repo.ensure_session(bobs, bob, datetime.now(UTC))
+    await repo.append_event(draft(bobs, "k"))
+    token = make_key("authenticated", sub=alice)
+    http = httpx.AsyncClient(timeout=5)
+    client = await acreate_client(
+        postgrest.url,
+        make_key("anon"),
+        options=AsyncClientOptions(
+            httpx_client=http, postgrest_client_retry=False, headers={"Authorization": f"Bearer {token}"}
+        ),
+    )
+    try:
+        mine = await client.table("sessions").select("session_id").execute()
+        assert mine.data == [{"session_id": alices}]  # the token is hers: she reads her own
+        for session in (bobs, alices):
+            for request in (
+                client.table("sessions").update({"title": "mine now"}).eq("session_id", session),
+                client.table("sessions")
+                .update({"deleted_at": datetime.now(UTC).isoformat()})
+                .eq("session_id", session),
+                client.table("sessions").delete().eq("session_id", session),
+                client.table("events").delete().eq("session_id", session),
+            ):
+                with pytest.raises(APIError) as refused:
+                    await request.execute()
+                assert refused.value.code == "42501"
+    finally:
+        await http.aclose()
+    bob_session = await session_of(repo, bobs)
+    assert bob_session.title is None and not bob_session.deleted and len(await repo.list_events(bobs)) == 1
+
+
+async def test_supabase_without_the_conversations_migration_is_not_ready_and_says_which(
+    supabase: tuple[FakePostgrest, Repository],
+) -> None:
+    postgrest, repo = supabase
+    await repo.ping()
+    await postgres_statement(postgrest.dsn)("alter table sessions drop column deleted_at cascade")
+    with pytest.raises(StorageRefused, match=re.escape("apply supabase/migrations/20261208000000_conversations.sql")):
+        await repo.ping()
+
+
+async def test_the_sqlite_listing_and_pages_are_each_one_indexed_query(tmp_path: Path) -> None:
+    path = tmp_path / "plans.db"
+    repo = await SqliteRepository.open(path, retry_seconds=1)
+    statements: list[str] = []
+    try:
+        sid = str(uuid.uuid4())
+        session = await repo.ensure_session(sid, "ada", datetime.now(UTC))
+        assert session.updated_at is not None
+        await repo._db.set_trace_callback(statements.append)
+        await repo.list_sessions("ada", 10, SessionCursor(updated_at=session.updated_at, session_id=sid))
+        await repo.page_events(sid, before=10, limit=10)
+        await repo.page_events(sid, after=10, limit=10)
+        await repo._db.set_trace_callback(None)
+    finally:
+        await repo.aclose()
+    assert len(statements) == 3
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plans = [" ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in statements]
+    assert (
+        plans[0] == "SEARCH sessions USING INDEX sessions_by_user_updated (user_id=? AND (updated_at,session_id)<(?,?))"
+    )
+    for plan in plans[1:]:
+        assert plan == "SEARCH events USING INDEX events_session_order (session_id=? AND event_id>? AND event_id<?)"
+
+
+async def test_the_local_queue_drops_a_deleted_sessions_events_for_good(tmp_path: Path) -> None:
+    gone, kept = str(uuid.uuid4()), str(uuid.uuid4())
+    outbox = await SqliteOutbox.open(tmp_path / "queue.db")
+    try:
+        for n in range(3):
+            await outbox.put(draft(gone, f"g{n}"))
+            await outbox.put(draft(kept, f"k{n}"))
+        (position, _), *_ = await outbox.oldest(1)
+        await outbox.set_aside(position, gone, "refused")
+        assert await outbox.discard(gone) == 2
+        assert outbox.depth == 3 and not outbox.holds(gone) and outbox.holds(kept)
+        assert await outbox.discard(gone) == 0
+    finally:
+        await outbox.aclose()
+    outbox = await SqliteOutbox.open(tmp_path / "queue.db")  # and so it stays
+    try:
+        assert outbox.depth == 3 and await outbox.waiting(gone) == [] and await outbox.find(gone, "g1") is None
+        assert [d.event_key for d in await outbox.waiting(kept)] == ["k0", "k1", "k2"]
+    finally:
+        await outbox.aclose()
+    with contextlib.closing(sqlite3.connect(tmp_path / "queue.db")) as db:
+        assert db.execute("SELECT count(*) FROM outbox_set_aside").fetchone() == (0,)
+
+
+# updated_at as SQLite keeps it: one format whose text order is the order of the moments.
+UPDATED_AT_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+
+# The SQLite schema of version 2, the last before conversations, as files made with it have it
+# (version 1: the same without the open-turn marker, its triggers and its index).
+SQLITE_SCHEMA_V2 = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY, user_id TEXT,
+    start_time TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
+    end_time TEXT, summary TEXT, duration_seconds INTEGER, summary_due_at TEXT, open_turn_id TEXT
+);
+CREATE TABLE events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    timestamp TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
+    event_type TEXT NOT NULL CHECK (event_type IN ('user_message', 'ai_message', 'tool_call', 'tool_result')),
+    content TEXT NOT NULL, turn_id TEXT,
+    event_key TEXT NOT NULL DEFAULT ('external:' || lower(hex(randomblob(16)))),
+    finish_reason TEXT, error TEXT, UNIQUE (session_id, event_key)
+);
+CREATE INDEX events_session_order ON events (session_id, event_id);
+CREATE INDEX sessions_open_turn ON sessions (session_id) WHERE open_turn_id IS NOT NULL;
+CREATE TRIGGER events_turn_opened AFTER INSERT ON events
+    WHEN NEW.turn_id IS NOT NULL AND NEW.event_type = 'user_message'
+BEGIN
+    UPDATE sessions SET open_turn_id = NEW.turn_id WHERE session_id = NEW.session_id;
+END;
+CREATE TRIGGER events_turn_answered AFTER INSERT ON events
+    WHEN NEW.turn_id IS NOT NULL AND NEW.event_type = 'ai_message'
+BEGIN
+    UPDATE sessions SET open_turn_id = NULL WHERE session_id = NEW.session_id AND open_turn_id = NEW.turn_id;
+END;
+PRAGMA user_version = 2;
+"""
+SQLITE_SCHEMA_V1 = (
+    SQLITE_SCHEMA_V2.split("CREATE INDEX sessions_open_turn")[0].replace(", open_turn_id TEXT", "")
+    + "PRAGMA user_version = 1;"
+)
+OLD_ROWS = """
+INSERT INTO sessions (session_id, user_id, start_time) VALUES
+    ('00000000-0000-4000-8000-00000000000a', 'ada', '2026-11-27T10:00:00+00:00'),
+    ('00000000-0000-4000-8000-00000000000b', 'ada', '2026-11-27T09:00:00.250000+00:00'),
+    ('00000000-0000-4000-8000-00000000000c', 'bob', '2026-11-27T08:00:00+00:00');
+INSERT INTO events (session_id, timestamp, event_type, content, turn_id, event_key) VALUES
+    ('00000000-0000-4000-8000-00000000000a', '2026-11-27T10:00:01.5+00:00', 'user_message', 'q', 't1', 'user:t1'),
+    ('00000000-0000-4000-8000-00000000000a', '2026-11-27T10:05:00.123456+00:00', 'ai_message', 'a', 't1', 'ai:t1'),
+    ('00000000-0000-4000-8000-00000000000c', '2026-11-27T08:00:02+00:00', 'user_message', 'cut off', 't9', 'user:t9');
+"""
+
+
+@pytest.mark.parametrize("schema", [SQLITE_SCHEMA_V1, SQLITE_SCHEMA_V2], ids=["version 1", "version 2"])
+async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path: Path, schema: str) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(schema + OLD_ROWS)
+    answered, unanswered, cut_off = (f"00000000-0000-4000-8000-00000000000{c}" for c in "abc")
+    # Three workers starting together on it, then one more: it is brought up once.
+    opened = await asyncio.gather(*(SqliteRepository.open(path, retry_seconds=1) for _ in range(3)))
+    opened.append(await SqliteRepository.open(path, retry_seconds=1))
+    try:
+        for repo in opened:
+            assert (await session_of(repo, answered)).updated_at == datetime(2026, 11, 27, 10, 5, 0, 123000, UTC)
+            assert (await session_of(repo, unanswered)).updated_at == datetime(2026, 11, 27, 9, 0, 0, 250000, UTC)
+            assert [s.session_id for s in await repo.list_sessions("ada", 10)] == [answered, unanswered]
+            assert await repo.open_turns(None, 10) == [(cut_off, "t9")]
+            assert [e.content for e in await repo.list_events(answered)] == ["q", "a"]
+    finally:
+        for repo in opened:
+            await repo.aclose()
+
+    await sqlite_statement(path)(
+        "insert into events (session_id, event_type, content) values (?, 'user_message', 'x')", unanswered
+    )
+    repo = await SqliteRepository.open(path, retry_seconds=1)
+    try:
+        assert [s.session_id for s in await repo.list_sessions("ada", 10)] == [unanswered, answered]
+        assert await repo.delete_session(answered) and await repo.list_events(answered) == []
+        with pytest.raises(SessionDeleted):
+            await repo.append_event(draft(answered, "late"))
+    finally:
+        await repo.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert {r[2] for r in db.execute("PRAGMA foreign_key_list(events)")} == {"sessions"}
+        assert {r[1] for r in db.execute("PRAGMA index_list(sessions)")} >= {
+            "sessions_by_user_updated",
+            "sessions_open_turn",
+        }
+        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
+        assert all(UPDATED_AT_FORMAT.fullmatch(v) for (v,) in db.execute("SELECT updated_at FROM sessions"))
+        assert db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []
+
+
+class RecordedMetrics(NoMetrics):
+    def __init__(self) -> None:
+        self.operations: list[str] = []
+        self.queued: list[int] = []
+
+    def storage_operation(self, operation: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.operations.append(operation)
+
+    def events_queued(self, count: int) -> None:
+        self.queued.append(count)
+
+
+async def test_the_conversation_operations_are_timed_by_name(tmp_path: Path) -> None:
+    metrics = RecordedMetrics()
+    repo = MeasuredRepository(await SqliteRepository.open(tmp_path / "timed.db", retry_seconds=1), metrics)
+    outbox = MeasuredOutbox(await SqliteOutbox.open(tmp_path / "queue.db"), metrics)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, "ada", datetime.now(UTC))
+        await outbox.put(draft(sid, "k"))
+        del metrics.operations[:]
+        assert (await repo.page_events(sid, limit=5)).events == []
+        assert [s.session_id for s in await repo.list_sessions("ada", 5)] == [sid]
+        assert (await repo.set_generated_title(sid, "generated")) is not None
+        assert (await repo.rename_session(sid, "renamed")) is not None
+        assert await repo.delete_session(sid)
+        assert await outbox.discard(sid) == 1
+    finally:
+        await outbox.aclose()
+        await repo.aclose()
+    assert metrics.operations == [
+        "page_events",
+        "list_sessions",
+        "set_generated_title",
+        "rename_session",
+        "delete_session",
+    ]
+    assert metrics.queued[-1] == 0

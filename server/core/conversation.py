@@ -465,6 +465,12 @@ class ConversationService:
             raise storage_unavailable() from None
         return [missed for missed in map(as_live, rows) if missed is not None]
 
+    async def session_state(self, session_id: str) -> Session | None:
+        try:
+            return await self._repo.get_session(session_id)
+        except StorageUnavailable:
+            raise storage_unavailable() from None
+
     async def presence(self, session_id: str) -> PresenceEvent:
         """The session's presence now. This process's members are counted in again first: shared
         state that was away may have counted them out (their process's heartbeat lapsed)."""

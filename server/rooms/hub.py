@@ -28,11 +28,13 @@ from server.core.models import (
     EVENT_NAMES,
     DoneEvent,
     PresenceEvent,
+    Session,
     SessionDeletedEvent,
     SessionEvent,
     SessionUpdatedEvent,
     TurnEvent,
     UserMessageEvent,
+    iso,
 )
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
@@ -122,11 +124,14 @@ class Fanout(Protocol):
 
 
 class Backlog(Protocol):
-    """Where a room catches up from: the session's stored events, and its presence now."""
+    """Where a room catches up from: the session's stored events, its presence now, and the session
+    itself (deleted, or renamed, meanwhile)."""
 
     async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]: ...
 
     async def presence(self, session_id: str) -> PresenceEvent: ...
+
+    async def session_state(self, session_id: str) -> Session | None: ...
 
 
 @dataclass(eq=False)
@@ -138,6 +143,8 @@ class Room:
     again: bool = False  # reported missing events since its catch-up began: one more pass
     held: list[RoomMessage] | None = None  # while catching up: live events, in order
     watching: asyncio.Task[None] | None = None  # subscribing to the other processes' events
+    # The session's (title, updated_at) as the last `session_updated` it heard said (None: none heard).
+    session_state: tuple[str | None, str | None] | None = None
 
 
 class RoomHub:
@@ -295,6 +302,8 @@ class RoomHub:
             member = self._members.get(connection_id)
             if member is not None:
                 recipients.setdefault(connection_id, (member, 0))
+        if room is not None and message.name == EVENT_NAMES[SessionUpdatedEvent]:
+            room.session_state = (message.data.get("title"), message.data.get("updated_at"))
         outgoing = Outgoing(message.name, message.data)
         for connection_id, (member, _) in recipients.items():
             if connection_id not in sent:
@@ -353,6 +362,7 @@ class RoomHub:
                 async with self._at_once:
                     missed = await self._backlog.missed_events(session_id, room.floor)
                     presence = await self._backlog.presence(session_id)
+                    session = await self._backlog.session_state(session_id)
             except Exception as exc:
                 room.stale = room.again = True
                 if room.held is not None and loop.time() - reported > CATCH_UP_HOLD_SECONDS:
@@ -365,12 +375,30 @@ class RoomHub:
                 continue
             await self._resend(room, missed)
             await self._release_held(room)
+            if await self._session_caught_up(session_id, room, session):
+                break  # deleted meanwhile: the room is gone
             await self._deliver(room, RoomMessage("presence", presence.payload(), None))
             if not room.again:
                 break
             room.held = []  # reported again while it ran: the next pass holds what arrives, as the first
             reported, pause = loop.time(), CATCH_UP_FIRST_RETRY_SECONDS
         self._catching_up.pop(session_id, None)
+
+    async def _session_caught_up(self, session_id: str, room: Room, session: Session | None) -> bool:
+        """What the room may have missed of the session itself: its deletion (True: the room is gone),
+        or a new title (sent again when the room heard none, or another)."""
+        if session is None:
+            return False
+        if session.deleted:
+            event: SessionEvent = SessionDeletedEvent(session_id=session_id)
+        else:
+            updated_at = iso(session.updated_at) if session.updated_at is not None else None
+            if session.title is None or room.session_state == (session.title, updated_at):
+                return False
+            event = SessionUpdatedEvent(session_id=session_id, title=session.title, updated_at=updated_at)
+        name = EVENT_NAMES[type(event)]
+        await self._hear(session_id, RoomMessage(name, event.payload(), f"{name}:{uuid.uuid4().hex}"))
+        return session.deleted
 
     async def _resend(self, room: Room, missed: list[Missed]) -> None:
         for event in missed:

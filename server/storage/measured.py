@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from server.core.models import EventDraft, Session, StoredEvent
-from server.core.ports import Metrics, Outbox, Repository
+from server.core.ports import EventPage, Metrics, Outbox, Repository, SessionCursor
 
 T = TypeVar("T")
 
@@ -42,6 +42,25 @@ class MeasuredRepository:
 
     async def list_events(self, session_id: str, after_event_id: int | None = None) -> list[StoredEvent]:
         return await self._timed("list_events", self._repo.list_events(session_id, after_event_id))
+
+    async def page_events(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int
+    ) -> EventPage:
+        return await self._timed(
+            "page_events", self._repo.page_events(session_id, after=after, before=before, limit=limit)
+        )
+
+    async def list_sessions(self, user_id: str, limit: int, after: SessionCursor | None = None) -> list[Session]:
+        return await self._timed("list_sessions", self._repo.list_sessions(user_id, limit, after))
+
+    async def rename_session(self, session_id: str, title: str) -> Session | None:
+        return await self._timed("rename_session", self._repo.rename_session(session_id, title))
+
+    async def set_generated_title(self, session_id: str, title: str) -> Session | None:
+        return await self._timed("set_generated_title", self._repo.set_generated_title(session_id, title))
+
+    async def delete_session(self, session_id: str) -> bool:
+        return await self._timed("delete_session", self._repo.delete_session(session_id))
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         await self._timed("write_summary", self._repo.write_summary(session_id, summary, end_time, duration_seconds))
@@ -106,6 +125,12 @@ class MeasuredOutbox:
 
     async def find(self, session_id: str, event_key: str) -> EventDraft | None:
         return await self._outbox.find(session_id, event_key)
+
+    async def discard(self, session_id: str) -> int:
+        try:
+            return await self._outbox.discard(session_id)
+        finally:
+            self._metrics.events_queued(self._outbox.depth)
 
     async def aclose(self) -> None:
         await self._outbox.aclose()

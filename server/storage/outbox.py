@@ -120,6 +120,19 @@ class SqliteOutbox:
         if cursor.rowcount:
             self._forget_one(session_id)
 
+    async def discard(self, session_id: str) -> int:
+        """Drop the session's waiting and set-aside events in one transaction; how many waited."""
+        async with self._lock:
+            try:
+                cursor = await self._db.execute("DELETE FROM outbox WHERE session_id = ?", (session_id,))
+                await self._db.execute("DELETE FROM outbox_set_aside WHERE session_id = ?", (session_id,))
+                await self._db.commit()
+            except sqlite3.Error:
+                await self._db.rollback()
+                raise
+        self._waiting.pop(session_id, None)
+        return cursor.rowcount
+
     def _forget_one(self, session_id: str) -> None:
         self._waiting[session_id] -= 1
         if self._waiting[session_id] <= 0:

@@ -14,16 +14,19 @@ import asyncpg
 
 from server.config import UnusableSetting
 from server.core.models import EventDraft, Session, StoredEvent, error_json
-from server.core.ports import StorageUnavailable
+from server.core.ports import EventPage, SessionCursor, StorageUnavailable
 from server.storage import dsn as dsn_text
 from server.storage.retry import cause, with_retries
 from server.storage.rows import (
+    CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     INSERTED_EVENT_COLUMNS,
     SESSION_COLUMNS,
     columns,
+    event_page,
     insert_or_existing,
     storable,
+    stored_event,
     to_event,
     to_session,
 )
@@ -38,6 +41,27 @@ _INSERT_EVENT = (
     f"INSERT INTO events ({columns(INSERTED_EVENT_COLUMNS)})"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
     f" RETURNING {_EVENT_COLUMNS}"
+)
+# A user's sessions after a cursor: one keyset query on sessions_by_user_updated. No cursor is a
+# bound past every row rather than an `IS NULL OR`, which would keep a generic plan (asyncpg's
+# prepared statements) from using the bound in the index scan.
+_LIST_SESSIONS = (
+    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = $1 AND deleted_at IS NULL"
+    " AND (updated_at, session_id)"
+    " < (coalesce($2::timestamptz, 'infinity'), coalesce($3::uuid, '00000000-0000-0000-0000-000000000000'))"
+    " ORDER BY updated_at DESC, session_id DESC LIMIT $4"
+)
+# Bounds past every event for the side not asked, for the same reason.
+_PAGE_EVENTS = (
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1"
+    " AND event_id > coalesce($2::bigint, -1) AND event_id < coalesce($3::bigint, 9223372036854775807)"
+    " ORDER BY event_id {direction} LIMIT $4"
+)
+# One statement: the trigger sessions_deleted_events_removed removes the events in it.
+_DELETE_SESSION = (
+    "UPDATE sessions SET deleted_at = now(), "
+    + columns(tuple(f"{name} = NULL" for name in CLEARED_WHEN_DELETED))
+    + " WHERE session_id = $1 AND deleted_at IS NULL RETURNING session_id"
 )
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
@@ -248,7 +272,11 @@ class PostgresRepository:
                 )
                 return to_event(row) if row else None
 
-            return await insert_or_existing(insert, lambda: self._fetch_event(conn, draft.session_id, draft.event_key))
+            return await stored_event(
+                insert,
+                lambda: self._fetch_event(conn, draft.session_id, draft.event_key),
+                lambda: self._fetch_session(conn, draft.session_id),
+            )
 
         return await self._retrying(op, "append event")
 
@@ -278,12 +306,72 @@ class PostgresRepository:
 
         return await self._retrying(op, "list events")
 
+    async def page_events(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int
+    ) -> EventPage:
+        # Read towards the direction asked, one row past the page (events_session_order serves it).
+        ascending = after is not None
+
+        async def op(conn: asyncpg.Connection) -> EventPage:
+            rows = await conn.fetch(
+                _PAGE_EVENTS.format(direction="ASC" if ascending else "DESC"),
+                session_id,
+                after,
+                before,
+                limit + 1,
+            )
+            return event_page([to_event(row) for row in rows], limit, ascending=ascending)
+
+        return await self._retrying(op, "page events")
+
+    async def list_sessions(self, user_id: str, limit: int, after: SessionCursor | None = None) -> list[Session]:
+        async def op(conn: asyncpg.Connection) -> list[Session]:
+            rows = await conn.fetch(
+                _LIST_SESSIONS,
+                user_id,
+                after.updated_at if after is not None else None,
+                after.session_id if after is not None else None,
+                limit,
+            )
+            return [to_session(row) for row in rows]
+
+        return await self._retrying(op, "list sessions")
+
+    async def rename_session(self, session_id: str, title: str) -> Session | None:
+        return await self._update_session(
+            "UPDATE sessions SET title = $2, updated_at = now() WHERE session_id = $1 AND deleted_at IS NULL",
+            session_id,
+            storable(title),
+            what="rename session",
+        )
+
+    async def set_generated_title(self, session_id: str, title: str) -> Session | None:
+        return await self._update_session(
+            "UPDATE sessions SET title = $2 WHERE session_id = $1 AND deleted_at IS NULL AND title IS NULL",
+            session_id,
+            storable(title),
+            what="set generated title",
+        )
+
+    async def _update_session(self, update: str, *args: object, what: str) -> Session | None:
+        async def op(conn: asyncpg.Connection) -> Session | None:
+            row = await conn.fetchrow(f"{update} RETURNING {_SESSION_COLUMNS}", *args)
+            return to_session(row) if row else None
+
+        return await self._retrying(op, what)
+
+    async def delete_session(self, session_id: str) -> bool:
+        async def op(conn: asyncpg.Connection) -> bool:
+            return await conn.fetchval(_DELETE_SESSION, session_id) is not None
+
+        return await self._retrying(op, "delete session")
+
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
                 "UPDATE sessions SET summary = $2, end_time = $3, duration_seconds = $4,"
                 " summary_due_at = CASE WHEN summary_due_at <= $3 THEN NULL ELSE summary_due_at END"
-                " WHERE session_id = $1",
+                " WHERE session_id = $1 AND deleted_at IS NULL",
                 session_id,
                 storable(summary),
                 end_time,
@@ -297,7 +385,7 @@ class PostgresRepository:
             await conn.execute(
                 "UPDATE sessions SET end_time = $2, summary_due_at = $2,"
                 " duration_seconds = greatest(0, round(extract(epoch FROM $2 - start_time)))::integer"
-                " WHERE session_id = $1",
+                " WHERE session_id = $1 AND deleted_at IS NULL",
                 session_id,
                 emptied_at,
             )

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from server.core.models import Session, StoredEvent
+from server.core.ports import EventPage, SessionDeleted
 
 T = TypeVar("T")
 
@@ -22,7 +23,19 @@ EVENT_COLUMNS = (
     "error",
 )
 INSERTED_EVENT_COLUMNS = EVENT_COLUMNS[1:]  # event_id is storage's to give
-SESSION_COLUMNS = ("session_id", "user_id", "start_time", "end_time", "summary", "duration_seconds")
+SESSION_COLUMNS = (
+    "session_id",
+    "user_id",
+    "start_time",
+    "end_time",
+    "summary",
+    "duration_seconds",
+    "title",
+    "updated_at",
+    "deleted_at",
+)
+# What deleting a session sets besides `deleted_at`: it keeps only its id, user and start.
+CLEARED_WHEN_DELETED = ("title", "summary", "end_time", "duration_seconds", "summary_due_at", "open_turn_id")
 
 
 def columns(names: tuple[str, ...], separator: str = ", ") -> str:
@@ -53,3 +66,25 @@ async def insert_or_existing(
         row = await existing()
     assert row is not None, "a row that conflicts on insert must exist"
     return row
+
+
+async def stored_event(
+    insert: Callable[[], Awaitable[StoredEvent | None]],
+    existing: Callable[[], Awaitable[StoredEvent | None]],
+    session: Callable[[], Awaitable[Session | None]],
+) -> StoredEvent:
+    """`insert_or_existing` for an event, which storage skips when its session is deleted (a
+    trigger): then neither gives a row, and the session says why."""
+    row = await insert()
+    if row is None:
+        row = await existing()
+    if row is None and (found := await session()) is not None and found.deleted:
+        raise SessionDeleted(found.session_id)
+    assert row is not None, "a row that conflicts on insert must exist"
+    return row
+
+
+def event_page(rows: list[StoredEvent], limit: int, *, ascending: bool) -> EventPage:
+    """A page from `limit + 1` rows read in the direction asked: the extra one only says `more`."""
+    events = rows[:limit]
+    return EventPage(events=events if ascending else events[::-1], more=len(rows) > limit)

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import logging
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
 
 from server.core.models import EventDraft, Session, StoredEvent, error_json
+from server.core.ports import EventPage, SessionCursor
 from server.storage.retry import with_retries
 from server.storage.rows import (
+    CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     INSERTED_EVENT_COLUMNS,
     SESSION_COLUMNS,
     columns,
+    event_page,
     insert_or_existing,
+    stored_event,
     to_event,
     to_session,
 )
@@ -25,7 +33,20 @@ log = logging.getLogger(__name__)
 
 # One definition of the tables (read at import, before any event loop runs).
 SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# The one text format of `updated_at` and `deleted_at` (see sqlite_schema.sql): what SQLite's
+# strftime writes, and what every moment compared with them is turned into (`_stamp_ms`).
+_NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
+
+# A session changed last when its last event was stored, else when it started (older files).
+_UPDATED_AT_FROM_EVENTS = """
+UPDATE sessions SET updated_at = coalesce(
+    (SELECT strftime('%Y-%m-%dT%H:%M:%f+00:00', e.timestamp) FROM events e
+     WHERE e.session_id = sessions.session_id ORDER BY e.event_id DESC LIMIT 1),
+    strftime('%Y-%m-%dT%H:%M:%f+00:00', start_time),
+    updated_at
+);
+"""
 
 # A file made before versioning (user_version 0) has the tables without the defaults and the
 # outcome columns: SQLite cannot add a default to a column, so they are rebuilt, rows kept.
@@ -42,13 +63,14 @@ INSERT INTO events (event_id, session_id, timestamp, event_type, content, turn_i
     SELECT event_id, session_id, timestamp, event_type, content, turn_id, event_key FROM events_unversioned;
 DROP TABLE events_unversioned;
 DROP TABLE sessions_unversioned;
+{_UPDATED_AT_FROM_EVENTS}
 PRAGMA user_version = {SCHEMA_VERSION};
 COMMIT;
 """
 
-# Version 1 -> 2: the open-turn marker (its triggers and index come with SCHEMA); turns left open
-# before it are each session's last unanswered user message.
-_ADD_OPEN_TURNS = f"""
+# Version 1 -> 2: the open-turn marker; turns left open before it are each session's last
+# unanswered user message. (Its triggers and index come with SCHEMA, in the step to 3.)
+_ADD_OPEN_TURNS = """
 BEGIN;
 ALTER TABLE sessions ADD COLUMN open_turn_id TEXT;
 UPDATE sessions SET open_turn_id = (
@@ -57,7 +79,25 @@ UPDATE sessions SET open_turn_id = (
       AND NOT EXISTS (SELECT 1 FROM events a WHERE a.session_id = u.session_id AND a.event_key = 'ai:' || u.turn_id)
     ORDER BY u.event_id DESC LIMIT 1
 );
+PRAGMA user_version = 2;
+COMMIT;
+"""
+
+# Version 2 -> 3: title, updated_at and deleted_at. SQLite cannot add a column whose default is
+# an expression (updated_at's is now), so the sessions table is rebuilt; events stay as they are.
+# Run with legacy_alter_table on and foreign keys off, so that the rename leaves events' reference
+# and the triggers naming `sessions`, which is the new table once the old one is dropped.
+_REBUILD_SESSIONS = f"""
+BEGIN;
+ALTER TABLE sessions RENAME TO sessions_v2;
+DROP INDEX IF EXISTS sessions_open_turn;
 {SCHEMA}
+INSERT INTO sessions (
+    session_id, user_id, start_time, end_time, summary, duration_seconds, summary_due_at, open_turn_id
+) SELECT session_id, user_id, start_time, end_time, summary, duration_seconds, summary_due_at, open_turn_id
+    FROM sessions_v2;
+DROP TABLE sessions_v2;
+{_UPDATED_AT_FROM_EVENTS}
 PRAGMA user_version = {SCHEMA_VERSION};
 COMMIT;
 """
@@ -70,26 +110,61 @@ _INSERT_EVENT = (
 )
 
 
-async def migrate(db: aiosqlite.Connection) -> None:
-    """Bring the file to SCHEMA_VERSION: create the tables, or rebuild those of an older file."""
+async def schema_version(db: aiosqlite.Connection) -> int:
     (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+    return int(version)
+
+
+@contextlib.asynccontextmanager
+async def exclusive(lock_path: Path) -> AsyncIterator[None]:
+    """Held by one process at a time (an flock, which the OS frees if the process dies)."""
+    handle = await asyncio.to_thread(open, lock_path, "a+b")
+    try:
+        await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
+async def migrate(db: aiosqlite.Connection) -> None:
+    """Bring the file to SCHEMA_VERSION: create the tables, or bring those of an older file up."""
+    version = await schema_version(db)
     if version >= SCHEMA_VERSION:
         return
     tables = {row[0] for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "events" not in tables:
         await db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         return
+    if version == 0:
+        await _rebuild_unversioned(db)
+        return
     if version == 1:
         await db.executescript(_ADD_OPEN_TURNS)
-        return
+    await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
+
+
+async def _rebuild_unversioned(db: aiosqlite.Connection) -> None:
     columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(sessions)")}
     if "summary_due_at" not in columns:  # made before that column existed
         await db.execute("ALTER TABLE sessions ADD COLUMN summary_due_at TEXT")
-    await db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops tables rows refer to
+    # The rebuild drops tables rows refer to.
+    await _with_pragmas(db, _REBUILD_UNVERSIONED, foreign_keys="OFF")
+
+
+async def _with_pragmas(db: aiosqlite.Connection, script: str, **pragmas: str) -> None:
+    """Run `script` with connection settings changed (they cannot change inside a transaction)."""
+    before = {name: next(iter(await db.execute_fetchall(f"PRAGMA {name}")))[0] for name in pragmas}
+    for name, value in pragmas.items():
+        await db.execute(f"PRAGMA {name}={value}")
     try:
-        await db.executescript(_REBUILD_UNVERSIONED)
+        await db.executescript(script)
+    except BaseException:
+        if db.in_transaction:  # a script stops at its failing statement, inside its BEGIN
+            await db.rollback()
+        raise
     finally:
-        await db.execute("PRAGMA foreign_keys=ON")
+        for name, value in before.items():
+            await db.execute(f"PRAGMA {name}={value}")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -100,6 +175,11 @@ def _transient(exc: BaseException) -> bool:
 def _stamp(moment: datetime) -> str:
     # One fixed format (UTC, microseconds), so text comparison orders moments correctly.
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _stamp_ms(moment: datetime) -> str:
+    # updated_at's format, as SQLite's strftime writes it (UTC, milliseconds): see _NOW.
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 class SqliteRepository:
@@ -124,7 +204,11 @@ class SqliteRepository:
         await db.execute("PRAGMA foreign_keys=ON")
         # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
         await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
-        await migrate(db)
+        if await schema_version(db) < SCHEMA_VERSION:
+            # Workers that start together on an older file: one brings it up (a rebuild must not run
+            # twice), the others then find it done.
+            async with exclusive(path.with_name(path.name + ".migrating")):
+                await migrate(db)
         return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
@@ -174,7 +258,11 @@ class SqliteRepository:
             )
             return StoredEvent(event_id=event_id, **draft.model_dump()) if inserted == 1 and event_id else None
 
-        return await insert_or_existing(insert, lambda: self.find_event(draft.session_id, draft.event_key))
+        return await stored_event(
+            insert,
+            lambda: self.find_event(draft.session_id, draft.event_key),
+            lambda: self.get_session(draft.session_id),
+        )
 
     async def find_event(self, session_id: str, event_key: str) -> StoredEvent | None:
         rows = await self._run(
@@ -192,11 +280,68 @@ class SqliteRepository:
         )
         return [to_event(row) for row in rows]
 
+    async def page_events(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int
+    ) -> EventPage:
+        # Read towards the direction asked, one row past the page (events_session_order serves it).
+        ascending = after is not None
+        rows = await self._run(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND event_id > ? AND event_id < ?"
+            f" ORDER BY event_id {'ASC' if ascending else 'DESC'} LIMIT ?",
+            (session_id, -1 if after is None else after, 2**63 - 1 if before is None else before, limit + 1),
+            "page events",
+        )
+        return event_page([to_event(row) for row in rows], limit, ascending=ascending)
+
+    async def list_sessions(self, user_id: str, limit: int, after: SessionCursor | None = None) -> list[Session]:
+        # A keyset on sessions_by_user_updated; the cursor in updated_at's own text format.
+        rows = await self._run(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = ? AND deleted_at IS NULL"
+            " AND (updated_at, session_id) < (?, ?) ORDER BY updated_at DESC, session_id DESC LIMIT ?",
+            (
+                user_id,
+                _stamp_ms(after.updated_at) if after is not None else "~",  # "~" sorts after any moment
+                after.session_id if after is not None else "",
+                limit,
+            ),
+            "list sessions",
+        )
+        return [to_session(row) for row in rows]
+
+    async def rename_session(self, session_id: str, title: str) -> Session | None:
+        rows = await self._run(
+            f"UPDATE sessions SET title = ?, updated_at = {_NOW} WHERE session_id = ? AND deleted_at IS NULL"
+            f" RETURNING {_SESSION_COLUMNS}",
+            (title, session_id),
+            "rename session",
+        )
+        return to_session(rows[0]) if rows else None
+
+    async def set_generated_title(self, session_id: str, title: str) -> Session | None:
+        rows = await self._run(
+            "UPDATE sessions SET title = ? WHERE session_id = ? AND deleted_at IS NULL AND title IS NULL"
+            f" RETURNING {_SESSION_COLUMNS}",
+            (title, session_id),
+            "set generated title",
+        )
+        return to_session(rows[0]) if rows else None
+
+    async def delete_session(self, session_id: str) -> bool:
+        # One statement: a trigger (sessions_deleted_events_removed) removes the events in it.
+        cleared = columns(tuple(f"{name} = NULL" for name in CLEARED_WHEN_DELETED))
+        rows = await self._run(
+            f"UPDATE sessions SET deleted_at = {_NOW}, {cleared} WHERE session_id = ? AND deleted_at IS NULL"
+            " RETURNING session_id",
+            (session_id,),
+            "delete session",
+        )
+        return bool(rows)
+
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         await self._run(
             "UPDATE sessions SET summary = ?, end_time = ?, duration_seconds = ?,"
             " summary_due_at = CASE WHEN summary_due_at <= ? THEN NULL ELSE summary_due_at END"
-            " WHERE session_id = ?",
+            " WHERE session_id = ? AND deleted_at IS NULL",
             (summary, _stamp(end_time), duration_seconds, _stamp(end_time), session_id),
             "write summary",
         )
@@ -205,7 +350,7 @@ class SqliteRepository:
         await self._run(
             "UPDATE sessions SET end_time = ?1, summary_due_at = ?1,"
             " duration_seconds = max(0, CAST(round((julianday(?1) - julianday(start_time)) * 86400) AS INTEGER))"
-            " WHERE session_id = ?2",
+            " WHERE session_id = ?2 AND deleted_at IS NULL",
             (_stamp(emptied_at), session_id),
             "mark session emptied",
         )

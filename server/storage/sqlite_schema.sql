@@ -12,7 +12,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     duration_seconds INTEGER,
     summary_due_at   TEXT,
     -- The turn whose user message is stored and whose answer is not (kept by the triggers below).
-    open_turn_id     TEXT
+    open_turn_id     TEXT,
+    title            TEXT,
+    -- When the session last changed (creation, a stored event, a rename), always in this one format
+    -- (UTC, milliseconds), so that comparing the text orders the moments: the listing's keyset.
+    updated_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
+    -- Set once the session is deleted: the row stays, so that its id is never used again.
+    deleted_at       TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -29,6 +35,9 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
 CREATE INDEX IF NOT EXISTS sessions_open_turn ON sessions (session_id) WHERE open_turn_id IS NOT NULL;
+-- A user's sessions, most recently updated first: the listing reads this index in order.
+CREATE INDEX IF NOT EXISTS sessions_by_user_updated
+    ON sessions (user_id, updated_at DESC, session_id DESC) WHERE deleted_at IS NULL;
 -- A turn is open from its user message being stored to its answer being stored; one still open
 -- at start was cut off by a crash. The marker is written in the statement that stores the event.
 CREATE TRIGGER IF NOT EXISTS events_turn_opened AFTER INSERT ON events
@@ -40,4 +49,23 @@ CREATE TRIGGER IF NOT EXISTS events_turn_answered AFTER INSERT ON events
     WHEN NEW.turn_id IS NOT NULL AND NEW.event_type = 'ai_message'
 BEGIN
     UPDATE sessions SET open_turn_id = NULL WHERE session_id = NEW.session_id AND open_turn_id = NEW.turn_id;
+END;
+-- A deleted session takes no more events, whoever writes them (another process's late write, the
+-- original design's SQL): the row is skipped, the statement succeeds having stored nothing.
+CREATE TRIGGER IF NOT EXISTS events_of_deleted_session_refused BEFORE INSERT ON events
+    WHEN (SELECT deleted_at FROM sessions WHERE session_id = NEW.session_id) IS NOT NULL
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+-- Every stored event updates its session, in the statement that stores it.
+CREATE TRIGGER IF NOT EXISTS events_session_updated AFTER INSERT ON events
+BEGIN
+    UPDATE sessions SET updated_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE session_id = NEW.session_id;
+END;
+-- Deleting a session is one UPDATE setting deleted_at (the shared connection runs no multi-statement
+-- transaction): its events go in that same statement.
+CREATE TRIGGER IF NOT EXISTS sessions_deleted_events_removed AFTER UPDATE OF deleted_at ON sessions
+    WHEN OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL
+BEGIN
+    DELETE FROM events WHERE session_id = NEW.session_id;
 END;

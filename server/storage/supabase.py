@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
 import jwt
 from postgrest import ReturnMethod
 from postgrest.exceptions import APIError
+from postgrest.utils import sanitize_param
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from server.core.models import EventDraft, Session, StoredEvent
-from server.core.ports import StorageRefused
+from server.core.ports import EventPage, SessionCursor, StorageRefused
 from server.storage.retry import with_retries
 from server.storage.rows import (
+    CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     SESSION_COLUMNS,
     columns,
+    event_page,
     insert_or_existing,
     storable,
+    stored_event,
     to_event,
     to_session,
 )
@@ -154,7 +158,11 @@ class SupabaseRepository:
             return to_event(response.data[0]) if response.data else None
 
         return await self._retrying(
-            lambda: insert_or_existing(insert, lambda: self._fetch_event(draft.session_id, draft.event_key)),
+            lambda: stored_event(
+                insert,
+                lambda: self._fetch_event(draft.session_id, draft.event_key),
+                lambda: self._fetch_session(draft.session_id),
+            ),
             "append event",
         )
 
@@ -193,6 +201,84 @@ class SupabaseRepository:
 
         return await self._retrying(op, "list events")
 
+    async def page_events(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int
+    ) -> EventPage:
+        # One request of `limit + 1` rows read towards the direction asked; a page longer than the
+        # rows Supabase answers at most (PAGE_SIZE) takes as many more requests as that needs.
+        ascending = after is not None
+
+        async def op() -> EventPage:
+            rows: list[StoredEvent] = []
+            low, high = after, before
+            while len(rows) < limit + 1:
+                query = self._client.table("events").select(_EVENT_COLUMNS).eq("session_id", session_id)
+                query = query.gt("event_id", low) if low is not None else query
+                query = query.lt("event_id", high) if high is not None else query
+                wanted = min(PAGE_SIZE, limit + 1 - len(rows))
+                response = await query.order("event_id", desc=not ascending).limit(wanted).execute()
+                page = [to_event(row) for row in response.data]
+                rows.extend(page)
+                if len(page) < wanted:
+                    break
+                low, high = (page[-1].event_id, high) if ascending else (low, page[-1].event_id)
+            return event_page(rows, limit, ascending=ascending)
+
+        return await self._retrying(op, "page events")
+
+    async def list_sessions(self, user_id: str, limit: int, after: SessionCursor | None = None) -> list[Session]:
+        async def op() -> list[Session]:
+            query = (
+                self._client.table("sessions").select(_SESSION_COLUMNS).eq("user_id", user_id).is_("deleted_at", "null")
+            )
+            if after is not None:
+                # The keyset `(updated_at, session_id) < cursor` as PostgREST can say it; the plain
+                # `updated_at <= moment` beside it lets the index scan start at the cursor.
+                moment = sanitize_param(after.updated_at.isoformat())
+                query = query.lte("updated_at", after.updated_at.isoformat()).or_(
+                    f"updated_at.lt.{moment},and(updated_at.eq.{moment},session_id.lt.{sanitize_param(after.session_id)})"
+                )
+            response = await query.order("updated_at", desc=True).order("session_id", desc=True).limit(limit).execute()
+            return [to_session(row) for row in response.data]
+
+        return await self._retrying(op, "list sessions")
+
+    async def rename_session(self, session_id: str, title: str) -> Session | None:
+        # PostgREST sets values, not now(): the moment comes from here.
+        changes = {"title": storable(title), "updated_at": datetime.now(UTC).isoformat()}
+        return await self._update_session(session_id, changes, "rename session")
+
+    async def set_generated_title(self, session_id: str, title: str) -> Session | None:
+        return await self._update_session(session_id, {"title": storable(title)}, "set generated title", untitled=True)
+
+    async def _update_session(
+        self, session_id: str, changes: dict[str, Any], what: str, *, untitled: bool = False
+    ) -> Session | None:
+        async def op() -> Session | None:
+            query = self._client.table("sessions").update(changes).eq("session_id", session_id)
+            query = query.is_("deleted_at", "null")
+            response = await (query.is_("title", "null") if untitled else query).execute()
+            return to_session(response.data[0]) if response.data else None
+
+        return await self._retrying(op, what)
+
+    async def delete_session(self, session_id: str) -> bool:
+        # One PATCH, one statement: the trigger sessions_deleted_events_removed removes the events.
+        tombstone: dict[str, Any] = dict.fromkeys(CLEARED_WHEN_DELETED)
+        tombstone["deleted_at"] = datetime.now(UTC).isoformat()
+
+        async def op() -> bool:
+            response = await (
+                self._client.table("sessions")
+                .update(tombstone)
+                .eq("session_id", session_id)
+                .is_("deleted_at", "null")
+                .execute()
+            )
+            return bool(response.data)
+
+        return await self._retrying(op, "delete session")
+
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op() -> None:
             await (
@@ -206,6 +292,7 @@ class SupabaseRepository:
                     returning=ReturnMethod.minimal,
                 )
                 .eq("session_id", session_id)
+                .is_("deleted_at", "null")
                 .execute()
             )
             # Done, unless the session emptied again after this summary's emptying.
@@ -222,7 +309,7 @@ class SupabaseRepository:
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         async def op() -> None:
             session = await self._fetch_session(session_id)  # PostgREST updates set values, not expressions
-            if session is None:
+            if session is None or session.deleted:
                 return
             duration = max(0, round((emptied_at - session.start_time).total_seconds()))
             await (
@@ -236,6 +323,7 @@ class SupabaseRepository:
                     returning=ReturnMethod.minimal,
                 )
                 .eq("session_id", session_id)
+                .is_("deleted_at", "null")
                 .execute()
             )
 
@@ -298,6 +386,7 @@ class SupabaseRepository:
                 self._client.table("sessions")
                 .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
                 .eq("session_id", _NO_SESSION)
+                .is_("deleted_at", "null")  # and names the newest column the service needs
                 .execute()
             )
         except APIError as exc:
@@ -305,6 +394,10 @@ class SupabaseRepository:
                 raise StorageRefused(
                     f"SUPABASE_KEY may not write the tables ({exc.code}: permission denied); "
                     + _NEEDS_SERVICE_ROLE.format(role=self._role or "unknown")
+                ) from None
+            if str(exc.code) == _UNDEFINED_COLUMN:
+                raise StorageRefused(
+                    "sessions.deleted_at is missing: apply supabase/migrations/20261208000000_conversations.sql"
                 ) from None
             raise
 
