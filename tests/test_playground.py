@@ -753,7 +753,8 @@ async def test_earlier_messages_load_in_place_and_a_rejoin_catches_up_over_sever
         assert [await text_of(a) for a in await answers(page).all()] == await stored_answers(server, session_id)
         assert any("before_event_id=" in url for url in fetched), fetched
 
-        # Away for more than a page of events: the rejoin fetches the rest, in order, once.
+        # Away for more than a page of events: what was stored meanwhile is fetched, then the rejoin
+        # answers from there; every answer once, in order.
         proxy.cut()
         await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
         for question in ("How's the weather in Oslo?", "How's the weather in Rome?"):

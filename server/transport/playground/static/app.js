@@ -195,8 +195,9 @@ async function request(name, payload) {
   }
 }
 
-// After a rejoin with `after_event_id`, `history_more` means later events than its page exist.
-async function showLaterPages(sessionId, more, generation) {
+// Stored events after the last one shown, a page at a time, until none is left.
+async function showLaterPages(sessionId, generation) {
+  let more = true;
   while (more && generation === state.generation) {
     const page = await api(`${sessionPath(sessionId)}/events`, {
       query: { after_event_id: shown.lastEventId, limit: LATER_PAGE },
@@ -204,6 +205,20 @@ async function showLaterPages(sessionId, more, generation) {
     if (generation !== state.generation) return;
     showHistory(page.events);
     more = page.more && page.events.length > 0;
+  }
+}
+
+// Back after a disconnection (the socket is in no room): what was stored meanwhile comes first, so
+// that the join's answer (its history, `active_turn`) and the live events after it start where
+// these pages end. Without this, a rejoin answering `history_more` would leave events in between.
+async function catchUpStored(generation) {
+  try {
+    await showLaterPages(state.sessionId, generation);
+    return true;
+  } catch (error) {
+    // A deleted session is the join's to say (it offers a new chat).
+    if (error.code !== "session_deleted") setNotice(ui.notice, `Could not load what was missed: ${error.message} (${error.code})`);
+    return false;
   }
 }
 
@@ -218,6 +233,8 @@ async function join() {
   const generation = ++state.generation;
   const rejoin = shown.lastEventId !== null;
   state.joining = true;
+  let complete = !rejoin || (await catchUpStored(generation));
+  if (generation !== state.generation) return;
   const answer = await request("join", joinPayload());
   if (generation !== state.generation) {
     // Another session was chosen meanwhile: this one's room is not wanted.
@@ -233,17 +250,14 @@ async function join() {
   showSession(answer.session);
   showHistory(answer.history);
   if (!rejoin) setEarlierAvailable(answer.history_more);
-  try {
-    if (rejoin) await showLaterPages(answer.session.session_id, answer.history_more, generation);
-  } catch (error) {
-    setNotice(ui.notice, `Could not load the rest of the conversation: ${error.message} (${error.code})`);
-  }
+  // More than a page stored between those pages and the join: rare, and fetched the same way.
+  else if (answer.history_more) complete = (await catchUpStored(generation)) && complete;
   if (generation !== state.generation) return;
   catchUpTurn(answer.active_turn);
   state.joining = false;
   for (const [handle, event] of state.buffered.splice(0)) if (event?.session_id === state.sessionId) handle(event);
   setStatus("connected", "Connected");
-  setNotice(ui.notice, null);
+  if (complete) setNotice(ui.notice, null);
 }
 
 function refused(error) {

@@ -51,7 +51,10 @@ function button(className, text, label) {
   element.type = "button";
   element.className = className;
   element.textContent = text;
-  if (label) element.setAttribute("aria-label", label);
+  if (label) {
+    element.setAttribute("aria-label", label);
+    element.title = label;
+  }
   return element;
 }
 
