@@ -26,6 +26,7 @@ from tests.fake_gemini import HANG, FakeGemini, Pause, Reply, text_chunk, text_r
 from tests.harness import REDIS_URL, Tab, free_port, service_env
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
+from tests.test_conversations import frames_until_closed
 from tests.test_metrics import scrape
 
 WORDS = [f"word{n} " for n in range(12)]
@@ -414,8 +415,8 @@ async def test_a_deletion_on_one_process_reaches_every_client_on_both(
             order = [n for n, d in tab.events if n in ("done", "session_deleted")]
             assert order == ["done", "session_deleted"], tab.events
             assert tab.named("done")[0]["finish_reason"] == "cancelled"
-        frames = [json.loads(frame)["event"] async for frame in plain]
-        assert frames[-2:] == ["done", "session_deleted"] and plain.close_code == 4404
+        frames = await frames_until_closed(plain)
+        assert [f["event"] for f in frames][-2:] == ["done", "session_deleted"] and plain.close_code == 4404
     await follower.wait_for(lambda ev: any(n == "session_deleted" for n, _ in ev))
     assert follower.named("session_deleted") == [{"session_id": sid}]
     for tab in (a, b):

@@ -4,6 +4,7 @@ read a page at a time however long they grow."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -64,6 +65,15 @@ async def every_page(http: httpx.AsyncClient, user: str, limit: int) -> list[str
         cursor = page["next_cursor"]
         if cursor is None:
             return seen
+
+
+async def frames_until_closed(ws: Any) -> list[dict[str, Any]]:
+    """Every frame until the server closes (with a code of the contract's, not a normal close)."""
+    frames = []
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            frames.append(json.loads(await ws.recv()))
+    return frames
 
 
 def refusal(answer: httpx.Response, status: int, code: str) -> None:
@@ -141,15 +151,16 @@ async def test_a_title_is_made_once_from_the_first_answer_and_never_replaces_a_p
 ) -> None:
     tab = await connect(server)
     sid = (await tab.join(user_id="titled"))["session"]["session_id"]
-    for text in ("Plan a weekend in Lisbon with kids please", "And in Porto?"):
-        ack = await tab.call("message", {"session_id": sid, "text": text})
-        await tab.turn(ack["turn_id"])
+    ack = await tab.call("message", {"session_id": sid, "text": "Plan a weekend in Lisbon with kids please"})
+    await tab.turn(ack["turn_id"])
     updated = await tab.wait_for(lambda _: tab.named("session_updated"))
     assert updated[0]["title"] == "Plan a weekend in Lisbon with"
     session = (await http.get(f"/api/sessions/{sid}")).json()
     assert session["title"] == "Plan a weekend in Lisbon with"
-    # A generated title leaves `updated_at` as the last event left it.
+    # A generated title leaves `updated_at` as the turn's last event left it.
     assert updated[0]["updated_at"] == session["updated_at"]
+    ack = await tab.call("message", {"session_id": sid, "text": "And in Porto?"})
+    await tab.turn(ack["turn_id"])
     await asyncio.sleep(0.3)
     assert len(tab.named("session_updated")) == 1
     assert (await scrape(server.url)).by_label("realtime_titles_total", "outcome") == {"ok": 1, "error": 0}
@@ -266,12 +277,13 @@ async def test_deletion_tells_every_client_and_leaves_nothing_behind(
         assert answer.status_code == 204, answer.text
 
         for tab in (first, second):
+            await tab.wait_for(lambda _, tab=tab: tab.named("session_deleted"))  # type: ignore[misc]
             names = [n for n, d in tab.events if d.get("session_id") == sid and n in ("done", "session_deleted")]
             assert names == ["done", "session_deleted"], tab.events
             assert tab.named("done")[0]["finish_reason"] == "cancelled"
         await follower.wait_for(lambda _: follower.named("session_deleted"))
         assert follower.named("session_deleted") == [{"session_id": sid}]
-        frames = [json.loads(frame) async for frame in plain]
+        frames = await frames_until_closed(plain)
         assert [f["event"] for f in frames][-2:] == ["done", "session_deleted"]
         assert plain.close_code == 4404 and plain.close_reason == "session_deleted"
 
