@@ -17,22 +17,29 @@ from playwright.async_api import Browser, Locator, Page, Request, WebSocket, exp
 
 from tests.browser import Watched, chromium, watched
 from tests.conftest import ServerFactory, TabFactory
+from tests.fake_gemini import FakeGemini, Pause, Reply, text_chunk, usage
 from tests.harness import ROOT, RunningServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_auth import SECRET, token
 
+STATIC = ROOT / "server/transport/playground/static"
+SCRIPTS = ("app.js", "api.js", "conversation.js", "markdown.js", "sessions.js")
+MARKDOWN_IT_VERSION = "15.0.3"  # the npm package markdown-it@15.0.3, dist/browser/markdown-it.esm.min.mjs
+MARKDOWN_IT = "vendor/markdown-it.esm.min.js"
 LAPTOP = {"viewport": {"width": 1280, "height": 800}}
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
 WAIT_MS = 15_000
 
-# Records each new length of the last answer's text, so a test sees it grow chunk by chunk.
+# Records each new length of the last answer's text (its words, as `text_of` reads them), so a test
+# sees it grow chunk by chunk.
 RECORD_GROWTH = """() => {
   window.growth = [];
   const log = document.getElementById("log");
   new MutationObserver(() => {
     const answers = log.querySelectorAll(".msg.ai");
     if (!answers.length) return;
-    const text = Array.from(answers[answers.length - 1].querySelectorAll(".text"), (p) => p.textContent).join("");
+    const text = Array.from(answers[answers.length - 1].querySelectorAll(".text"), (p) => p.textContent)
+      .join(" ").replace(/\\s+/g, " ").trim();
     if (window.growth.at(-1) !== text.length) window.growth.push(text.length);
   }).observe(log, { subtree: true, childList: true, characterData: true });
 }"""
@@ -66,8 +73,14 @@ def answers(page: Page) -> Locator:
     return page.locator("#log .msg.ai")
 
 
+def words(text: str) -> str:
+    """A text's words, one space apart: an answer's Markdown, once rendered, keeps its words but
+    not its line breaks and spaces."""
+    return " ".join(text.split())
+
+
 async def text_of(answer: Locator) -> str:
-    return "".join(await answer.locator(".text").all_text_contents())
+    return words(" ".join(await answer.locator(".text").all_text_contents()))
 
 
 async def finished(answer: Locator, reason: str = "stop") -> None:
@@ -81,7 +94,7 @@ async def stored(server: RunningServer, session_id: str) -> list[dict[str, Any]]
 
 
 async def stored_answers(server: RunningServer, session_id: str) -> list[str]:
-    return [e["content"] for e in await stored(server, session_id) if e["event_type"] == "ai_message"]
+    return [words(e["content"]) for e in await stored(server, session_id) if e["event_type"] == "ai_message"]
 
 
 async def test_a_conversation_streams_shows_its_tool_call_and_is_shared_by_a_second_tab(
@@ -169,7 +182,7 @@ async def test_stop_refusals_and_the_keyboard(start_server: ServerFactory, brows
     await expect(stop).to_be_hidden()
     session_id = session_of(page)
     [answer] = [e for e in await stored(server, session_id) if e["event_type"] == "ai_message"]
-    assert answer["finish_reason"] == "cancelled" and answer["content"] == await text_of(answers(page).first)
+    assert answer["finish_reason"] == "cancelled" and words(answer["content"]) == await text_of(answers(page).first)
 
     await send(page, "x" * 121)
     await expect(page.locator("#notice")).to_contain_text("longer than this service accepts")
@@ -189,7 +202,7 @@ async def test_stop_refusals_and_the_keyboard(start_server: ServerFactory, brows
     await page.goto(server.url + "/?session=not-a-session")
     await expect(page.locator("#notice")).to_contain_text("not a valid session id")
     await expect(page.get_by_label("Message")).to_be_disabled()
-    await page.get_by_role("link", name="New session").click()
+    await page.get_by_role("button", name="New chat", exact=True).click()
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
     assert session_of(page) != session_id
     watch.assert_clean()
@@ -368,6 +381,10 @@ async def test_with_authentication_on_the_page_asks_for_a_token(start_server: Se
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
     await expect(field).to_be_hidden()
     await expect(page.locator("#log .msg.user .text")).to_have_text(["Hello as alice"])
+    # The list is the token's user's (asked with the token as a Bearer header), nothing in local storage.
+    await expect(chat(page, session_of(page)).locator(".chat-name")).to_have_text("Hello as alice")
+    await expect(chats(page)).to_have_count(1)
+    assert await page.evaluate("() => localStorage.length") == 0
     # The browser logs the refused Socket.IO handshakes; nothing else went wrong.
     assert not watch.foreign and not watch.page_errors
     assert all("unauthorized" in e or "400" in e or "403" in e for e in watch.console_errors), watch.console_errors
@@ -415,7 +432,7 @@ async def test_the_page_has_a_strict_policy_and_no_inline_code(http: httpx.Async
     markup = _Markup()
     markup.feed(page.text)
     assert markup.scripts == [{"type": "module", "src": "/playground/app.js"}] and not markup.inline
-    for asset in ("app.js", "style.css", "favicon.svg", "vendor/socket.io.esm.min.js"):
+    for asset in (*SCRIPTS, "style.css", "favicon.svg", "vendor/socket.io.esm.min.js", MARKDOWN_IT):
         served = await http.get(f"/playground/{asset}")
         assert served.status_code == 200, asset
         assert served.headers["content-security-policy"] == page.headers["content-security-policy"]
@@ -433,6 +450,17 @@ def test_the_vendored_client_is_the_one_the_node_example_pins() -> None:
     assert "MIT License" in (vendor / "socket.io-client.LICENSE").read_text()
 
 
+def test_the_vendored_markdown_renderer_is_the_pinned_one_with_its_licences() -> None:
+    bundle = (STATIC / MARKDOWN_IT).read_text()
+    assert bundle.startswith(f"/*! markdown-it {MARKDOWN_IT_VERSION} https://github.com/markdown-it/markdown-it")
+    assert not re.search(r"^\s*import\b", bundle, re.MULTILINE)  # self-contained: nothing else to fetch
+    licences = (STATIC / "vendor/markdown-it.LICENSE").read_text()
+    assert f"markdown-it@{MARKDOWN_IT_VERSION}" in licences
+    for package in ("markdown-it", "mdurl", "uc.micro", "entities", "linkify-it", "punycode.js"):
+        assert f"=== {package} (" in licences, package
+    assert f"markdown-it {MARKDOWN_IT_VERSION}" in (ROOT / "README.md").read_text()
+
+
 async def test_playground_false_turns_the_page_and_its_assets_off(start_server: ServerFactory) -> None:
     server = await start_server(playground=False)
     async with httpx.AsyncClient(base_url=server.url) as http:
@@ -441,3 +469,303 @@ async def test_playground_false_turns_the_page_and_its_assets_off(start_server: 
         assert (await http.get("/playground/app.js")).status_code == 404
         assert (await http.get("/playground/vendor/socket.io.esm.min.js")).status_code == 404
         assert (await http.get("/healthz")).status_code == 200
+
+
+# ---------------------------------------------------------------- Markdown, the list of chats, paging
+
+MARKDOWN_ANSWER = (
+    "## Results\n\n"
+    "Some **bold** text, a [good link](https://example.com/docs), [x](javascript:alert(1)), "
+    "[a relative one](/api/sessions) and ![a picture](https://example.com/p.png).\n\n"
+    "<img src=x onerror=alert(1)>\n\n"
+    "| Name | Value |\n|:-----|------:|\n| alpha | 1 |\n| beta | 22 |\n\n",
+    '```python\nprint("<b>hi</b>")\n```\n\nThe end.',
+)
+
+
+async def recorded_dialogs(page: Page) -> list[str]:
+    """Every alert, confirm or prompt the page opens (dismissed): a script that ran would open one."""
+    dialogs: list[str] = []
+
+    async def dismiss(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    return dialogs
+
+
+async def assert_rendered_safely(answer: Locator) -> None:
+    markdown = answer.locator(".markdown")
+    await expect(markdown.locator("h2")).to_have_text("Results")
+    await expect(markdown.locator("strong")).to_have_text("bold")
+    links = await markdown.locator("a").evaluate_all(
+        "links => links.map(a => [a.getAttribute('href'), a.target, a.rel, a.textContent])"
+    )
+    assert links == [
+        ["https://example.com/docs", "_blank", "noopener noreferrer", "good link"],
+        ["https://example.com/p.png", "_blank", "noopener noreferrer", "image: a picture"],
+    ]
+    text = await answer.locator(".markdown").inner_text()
+    for literal in ("[x](javascript:alert(1))", "[a relative one](/api/sessions)", "<img src=x onerror=alert(1)>"):
+        assert literal in text, (literal, text)
+    await expect(markdown.locator("th")).to_have_text(["Name", "Value"])
+    await expect(markdown.locator("td")).to_have_text(["alpha", "1", "beta", "22"])
+    await expect(markdown.locator("th.align-right")).to_have_text("Value")
+    await expect(markdown.locator(".code-block code")).to_have_text('print("<b>hi</b>")\n')
+    await expect(markdown.locator(".code-block button")).to_have_text("Copy")
+    log = answer.page.locator("#log")
+    for unsafe in ("img", "b", "script", "[style]", "[onerror]", "a:not([href^='https://'])"):
+        assert await log.locator(unsafe).count() == 0, unsafe
+
+
+async def test_answers_markdown_is_rendered_as_it_streams_and_never_runs_a_models_html(
+    fake_gemini: FakeGemini, start_server: ServerFactory, browser: Browser
+) -> None:
+    fake_gemini.stream(
+        Reply(
+            events=[
+                text_chunk(MARKDOWN_ANSWER[0]),
+                Pause(0.6),
+                text_chunk(MARKDOWN_ANSWER[1], "STOP", usage(10, 40)),
+            ]
+        )
+    )
+    server = await start_server(llm_provider="gemini", gemini_api_key="test-key", gemini_base_url=fake_gemini.url)
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await watch.new_page()
+    dialogs = await recorded_dialogs(page)
+    await page.goto(server.url + "/")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await send(page, "Show me *Markdown* and <b>tags</b>, please")
+    answer = answers(page).first
+    # Drawn while it streams: the table is there before the rest of the answer.
+    await expect(answer.locator(".markdown td")).to_have_text(["alpha", "1", "beta", "22"], timeout=WAIT_MS)
+    await expect(answer.locator(".finish")).to_have_text("answering…")
+    await finished(answer)
+    # The user's own text is never Markdown.
+    await expect(page.locator("#log .msg.user .text")).to_have_text("Show me *Markdown* and <b>tags</b>, please")
+    # The title the model made for the session, in the list and the header.
+    session_id = session_of(page)
+    await expect(chat(page, session_id).locator(".chat-name")).to_have_text("A fake title", timeout=WAIT_MS)
+    await expect(page.locator("#chat-title")).to_have_text("A fake title")
+
+    await watch.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    for _ in range(2):  # as streamed, then as rebuilt from the stored history
+        await assert_rendered_safely(answer)
+        await answer.locator(".code-block button").click()
+        await expect(answer.locator(".code-block button")).to_have_text("Copied")
+        assert await page.evaluate("() => navigator.clipboard.readText()") == 'print("<b>hi</b>")\n'
+        await page.reload()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+        await finished(answer)
+    assert dialogs == []
+    watch.assert_clean()  # no console error (a refused inline style or script would be one), nothing fetched
+
+
+async def as_user(watch: Watched, user_id: str) -> None:
+    """Every page of the context is the anonymous user `user_id` (the id the page keeps in local storage)."""
+    remember = f"localStorage.setItem('playground.user_id', {json.dumps(user_id)})"
+    await watch.context.add_init_script(f"if (location.origin === {json.dumps(watch.origin)}) {remember}")
+
+
+def chats(page: Page) -> Locator:
+    return page.locator("#session-list li.chat-entry")
+
+
+def chat(page: Page, session_id: str) -> Locator:
+    return page.locator(f'#session-list li[data-session="{session_id}"]')
+
+
+async def chat_ids(page: Page) -> list[str]:
+    ids: list[str] = await chats(page).evaluate_all("items => items.map(li => li.dataset.session)")
+    return ids
+
+
+async def listed(server: RunningServer, user: str) -> list[str]:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        answer = await http.get("/api/sessions", params={"user_id": user, "limit": 100})
+    return [session["session_id"] for session in answer.json()["sessions"]]
+
+
+def presence_fell_to_one(events: list[tuple[str, dict[str, Any]]]) -> bool:
+    counts = [data["clients"] for name, data in events if name == "presence"]
+    return 2 in counts and counts[-1] == 1 and counts.index(2) < len(counts) - 1
+
+
+async def test_the_list_of_chats_newest_first_more_on_scroll_and_switching(
+    start_server: ServerFactory, browser: Browser, connect: TabFactory
+) -> None:
+    server = await start_server()
+    user = f"anon-{uuid.uuid4().hex}"
+    maker = await connect(server)
+    created = []
+    for _ in range(24):
+        created.append((await maker.join(user_id=user))["session"]["session_id"])
+        await maker.call("leave", {"session_id": created[-1]})
+    expected = await listed(server, user)
+    assert sorted(expected) == sorted(created)
+    watcher = await connect(server)
+    await watcher.join(created[10])
+
+    watch = await watched(browser, server.url, **LAPTOP)
+    await as_user(watch, user)
+    page = await open_playground(watch, f"{server.url}/?session={created[10]}")
+    await expect(chats(page)).to_have_count(20)  # one page, newest first
+    assert await chat_ids(page) == expected[:20]
+    await expect(chat(page, created[10]).locator(".chat-open")).to_have_attribute("aria-current", "page")
+    await expect(chats(page).first.locator(".chat-name")).to_have_text(re.compile(r"^Chat of "))
+    await page.locator("#session-list").evaluate("list => list.scrollTop = list.scrollHeight")
+    await expect(chats(page)).to_have_count(24)
+    assert await chat_ids(page) == expected
+
+    # Another chat: the old one is left, the new one joined, the address says which.
+    await expect(page.locator("#presence")).to_have_text("2 tabs in this session")
+    await chat(page, created[0]).locator(".chat-open").click()
+    await expect(page).to_have_url(f"{server.url}/?session={created[0]}")
+    await expect(page.locator("#session-id")).to_have_text(created[0])
+    await expect(page.locator("#presence")).to_have_text("1 tab in this session")
+    await expect(chat(page, created[0]).locator(".chat-open")).to_have_attribute("aria-current", "page")
+    await expect(chat(page, created[10]).locator(".chat-open")).not_to_have_attribute("aria-current", "page")
+    await watcher.wait_for(presence_fell_to_one)
+
+    # A message moves it to the top; its title comes once the answer is done.
+    await send(page, "Plan a trip to the mountains in spring")
+    await finished(answers(page).first)
+    await expect(chats(page).first.locator(".chat-name")).to_have_text("Plan a trip to the mountains", timeout=WAIT_MS)
+    assert (await chat_ids(page))[0] == created[0]
+
+    # "New chat": a session of its own, listed once it has a message; Back returns to the last one.
+    await page.get_by_role("button", name="New chat", exact=True).click()
+    await expect(page.locator("#log .msg")).to_have_count(0)
+    await expect(page).not_to_have_url(re.compile(created[0]))
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    fresh = session_of(page)
+    await expect(chat(page, fresh)).to_have_count(0)
+    await send(page, "Hello from a new chat")
+    await expect(chats(page).first).to_have_attribute("data-session", fresh)
+    await finished(answers(page).first)
+    await page.go_back()
+    await expect(page.locator("#session-id")).to_have_text(created[0])
+    await expect(page.locator("#log .msg.user .text")).to_have_text(["Plan a trip to the mountains in spring"])
+    watch.assert_clean()
+
+
+async def test_a_rename_and_a_delete_in_one_tab_reach_the_others_list_and_conversation(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server()
+    user = f"anon-{uuid.uuid4().hex}"
+    laptop = await watched(browser, server.url, **LAPTOP)
+    await as_user(laptop, user)
+    first = await open_playground(laptop, server.url + "/")
+    kept = session_of(first)
+    await send(first, "Tell me about renaming chats")
+    await finished(answers(first).first)
+    await expect(chat(first, kept).locator(".chat-name")).to_have_text("Tell me about renaming chats", timeout=WAIT_MS)
+
+    # A phone of the same user: its list is a drawer.
+    phone = await watched(browser, server.url, **PHONE)
+    await as_user(phone, user)
+    second = await open_playground(phone, server.url + "/")
+    assert session_of(second) != kept
+    drawer = second.locator("#sidebar")
+    await expect(drawer).to_be_hidden()
+    await second.get_by_role("button", name="Chats", exact=True).click()
+    await expect(drawer).to_be_visible()
+    item = chat(second, kept)
+    await expect(item.locator(".chat-name")).to_have_text("Tell me about renaming chats")
+
+    await item.get_by_role("button", name="Rename", exact=True).click()
+    await item.get_by_label("New title").fill("Trip notes")
+    await item.get_by_label("New title").press("Enter")
+    await expect(item.locator(".chat-name")).to_have_text("Trip notes")
+    await expect(chat(first, kept).locator(".chat-name")).to_have_text("Trip notes")
+    await expect(first.locator("#chat-title")).to_have_text("Trip notes")
+    assert (await chat_ids(first))[0] == kept and (await chat_ids(second))[0] == kept  # a rename updates it
+
+    await item.get_by_role("button", name="Delete", exact=True).click()
+    await expect(item).to_contain_text("Delete “Trip notes”?")
+    await item.get_by_role("button", name="Delete", exact=True).click()
+    await expect(item).to_have_count(0)
+    await expect(chat(first, kept)).to_have_count(0)
+    assert kept not in await listed(server, user)
+    gone = first.locator("#log .gone")
+    await expect(gone).to_contain_text("This chat was deleted")
+    await expect(first.locator("#status")).to_have_attribute("data-state", "deleted")
+    await expect(first.get_by_label("Message")).to_be_disabled()
+
+    await gone.get_by_role("button", name="Start a new chat").click()
+    await expect(first.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    assert session_of(first) not in (kept, session_of(second))
+    await expect(first.locator("#log .gone")).to_have_count(0)
+    # The phone's own chat goes on; choosing it in the drawer closes the drawer.
+    await chat(second, session_of(second)).locator(".chat-open").click()
+    await expect(drawer).to_be_hidden()
+    laptop.assert_clean()
+    phone.assert_clean()
+
+
+async def test_earlier_messages_load_in_place_and_a_rejoin_catches_up_over_several_pages(
+    start_server: ServerFactory, browser: Browser, connect: TabFactory
+) -> None:
+    server = await start_server(join_history_limit=5)
+    writer = await connect(server)
+    session_id = (await writer.join())["session"]["session_id"]
+
+    async def turn(text: str) -> None:
+        ack = await writer.call("message", {"session_id": session_id, "text": text})
+        assert ack["ok"], ack
+        await writer.turn(ack["turn_id"], timeout=WAIT_MS)
+
+    questions = [f"How's the weather in {city}?" for city in ("Delhi", "Paris", "Lima")] + ["Thanks, that is all"]
+    for question in questions:  # a weather turn stores 4 events (message, call, result, answer)
+        await turn(question)
+
+    proxy = await TcpProxy("127.0.0.1", server.settings.port).start()
+    origin = f"http://127.0.0.1:{proxy.port}"
+    try:
+        # A short window: the latest page fills the log, so there is something to keep in place.
+        watch = await watched(browser, origin, viewport={"width": 1000, "height": 480})
+        page = await open_playground(watch, f"{origin}/?session={session_id}")
+        assert await page.locator("#log").evaluate("log => log.scrollHeight > log.clientHeight")
+        fetched: list[str] = []
+        page.on("request", lambda request: fetched.append(request.url) if "/events" in request.url else None)
+        # The last 5 events: Lima's call, result and answer (its question is earlier), then the last turn.
+        await expect(page.locator("#log .msg.user .text")).to_have_text([questions[-1]])
+        await expect(answers(page)).to_have_count(2)
+        lima = await answers(page).first.element_handle()
+        earlier = page.get_by_role("button", name="Load earlier messages")
+        await page.locator("#log").evaluate("log => log.scrollTop = 0")
+        await expect(earlier).to_be_in_viewport()
+        top = await lima.evaluate("answer => answer.getBoundingClientRect().top")
+        await earlier.click()
+        await expect(page.locator("#log .msg.user .text")).to_have_text(questions)
+        await expect(earlier).to_be_hidden()
+        # What the reader was looking at did not move; the answer split by the page is one again.
+        assert abs(await lima.evaluate("answer => answer.getBoundingClientRect().top") - top) < 2
+        assert await page.locator("#log").evaluate("log => log.scrollTop") > 0
+        await expect(answers(page)).to_have_count(4)
+        await expect(page.locator("#log [data-continued]")).to_have_count(0)
+        await expect(page.locator("#log .tool-args")).to_have_text(
+            [re.compile(city) for city in ("Delhi", "Paris", "Lima")]
+        )
+        assert [await text_of(a) for a in await answers(page).all()] == await stored_answers(server, session_id)
+        assert any("before_event_id=" in url for url in fetched), fetched
+
+        # Away for more than a page of events: what was stored meanwhile is fetched, then the rejoin
+        # answers from there; every answer once, in order.
+        proxy.cut()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+        for question in ("How's the weather in Oslo?", "How's the weather in Rome?"):
+            await turn(question)
+        proxy.restore()
+        await expect(page.locator("#log .msg.user .text")).to_have_count(6, timeout=WAIT_MS)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+        await expect(answers(page).nth(5)).to_have_attribute("data-finish", "stop")
+        assert [await text_of(a) for a in await answers(page).all()] == await stored_answers(server, session_id)
+        assert any("after_event_id=" in url for url in fetched), fetched
+    finally:
+        await proxy.stop()
+    assert not watch.foreign and not watch.page_errors, (watch.foreign, watch.page_errors)
+    assert all(re.search(r"failed|ERR_", error) for error in watch.console_errors), watch.console_errors

@@ -1,19 +1,43 @@
-// The playground: a Socket.IO client of this service (docs/protocol.md) in plain JavaScript.
-// Every text the page shows (messages, model output, tool arguments and results) goes in as text,
-// never as HTML.
+// The playground: a Socket.IO client of this service (docs/protocol.md) in plain JavaScript, with
+// the user's chats beside the conversation (sessions.js) and the conversation itself
+// (conversation.js). Every text the page shows goes in as text, never as HTML, but for answers'
+// Markdown, which markdown.js renders with raw HTML off.
 import { io } from "./vendor/socket.io.esm.min.js";
+import { anonymousOwner, api, randomHex, sessionPath, token } from "./api.js";
+import {
+  catchUpTurn,
+  clearConversation,
+  liveHandlers,
+  setEarlierAvailable,
+  showAtEnd,
+  showEarlier,
+  showHistory,
+  shown,
+} from "./conversation.js";
+import { copyCode } from "./markdown.js";
+import {
+  displayTitle,
+  reloadSessions,
+  sessionRemoved,
+  sessionTouched,
+  sessionUpdated,
+  setCurrentSession,
+  setUpSessionList,
+} from "./sessions.js";
 
-const TOKEN_KEY = "playground.token";
 const ACK_TIMEOUT_MS = 15000;
+const EARLIER_PAGE = 100;
+const LATER_PAGE = 1000;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"),
+  chatTitle: $("chat-title"),
   sessionId: $("session-id"),
   copyLink: $("copy-link"),
   presence: $("presence"),
   log: $("log"),
-  empty: $("empty"),
+  loadEarlier: $("load-earlier"),
   composer: $("composer"),
   message: $("message"),
   send: $("send"),
@@ -22,6 +46,11 @@ const ui = {
   tokenForm: $("token-form"),
   token: $("token"),
   tokenError: $("token-error"),
+  newChat: $("new-chat"),
+  openDrawer: $("open-drawer"),
+  closeDrawer: $("close-drawer"),
+  backdrop: $("backdrop"),
+  sidebar: $("sidebar"),
 };
 
 // What a person reads for each refusal code (docs/protocol.md, Errors); the server's message follows.
@@ -35,29 +64,18 @@ const REFUSALS = {
   not_joined: "This tab is not in the session yet; wait for it to reconnect.",
   forbidden: "This session belongs to another user.",
   invalid_session_id: "The session in this page's address is not a valid session id.",
+  session_deleted: "This chat was deleted; it cannot be opened or continued.",
   unauthorized: "The access token was refused (missing, invalid or expired).",
   invalid_payload: "The service could not read that request.",
   timeout: "The service did not answer in time; your message may not have been sent.",
   unreachable: "Still trying to connect. Is the service running, and is this page's origin ({origin}) in its CORS_ORIGINS?",
 };
 
-const FINISHED = {
-  stop: "finished (stop)",
-  cancelled: "stopped (cancelled)",
-  max_tokens: "cut short: the answer reached its token limit (max_tokens)",
-  safety: "withheld by the model's safety filter (safety)",
-  error: "failed (error)",
-};
-
 const state = {
   sessionId: new URLSearchParams(location.search).get("session"),
-  lastEventId: null, // the highest stored event id shown: a rejoin asks only for what came after
-  seenEvents: new Set(),
-  tools: new Map(), // call_id -> its view
-  turns: new Map(), // turn_id -> its view
-  openTurn: null, // the answer being written (live, or rebuilt from history)
-  runningTurn: null, // turn_id of the session's running turn
-  unconfirmedDone: 0, // answers whose `done` came with event_id null: their rows come later in history
+  session: null, // the joined session as the join answered it (title, start_time)
+  gone: false, // the open session was deleted
+  generation: 0, // bumped by every join: the answer of one superseded meanwhile is dropped
   joining: false,
   buffered: [], // events that arrive while a join is answered, handled after its history
   failedAttempts: 0, // connection attempts failed in a row
@@ -67,133 +85,18 @@ const socket = io({
   transports: ["websocket", "polling"],
   tryAllTransports: true,
   auth: (send) => {
-    const token = sessionStorage.getItem(TOKEN_KEY);
-    send(token ? { token } : {});
+    const bearer = token.get();
+    send(bearer ? { token: bearer } : {});
   },
 });
 
-// ---------- rendering (text only) ----------
+// ---------- what the page says ----------
 
 function node(tag, className, text) {
   const element = document.createElement(tag);
   if (className) element.className = className;
   if (text !== undefined) element.textContent = text;
   return element;
-}
-
-function nearBottom() {
-  const log = ui.log;
-  return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
-}
-
-function show(element) {
-  const follow = nearBottom();
-  ui.empty.hidden = true;
-  ui.log.append(element);
-  if (follow) ui.log.scrollTop = ui.log.scrollHeight;
-  return element;
-}
-
-function keepScrolled(follow) {
-  if (follow) ui.log.scrollTop = ui.log.scrollHeight;
-}
-
-function showUserMessage(text) {
-  const article = node("article", "msg user");
-  article.append(node("h2", "who", "You"), node("p", "text", text));
-  show(article);
-}
-
-function newTurn(turnId) {
-  const article = node("article", "msg ai");
-  const body = node("div", "body");
-  const finish = node("p", "finish", "answering…");
-  article.append(node("h2", "who", "Assistant"), body, finish);
-  if (turnId) article.dataset.turn = turnId;
-  show(article);
-  const turn = { id: turnId, article, body, finish, segment: null, text: "", nextIndex: 0, finished: false };
-  if (turnId) state.turns.set(turnId, turn);
-  state.openTurn = turn;
-  return turn;
-}
-
-function liveTurn(turnId) {
-  return state.turns.get(turnId) ?? newTurn(turnId);
-}
-
-function appendText(turn, text) {
-  if (!text) return;
-  const follow = nearBottom();
-  if (!turn.segment) {
-    turn.segment = node("p", "text");
-    turn.body.append(turn.segment);
-  }
-  turn.segment.append(text);
-  turn.text += text;
-  keepScrolled(follow);
-}
-
-function replaceText(turn, text) {
-  for (const segment of turn.body.querySelectorAll(":scope > p.text")) segment.remove();
-  turn.segment = null;
-  turn.text = "";
-  appendText(turn, text);
-}
-
-// The text a turn should show, given what it shows already: the rest is appended where possible.
-function catchUpText(turn, text) {
-  if (text.startsWith(turn.text)) appendText(turn, text.slice(turn.text.length));
-  else replaceText(turn, text);
-}
-
-function finishTurn(turn, { finish_reason, error, usage }) {
-  turn.finished = true;
-  if (state.openTurn === turn) state.openTurn = null;
-  turn.article.dataset.finish = finish_reason ?? "unknown";
-  let words = finish_reason ? (FINISHED[finish_reason] ?? finish_reason) : "stored answer";
-  if (error) words += `: ${error.message} (${error.code})`;
-  if (usage) words += ` · ${usage.input_tokens} tokens in, ${usage.output_tokens} out`;
-  turn.finish.textContent = words;
-  if (turn.id && state.runningTurn === turn.id) setRunning(null);
-}
-
-function prettyJson(value) {
-  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
-}
-
-function showToolCall(turn, { call_id, name, args }) {
-  const follow = nearBottom();
-  const details = node("details", "tool");
-  const summary = node("summary");
-  const status = node("span", "tool-status", "running…");
-  summary.append(node("span", "tool-name", name), node("span", "tool-args", oneLine(args)), status);
-  const argsBlock = node("pre", "tool-json", prettyJson(args));
-  const resultBlock = node("div", "tool-result");
-  details.append(summary, node("h3", null, "Arguments"), argsBlock, resultBlock);
-  turn.body.append(details);
-  turn.segment = null; // text after a call goes after it
-  const view = { details, status, resultBlock };
-  state.tools.set(call_id, view);
-  keepScrolled(follow);
-  return view;
-}
-
-function oneLine(args) {
-  const text = JSON.stringify(args ?? {});
-  return text.length > 80 ? `${text.slice(0, 79)}…` : text;
-}
-
-function showToolResult(view, { result, error }) {
-  view.resultBlock.replaceChildren();
-  if (error) {
-    view.details.dataset.outcome = "error";
-    view.status.textContent = `error: ${error.code}`;
-    view.resultBlock.append(node("h3", null, "Error"), node("p", "tool-error", `${error.message} (${error.code})`));
-  } else {
-    view.details.dataset.outcome = "ok";
-    view.status.textContent = "done";
-    view.resultBlock.append(node("h3", null, "Result"), node("pre", "tool-json", prettyJson(result)));
-  }
 }
 
 function setNotice(element, text) {
@@ -216,139 +119,71 @@ function setStatus(stateName, text) {
   ui.stop.disabled = !usable;
 }
 
-function setRunning(turnId) {
-  state.runningTurn = turnId;
+shown.onRunning = (turnId) => {
   ui.stop.hidden = !turnId;
   ui.log.setAttribute("aria-busy", turnId ? "true" : "false");
-}
+};
 
-function showSession(sessionId) {
-  state.sessionId = sessionId;
-  ui.sessionId.textContent = sessionId;
+function showSession(session) {
+  state.sessionId = session.session_id;
+  state.session = session;
+  ui.sessionId.textContent = session.session_id;
+  ui.chatTitle.textContent = displayTitle(session);
   ui.copyLink.disabled = false;
-  const url = `/?session=${encodeURIComponent(sessionId)}`;
+  setCurrentSession(session.session_id);
+  const url = `/?session=${encodeURIComponent(session.session_id)}`;
   if (location.pathname + location.search !== url) history.replaceState(null, "", url);
 }
 
-// ---------- stored history (a join's answer) ----------
-
-function markStored(eventId) {
-  if (eventId === null || eventId === undefined) return true;
-  if (state.seenEvents.has(eventId)) return false;
-  state.seenEvents.add(eventId);
-  state.lastEventId = Math.max(state.lastEventId ?? 0, eventId);
-  return true;
+// The open session was deleted (here, in another tab, by another client): say so, offer a new one.
+function showGone(text) {
+  state.gone = true;
+  shown.onRunning(null);
+  setStatus("deleted", "Chat deleted");
+  const box = node("div", "gone");
+  box.setAttribute("role", "alert");
+  const again = node("button", "new-chat-inline", "Start a new chat");
+  again.type = "button";
+  again.addEventListener("click", () => openSession(null));
+  box.append(node("p", null, text), again);
+  showAtEnd(box);
 }
 
-function parseContent(item) {
-  try {
-    const value = JSON.parse(item.content);
-    if (value && typeof value === "object" && !Array.isArray(value)) return value;
-  } catch {
-    // rows written by other SQL may hold any text: shown as it is
-  }
-  return { call_id: `row-${item.event_id}`, name: item.event_type, args: item.content, result: item.content };
-}
+// ---------- events ----------
 
-function showStored(item) {
-  if (!markStored(item.event_id)) return;
-  switch (item.event_type) {
-    case "user_message":
-      showUserMessage(item.content);
-      newTurn(null);
-      break;
-    case "tool_call": {
-      const call = parseContent(item);
-      if (!state.tools.has(call.call_id)) showToolCall(state.openTurn ?? newTurn(null), call);
-      break;
-    }
-    case "tool_result": {
-      const outcome = parseContent(item);
-      const view = state.tools.get(outcome.call_id) ?? showToolCall(state.openTurn ?? newTurn(null), outcome);
-      showToolResult(view, outcome);
-      break;
-    }
-    case "ai_message":
-      showStoredAnswer(item);
-      break;
-  }
-}
-
-function showStoredAnswer(item) {
-  const turn = state.openTurn;
-  if (!turn && state.unconfirmedDone > 0) {
-    state.unconfirmedDone -= 1; // shown live already, stored since
-    return;
-  }
-  const target = turn ?? newTurn(null);
-  catchUpText(target, item.content);
-  finishTurn(target, { finish_reason: item.finish_reason, error: item.error, usage: null });
-}
-
-function catchUp(history, activeTurn) {
-  for (const item of history) showStored(item);
-  if (activeTurn) {
-    let turn = state.turns.get(activeTurn.turn_id);
-    if (!turn && state.openTurn && !state.openTurn.id) {
-      turn = state.openTurn; // its user message came with the history
-      turn.id = activeTurn.turn_id;
-      turn.article.dataset.turn = turn.id;
-      state.turns.set(turn.id, turn);
-    }
-    turn ??= newTurn(activeTurn.turn_id);
-    catchUpText(turn, activeTurn.text);
-    turn.nextIndex = activeTurn.next_index ?? 0;
-    setRunning(turn.id);
-  } else if (state.openTurn) {
-    // No turn runs and no answer is stored for it (yet): it ended while this tab was away.
-    const turn = state.openTurn;
-    finishTurn(turn, { finish_reason: null, error: null, usage: null });
-    turn.finish.textContent = "no answer stored for this message yet; reload later to see it";
-  }
-}
-
-// ---------- live events ----------
-
-const handlers = {
+const roomHandlers = {
+  ...liveHandlers,
   user_message(event) {
-    if (event.event_id !== null && state.seenEvents.has(event.event_id)) return;
-    markStored(event.event_id);
-    showUserMessage(event.text);
-    newTurn(event.turn_id);
-    setRunning(event.turn_id);
-  },
-  chunk(event) {
-    const turn = liveTurn(event.turn_id);
-    if (turn.finished || event.index < turn.nextIndex) return; // already in active_turn.text
-    appendText(turn, event.text);
-    turn.nextIndex = event.index + 1;
-  },
-  tool_call(event) {
-    if (!state.tools.has(event.call_id)) showToolCall(liveTurn(event.turn_id), event);
-  },
-  tool_result(event) {
-    const view = state.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), event);
-    showToolResult(view, event);
-  },
-  done(event) {
-    const turn = liveTurn(event.turn_id);
-    if (turn.finished) return;
-    if (turn.text !== event.text) replaceText(turn, event.text);
-    finishTurn(turn, event);
-    if (event.event_id === null) state.unconfirmedDone += 1;
-    else markStored(event.event_id);
+    liveHandlers.user_message(event);
+    if (state.session) sessionTouched(state.session);
   },
   presence(event) {
     ui.presence.textContent = `${event.clients} tab${event.clients === 1 ? "" : "s"} in this session`;
   },
 };
 
-for (const [name, handle] of Object.entries(handlers)) {
+for (const [name, handle] of Object.entries(roomHandlers)) {
   socket.on(name, (event) => {
     if (state.joining) state.buffered.push([handle, event]); // a new session's id is not known yet
     else if (event?.session_id === state.sessionId) handle(event);
   });
 }
+
+// These come for every session of the user, joined or not: the list follows them all.
+socket.on("session_updated", (event) => {
+  sessionUpdated(event);
+  if (event.session_id === state.sessionId && state.session) {
+    state.session = { ...state.session, title: event.title, updated_at: event.updated_at };
+    ui.chatTitle.textContent = displayTitle(state.session);
+  }
+});
+
+socket.on("session_deleted", (event) => {
+  sessionRemoved(event.session_id);
+  if (event.session_id === state.sessionId && !state.gone) {
+    showGone("This chat was deleted (in this tab, another tab or by another client); it cannot be continued.");
+  }
+});
 
 // ---------- requests ----------
 
@@ -360,25 +195,117 @@ async function request(name, payload) {
   }
 }
 
-async function join() {
-  const payload = {};
+// Stored events after the last one shown, a page at a time, until none is left.
+async function showLaterPages(sessionId, generation) {
+  let more = true;
+  while (more && generation === state.generation) {
+    const page = await api(`${sessionPath(sessionId)}/events`, {
+      query: { after_event_id: shown.lastEventId, limit: LATER_PAGE },
+    });
+    if (generation !== state.generation) return;
+    showHistory(page.events);
+    more = page.more && page.events.length > 0;
+  }
+}
+
+// Back after a disconnection (the socket is in no room): what was stored meanwhile comes first, so
+// that the join's answer (its history, `active_turn`) and the live events after it start where
+// these pages end. Without this, a rejoin answering `history_more` would leave events in between.
+async function catchUpStored(generation) {
+  try {
+    await showLaterPages(state.sessionId, generation);
+    return true;
+  } catch (error) {
+    // A deleted session is the join's to say (it offers a new chat).
+    if (error.code !== "session_deleted") setNotice(ui.notice, `Could not load what was missed: ${error.message} (${error.code})`);
+    return false;
+  }
+}
+
+function joinPayload() {
+  const payload = { ...anonymousOwner() };
   if (state.sessionId) payload.session_id = state.sessionId;
-  if (state.lastEventId !== null) payload.after_event_id = state.lastEventId;
+  if (shown.lastEventId !== null) payload.after_event_id = shown.lastEventId;
+  return payload;
+}
+
+async function join() {
+  const generation = ++state.generation;
+  const rejoin = shown.lastEventId !== null;
   state.joining = true;
-  const answer = await request("join", payload);
-  state.joining = false;
-  const buffered = state.buffered.splice(0);
-  if (!answer.ok) {
-    setNotice(ui.notice, refusalText(answer.error));
-    setStatus("refused", "Not in a session");
-    if (answer.error.code === "unauthorized") askForToken(true);
+  let complete = !rejoin || (await catchUpStored(generation));
+  if (generation !== state.generation) return;
+  const answer = await request("join", joinPayload());
+  if (generation !== state.generation) {
+    // Another session was chosen meanwhile: this one's room is not wanted.
+    if (answer.ok && answer.session.session_id !== state.sessionId) leave(answer.session.session_id);
     return;
   }
-  showSession(answer.session.session_id);
-  catchUp(answer.history, answer.active_turn);
-  for (const [handle, event] of buffered) if (event?.session_id === state.sessionId) handle(event);
+  if (!answer.ok) {
+    state.joining = false;
+    state.buffered = [];
+    refused(answer.error);
+    return;
+  }
+  showSession(answer.session);
+  showHistory(answer.history);
+  if (!rejoin) setEarlierAvailable(answer.history_more);
+  // More than a page stored between those pages and the join: rare, and fetched the same way.
+  else if (answer.history_more) complete = (await catchUpStored(generation)) && complete;
+  if (generation !== state.generation) return;
+  catchUpTurn(answer.active_turn);
+  state.joining = false;
+  for (const [handle, event] of state.buffered.splice(0)) if (event?.session_id === state.sessionId) handle(event);
   setStatus("connected", "Connected");
+  if (complete) setNotice(ui.notice, null);
+}
+
+function refused(error) {
+  if (error.code === "session_deleted") {
+    showGone(refusalText(error));
+    return;
+  }
+  setNotice(ui.notice, refusalText(error));
+  setStatus("refused", "Not in a session");
+  if (error.code === "unauthorized") askForToken(true);
+}
+
+function leave(sessionId) {
+  if (socket.connected) socket.emit("leave", { session_id: sessionId });
+}
+
+/** Show another session (null: a new one): leave the open one, join that one. */
+function openSession(sessionId, { push = true } = {}) {
+  closeDrawer();
+  if (sessionId && sessionId === state.sessionId && !state.gone) return;
+  if (state.session && !state.gone) leave(state.session.session_id);
+  clearConversation();
+  Object.assign(state, { sessionId, session: null, gone: false, buffered: [] });
+  ui.presence.textContent = "";
+  ui.chatTitle.textContent = "New chat";
+  ui.sessionId.textContent = sessionId ?? "not joined yet";
+  setCurrentSession(sessionId);
   setNotice(ui.notice, null);
+  if (push) history.pushState(null, "", sessionId ? `/?session=${encodeURIComponent(sessionId)}` : "/");
+  if (!socket.connected) return; // joined on connect
+  setStatus("joining", "Joining…");
+  join();
+}
+
+async function loadEarlier() {
+  const sessionId = state.sessionId;
+  ui.loadEarlier.disabled = true;
+  try {
+    const page = await api(`${sessionPath(sessionId)}/events`, {
+      query: { before_event_id: shown.firstEventId, limit: EARLIER_PAGE },
+    });
+    if (sessionId !== state.sessionId) return;
+    showEarlier(page.events);
+    setEarlierAvailable(page.more);
+  } catch (error) {
+    ui.loadEarlier.disabled = false;
+    setNotice(ui.notice, `Could not load earlier messages: ${error.message} (${error.code})`);
+  }
 }
 
 async function send() {
@@ -388,11 +315,13 @@ async function send() {
     return;
   }
   ui.send.disabled = true;
-  const answer = await request("message", { session_id: state.sessionId, text, client_message_id: newId() });
-  ui.send.disabled = !socket.connected;
+  const answer = await request("message", { session_id: state.sessionId, text, client_message_id: `pg-${randomHex(16)}` });
+  ui.send.disabled = !socket.connected || state.gone;
   if (answer.ok) {
     if (ui.message.value === text) ui.message.value = "";
     setNotice(ui.notice, null);
+  } else if (answer.error.code === "session_deleted") {
+    if (!state.gone) showGone(refusalText(answer.error));
   } else {
     setNotice(ui.notice, refusalText(answer.error));
     if (answer.error.code === "unauthorized") askForToken(true);
@@ -404,30 +333,29 @@ async function stop() {
   if (!answer.ok) setNotice(ui.notice, refusalText(answer.error));
 }
 
-// crypto.randomUUID needs a secure context; the page may be opened over plain http on a LAN address.
-function newId() {
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return `pg-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
-}
-
 // ---------- connection ----------
 
 function askForToken(refused) {
-  if (refused) sessionStorage.removeItem(TOKEN_KEY);
+  if (refused) token.clear();
   ui.tokenForm.hidden = false;
   setNotice(ui.tokenError, refused ? `unauthorized: ${REFUSALS.unauthorized}` : null);
   ui.token.focus();
 }
 
-socket.on("connect", () => {
+socket.on("connect", async () => {
   state.failedAttempts = 0;
   ui.tokenForm.hidden = true;
-  setStatus("joining", "Joining…");
-  join();
+  if (state.gone) setStatus("deleted", "Chat deleted");
+  else {
+    setStatus("joining", "Joining…");
+    await join();
+  }
+  // Events about the user's chats may have been missed while away: the list starts again.
+  reloadSessions();
 });
 
 socket.on("disconnect", (reason) => {
-  setStatus("reconnecting", "Reconnecting…");
+  if (!state.gone) setStatus("reconnecting", "Reconnecting…");
   if (reason === "io server disconnect") socket.connect(); // the server closed it: come back anyway
 });
 
@@ -444,13 +372,39 @@ socket.on("connect_error", (error) => {
   // Refused by the server: it will not retry by itself.
   setStatus("refused", "Not connected");
   if (error.message === "unauthorized") {
-    askForToken(Boolean(sessionStorage.getItem(TOKEN_KEY)));
+    askForToken(Boolean(token.get()));
   } else {
     setNotice(ui.notice, refusalText({ code: error.message, message: "" }));
   }
 });
 
+// ---------- the drawer (the list on a phone) ----------
+
+function setDrawer(open) {
+  document.body.classList.toggle("drawer-open", open);
+  ui.openDrawer.setAttribute("aria-expanded", String(open));
+  ui.backdrop.hidden = !open;
+}
+
+function closeDrawer() {
+  if (!document.body.classList.contains("drawer-open")) return;
+  setDrawer(false);
+  ui.openDrawer.focus();
+}
+
+ui.openDrawer.addEventListener("click", () => {
+  setDrawer(true);
+  ui.newChat.focus();
+});
+ui.closeDrawer.addEventListener("click", closeDrawer);
+ui.backdrop.addEventListener("click", closeDrawer);
+
 // ---------- controls ----------
+
+setUpSessionList({ open: (sessionId) => openSession(sessionId) });
+ui.newChat.addEventListener("click", () => openSession(null));
+ui.loadEarlier.addEventListener("click", loadEarlier);
+window.addEventListener("popstate", () => openSession(new URLSearchParams(location.search).get("session"), { push: false }));
 
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -467,7 +421,14 @@ ui.message.addEventListener("keydown", (event) => {
 ui.stop.addEventListener("click", stop);
 
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && state.runningTurn && !ui.stop.disabled) stop();
+  if (event.key !== "Escape") return;
+  if (document.body.classList.contains("drawer-open")) closeDrawer();
+  else if (shown.runningTurn && !ui.stop.disabled) stop();
+});
+
+ui.log.addEventListener("click", (event) => {
+  const button = event.target.closest("button.copy-code");
+  if (button) copyCode(button);
 });
 
 ui.copyLink.addEventListener("click", async () => {
@@ -484,9 +445,9 @@ ui.copyLink.addEventListener("click", async () => {
 
 ui.tokenForm.addEventListener("submit", (event) => {
   event.preventDefault();
-  const token = ui.token.value.trim();
-  if (!token) return;
-  sessionStorage.setItem(TOKEN_KEY, token);
+  const value = ui.token.value.trim();
+  if (!value) return;
+  token.set(value);
   ui.token.value = "";
   setNotice(ui.tokenError, null);
   setStatus("connecting", "Connecting…");
