@@ -42,6 +42,7 @@ MIB = 1024 * 1024
 
 @dataclass
 class Reading:
+    rest_mib: list[float] = field(default_factory=list)
     one_join_seconds: list[float] = field(default_factory=list)
     answer_bytes: int = 0
     ten_joins_seconds: list[float] = field(default_factory=list)
@@ -139,6 +140,7 @@ async def measure_once(root: Path, reading: Reading) -> None:
 
 
 async def measure_server(server: ServerProcess, session_id: str, reading: Reading) -> None:
+    reading.rest_mib.append(rss_bytes(server.pid) / MIB)
     async with SocketIO.connected(server.url) as client:
         started = time.perf_counter()
         answer, size = await client.call("join", {"session_id": session_id})
@@ -186,6 +188,7 @@ def report(readings: dict[str, Reading], rounds: int, command: str) -> str:
     def row(name: str, values: list[str]) -> None:
         lines.append(f"| {name} | " + " | ".join(values) + " |")
 
+    row("RSS before any join", [f"{statistics.median(r.rest_mib):.0f} MiB" for r in readings.values()])
     row("one `join`: time", [f"{statistics.median(r.one_join_seconds):.2f} s" for r in readings.values()])
     row("one `join`: answer", [f"{r.answer_bytes / MIB:.2f} MiB" for r in readings.values()])
     row("ten `join`s at once: time", [f"{statistics.median(r.ten_joins_seconds):.2f} s" for r in readings.values()])
