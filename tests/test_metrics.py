@@ -4,6 +4,7 @@ what was done and every gauge saying what is true now."""
 
 from __future__ import annotations
 
+import inspect
 import uuid
 
 import httpx
@@ -11,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from server.core.errors import ErrorCode
+from server.metrics import STORAGE_OPERATIONS
+from server.storage.measured import MeasuredRepository
 from tests.conftest import ServerFactory, TabFactory
 from tests.harness import RunningServer, Tab, wait_for_summary
 from tests.test_auth import SECRET, refused, token
@@ -222,3 +225,13 @@ async def test_metrics_token_guards_the_scrape_and_nothing_else(start_server: Se
         assert (await http.get("/readyz")).status_code == 200
     metrics = await scrape(server.url, Authorization="Bearer scrape-me-7f3a")
     assert_contract_families(metrics, tools={"get_weather"})
+
+
+def test_every_timed_storage_operation_is_exported_from_the_start() -> None:
+    """Each operation `MeasuredRepository` times has its `realtime_storage_seconds` series at 0."""
+    timed = {
+        name
+        for name, member in inspect.getmembers(MeasuredRepository, inspect.iscoroutinefunction)
+        if not name.startswith("_") and name != "aclose"
+    }
+    assert timed == set(STORAGE_OPERATIONS)
