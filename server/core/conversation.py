@@ -176,8 +176,10 @@ class ConversationService:
         try:
             session, page = await self._open_session(session_id, user_id, after_event_id, limit, owner)
             active = await self._enter(connection, session_id, page.events, after_event_id)
-            if session.user_id is not None:
-                await self._emitter.follow_user(connection, session.user_id)
+            if owner is None and user_id is not None:
+                # Authentication off: the user the client says it is (with it on, the token's user
+                # is followed from the connect on), whoever owns this session.
+                await self._emitter.follow_user(connection, user_id)
         finally:
             self._joining[connection].discard(session_id)
             if not self._joining[connection]:
