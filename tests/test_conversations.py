@@ -4,6 +4,7 @@ read a page at a time however long they grow."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -87,13 +88,19 @@ async def test_a_users_sessions_come_newest_first_in_pages_while_new_ones_arrive
     server = await start_server(**backend)
     user, other = f"user-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
     tab = await connect(server)
-    created = [(await tab.join(user_id=user))["session"]["session_id"] for _ in range(7)]
+    created = []
+    for _ in range(7):
+        created.append((await tab.join(user_id=user))["session"]["session_id"])
+        await asyncio.sleep(0.002)  # SQLite keeps milliseconds: each its own moment (ties: storage's tests)
     await tab.join(user_id=other)
     async with httpx.AsyncClient(base_url=server.url) as http:
         first = await list_page(http, user, limit=3)
         assert [s["session_id"] for s in first["sessions"]] == created[::-1][:3]
         # Sessions made while a client pages are newer: they come first, not inside later pages.
-        newer = [(await tab.join(user_id=user))["session"]["session_id"] for _ in range(3)]
+        newer = []
+        for _ in range(3):
+            newer.append((await tab.join(user_id=user))["session"]["session_id"])
+            await asyncio.sleep(0.002)
         rest: list[str] = []
         cursor = first["next_cursor"]
         while cursor is not None:
@@ -355,3 +362,98 @@ async def test_ten_joins_of_a_session_of_50000_events_cost_a_page_each(spawn: Sp
 def rss_mib(pid: int) -> float:
     pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+async def test_hostile_queries_and_bodies_are_refused_as_invalid_payload(
+    backend: dict[str, Any], start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(**backend)
+    sid = (await (await connect(server)).join(user_id="hostile"))["session"]["session_id"]
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode()
+    far = base64.urlsafe_b64encode(json.dumps(["0001-01-01T00:00:00+14:00", sid]).encode()).decode()
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for params in ({"after_event_id": 2**63}, {"before_event_id": -(2**63) - 5}):
+            refusal(await http.get(f"/api/sessions/{sid}/events", params=params), 400, "invalid_payload")
+        for cursor in (deep, far, "", "!!!"):
+            answer = await http.get("/api/sessions", params={"user_id": "hostile", "cursor": cursor})
+            refusal(answer, 400, "invalid_payload")
+        for user_id in ("nul\x00", "x" * 257):
+            refusal(await http.get("/api/sessions", params={"user_id": user_id}), 400, "invalid_payload")
+        body = b'{"title": "\\ud800"}'  # a lone surrogate, as JSON allows it
+        answer = await http.patch(f"/api/sessions/{sid}", content=body, headers={"content-type": "application/json"})
+        refusal(answer, 400, "invalid_payload")
+        assert (await http.get(f"/api/sessions/{sid}")).json()["title"] is None
+
+
+async def test_unauthorized_comes_before_every_other_refusal(start_server: ServerFactory) -> None:
+    server = await start_server(auth_jwt_secret=SECRET)
+    sid = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        refusal(await http.get("/api/sessions", params={"limit": "x"}), 401, "unauthorized")
+        refusal(await http.get(f"/api/sessions/{sid}/events", params={"limit": "abc"}), 401, "unauthorized")
+        refusal(await http.patch(f"/api/sessions/{sid}", json={"title": 5}), 401, "unauthorized")
+        refusal(await http.delete("/api/sessions/not-a-uuid"), 401, "unauthorized")
+
+
+async def test_a_join_that_overlaps_a_deletion_is_refused_not_left_in_an_empty_room(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = (await (await connect(server)).join())["session"]["session_id"]
+    repo = server.runtime.repo
+    reading, deleted = asyncio.Event(), asyncio.Event()
+    page_events = repo.page_events
+
+    async def slow_page(*args: Any, **kwargs: Any) -> Any:
+        page = await page_events(*args, **kwargs)
+        reading.set()
+        await deleted.wait()  # the deletion runs while this join holds its history
+        return page
+
+    monkeypatch.setattr(repo, "page_events", slow_page)
+    late = await connect(server)
+    join = asyncio.create_task(late.call("join", {"session_id": sid}))
+    await reading.wait()
+    monkeypatch.setattr(repo, "page_events", page_events)
+    assert (await http.delete(f"/api/sessions/{sid}")).status_code == 204
+    deleted.set()
+    assert (await join)["error"]["code"] == "session_deleted"
+    refused = await late.call("message", {"session_id": sid, "text": "anyone?"})
+    assert refused["error"]["code"] == "session_deleted", refused
+
+
+async def test_a_deletion_without_the_shared_state_is_refused_and_changes_nothing(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+
+    async def away() -> None:
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(server.runtime.coordination, "ping", away)
+    refusal(await http.delete(f"/api/sessions/{sid}"), 503, "unavailable")
+    monkeypatch.undo()
+    assert (await http.get(f"/api/sessions/{sid}")).status_code == 200
+    ack = await tab.call("message", {"session_id": sid, "text": "still here"})
+    assert ack["ok"], ack
+
+
+async def test_a_plain_websocket_hears_only_its_own_sessions_events(
+    server: RunningServer, connect: TabFactory, http: httpx.AsyncClient
+) -> None:
+    tab = await connect(server)
+    mine = (await tab.join(user_id="pat"))["session"]["session_id"]
+    other = (await tab.join(user_id="pat"))["session"]["session_id"]
+    ws_url = server.url.replace("http", "ws") + f"/ws/session/{mine}?user_id=pat"
+    async with websockets.connect(ws_url) as plain:
+        assert json.loads(await plain.recv())["event"] == "session"
+        await http.patch(f"/api/sessions/{other}", json={"title": "Not this one"})
+        await http.delete(f"/api/sessions/{other}")
+        await tab.wait_for(lambda _: tab.named("session_deleted"))  # the Socket.IO list heard both
+        await http.patch(f"/api/sessions/{mine}", json={"title": "This one"})
+        frames = []
+        while not frames or frames[-1]["event"] != "session_updated":
+            frames.append(json.loads(await asyncio.wait_for(plain.recv(), 5)))
+        assert all(f["data"]["session_id"] == mine for f in frames), frames
+        assert frames[-1]["data"]["title"] == "This one"
+        assert "session_deleted" not in [f["event"] for f in frames]

@@ -88,7 +88,13 @@ class RecordingEmitter:
             self.done.set()
 
     async def add_member(
-        self, member: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+        self,
+        member: str,
+        session_id: str,
+        *,
+        history_end: int | None = None,
+        stored_end: int | None = None,
+        title: str | None = None,
     ) -> None:
         return None
 

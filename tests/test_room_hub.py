@@ -4,9 +4,17 @@ reports missed events, and the catch-up from storage that follows."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
-from server.core.models import DoneEvent, PresenceEvent, Session, ToolCallEvent, UserMessageEvent
+from server.core.models import (
+    DoneEvent,
+    PresenceEvent,
+    Session,
+    SessionUpdatedEvent,
+    ToolCallEvent,
+    UserMessageEvent,
+)
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
 from server.rooms.hub import Outgoing, RoomHub, RoomMessage
@@ -46,11 +54,21 @@ class Fanout:
     def unwatch(self, session_id: str) -> None:
         self.watched.discard(session_id)
 
+    def publish_to_user(self, user_id: str, session_id: str, message: RoomMessage) -> None:
+        self.published.append(message)
+
+    async def watch_user(self, user_id: str) -> None:
+        self.watched.add(f"user:{user_id}")
+
+    def unwatch_user(self, user_id: str) -> None:
+        self.watched.discard(f"user:{user_id}")
+
 
 class Storage:
     def __init__(self) -> None:
         self.rows: list[Missed] = []
         self.asked: list[int] = []
+        self.session: Session | None = None  # as storage has it now (None: nothing to catch up on)
 
     async def missed_events(self, session_id: str, after_event_id: int) -> list[Missed]:
         self.asked.append(after_event_id)
@@ -60,7 +78,7 @@ class Storage:
         return PresenceEvent(session_id=SID, clients=2)
 
     async def session_state(self, session_id: str) -> Session | None:
-        return None  # neither deleted nor titled: nothing of the session itself to catch up
+        return self.session
 
 
 def turn(n: int, first_id: int) -> list[Missed]:
@@ -214,3 +232,81 @@ async def test_a_member_that_leaves_while_its_room_subscribes_is_not_left_in_it(
     hub.disconnect(staying)
     assert fanout.watched == set()
     await hub.close()
+
+
+def stored_session(**fields: Any) -> Session:
+    return Session(session_id=SID, user_id="u", start_time=datetime.now(UTC), **fields)
+
+
+async def caught_up(hub: RoomHub, member: Recorder, last: str) -> None:
+    hub.missed()
+    async with asyncio.timeout(2):
+        while last not in member.got:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_catch_up_that_finds_the_session_deleted_empties_the_room_and_tells_the_core() -> None:
+    storage = Storage()
+    hub = RoomHub(TaskTracker(), Fanout())
+    hub.catch_up_from(storage)
+    finished = asyncio.Event()
+
+    async def forget(session_id: str) -> None:
+        await asyncio.sleep(0.01)  # the core's cleanup awaits: it must not be cut short
+        finished.set()
+
+    hub.on_session_deleted(forget)
+    tab = Recorder("tab")
+    hub.connect(tab)
+    await hub.add_member("tab", SID, history_end=0)
+    storage.session = stored_session(deleted_at=datetime.now(UTC))
+    hub.missed()
+    async with asyncio.timeout(2):
+        await finished.wait()
+    assert tab.got == ["session_deleted:None"]
+    await hub.publish(SID, PresenceEvent(session_id=SID, clients=1))
+    assert tab.got == ["session_deleted:None"]  # out of the room
+
+
+async def test_a_catch_up_sends_the_title_only_when_it_changed_while_away() -> None:
+    storage = Storage()
+    hub = RoomHub(TaskTracker(), Fanout())
+    hub.catch_up_from(storage)
+    tab = Recorder("tab")
+    hub.connect(tab)
+    await hub.add_member("tab", SID, history_end=0, title="Lisbon")
+    storage.session = stored_session(title="Lisbon", updated_at=datetime.now(UTC))
+    await caught_up(hub, tab, "presence:2")
+    assert tab.got == ["presence:2"]  # the title the join gave: nothing to send
+    storage.session = stored_session(title="Porto", updated_at=datetime.now(UTC))
+    tab.got.clear()
+    await caught_up(hub, tab, "presence:2")
+    assert tab.got == ["session_updated:None", "presence:2"]
+    tab.got.clear()
+    await caught_up(hub, tab, "presence:2")
+    assert tab.got == ["presence:2"]
+
+
+async def test_a_session_event_reaches_room_and_followers_once_whichever_channel_brings_it_first() -> None:
+    hub = RoomHub(TaskTracker(), Fanout())
+    in_room, follower, both, stranger = Recorder("in_room"), Recorder("follower"), Recorder("both"), Recorder("x")
+    for member in (in_room, follower, both, stranger):
+        hub.connect(member)
+    await hub.add_member("in_room", SID)
+    await hub.add_member("both", SID)
+    await hub.follow_user("follower", "u")
+    await hub.follow_user("both", "u")
+    await hub.follow_user("x", "someone else")
+    update = SessionUpdatedEvent(session_id=SID, title="T", updated_at=None).payload()
+    message = RoomMessage("session_updated", update, "session_updated:1", user_id="u")
+    await hub.receive(SID, message)  # the room's channel
+    await hub.receive(SID, message)  # the user's channel: the same event again
+    for member in (in_room, follower, both):
+        assert member.got == ["session_updated:None"], member.connection_id
+    assert stranger.got == []
+    deleted = RoomMessage("session_deleted", {"session_id": SID}, "session_deleted:2", user_id="u")
+    await hub.receive(SID, deleted)
+    late_title = RoomMessage("session_updated", update, "session_updated:3", user_id="u")
+    await hub.receive(SID, late_title)  # made elsewhere as it was deleted: not sent
+    for member in (in_room, follower, both):
+        assert member.got == ["session_updated:None", "session_deleted:None"], member.connection_id

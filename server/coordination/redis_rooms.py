@@ -233,13 +233,17 @@ class RedisRooms:
         self._unsubscribe_soon(self._channel("room", session_id))
 
     async def watch_user(self, user_id: str) -> None:
-        await self._subscribe(self._channel("user", user_id))
+        # Kept even when this fails (Redis away): the subscription made again on reconnect has it.
+        await self._subscribe(self._channel("user", user_id), keep=True)
 
     def unwatch_user(self, user_id: str) -> None:
         self._unsubscribe_soon(self._channel("user", user_id))
 
-    async def _subscribe(self, channel: str) -> None:
-        """Return once Redis confirms the subscription (kept, and made again after a reconnect)."""
+    async def _subscribe(self, channel: str, *, keep: bool = False) -> None:
+        """Return once Redis confirms the subscription (kept, and made again after a reconnect;
+        `keep`: kept for the reconnect even when this attempt fails)."""
+        if keep:
+            self._watched.add(channel)
         if self._pubsub is None:
             raise ConnectionError("not subscribed to Redis now")
         self._watched.add(channel)
@@ -249,7 +253,8 @@ class RedisRooms:
             async with asyncio.timeout(2):
                 await asyncio.shield(confirmed)
         except BaseException:
-            self._watched.discard(channel)
+            if not keep:
+                self._watched.discard(channel)
             raise
 
     def _unsubscribe_soon(self, channel: str) -> None:

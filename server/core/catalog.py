@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from server.core.conversation import ConversationService, parse_session_id
 from server.core.errors import ErrorCode, ServiceError, session_deleted, storage_unavailable
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
 MAX_TITLE_CHARS = 200
+MAX_USER_ID_CHARS = 256  # as a `join`'s user_id
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -44,17 +45,31 @@ def decode_cursor(cursor: str) -> SessionCursor:
         moment = datetime.fromisoformat(updated_at)
         if moment.tzinfo is None:
             raise ValueError("a cursor's time has a zone")
-        return SessionCursor(updated_at=moment, session_id=parse_session_id(session_id))
-    except (ValueError, TypeError, binascii.Error, ServiceError):
+        return SessionCursor(updated_at=moment.astimezone(UTC), session_id=parse_session_id(session_id))
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error, ServiceError):
         raise _invalid("cursor is not one this service gave") from None
+
+
+def checked_user_id(user_id: str) -> str:
+    if not 1 <= len(user_id) <= MAX_USER_ID_CHARS or "\x00" in user_id or not _encodable(user_id):
+        raise _invalid(f"user_id must be 1 to {MAX_USER_ID_CHARS} characters of text, without NUL")
+    return user_id
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # lone surrogates cannot be stored
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def checked_title(title: str) -> str:
     trimmed = title.strip()
     if not 1 <= len(trimmed) <= MAX_TITLE_CHARS:
         raise _invalid(f"title must be 1 to {MAX_TITLE_CHARS} characters once trimmed")
-    if _CONTROL.search(trimmed):
-        raise _invalid("title must not contain control characters")
+    if _CONTROL.search(trimmed) or not _encodable(trimmed):
+        raise _invalid("title must be text without control characters")
     return trimmed
 
 
@@ -74,6 +89,7 @@ class SessionCatalog:
     async def list(self, user_id: str, limit: int, cursor: str | None) -> SessionPage:
         if not 1 <= limit <= MAX_SESSIONS_PAGE:
             raise _invalid(f"limit must be 1 to {MAX_SESSIONS_PAGE}")
+        user_id = checked_user_id(user_id)
         after = decode_cursor(cursor) if cursor is not None else None
         try:
             sessions = await self._repo.list_sessions(user_id, limit + 1, after)
@@ -122,6 +138,8 @@ class SessionCatalog:
         """Storage first (from then on it takes nothing of the session, from any process), then the
         running turn ends (its `done` reaches the room first), then every client hears of it."""
         session = await self.get(session_id, caller)
+        # Without the shared state a turn running on another process could not be cancelled.
+        await self._service.require_shared_state()
         try:
             deleted = await self._repo.delete_session(session.session_id)
         except StorageUnavailable:

@@ -174,8 +174,11 @@ class ConversationService:
             await self._refuse_over_session_cap(session_id, owner)
         limit = history_limit or self._limits.join_history_limit
         try:
-            session, page = await self._open_session(session_id, user_id, after_event_id, limit, owner)
-            active = await self._enter(connection, session_id, page.events, after_event_id)
+            session, page, end = await self._open_session(session_id, user_id, after_event_id, limit, owner)
+            active = await self._enter(
+                connection, session_id, history_end=end or after_event_id, stored_end=end, title=session.title
+            )
+            await self._refuse_if_deleted_meanwhile(connection, session_id)
             if owner is None and user_id is not None:
                 # Authentication off: the user the client says it is (with it on, the token's user
                 # is followed from the connect on), whoever owns this session.
@@ -201,7 +204,8 @@ class ConversationService:
 
     async def _open_session(
         self, session_id: str, user_id: str | None, after_event_id: int | None, limit: int, owner: str | None
-    ) -> tuple[Session, EventPage]:
+    ) -> tuple[Session, EventPage, int | None]:
+        """The session, its history page, and the last event id storage has of it (None: unknown)."""
         try:
             if self._store.outage:
                 raise StorageUnavailable("storage is out; events wait in the local queue")
@@ -214,23 +218,33 @@ class ConversationService:
             # A history with gaps would mislead the tab: the session's queued events go first.
             await self._writer.wait_stored(session_id, within_seconds=self._limits.done_store_wait_seconds)
             page = await self._repo.page_events(session_id, after=after_event_id, limit=limit)
+            end = page.events[-1].event_id if page.events else None
+            if after_event_id is not None and page.more:
+                # The client pages the rest itself: its room starts at the session's end, not the page's.
+                latest = await self._repo.page_events(session_id, limit=1)
+                end = latest.events[-1].event_id if latest.events else end
         except StorageUnavailable:
             raise storage_unavailable() from None
         if after_event_id is None and not page.more:
             self._history.note(session_id, page.events)  # the whole session: a turn need not read it again
-        return session, page
+        return session, page, end
 
     async def _enter(
-        self, connection: str, session_id: str, history: list[StoredEvent], after_event_id: int | None
+        self,
+        connection: str,
+        session_id: str,
+        *,
+        history_end: int | None,
+        stored_end: int | None,
+        title: str | None,
     ) -> ActiveTurn | None:
         """Put the connection in the session's room; the session's running turn, if any."""
         newly = session_id not in self._joined[connection]
-        stored_end = history[-1].event_id if history else None
         try:
             if newly:
                 self._joined[connection].add(session_id)
                 await self._emitter.add_member(
-                    connection, session_id, history_end=stored_end or after_event_id, stored_end=stored_end
+                    connection, session_id, history_end=history_end, stored_end=stored_end, title=title
                 )
             clients = await self._coordination.add_member(session_id, connection)
             # Taken right after entering the room: every chunk is in this text or reaches the
@@ -246,6 +260,37 @@ class ConversationService:
         if clients is not None:
             await self._emitter.publish(session_id, PresenceEvent(session_id=session_id, clients=clients))
         return active
+
+    async def _refuse_if_deleted_meanwhile(self, connection: str, session_id: str) -> None:
+        """A deletion that ran while the join read the session emptied the room before this client
+        was in it: the join is undone and refused rather than left in a room nobody announces to.
+        With other processes, storage is asked again (the deletion may have run on one of them)."""
+        deleted = session_id in self._deleted
+        if not deleted and not self._coordination.single_process:
+            try:
+                session = await self._repo.get_session(session_id)
+                deleted = session is not None and session.deleted
+            except StorageUnavailable:
+                deleted = False  # the join stands; a deletion is caught up on once storage answers
+        if not deleted:
+            return
+        self._remember_deleted(session_id)
+        await self._leave_deleted(connection, session_id)
+        await self._emitter.remove_member(connection, session_id)
+        raise session_deleted()
+
+    async def _leave_deleted(self, connection: str, session_id: str) -> None:
+        """Take the connection out of a deleted session (no presence is sent: nobody is in it)."""
+        sessions = self._joined.get(connection)
+        if sessions is None or session_id not in sessions:
+            return
+        sessions.discard(session_id)
+        if not sessions:
+            del self._joined[connection]
+        try:
+            await self._coordination.remove_member(session_id, connection)
+        except Exception as exc:  # presence of a deleted session is read by nobody
+            log.debug("cannot count %s out of deleted session %s: %r", connection, session_id, exc)
 
     async def _refuse_over_session_cap(self, session_id: str, owner: str | None) -> None:
         # `forbidden` comes before `rate_limited`, and a refusal creates nothing: look, never create.
@@ -413,32 +458,33 @@ class ConversationService:
     async def end_deleted(self, session_id: str) -> None:
         """The session was just deleted in storage: its running turn, here or on another process,
         is cancelled, and this returns once it has ended (its `done` sent), or after a while."""
+        here = self._turns.get(session_id)
+        if here is not None:
+            here.stop("cancelled")  # at once, whatever the shared state can answer
         try:
             async with asyncio.timeout(DELETE_TURN_WAIT_SECONDS):
                 turn_id = await self._coordination.running_turn(session_id)
-                if turn_id is not None:
-                    here = self._turns.get(session_id)
-                    if here is not None and here.turn_id == turn_id:
-                        here.stop("cancelled")
-                    else:
-                        await self._coordination.request_cancel(session_id, turn_id)
-                    await self.wait_turn_end(session_id)
+                if turn_id is not None and (here is None or here.turn_id != turn_id):
+                    await self._coordination.request_cancel(session_id, turn_id)
+                await self.wait_turn_end(session_id)
         except Exception as exc:  # the deletion stands; storage refuses what that turn still writes
             log.warning("deleted session %s: its turn did not end in time (%r)", session_id, exc)
+            if here is not None and here.ended is not None:  # its `done` goes before `session_deleted`
+                await asyncio.wait([here.ended], timeout=DELETE_TURN_WAIT_SECONDS)
+
+    async def require_shared_state(self) -> None:
+        """`unavailable` when the shared state cannot be reached (a request that needs it changes nothing)."""
+        try:
+            await self._coordination.ping()
+        except Exception as exc:
+            raise shared_state_unavailable(exc) from None
 
     async def session_deleted(self, session_id: str) -> None:
         """On every process that hears it: forget the session (its rooms are emptied by the hub),
         and drop what waits to be written of it."""
         self._remember_deleted(session_id)
-        for connection, sessions in list(self._joined.items()):
-            if session_id in sessions:
-                sessions.discard(session_id)
-                if not sessions:
-                    del self._joined[connection]
-                try:
-                    await self._coordination.remove_member(session_id, connection)
-                except Exception as exc:  # presence of a deleted session is read by nobody
-                    log.debug("cannot count %s out of deleted session %s: %r", connection, session_id, exc)
+        for connection in [c for c, sessions in self._joined.items() if session_id in sessions]:
+            await self._leave_deleted(connection, session_id)
         self.summaries.session_deleted(session_id)
         self.titles.session_deleted(session_id)
         self._history.forget(session_id)

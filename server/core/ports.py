@@ -288,10 +288,17 @@ class Emitter(Protocol):
     async def publish(self, session_id: str, event: TurnEvent) -> None: ...
 
     async def add_member(
-        self, connection: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+        self,
+        connection: str,
+        session_id: str,
+        *,
+        history_end: int | None = None,
+        stored_end: int | None = None,
+        title: str | None = None,
     ) -> None:
         """Put the connection in the session's room. `history_end`: the last stored event its join
-        gave it (as the client asked); `stored_end`: the last stored event the join read."""
+        gave it (as the client asked); `stored_end`: the last stored event the join read; `title`:
+        the session's title as the join read it."""
         ...
 
     async def remove_member(self, connection: str, session_id: str) -> None: ...

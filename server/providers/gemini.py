@@ -59,7 +59,6 @@ TITLE_PROMPT = (
     "Give the conversation below a short title (at most eight words) that names its subject, in the "
     "language of the conversation. Reply with the title only: no quotes, no trailing punctuation."
 )
-TITLE_MAX_OUTPUT_TOKENS = 60
 # Key under which a tool call's Gemini part is stored verbatim (thought signature included).
 PART_KEY = "gemini_part"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -167,7 +166,9 @@ class GeminiProvider:
         return await self._one_answer(SUMMARY_PROMPT, conversation, "summary", self._config.max_output_tokens)
 
     async def title(self, conversation: Sequence[ConversationItem]) -> str:
-        return await self._one_answer(TITLE_PROMPT, conversation, "title", TITLE_MAX_OUTPUT_TOKENS)
+        # Not capped lower than an answer: a thinking model's thoughts count against the cap, and a
+        # small one leaves no room for the title itself.
+        return await self._one_answer(TITLE_PROMPT, conversation, "title", self._config.max_output_tokens)
 
     async def _one_answer(
         self, instruction: str, conversation: Sequence[ConversationItem], what: str, max_output_tokens: int | None

@@ -143,8 +143,7 @@ class Room:
     again: bool = False  # reported missing events since its catch-up began: one more pass
     held: list[RoomMessage] | None = None  # while catching up: live events, in order
     watching: asyncio.Task[None] | None = None  # subscribing to the other processes' events
-    # The session's (title, updated_at) as the last `session_updated` it heard said (None: none heard).
-    session_state: tuple[str | None, str | None] | None = None
+    title: str | None = None  # the session's title as its members know it (a catch-up sends a newer one)
 
 
 class RoomHub:
@@ -161,6 +160,7 @@ class RoomHub:
         self._followers: dict[str, set[str]] = {}  # user -> connections here that follow it
         self._following: dict[str, set[str]] = {}  # connection -> the users it follows
         self._heard: OrderedDict[str, set[str]] = OrderedDict()  # session event key -> connections sent to
+        self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions whose deletion was heard here
         self._on_deleted: DeletedHandler | None = None
 
     def catch_up_from(self, backlog: Backlog) -> None:
@@ -207,17 +207,24 @@ class RoomHub:
                 log.warning("cannot follow a user's sessions on other processes now: %r", exc)
 
     async def add_member(
-        self, connection_id: str, session_id: str, *, history_end: int | None = None, stored_end: int | None = None
+        self,
+        connection_id: str,
+        session_id: str,
+        *,
+        history_end: int | None = None,
+        stored_end: int | None = None,
+        title: str | None = None,
     ) -> None:
         """`history_end`: the last stored event the member has from its join (it is not sent those
-        again); `stored_end`: the last stored event its join read, where a new room's floor starts.
-        Raises when the room cannot receive the other processes' events, or the member left meanwhile."""
+        again); `stored_end`: the last stored event its join read, where a new room's floor starts;
+        `title`: the session's title its join read. Raises when the room cannot receive the other
+        processes' events, or the member left meanwhile."""
         client = self._members.get(connection_id)
         if client is None:
             raise ConnectionError("the connection has closed")
         room = self._rooms.get(session_id)
         if room is None:
-            room = self._rooms[session_id] = Room(floor=stored_end or 0)
+            room = self._rooms[session_id] = Room(floor=stored_end or 0, title=title)
             if self._fanout is not None:
                 room.watching = self._tasks.spawn(self._watch(session_id, room), f"watch {session_id}", awaited=True)
         if room.watching is not None:
@@ -248,8 +255,8 @@ class RoomHub:
         if self._rooms.pop(session_id, None) is None:
             return
         catching_up = self._catching_up.pop(session_id, None)
-        if catching_up is not None:
-            catching_up.cancel()
+        if catching_up is not None and catching_up is not asyncio.current_task():
+            catching_up.cancel()  # (a catch-up that found the session deleted ends by itself)
         if self._fanout is not None:
             self._fanout.unwatch(session_id)
 
@@ -289,11 +296,13 @@ class RoomHub:
         """Each connection here in the room or following the user gets a session event once,
         whichever channel brought it first."""
         assert message.key is not None
+        deleted = message.name == EVENT_NAMES[SessionDeletedEvent]
+        if not deleted and session_id in self._deleted:
+            return  # a title made elsewhere as it was deleted: it must not bring it back to a list
         first = message.key not in self._heard
         sent = self._heard.setdefault(message.key, set())
         while len(self._heard) > RECENT_SESSION_EVENTS:
             self._heard.popitem(last=False)
-        deleted = message.name == EVENT_NAMES[SessionDeletedEvent]
         room = self._rooms.get(session_id)
         if room is not None and deleted and room.held is not None:
             await self._release_held(room)  # what the room holds (the cancelled turn's `done`) goes first
@@ -303,13 +312,16 @@ class RoomHub:
             if member is not None:
                 recipients.setdefault(connection_id, (member, 0))
         if room is not None and message.name == EVENT_NAMES[SessionUpdatedEvent]:
-            room.session_state = (message.data.get("title"), message.data.get("updated_at"))
+            room.title = message.data.get("title")
         outgoing = Outgoing(message.name, message.data)
         for connection_id, (member, _) in recipients.items():
             if connection_id not in sent:
                 sent.add(connection_id)
                 await _send(member, outgoing)
         if deleted and first:
+            self._deleted[session_id] = None
+            while len(self._deleted) > RECENT_SESSION_EVENTS:
+                self._deleted.popitem(last=False)
             self._drop_room(session_id)
             if self._on_deleted is not None:
                 await self._on_deleted(session_id)
@@ -392,9 +404,9 @@ class RoomHub:
         if session.deleted:
             event: SessionEvent = SessionDeletedEvent(session_id=session_id)
         else:
-            updated_at = iso(session.updated_at) if session.updated_at is not None else None
-            if session.title is None or room.session_state == (session.title, updated_at):
+            if session.title is None or session.title == room.title:
                 return False
+            updated_at = iso(session.updated_at) if session.updated_at is not None else None
             event = SessionUpdatedEvent(session_id=session_id, title=session.title, updated_at=updated_at)
         name = EVENT_NAMES[type(event)]
         await self._hear(session_id, RoomMessage(name, event.payload(), f"{name}:{uuid.uuid4().hex}"))

@@ -6,9 +6,9 @@ import contextlib
 import hmac
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -117,6 +117,11 @@ async def _caller(request: Request) -> str | None:
     return identity.user_id
 
 
+# Resolved before the route's parameters are validated: `unauthorized` comes first of all errors.
+Caller = Annotated[str | None, Depends(_caller)]
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1  # what storage's event ids can be
+
+
 @router.get("/healthz", response_model=Health)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -144,11 +149,11 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/api/sessions", response_model=SessionList, responses=_refusals(400, 401, 503))
 async def list_sessions(
     request: Request,
+    caller: Caller,
     limit: int = Query(default=20, description="sessions per page, 1 to 100"),
     cursor: str | None = Query(default=None, description="`next_cursor` of the previous page"),
     user_id: str | None = Query(default=None, description="whose sessions, when authentication is off"),
 ) -> JSONResponse:
-    caller = await _caller(request)
     if caller is None and not user_id:
         raise _http(ServiceError(ErrorCode.INVALID_PAYLOAD, "user_id: required while authentication is off"))
     with _answered():
@@ -158,15 +163,13 @@ async def list_sessions(
 
 
 @router.get("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
-async def get_session(session_id: str, request: Request) -> Session:
-    caller = await _caller(request)
+async def get_session(session_id: str, request: Request, caller: Caller) -> Session:
     with _answered():
         return await _runtime(request).catalog.get(session_id, caller)
 
 
 @router.patch("/api/sessions/{session_id}", response_model=Session, responses=_refusals(400, 401, 403, 404, 503))
-async def rename_session(session_id: str, rename: Rename, request: Request) -> Session:
-    caller = await _caller(request)
+async def rename_session(session_id: str, rename: Rename, request: Request, caller: Caller) -> Session:
     with _answered():
         return await _runtime(request).catalog.rename(session_id, caller, rename.title)
 
@@ -174,8 +177,7 @@ async def rename_session(session_id: str, rename: Rename, request: Request) -> S
 @router.delete(
     "/api/sessions/{session_id}", status_code=204, response_class=Response, responses=_refusals(400, 401, 403, 404, 503)
 )
-async def delete_session(session_id: str, request: Request) -> Response:
-    caller = await _caller(request)
+async def delete_session(session_id: str, request: Request, caller: Caller) -> Response:
     with _answered():
         await _runtime(request).catalog.delete(session_id, caller)
     return Response(status_code=204)
@@ -185,11 +187,15 @@ async def delete_session(session_id: str, request: Request) -> Response:
 async def get_events(
     session_id: str,
     request: Request,
-    after_event_id: int | None = Query(default=None, description="the first events after this one"),
-    before_event_id: int | None = Query(default=None, description="the last events before this one"),
+    caller: Caller,
+    after_event_id: int | None = Query(
+        default=None, ge=MIN_ID, le=MAX_ID, description="the first events after this one"
+    ),
+    before_event_id: int | None = Query(
+        default=None, ge=MIN_ID, le=MAX_ID, description="the last events before this one"
+    ),
     limit: int = Query(default=1000, description="events per page, 1 to 1,000"),
 ) -> JSONResponse:
-    caller = await _caller(request)
     with _answered():
         page = await _runtime(request).catalog.events(
             session_id, caller, after=after_event_id, before=before_event_id, limit=limit

@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.core.conversation import ConversationService, parse_session_id
 from server.core.errors import ErrorCode, ServiceError
-from server.rooms.hub import Outgoing, RoomHub
+from server.rooms.hub import SESSION_EVENT_NAMES, Outgoing, RoomHub
 from server.transport import fast_json
 from server.transport.clients import REQUESTS, TOKEN_EXPIRED, ClientConnection, ConnectionGate
 from server.transport.tokens import bearer_token
@@ -78,9 +78,12 @@ class PlainClient:
         return self.connection.connection_id
 
     async def send(self, event: Outgoing) -> None:
-        """An event of one of its rooms (the hub's `Member`)."""
+        """An event of one of its rooms (the hub's `Member`). Its frames are its session's only: the
+        session events of the user's other sessions (which a Socket.IO list hears) are not sent."""
+        if event.name in SESSION_EVENT_NAMES and event.data.get("session_id") != self.session_id:
+            return
         self.put(event.encoded(frame))
-        if event.name == "session_deleted" and event.data.get("session_id") == self.session_id:
+        if event.name == "session_deleted":
             self.close(CLOSE_CODES[ErrorCode.SESSION_DELETED], ErrorCode.SESSION_DELETED.value)
 
     def put(self, text: str) -> None:
@@ -242,8 +245,6 @@ async def serve_plain_client(
     client = PlainClient(websocket, connection, _canonical(session_id), send_limit)
     hub.connect(client)
     open_clients.add(client)
-    if connection.identity is not None:
-        await hub.follow_user(connection_id, connection.identity.user_id)
 
     def expire() -> None:
         # Out of its session's room at once; the error frame and 4401 are the last it gets.

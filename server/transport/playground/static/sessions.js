@@ -184,8 +184,11 @@ export function sessionTouched(session) {
   showEmptiness();
 }
 
+const removed = new Set(); // sessions deleted while this page is open
+
 /** `session_updated`: a new title, and first in the list when `updated_at` moved (a rename). */
 export function sessionUpdated({ session_id, title, updated_at }) {
+  if (removed.has(session_id)) return; // a late title must not bring a deleted chat back
   const entry = list.items.get(session_id);
   if (!entry) {
     const session = { session_id, title, updated_at, start_time: updated_at };
@@ -202,6 +205,7 @@ export function sessionUpdated({ session_id, title, updated_at }) {
 
 /** `session_deleted` (or this tab's own delete): out of the list. */
 export function sessionRemoved(sessionId) {
+  removed.add(sessionId);
   const entry = list.items.get(sessionId);
   if (!entry) return;
   entry.li.remove();
