@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(8000, gt=0)
     # Events in a `join` answer when the client names no `history_limit`.
     join_history_limit: int = Field(1000, ge=1, le=1000)
+    # What one model request may carry of the conversation, in tokens (Long conversations).
+    context_max_tokens: int = Field(32_000, ge=256)
     # A session's title is asked of the model after its first answer that ends with `stop`.
     title_generation: bool = True
     message_rate_limit: int = Field(30, gt=0)

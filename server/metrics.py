@@ -86,7 +86,7 @@ class PrometheusMetrics:
         )
         self._provider_requests = Counter(
             "realtime_provider_requests",
-            "Model requests (turn rounds, summaries and titles)",
+            "Model requests (turn rounds, summaries, titles and compactions)",
             ["provider", "outcome"],
             registry=r,
         )
@@ -106,6 +106,9 @@ class PrometheusMetrics:
         )
         self._summaries = Counter("realtime_summaries", "Summaries written or failed", ["outcome"], registry=r)
         self._titles = Counter("realtime_titles", "Titles generated", ["outcome"], registry=r)
+        self._compactions = Counter(
+            "realtime_compactions", "Compactions of a long conversation", ["outcome"], registry=r
+        )
         self._export_known_labels(provider)
 
     def _export_known_labels(self, provider: str) -> None:
@@ -125,6 +128,7 @@ class PrometheusMetrics:
         for outcome in ("ok", "error"):
             self._summaries.labels(outcome)
             self._titles.labels(outcome)
+            self._compactions.labels(outcome)
         self.declare_tools([])
 
     def declare_tools(self, names: Iterable[str]) -> None:
@@ -166,6 +170,9 @@ class PrometheusMetrics:
 
     def title_made(self, ok: bool) -> None:
         self._titles.labels("ok" if ok else "error").inc()
+
+    def compaction_made(self, ok: bool) -> None:
+        self._compactions.labels("ok" if ok else "error").inc()
 
     def storage_operation(self, operation: str, seconds: float) -> None:
         self._storage.labels(operation).observe(seconds)

@@ -187,6 +187,7 @@ class Runtime:
                 chunk_coalesce_seconds=settings.chunk_coalesce_ms / 1000,
                 chunk_timestamps=settings.bench_chunk_timestamps,
                 join_history_limit=settings.join_history_limit,
+                context_max_tokens=settings.context_max_tokens,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,

@@ -65,6 +65,12 @@ class FakeGemini:
         # reply scripted for its summary): answered "A fake title" unless scripted.
         self.title_replies: deque[Reply] = deque()
         self.title_requests: list[Recorded] = []
+        # Compaction requests, likewise: answered with a summary naming how many contents it read.
+        self.compaction_replies: deque[Reply] = deque()
+        self.compaction_requests: list[Recorded] = []
+        # When set, a streamed answer without usage reports the tokens of what it received (the
+        # contents' text and JSON at 4 characters a token), as a real endpoint counts them.
+        self.count_tokens = False
         self.hung_up = 0  # streams the client closed before their end
         self.hang_ups = asyncio.Event()
         self.app = Starlette(routes=[Route("/{version}/models/{target:path}", self._handle, methods=["POST"])])
@@ -92,13 +98,14 @@ class FakeGemini:
             await request.json(),
             time.monotonic(),
         )
-        if method == "generateContent" and _asks_for_title(recorded.body):
+        if method == "generateContent" and _instructed(recorded.body, "short title"):
             self.title_requests.append(recorded)
             reply = self.title_replies.popleft() if self.title_replies else Reply(body=text_response("A fake title"))
-            for event in reply.events:  # a scripted pause before the answer
-                if isinstance(event, Pause):
-                    await asyncio.sleep(event.seconds)
-            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+            return await _answered(reply)
+        if method == "generateContent" and _instructed(recorded.body, "running summary"):
+            self.compaction_requests.append(recorded)
+            default = Reply(body=text_response(f"FAKE SUMMARY of {len(recorded.contents)} contents"))
+            return await _answered(self.compaction_replies.popleft() if self.compaction_replies else default)
         self.requests.append(recorded)
         if method == "generateContent":
             reply = self.generate_replies.popleft() if self.generate_replies else Reply(body=text_response("Summary."))
@@ -108,7 +115,12 @@ class FakeGemini:
         reply = self.stream_replies.popleft() if self.stream_replies else Reply(events=[text_chunk("Hi.", "STOP")])
         if reply.status != 200:
             return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
-        return StreamingResponse(self._sse(reply.events), media_type="text/event-stream", headers=reply.headers)
+        events = reply.events
+        if self.count_tokens and events and not any(isinstance(e, dict) and "usageMetadata" in e for e in events):
+            last = events[-1]
+            if isinstance(last, dict):
+                events = [*events[:-1], {**last, "usageMetadata": usage(prompt_tokens(recorded.contents), 1)}]
+        return StreamingResponse(self._sse(events), media_type="text/event-stream", headers=reply.headers)
 
     async def _sse(self, events: list[dict[str, Any] | Pause]) -> AsyncIterator[bytes]:
         finished = False
@@ -125,9 +137,29 @@ class FakeGemini:
                 self.hang_ups.set()
 
 
-def _asks_for_title(body: dict[str, Any]) -> bool:
+def _instructed(body: dict[str, Any], words: str) -> bool:
     parts = (body.get("systemInstruction") or {}).get("parts") or []
-    return any("short title" in str(part.get("text", "")) for part in parts)
+    return any(words in str(part.get("text", "")) for part in parts)
+
+
+async def _answered(reply: Reply) -> Response:
+    for event in reply.events:  # a scripted pause before the answer
+        if isinstance(event, Pause):
+            await asyncio.sleep(event.seconds)
+    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+def prompt_tokens(contents: list[dict[str, Any]]) -> int:
+    """The conversation's tokens at 4 characters each: texts, and calls' and results' JSON."""
+    size = 0
+    for content in contents:
+        for part in content.get("parts", []):
+            if "text" in part:
+                size += len(part["text"])
+            for key in ("functionCall", "functionResponse"):
+                if key in part:
+                    size += len(json.dumps(part[key], ensure_ascii=False))
+    return size // 4
 
 
 # ---------------------------------------------------------------- replies, in Gemini's wire format

@@ -68,6 +68,9 @@ class ScriptedProvider:
     async def title(self, conversation: Sequence[ConversationItem]) -> str:
         return "A scripted title"
 
+    async def compact(self, summary: str | None, conversation: Sequence[ConversationItem]) -> str:
+        return f"{summary or ''} +{len(conversation)} items"
+
     def not_ready_reason(self) -> str | None:
         return None
 

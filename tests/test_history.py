@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.core.context import ContextBudget
 from server.core.errors import ToolErrorCode
 from server.core.event_store import EventStore
 from server.core.history import HistoryCache
@@ -78,7 +79,8 @@ async def test_turn_by_turn_the_conversation_equals_one_built_from_scratch(make_
         # The history is read while the question is written: some turns see it, some do not.
         read = [*history, stored(asked)] if n % 2 else list(history)
         cache.note(SESSION, read)
-        conversation = cache.conversation(SESSION, read, asked)
+        window = ContextBudget(100_000).window(SESSION, read, asked, summary=None, upto=0)
+        conversation = window.conversation()
         assert conversation == conversation_from_events([*history, asked])
         conversation.append(conversation[0])  # the turn's own list: changing it changes no later turn
         history += [stored(asked), *turn_with_a_tool(f"t{n}")]
@@ -86,35 +88,18 @@ async def test_turn_by_turn_the_conversation_equals_one_built_from_scratch(make_
     assert texts[:6] == ["question 0", "Look.", None, None, " It snows.", "question 1"]
 
 
-async def test_a_history_that_is_not_the_one_built_on_is_built_again(make_cache: CacheFactory) -> None:
-    cache = make_cache()
-    first = question("first", "t1")
-    cache.note(SESSION, [])
-    cache.conversation(SESSION, [], first)
-    # The first question's write failed: the next turn's history holds another question instead.
-    other = [stored(question("retried elsewhere", "t9")), event(EventType.AI_MESSAGE, "ok", "ai:t9", "t9")]
-    then = question("then", "t2")
-    cache.note(SESSION, other)
-    conversation = cache.conversation(SESSION, other, then)
-    assert [item.text for item in conversation] == ["retried elsewhere", "ok", "then"]  # type: ignore[union-attr]
-
-
 async def test_sessions_beyond_the_cap_are_forgotten_and_still_built_right(make_cache: CacheFactory) -> None:
     cache = make_cache(max_sessions=1)
     a = [stored(question("a", "ta"))]
     cache.note(SESSION, a)
-    cache.conversation(SESSION, a)
     cache.note("another session", [])
-    cache.conversation("another session", [])
-    assert len(cache) == 1
-    assert cache.conversation(SESSION, a) == conversation_from_events(a)
+    assert len(cache) == 1 and cache.events == 0  # the least recently used session made way
 
 
 async def test_the_cache_is_bounded_by_events_as_well_as_sessions(make_cache: CacheFactory) -> None:
     cache = make_cache(max_events=5)
     long = [stored(question(f"q{n}", f"t{n}")) for n in range(4)]
     cache.note(SESSION, long)
-    cache.conversation(SESSION, long)
     short = [stored(question("other", "tx")), stored(question("again", "ty"))]
     cache.note("another session", short)
     assert len(cache) == 1 and cache.events == 2  # the least recently used session made way

@@ -9,6 +9,8 @@ import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
+from server.core.compaction import Compactor
+from server.core.context import ContextBudget
 from server.core.errors import (
     ErrorCode,
     ServiceError,
@@ -108,6 +110,10 @@ class ConversationService:
         self._turns = RunningTurns()
         self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions known deleted, newest last
         self._tasks = tasks
+        self._budget = ContextBudget(limits.context_max_tokens)
+        self.compaction = Compactor(
+            repo, provider, coordination, tasks, metrics, self._budget, sole_writer=coordination.single_process
+        )
         self._turn_context = self._context_of_turns(provider, tools, metrics)
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
         # Set once the turns a crash left open are ended: no turn starts before.
@@ -139,6 +145,8 @@ class ConversationService:
             tasks=self._tasks,
             running=self._turns,
             metrics=metrics,
+            budget=self._budget,
+            compaction=self.compaction,
             finished=self._turn_finished,
         )
 
@@ -322,6 +330,11 @@ class ConversationService:
             raise ServiceError(
                 ErrorCode.MESSAGE_TOO_LONG, f"text is longer than {self._limits.max_message_chars} characters"
             )
+        if self._budget.too_long(text):
+            raise ServiceError(
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"text is longer than the model's context ({self._budget.max_tokens} tokens)",
+            )
         if client_message_id is not None:
             earlier = await self._earlier_answer(session_id, client_message_id)
             if earlier is not None:
@@ -487,6 +500,7 @@ class ConversationService:
             await self._leave_deleted(connection, session_id)
         self.summaries.session_deleted(session_id)
         self.titles.session_deleted(session_id)
+        self.compaction.session_deleted(session_id)
         self._history.forget(session_id)
         await self._store.discard(session_id)
 
@@ -498,6 +512,7 @@ class ConversationService:
 
     def _turn_finished(self, session_id: str, finish_reason: FinishReason) -> None:
         self.titles.turn_finished(session_id, finish_reason)
+        self.compaction.turn_finished(session_id)
 
     # ------------------------------------------------------------------ what a room missed
 

@@ -1,18 +1,16 @@
-"""Each session's history as this process last read and wrote it, with the conversation a model
-reads built from it: the one cache of a session's history, bounded by events."""
+"""Each session's history as this process last read and wrote it: the one cache of a session's
+history, bounded by events. What a model is sent of it is core/context.py's."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from server.core.event_store import EventStore, HistoryEvent
-from server.core.models import EventDraft, StoredEvent
-from server.core.ports import ConversationItem, Repository, StorageUnavailable, UserText
-from server.core.replay import ConversationBuilder
+from server.core.models import StoredEvent
+from server.core.ports import Repository, StorageUnavailable
 from server.core.snapshot import Snapshot
 
 CACHED_SESSIONS = 1000
@@ -23,8 +21,6 @@ CACHED_EVENTS = 100_000
 class _Copy:
     events: list[StoredEvent]
     read_upto: int  # the last event_id read from storage; later rows are read at the next turn
-    # The conversation of a prefix of `events`, as the session's last turn built it.
-    built: ConversationBuilder = field(default_factory=ConversationBuilder)
 
 
 class HistoryCache:
@@ -76,7 +72,7 @@ class HistoryCache:
         last = stored[-1].event_id if stored else 0
         # Writes that finished while the read ran stay in the copy.
         later = [e for e in copy.events if e.event_id > last] if copy is not None else []
-        self._put(session_id, _Copy([*stored, *later], last, copy.built if copy is not None else ConversationBuilder()))
+        self._put(session_id, _Copy([*stored, *later], last))
 
     def forget(self, session_id: str) -> None:
         copy = self._copies.pop(session_id, None)
@@ -90,31 +86,6 @@ class HistoryCache:
             copy.events.append(stored)
             self._events += 1
             self._evict()
-
-    def conversation(
-        self, session_id: str, events: Sequence[HistoryEvent], question: EventDraft | None = None
-    ) -> Snapshot[ConversationItem]:
-        """The conversation of `events` (then `question`, unless it is already their last), for the
-        caller to add to. Only the events the session's last turn did not see are converted, and the
-        earlier items are shared, not copied: O(new events), not O(history), per turn."""
-        end = len(events)
-        if question is not None and end and events[-1].event_key == question.event_key:
-            end -= 1  # read while the question was written: it may or may not be in there
-        copy = self._copies.get(session_id)
-        built = copy.built if copy is not None else None
-        if built is not None and built.continues(events, end):
-            built.extend(events[built.consumed : end])  # in place: a session's turns run one at a time
-        else:
-            built = ConversationBuilder()
-            built.extend(events[:end])
-            if copy is not None:
-                copy.built = built
-        # Kept without the question: it is not stored yet (if its write fails, the next turn's
-        # history differs from it), and the next turn reads it back as stored.
-        conversation = built.snapshot()
-        if question is not None:
-            conversation.append(UserText(question.content))
-        return conversation
 
     async def _read_stored(self, session_id: str) -> list[StoredEvent]:
         """event_ids increase in the order events are stored within a session (the contract that
@@ -142,7 +113,7 @@ class HistoryCache:
         known.update((e.event_id, e) for e in new)
         read_upto = max(base.read_upto, new[-1].event_id if new else copy.read_upto)
         events = sorted(known.values(), key=lambda e: e.event_id)
-        self._put(session_id, _Copy(events, read_upto, base.built))
+        self._put(session_id, _Copy(events, read_upto))
         return list(events)
 
     def _extend(self, session_id: str, copy: _Copy, new: list[StoredEvent]) -> None:

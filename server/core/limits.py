@@ -19,3 +19,5 @@ class Limits:
     chunk_timestamps: bool = False
     # Events in a `join` answer when the client names no `history_limit`.
     join_history_limit: int = 1000
+    # What one model request may carry of the conversation (PROTOCOL.md, Long conversations).
+    context_max_tokens: int = 32_000

@@ -122,6 +122,10 @@ class ModelProvider(Protocol):
         """A short title for the conversation (one request; the caller trims it to one line)."""
         ...
 
+    async def compact(self, summary: str | None, conversation: Sequence[ConversationItem]) -> str:
+        """`summary` (of what came before, None at first) extended with `conversation`: one request."""
+        ...
+
     def not_ready_reason(self) -> str | None:
         """Why the provider cannot serve (no network call), or None when it is configured."""
         ...
@@ -479,6 +483,8 @@ class Metrics(Protocol):
 
     def title_made(self, ok: bool) -> None: ...
 
+    def compaction_made(self, ok: bool) -> None: ...
+
     def storage_operation(self, operation: str, seconds: float) -> None: ...
 
     def events_queued(self, count: int) -> None:
@@ -525,6 +531,9 @@ class NoMetrics:
         pass
 
     def title_made(self, ok: bool) -> None:
+        pass
+
+    def compaction_made(self, ok: bool) -> None:
         pass
 
     def storage_operation(self, operation: str, seconds: float) -> None:

@@ -15,11 +15,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from server.core.chunks import ChunkStream
+from server.core.compaction import Compactor
+from server.core.context import ContextBudget, ContextWindow
 from server.core.errors import (
     ErrorCode,
     ServiceError,
@@ -49,7 +51,6 @@ from server.core.models import (
     utc_now,
 )
 from server.core.ports import (
-    ConversationItem,
     Emitter,
     Finished,
     Metrics,
@@ -129,6 +130,8 @@ class TurnContext:
     tasks: TaskTracker
     running: RunningTurns
     metrics: Metrics
+    budget: ContextBudget
+    compaction: Compactor
     # Told of every turn that ended here (with its `done`): what follows a turn (a title).
     finished: Callable[[str, FinishReason], None] = lambda session_id, finish_reason: None
 
@@ -268,10 +271,13 @@ class Turn:
 
     async def _generate(self, history: asyncio.Task[Snapshot[HistoryEvent]]) -> None:
         ctx = self._ctx
-        conversation = ctx.history.conversation(self.session_id, await history, self.question)
+        events = await history
+        summary, upto = await ctx.compaction.current(self.session_id)
+        window = ctx.budget.window(self.session_id, events, self.question, summary=summary, upto=upto)
+        conversation = window.current  # this turn's items: the window adds what fits before them
         for round_number in range(ctx.limits.max_tool_rounds + 1):
             round_start = len(self.parts)
-            calls = await self._stream_round(conversation)
+            calls = await self._stream_round(window)
             if not calls or self.finish_reason != "stop":
                 return
             # Tool events are stored and sent after the user message; the round's text goes out,
@@ -289,11 +295,12 @@ class Turn:
             conversation.extend(calls)
             conversation.extend(await self._run_tools(calls, text_offset=len(self.text)))
 
-    async def _stream_round(self, conversation: Sequence[ConversationItem]) -> list[ToolCallItem]:
+    async def _stream_round(self, window: ContextWindow) -> list[ToolCallItem]:
         """One model request: its text streamed as chunks; the tool calls it asked for."""
         stamped = self._ctx.limits.chunk_timestamps
         calls: list[ToolCallItem] = []
-        request = ModelRequest(conversation=conversation, tools=self._ctx.tools.specs)
+        request = ModelRequest(conversation=window.conversation(), tools=self._ctx.tools.specs)
+        estimated = window.estimate()
         outcome: ProviderOutcome = "ok"  # a stream stopped by a cancel too
         try:
             async with contextlib.aclosing(self._ctx.provider.stream(request)) as stream:
@@ -308,6 +315,7 @@ class Turn:
                         calls.append(self._tool_call_item(event))
                     elif isinstance(event, UsageReport):
                         self.usage = event.usage if self.usage is None else self.usage + event.usage
+                        self._ctx.budget.observe(self.session_id, estimated, event.usage.input_tokens)
                     elif isinstance(event, Finished):
                         self.finish_reason = event.reason
         except Exception:

@@ -55,6 +55,12 @@ SUMMARY_PROMPT = (
     "Summarise the conversation below in two or three sentences for someone who did not read it: "
     "what the user wanted, what was answered, and any tools used. Reply with the summary only."
 )
+COMPACTION_PROMPT = (
+    "You keep a running summary of a long conversation so that it can continue without its full "
+    "text. Below are the summary so far (if any) and the turns that follow it. Write the updated "
+    "summary: the user's goals, facts and decisions, names and numbers that matter, tool results "
+    "still relevant, and open questions, in at most 400 words. Reply with the summary only."
+)
 TITLE_PROMPT = (
     "Give the conversation below a short title (at most eight words) that names its subject, in the "
     "language of the conversation. Reply with the title only: no quotes, no trailing punctuation."
@@ -169,6 +175,12 @@ class GeminiProvider:
         # Not capped lower than an answer: a thinking model's thoughts count against the cap, and a
         # small one leaves no room for the title itself.
         return await self._one_answer(TITLE_PROMPT, conversation, "title", self._config.max_output_tokens)
+
+    async def compact(self, summary: str | None, conversation: Sequence[ConversationItem]) -> str:
+        earlier = [UserText(f"Summary so far: {summary}")] if summary else []
+        return await self._one_answer(
+            COMPACTION_PROMPT, [*earlier, *conversation], "summary", self._config.max_output_tokens
+        )
 
     async def _one_answer(
         self, instruction: str, conversation: Sequence[ConversationItem], what: str, max_output_tokens: int | None

@@ -47,6 +47,8 @@ def weather_place(text: str) -> str | None:
 
 
 TITLE_WORDS = 6  # a title is the first message's first words
+DIGEST_CHARS = 60  # of each message, in a compaction's digest
+DIGEST_LIMIT = 4000  # the digest's newest characters are kept
 
 
 def _excerpt(text: str, limit: int = 80) -> str:
@@ -182,6 +184,15 @@ class OfflineProvider:
         questions = [item.text for item in conversation if isinstance(item, UserText)]
         words = " ".join(questions[:1]).split()[:TITLE_WORDS]
         return " ".join(words) or "Untitled conversation"
+
+    async def compact(self, summary: str | None, conversation: Sequence[ConversationItem]) -> str:
+        """A deterministic digest: the summary so far, then each message's first words."""
+        lines = [summary] if summary else ["Offline digest of the earlier conversation (scripted, not an LLM):"]
+        for item in conversation:
+            if isinstance(item, UserText | ModelText):
+                who = "User" if isinstance(item, UserText) else "Assistant"
+                lines.append(f"{who}: {_excerpt(item.text, DIGEST_CHARS)}")
+        return "\n".join(lines)[-DIGEST_LIMIT:]
 
 
 def _text_of(item: ConversationItem) -> str:

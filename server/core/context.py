@@ -1,0 +1,149 @@
+"""What a turn sends its model: the newest whole turns that fit `CONTEXT_MAX_TOKENS`, after the
+stored summary of everything before them (PROTOCOL.md, Long conversations).
+
+Tokens are estimated at 4 characters each (a tool call's or result's JSON included), scaled by how
+the provider's own count of this session's last request compared with the estimate of it. A turn
+is the unit: a tool call never goes without its result, and the newest message always goes whole.
+The work is O(what is sent), never O(the session): history is walked from its newest end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from server.core.event_store import HistoryEvent
+from server.core.models import EventDraft, EventType
+from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+from server.core.replay import conversation_from_events
+
+CHARS_PER_TOKEN = 4
+SUMMARY_INTRO = "Summary of the earlier part of this conversation (for context; the newest turns follow verbatim):\n"
+CALIBRATED_SESSIONS = 10_000
+# How far the provider's count may move the estimate: a request's count includes the tool
+# declarations and the system instruction, which the budget does not.
+MIN_RATIO, MAX_RATIO = 0.5, 4.0
+
+
+def item_tokens(item: ConversationItem) -> int:
+    if isinstance(item, UserText | ModelText):
+        size = len(item.text)
+    elif isinstance(item, ToolCallItem):
+        size = len(item.name) + len(json.dumps(item.args, ensure_ascii=False))
+    elif isinstance(item, ToolResultItem):
+        outcome = item.error.model_dump() if item.error is not None else item.result
+        size = len(item.name) + len(json.dumps(outcome, ensure_ascii=False))
+    return size // CHARS_PER_TOKEN + 1
+
+
+def tokens_of(items: Iterable[ConversationItem]) -> int:
+    return sum(item_tokens(item) for item in items)
+
+
+def newest_turns(
+    events: Sequence[HistoryEvent], after: int, *, until: int | None = None
+) -> Iterable[list[HistoryEvent]]:
+    """The whole turns of `events[:until]` stored after event `after`, newest first, each in order.
+    A turn begins at a user message; walked from the end, so a caller that stops early pays only
+    for what it took."""
+    turn: list[HistoryEvent] = []
+    for position in range(len(events) if until is None else until, 0, -1):
+        event = events[position - 1]
+        event_id = getattr(event, "event_id", None)  # a draft waiting in the outbox has none: it is newer
+        if event_id is not None and event_id <= after:
+            break
+        turn.append(event)
+        if event.event_type is EventType.USER_MESSAGE:
+            turn.reverse()
+            yield turn
+            turn = []
+    if turn:  # events before the first user message after `after` (rows written by others)
+        turn.reverse()
+        yield turn
+
+
+@dataclass
+class ContextWindow:
+    """One turn's conversation for its model: summary, kept turns (oldest first), this turn's items."""
+
+    budget: int
+    ratio: float
+    summary: list[ConversationItem]
+    kept: list[list[ConversationItem]]
+    current: list[ConversationItem]
+    dropped: int = 0  # earlier turns neither summarised nor sent (a compaction behind, or failing)
+    _kept_tokens: list[int] = field(default_factory=list)
+
+    def conversation(self) -> list[ConversationItem]:
+        """The request's conversation, within the budget: the oldest kept turns go first when this
+        turn's own items (its tool rounds) grow."""
+        own = self._scaled(tokens_of(self.summary) + tokens_of(self.current))
+        while self.kept and own + sum(self._kept_tokens) > self.budget:
+            self.kept.pop(0)
+            self._kept_tokens.pop(0)
+            self.dropped += 1
+        return [*self.summary, *(item for turn in self.kept for item in turn), *self.current]
+
+    def estimate(self) -> int:
+        """The estimated tokens of what `conversation()` gives now, unscaled (for calibration)."""
+        return tokens_of(self.summary) + sum(tokens_of(turn) for turn in self.kept) + tokens_of(self.current)
+
+    def _scaled(self, tokens: int) -> int:
+        return int(tokens * self.ratio)
+
+
+class ContextBudget:
+    """The budget, and each session's calibration: the provider's count of its last request over
+    this module's estimate of it."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._ratios: OrderedDict[str, float] = OrderedDict()
+
+    def window(
+        self,
+        session_id: str,
+        events: Sequence[HistoryEvent],
+        question: EventDraft,
+        *,
+        summary: str | None,
+        upto: int,
+    ) -> ContextWindow:
+        ratio = self._ratios.get(session_id, 1.0)
+        until = len(events)
+        if until and events[-1].event_key == question.event_key:
+            until -= 1  # read while the question was written: it may or may not be in there
+        summary_items: list[ConversationItem] = [UserText(SUMMARY_INTRO + summary)] if summary else []
+        current: list[ConversationItem] = [UserText(question.content)]
+        room = self.max_tokens - int((tokens_of(summary_items) + tokens_of(current)) * ratio)
+        kept: list[list[ConversationItem]] = []
+        kept_tokens: list[int] = []
+        turns = 0
+        for turn in newest_turns(events, upto, until=until):
+            turns += 1
+            items = conversation_from_events(turn)
+            tokens = int(tokens_of(items) * ratio)
+            if tokens > room:
+                break
+            kept.append(items)
+            kept_tokens.append(tokens)
+            room -= tokens
+        kept.reverse()
+        kept_tokens.reverse()
+        dropped = turns - len(kept)
+        return ContextWindow(self.max_tokens, ratio, summary_items, kept, current, dropped, kept_tokens)
+
+    def observe(self, session_id: str, estimated: int, reported: int) -> None:
+        """The provider counted `reported` input tokens for a request estimated at `estimated`."""
+        if estimated <= 0 or reported <= 0:
+            return
+        self._ratios[session_id] = min(MAX_RATIO, max(MIN_RATIO, reported / estimated))
+        self._ratios.move_to_end(session_id)
+        while len(self._ratios) > CALIBRATED_SESSIONS:
+            self._ratios.popitem(last=False)
+
+    def too_long(self, text: str) -> bool:
+        """A message that alone passes the budget can never be sent."""
+        return len(text) // CHARS_PER_TOKEN + 1 > self.max_tokens

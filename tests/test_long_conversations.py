@@ -1,0 +1,161 @@
+"""Long conversations against the real google-genai SDK and a Gemini stand-in that counts the tokens
+of what it receives: every request stays within CONTEXT_MAX_TOKENS, its oldest part summarised."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from server.core.context import SUMMARY_INTRO
+from tests.conftest import ServerFactory, TabFactory
+from tests.fake_gemini import FakeGemini, Recorded, Reply, call_part, chunk, error_reply, prompt_tokens, text_chunk
+from tests.harness import RunningServer, Tab
+from tests.test_gemini import ask
+from tests.test_metrics import scrape
+
+BUDGET = 400
+ANSWER = "A long answer about the sea, the ships on it and the weather they meet on the way. " * 2
+
+
+@pytest.fixture
+def start_counted(fake_gemini: FakeGemini, start_server: ServerFactory) -> ServerFactory:
+    fake_gemini.count_tokens = True
+
+    async def start(**overrides: Any) -> RunningServer:
+        settings: dict[str, Any] = {
+            "llm_provider": "gemini",
+            "gemini_api_key": "long-key",
+            "gemini_model": "long-model",
+            "gemini_base_url": fake_gemini.url,
+            "gemini_retry_initial_seconds": 0.01,
+            "context_max_tokens": BUDGET,
+            "title_generation": False,
+        }
+        return await start_server(**{**settings, **overrides})
+
+    return start
+
+
+def texts(request: Recorded) -> list[str]:
+    return [part["text"] for content in request.contents for part in content["parts"] if "text" in part]
+
+
+def calls_have_results(request: Recorded) -> bool:
+    called = {p["functionCall"]["name"] for c in request.contents for p in c["parts"] if "functionCall" in p}
+    answered = {p["functionResponse"]["name"] for c in request.contents for p in c["parts"] if "functionResponse" in p}
+    return called == answered
+
+
+async def chat(fake: FakeGemini, tab: Tab, sid: str, turns: int, start: int = 0) -> None:
+    for n in range(start, start + turns):
+        if n % 7 == 3:  # now and then a turn with a tool call and its result
+            fake.stream(
+                Reply(events=[chunk([call_part("get_weather", {"location": "Delhi"}, call_id=f"c{n}")], "STOP")]),
+                Reply(events=[text_chunk(f"Weather answer {n}. {ANSWER}", "STOP")]),
+            )
+        else:
+            fake.stream(Reply(events=[text_chunk(f"Answer {n}. {ANSWER}", "STOP")]))
+        done, _ = await ask(tab, sid, f"Question number {n}: tell me more about the sea please")
+        assert done["finish_reason"] == "stop", done
+        await asyncio.sleep(0.05)  # a compaction, in the background, has its moment
+
+
+async def settled(fake: FakeGemini) -> None:
+    """Until no compaction request is being answered (one made after the last turn included)."""
+    seen = -1
+    while seen != len(fake.compaction_requests):
+        seen = len(fake.compaction_requests)
+        await asyncio.sleep(0.3)
+
+
+async def test_thirty_turns_under_a_small_budget_stay_within_it_with_a_growing_summary(
+    start_counted: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_counted()
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await chat(fake_gemini, tab, sid, 32)
+    await settled(fake_gemini)
+
+    turns = fake_gemini.calls()
+    assert len(turns) == 32 + 5  # a request per turn, two for each of the five tool turns
+    sizes = [prompt_tokens(request.contents) for request in turns]
+    assert max(sizes) <= BUDGET, sizes
+    assert all(calls_have_results(request) for request in turns)
+    with_summary = [request for request in turns if texts(request)[0].startswith(SUMMARY_INTRO)]
+    assert with_summary and turns[-1] in with_summary
+    first = turns.index(with_summary[0])
+    assert all(request in with_summary for request in turns[first:])  # once there, always there
+
+    # Storage keeps every event: compaction changes only what the model is sent.
+    history = (await tab.join(sid, history_limit=1000))["history"]
+    assert len([e for e in history if e["event_type"] == "user_message"]) == 32
+    # Incremental: each compaction extends the summary before it, and there is at most one per
+    # half budget of new history.
+    compactions = fake_gemini.compaction_requests
+    history_tokens = sum(len(event["content"]) // 4 + 1 for event in history)
+    assert 2 <= len(compactions) <= history_tokens // (BUDGET // 2) + 1, len(compactions)
+    assert all(texts(request)[0].startswith("Summary so far: FAKE SUMMARY") for request in compactions[1:])
+    # The newest message goes whole, last.
+    assert texts(turns[-1])[-1] == "Question number 31: tell me more about the sea please"
+    metrics = await scrape(server.url)
+    outcomes = metrics.by_label("realtime_compactions_total", "outcome")
+    assert outcomes == {"ok": len(compactions), "error": 0}
+
+
+async def test_the_stored_summary_is_used_after_a_restart_without_a_new_request(
+    start_counted: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory, tmp_path: Any
+) -> None:
+    database = tmp_path / "long.db"
+    server = await start_counted(sqlite_path=database)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await chat(fake_gemini, tab, sid, 12)
+    await settled(fake_gemini)
+    assert fake_gemini.compaction_requests
+    await tab.close()
+    await server.stop()
+
+    compactions = len(fake_gemini.compaction_requests)
+    again = await start_counted(sqlite_path=database)
+    tab = await connect(again)
+    await tab.join(sid)
+    fake_gemini.stream(Reply(events=[text_chunk("After the restart.", "STOP")]))
+    await ask(tab, sid, "Do you remember?")
+    first = texts(fake_gemini.calls()[-1])[0]
+    assert first.startswith(SUMMARY_INTRO + "FAKE SUMMARY")
+    assert len(fake_gemini.compaction_requests) == compactions  # read from storage, not made again
+
+
+async def test_a_failing_compaction_degrades_to_the_newest_turns_and_recovers(
+    start_counted: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_counted()
+    fake_gemini.compaction_replies.extend([error_reply(400, "INVALID_ARGUMENT")] * 4)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    await chat(fake_gemini, tab, sid, 10)
+    turns = fake_gemini.calls()
+    assert max(prompt_tokens(request.contents) for request in turns) <= BUDGET
+    assert not any(texts(request)[0].startswith(SUMMARY_INTRO) for request in turns)  # none stored yet
+    assert texts(turns[-1])[0] != "Question number 0: tell me more about the sea please"  # oldest dropped
+    errors = (await scrape(server.url)).by_label("realtime_compactions_total", "outcome")["error"]
+    assert errors >= 1
+
+    await chat(fake_gemini, tab, sid, 6, start=10)  # the stand-in answers again: compaction catches up
+    await settled(fake_gemini)
+    assert texts(fake_gemini.calls()[-1])[0].startswith(SUMMARY_INTRO + "FAKE SUMMARY")
+    assert (await scrape(server.url)).by_label("realtime_compactions_total", "outcome")["ok"] >= 1
+
+
+async def test_a_message_larger_than_the_whole_budget_is_refused_and_stores_nothing(
+    start_counted: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_counted(context_max_tokens=256)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    ack = await tab.call("message", {"session_id": sid, "text": "word " * 300})
+    assert ack["error"]["code"] == "message_too_long", ack
+    assert (await tab.join(sid))["history"] == []
