@@ -6,6 +6,8 @@ streams at LLM speed, with chunk latency p99 ≤ 50 ms and ≥ 97 % of the offer
     .venv/bin/python bench/capacity.py --baseline main --only service,redis1,redis2
                                                         # each configuration before and after, in one run
     .venv/bin/python bench/run.py --workloads f --write # as `make bench` runs it
+    .venv/bin/python bench/capacity.py --baseline main --only service --pace bursts --history-turns 200 \
+        --start 10 --calibration 5 --seconds 5         # sessions with long histories (issue 30)
 
 Two paces, one tab per session, the next message once the answer is done:
 - words: the offline script at WORD_PACE_MS a chunk of one word (the bare server: the same);
@@ -17,6 +19,10 @@ then is bisected to within 10 %; every run is reported. The configurations alter
 With --baseline REV, every configuration also runs from a temporary `git worktree` of REV (labelled
 " (before)"), beside its current twin in that alternation, and the report gives both and their ratios.
 REV needs what the bench drives (BENCH_CHUNK_TIMESTAMPS, bench/bare_server.py): any commit since (f) was added.
+With --history-turns N, every session is stored before the load with N answered turns (the original
+design's SQL, in each server's SQLite, so any tree reads them), the load joins those sessions, and
+counting starts once every session has finished two turns (bench/servers.py HISTORY_WARM_TURNS);
+the report is its own section of docs/performance.md (and plot), beside the capacity section.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPORT, ROOT, ServerProcess, checkout_of, ensure_node_modules, write_section
+from common import REPORT, ROOT, ServerProcess, checkout_of, ensure_node_modules, history_turn, write_section
 from servers import (
     BARE,
     BEFORE,
+    HISTORY_WARM_LIMIT_SECONDS,
+    HISTORY_WARM_TURNS,
     REDIS_1,
     REDIS_2,
     SERVICE,
@@ -47,6 +55,7 @@ from servers import (
 )
 
 PLOT = ROOT / "docs" / "capacity-vs-load.png"
+HISTORY_PLOT = ROOT / "docs" / "capacity-long-history.png"
 P99_BOUND_MS = 50.0
 DELIVERED_BOUND = 0.97
 START = 100
@@ -65,6 +74,23 @@ class Limits:
 
     start: int = START
     most: int = MAX_SESSIONS
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """What every session is: how many turns it has stored before the load, and how many sessions
+    the unloaded pace is calibrated with."""
+
+    history_turns: int = 0
+    calibration: int = CALIBRATION
+
+    @property
+    def section(self) -> str:
+        return "capacity-long-history" if self.history_turns else "capacity"
+
+    @property
+    def plot(self) -> Path:
+        return HISTORY_PLOT if self.history_turns else PLOT
 
 
 @dataclass(frozen=True)
@@ -134,23 +160,37 @@ async def model_for(pace: Pace) -> AsyncIterator[dict[str, str]]:
         await stub.stop()
 
 
-async def run_at(kind: Kind, pace: Pace, sessions: int, seconds: float, model: dict[str, str]) -> Stream:
-    return await stream(kind, sessions=sessions, tabs=1, seconds=seconds, delay_ms=pace.delay_ms, env=model)
+async def run_at(
+    kind: Kind, pace: Pace, sessions: int, seconds: float, model: dict[str, str], history_turns: int
+) -> Stream:
+    return await stream(
+        kind,
+        sessions=sessions,
+        tabs=1,
+        seconds=seconds,
+        delay_ms=pace.delay_ms,
+        env=model,
+        history_turns=history_turns,
+    )
 
 
 async def measure(
-    configurations: list[Kind], seconds: float, paces: tuple[Pace, ...] = (WORDS, BURSTS), limits: Limits = Limits()
+    configurations: list[Kind],
+    seconds: float,
+    paces: tuple[Pace, ...] = (WORDS, BURSTS),
+    limits: Limits = Limits(),
+    each: Sessions = Sessions(),
 ) -> Found:
     found: Found = {}
     for pace in paces:
         print(f"  pace: {pace.describe()}", flush=True)
         async with model_for(pace) as model:
-            found[pace.name] = await search(configurations, pace, seconds, model, limits)
+            found[pace.name] = await search(configurations, pace, seconds, model, limits, each)
     return found
 
 
 async def search(
-    configurations: list[Kind], pace: Pace, seconds: float, model: dict[str, str], limits: Limits
+    configurations: list[Kind], pace: Pace, seconds: float, model: dict[str, str], limits: Limits, each: Sessions
 ) -> dict[str, list[Probe]]:
     """Every probe of each configuration; the largest held count of each is its capacity."""
     probes: dict[str, list[Probe]] = {k.label: [] for k in configurations}
@@ -167,20 +207,21 @@ async def search(
 
     per_session: dict[str, float] = {}
     for kind in configurations:
-        unloaded = await run_at(kind, pace, CALIBRATION, seconds, model)
-        per_session[kind.label] = unloaded.chunks_per_second / CALIBRATION
+        unloaded = await run_at(kind, pace, each.calibration, seconds, model, each.history_turns)
+        per_session[kind.label] = unloaded.chunks_per_second / each.calibration
         print(f"  {kind.label}: {per_session[kind.label]:.2f} chunks/s per session unloaded", flush=True)
     order = list(configurations)
     while todo := [(k, n) for k in order if (n := next_count(k.label)) is not None]:
         for kind, count in todo:
-            probe = Probe(count, await run_at(kind, pace, count, seconds, model), per_session[kind.label])
+            run = await run_at(kind, pace, count, seconds, model, each.history_turns)
+            probe = Probe(count, run, per_session[kind.label])
             probes[kind.label].append(probe)
             held, missed = bounds[kind.label]
             bounds[kind.label] = (count, missed) if probe.held else (held, count)
             print(
                 f"  {kind.label} {count} sessions: {probe.delivered:.1%} of {probe.offered:,.0f} chunks/s delivered, "
                 f"p99 {fmt(probe.run.latency_p99)} ms, server {probe.run.server_cpu_percent:.0f} % CPU"
-                f" -> {'held' if probe.held else 'missed'}",
+                f" (counted after {probe.run.warm_seconds:.1f} s) -> {'held' if probe.held else 'missed'}",
                 flush=True,
             )
         order.reverse()  # alternate which configuration runs first
@@ -199,21 +240,24 @@ def report(
     limits: Limits = Limits(),
     baseline: str | None = None,
     command: str = MAKE_BENCH,
+    each: Sessions = Sessions(),
 ) -> str:
     """The section of docs/performance.md; `baseline` names the revision the " (before)" rows ran."""
     how = f"`{command}`" + (" (`make bench`; `bench/capacity.py`)" if command == MAKE_BENCH else "")
     lines = [
-        "## Capacity at a model's pace: sessions per process",
+        "## Capacity at a model's pace: sessions per process"
+        + (f", each session {each.history_turns:,} turns long" if each.history_turns else ""),
         "",
         f"{how}. Every session streams at a"
         " model's pace, one tab each, the next message once the answer is done. A count of sessions"
         f" is held when chunk latency p99 ≤ {P99_BOUND_MS:.0f} ms and ≥ {DELIVERED_BOUND:.0%} of the offered"
         f" chunks arrive, over {seconds:g} s; offered is the count times what one session gets from the"
-        f" same configuration with {CALIBRATION} sessions (its pace with the gaps between answers). The"
+        f" same configuration with {each.calibration} sessions (its pace with the gaps between answers). The"
         f" count doubles from {limits.start:,} (up to {limits.most:,} in all) until a run misses, then is"
         " bisected to within 10 %. The service runs SQLite storage; with Redis, each process its own"
         " SQLite file and the sessions spread round robin over the processes, as a load balancer would.",
         "",
+        *([history_note(each.history_turns), ""] if each.history_turns else []),
         machine(),
         "",
     ]
@@ -227,13 +271,26 @@ def report(
     lines += ["", *ratios(found, baseline)]
     lines += [
         "",
-        f"![chunk latency p99 against sessions]({PLOT.relative_to(REPORT.parent)})",
+        f"![chunk latency p99 against sessions]({each.plot.relative_to(REPORT.parent)})",
         "",
         "The plot shows latency; a count can also miss on the delivered rate (the table below says which).",
         "",
-        *every_run(found),
+        *every_run(found, warm=bool(each.history_turns)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def history_note(turns: int) -> str:
+    question, answer = history_turn(0)
+    return (
+        f"Every session is stored before the load with {turns:,} answered turns ({len(question)} and"
+        f" {len(answer)} characters each way), inserted with the original design's SQL into the server's"
+        " SQLite, so that both trees read the same rows; the load joins those sessions. Counting starts"
+        f" once every session has finished {HISTORY_WARM_TURNS} turns (at most"
+        f" {HISTORY_WARM_LIMIT_SECONDS} s): a session's first turn sends whatever its tree sends of the"
+        " stored history, and the compaction that may follow runs in the background; the time that took"
+        " is in the last column of the table of every run."
+    )
 
 
 def held_table(found: Found, configurations: list[Kind], limits: Limits) -> list[str]:
@@ -287,12 +344,14 @@ def ratios(found: Found, baseline: str | None) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def every_run(found: Found) -> list[str]:
+def every_run(found: Found, *, warm: bool = False) -> list[str]:
+    """`warm`: with the seconds from the first connection until counting started."""
     lines = [
         "Every run, in order:",
         "",
-        "| pace | configuration | sessions | delivered | chunk latency p50 / p99 ms | server CPU % | held |",
-        "|---|---|---|---|---|---|---|",
+        "| pace | configuration | sessions | delivered | chunk latency p50 / p99 ms | server CPU % | held |"
+        + (" counted after |" if warm else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if warm else ""),
     ]
     for name, by_kind in found.items():
         for label, probes in by_kind.items():
@@ -300,11 +359,12 @@ def every_run(found: Found) -> list[str]:
                 lines.append(
                     f"| {name} | {label} | {p.sessions:,} | {p.delivered:.1%} | {fmt(p.run.latency_p50)} / "
                     f"{fmt(p.run.latency_p99)} | {p.run.server_cpu_percent:.0f} | {'yes' if p.held else 'no'} |"
+                    + (f" {p.run.warm_seconds:.1f} s |" if warm else "")
                 )
     return lines
 
 
-def plot(found: Found) -> None:
+def plot(found: Found, path: Path = PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,8 +393,8 @@ def plot(found: Found) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(PLOT)
-    print(f"wrote {PLOT.relative_to(ROOT)}")
+    figure.savefig(path)
+    print(f"wrote {path.relative_to(ROOT)}")
 
 
 def configurations_named(names: str) -> list[str]:
@@ -353,6 +413,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="REV", help="also run every configuration from this git revision")
     parser.add_argument("--start", type=int, default=START, help="the first count of sessions tried")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help="the search goes no higher")
+    parser.add_argument("--history-turns", type=int, default=0, help="turns stored in every session before the load")
+    parser.add_argument("--calibration", type=int, default=CALIBRATION, help="sessions of the unloaded run")
     parser.add_argument("--write", action="store_true", help="write its section of docs/performance.md and the plot")
     return parser.parse_args()
 
@@ -364,13 +426,14 @@ async def run(args: argparse.Namespace, tree: Path | None, baseline: str | None)
     if not configurations:
         raise SystemExit("no configuration to measure")
     limits = Limits(args.start, args.max_sessions)
-    found = await measure(configurations, args.seconds, paces, limits)
+    each = Sessions(args.history_turns, args.calibration)
+    found = await measure(configurations, args.seconds, paces, limits, each)
     command = shlex.join(["bench/capacity.py", *(a for a in sys.argv[1:] if a != "--write")])
-    text = report(found, args.seconds, configurations, limits, baseline, command)
+    text = report(found, args.seconds, configurations, limits, baseline, command, each)
     print(text)
     if args.write:
-        write_section("capacity", text)
-        plot(found)
+        write_section(each.section, text)
+        plot(found, each.plot)
 
 
 async def main() -> None:

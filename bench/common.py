@@ -33,7 +33,23 @@ SERVICE_ENV = {
 }
 
 
+# A turn of a stored conversation (bench/gemini_request_cost.py, and the sessions bench/capacity.py
+# --history-turns stores): about 155 tokens at 4 characters a token.
+QUESTION = "Tell me about streaming answers over a socket, with an example or two"
+ANSWER = " ".join(["streamed"] * 60)
+
 T = TypeVar("T")
+
+
+def history_turn(n: int) -> tuple[str, str]:
+    """The question and the answer of a stored conversation's turn `n`."""
+    return f"{QUESTION} (number {n})", ANSWER
+
+
+def compaction_summary(words: int = 400) -> str:
+    """A summary as long as the compaction prompt allows (400 words) of such a conversation."""
+    sentence = "The user asked how answers stream over a socket and was given examples of chunked replies."
+    return " ".join((sentence.split() * words)[:words])
 
 
 def chunks_of(pieces: Sequence[str], size: int) -> list[str]:

@@ -10,7 +10,7 @@ each streamed event). The stub's own CPU is in its own process and not counted.
 - before: the whole conversation, as the service sent it until issue 30;
 - after, per budget: the session's stored events (N turns, rows as the service stores them) made
   into the request by `ContextBudget(budget).window(...)`, timed with the request, in the steady
-  state compaction keeps: a summary of about SUMMARY_WORDS words covering the oldest turns, so that
+  state compaction keeps: a summary of 400 words covering the oldest turns, so that
   the turns no summary covers are the most that fit half the budget (the top of compaction's saw
   tooth: it summarises them all once they pass half, so this is the most a turn sends).
 The cases take turns within each round (the first rotating); each cell is the median of the rounds.
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from common import ROOT, ServerProcess, write_section
+from common import QUESTION, ROOT, ServerProcess, compaction_summary, history_turn, write_section
 
 sys.path.insert(0, str(ROOT))
 
@@ -38,10 +38,6 @@ from server.core.redelivery import answer_key, user_message_key
 from server.core.replay import conversation_from_events
 from server.providers.gemini import GeminiConfig, GeminiProvider
 
-QUESTION = "Tell me about streaming answers over a socket, with an example or two"
-ANSWER = " ".join(["streamed"] * 60)
-SUMMARY_WORDS = 400
-SUMMARY_SENTENCE = "The user asked how answers stream over a socket and was given examples of chunked replies."
 SESSION = "00000000-0000-4000-8000-000000000030"
 SECTION = "request-cost"
 TARGET = 1.5  # the issue's: the CPU of a request at 1,000 turns within 1.5x that at 20
@@ -70,10 +66,10 @@ def stored_events(turns: int) -> list[StoredEvent]:
 
     for n in range(turns):
         turn_id = f"00000000-0000-4000-8000-{n:012d}"
-        question = QUESTION if n == turns - 1 else f"{QUESTION} (number {n})"
+        question, answer = history_turn(n) if n < turns - 1 else (QUESTION, "")
         add(EventType.USER_MESSAGE, question, turn_id, user_message_key(turn_id, None))
         if n < turns - 1:
-            add(EventType.AI_MESSAGE, ANSWER, turn_id, answer_key(turn_id), "stop")
+            add(EventType.AI_MESSAGE, answer, turn_id, answer_key(turn_id), "stop")
     return events
 
 
@@ -95,8 +91,7 @@ def steady_state(events: list[StoredEvent], budget: int) -> tuple[str | None, in
         uncovered += tokens_of(conversation_from_events(turn))
         if uncovered > budget // 2:
             assert oldest_kept is not None, "one turn alone passes half the budget"
-            words = (SUMMARY_SENTENCE.split() * SUMMARY_WORDS)[:SUMMARY_WORDS]
-            return " ".join(words), oldest_kept - 1
+            return compaction_summary(), oldest_kept - 1
         oldest_kept = turn[0].event_id
     return None, 0
 

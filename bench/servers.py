@@ -7,19 +7,24 @@ import contextlib
 import dataclasses
 import os
 import platform
+import sqlite3
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import redis.asyncio as aioredis
-from common import NODE, ROOT, SERVICE_ENV, ServerProcess, run_load
+from common import NODE, ROOT, SERVICE_ENV, ServerProcess, history_turn, run_load
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# With stored histories, counting starts once every session has finished this many turns: its first
+# sends whatever the tree sends of the stored history, and a compaction may follow in the background.
+HISTORY_WARM_TURNS = 2
+HISTORY_WARM_LIMIT_SECONDS = 90
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,35 @@ class Stream:
     server_cpu_percent: float
     generator_cpu_percent: float
     failures: int
+    warm_seconds: float = 0.0  # from the first connection until counting started
+
+
+@dataclass(frozen=True)
+class StoredHistory:
+    """Sessions stored before the load, `turns` answered turns each; session n is served by
+    process n % processes (the load generator's round robin) and stored in that one's SQLite."""
+
+    session_ids: list[str]
+    turns: int
+
+    @classmethod
+    def of(cls, sessions: int, turns: int) -> StoredHistory:
+        return cls([str(uuid.uuid4()) for _ in range(sessions)], turns)
+
+    def fill(self, db: Path, process: int, processes: int) -> None:
+        """Inserts this process's sessions with the original design's SQL (any tree's schema takes it)."""
+        mine = self.session_ids[process::processes]
+        rows = [
+            (session_id, kind, text)
+            for session_id in mine
+            for n in range(self.turns)
+            for kind, text in zip(("user_message", "ai_message"), history_turn(n), strict=True)
+        ]
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as connection, connection:
+            connection.executemany(
+                "insert into sessions (session_id, user_id) values (?, ?)", ((s, "bench") for s in mine)
+            )
+            connection.executemany("insert into events (session_id, event_type, content) values (?, ?, ?)", rows)
 
 
 def measured(result: dict[str, Any], server_cpu: float, failures: int) -> Stream:
@@ -76,14 +110,16 @@ def measured(result: dict[str, Any], server_cpu: float, failures: int) -> Stream
         server_cpu_percent=100 * server_cpu / result["seconds"],
         generator_cpu_percent=100 * result["generator_cpu_seconds"] / result["seconds"],
         failures=failures,
+        warm_seconds=result.get("warm_seconds", 0.0),
     )
 
 
 @contextlib.asynccontextmanager
 async def running(
-    kind: Kind, delay_ms: float = 0, env: dict[str, str] | None = None
+    kind: Kind, delay_ms: float = 0, env: dict[str, str] | None = None, history: StoredHistory | None = None
 ) -> AsyncIterator[list[ServerProcess]]:
-    """The kind's server processes, each with its own data directory, stopped (and Redis cleaned) on exit."""
+    """The kind's server processes, each with its own data directory, stopped (and Redis cleaned) on
+    exit; with `history`, the service's sessions are stored in them once they have started."""
     channel = f"bench-{uuid.uuid4().hex[:8]}"
     extra = {**kind.env, **(env or {})}
     if kind.redis:
@@ -91,8 +127,11 @@ async def running(
     with contextlib.ExitStack() as dirs:
         servers: list[ServerProcess] = []
         try:
-            for _ in range(kind.processes):
-                servers.append(await start(kind, dirs.enter_context(tempfile.TemporaryDirectory()), delay_ms, extra))
+            for n in range(kind.processes):
+                data = dirs.enter_context(tempfile.TemporaryDirectory())
+                servers.append(await start(kind, data, delay_ms, extra))
+                if history is not None and kind.base == "service":
+                    await asyncio.to_thread(history.fill, Path(data) / "bench.db", n, kind.processes)
             yield servers
         finally:
             await asyncio.gather(*(s.stop() for s in servers))
@@ -135,27 +174,46 @@ async def clean_redis(channel: str) -> None:
 
 
 async def stream(
-    kind: Kind, *, sessions: int, tabs: int, seconds: float, delay_ms: float = 0, env: dict[str, str] | None = None
+    kind: Kind,
+    *,
+    sessions: int,
+    tabs: int,
+    seconds: float,
+    delay_ms: float = 0,
+    env: dict[str, str] | None = None,
+    history_turns: int = 0,
 ) -> Stream:
-    """One window of `seconds` on fresh servers: sessions spread over the kind's processes round robin."""
+    """One window of `seconds` on fresh servers: sessions spread over the kind's processes round
+    robin; with `history_turns`, each session stored beforehand with that many answered turns."""
     paced = delay_ms > 0 or bool(env)
-    async with running(kind, delay_ms, env) as servers:
-        cpu: dict[str, float] = {}
-        result = await run_load(
-            [
+    history = StoredHistory.of(sessions, history_turns) if history_turns else None
+    with tempfile.NamedTemporaryFile("w", prefix="bench-sessions-", suffix=".txt") as ids:
+        async with running(kind, delay_ms, env, history) as servers:
+            cpu: dict[str, float] = {}
+            load = [
                 *("--urls", ",".join(s.url for s in servers), "--sessions", str(sessions), "--tabs", str(tabs)),
                 # Paced runs open hundreds of sockets (about 300 a second): connect before counting.
                 *("--seconds", str(seconds), "--warmup", str(3 + sessions / 250 if paced else 2)),
                 *("--stagger", "1" if paced else "0"),
                 # A variant's BENCH_PLAIN_CLIENTS=N: a plain WebSocket client in each of the first N sessions.
                 *("--plain", kind.env.get("BENCH_PLAIN_CLIENTS", "0")),
-            ],
-            lambda phase: cpu.__setitem__(phase["phase"], sum(s.cpu_seconds() for s in servers)),
-        )
+                *(history_arguments(history, ids) if history is not None else ()),
+            ]
+            result = await run_load(
+                load, lambda phase: cpu.__setitem__(phase["phase"], sum(s.cpu_seconds() for s in servers))
+            )
     failures = result["failures"] + result["error_count"]
     if failures:
         print(f"  ! {kind.label}: {failures} refused messages or failed sessions: {result['errors']}")
     return measured(result, cpu["end"] - cpu["measure"], failures)
+
+
+def history_arguments(history: StoredHistory, ids: IO[str]) -> Sequence[str]:
+    """The load generator's arguments that make session n join the n-th stored session."""
+    ids.write("\n".join(history.session_ids) + "\n")
+    ids.flush()
+    warm = ("--warm-turns", str(HISTORY_WARM_TURNS), "--warm-limit", str(HISTORY_WARM_LIMIT_SECONDS))
+    return ("--session-ids", ids.name, *warm)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

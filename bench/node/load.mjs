@@ -7,6 +7,9 @@
 //   node load.mjs --urls http://127.0.0.1:8000,http://127.0.0.1:8001 --sessions 100 --seconds 10
 // Sessions are spread over the URLs round robin, as a load balancer would. `--stagger S` starts
 // the sessions' first messages spread over S seconds (so paced streams do not tick in step).
+// `--session-ids FILE` (one id a line): session n joins the n-th, a session stored beforehand,
+// instead of a new one. `--warm-turns K`: counting starts after `--warmup` and once every session
+// has finished K turns (at most `--warm-limit` seconds more); the result says how long that took.
 //
 // Sliced (`--slice S --rounds R --pids P1,P2`): each URL is a server of its own, and each gets
 // `--sessions` x `--tabs` sockets. The servers take turns: in each of R rounds every server in turn
@@ -38,6 +41,10 @@ const seconds = Number(arg("seconds", "10"));
 const warmup = Number(arg("warmup", "2"));
 const stagger = Number(arg("stagger", "0"));
 const idle = arg("idle", "");
+const sessionIdsFile = arg("session-ids", "");
+const sessionIds = sessionIdsFile ? readFileSync(sessionIdsFile, "utf8").split("\n").filter(Boolean) : [];
+const warmTurns = Number(arg("warm-turns", "0"));
+const warmLimit = Number(arg("warm-limit", "120"));
 const hold = Number(arg("hold", "3"));
 // Idle: after the last count, `--heartbeat S` seconds between two phase lines, for the CPU the
 // server spends on Engine.IO's pings alone (one every 25 s per socket).
@@ -93,11 +100,24 @@ async function streaming() {
   let ended = false;
   const latencies = [];
   const firstChunk = [];
+  let warm = 0; // sessions that finished `warmTurns` turns (or failed)
 
   async function session(n) {
     const url = urls[n % urls.length];
+    let finished = 0;
+    try {
+      await drive(n, url, () => {
+        finished += 1;
+        if (finished === warmTurns) warm += 1;
+      });
+    } finally {
+      if (finished < warmTurns) warm += 1;
+    }
+  }
+
+  async function drive(n, url, onTurn) {
     const sockets = [await connect(url)];
-    const sid = await join(sockets[0]);
+    const sid = await join(sockets[0], sessionIds[n]);
     for (let t = 1; t < tabs; t++) {
       sockets.push(await connect(url));
       await join(sockets[t], sid);
@@ -127,6 +147,7 @@ async function streaming() {
         continue;
       }
       await Promise.all(done);
+      onTurn();
       if (counting) turns += 1;
     }
     for (const socket of sockets) socket.disconnect();
@@ -136,6 +157,9 @@ async function streaming() {
   const running = Array.from({ length: sessions }, (_, n) => session(n));
   const connected = Promise.all(running.map((r) => r.catch((e) => e)));
   await sleep(warmup * 1000);
+  const warmStarted = now();
+  while (warmTurns && warm < sessions && now() - warmStarted < warmLimit * 1000) await sleep(50);
+  const warmSeconds = warmup + (now() - warmStarted) / 1000;
   say({ phase: "measure" });
   counting = true;
   const started = now();
@@ -159,6 +183,8 @@ async function streaming() {
     latency_ms: summary(latencies),
     first_chunk_ms: summary(firstChunk),
     generator_cpu_seconds: (cpu.user + cpu.system) / 1e6,
+    warm_seconds: warmSeconds,
+    warm_sessions: warm,
   });
 }
 
