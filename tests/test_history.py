@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from itertools import count
 from pathlib import Path
 
 import pytest
 
-from server.core.context import ContextBudget
+from server.core.context import SUMMARY_INTRO, ContextBudget, tokens_of
 from server.core.errors import ToolErrorCode
-from server.core.event_store import EventStore
+from server.core.event_store import EventStore, HistoryEvent
 from server.core.history import HistoryCache
 from server.core.models import ErrorInfo, EventDraft, EventType, StoredEvent, utc_now
-from server.core.ports import ToolCallItem, ToolResultItem
+from server.core.ports import ConversationItem, ToolCallItem, ToolResultItem, UserText
 from server.core.replay import conversation_from_events, tool_call_content, tool_result_content
 from server.core.tasks import TaskTracker
 from server.providers.offline import PromptWords
@@ -51,6 +51,12 @@ def question(text: str, turn_id: str) -> EventDraft:
 
 def stored(draft: EventDraft) -> StoredEvent:
     return StoredEvent(event_id=next(ids), **draft.model_dump())
+
+
+def sent(events: Sequence[HistoryEvent]) -> list[ConversationItem]:
+    """What a turn would send of `events` with room for all of them (without its own question)."""
+    window = ContextBudget(100_000).window(SESSION, events, question("", "next"), summary=None, upto=0)
+    return window.conversation()[:-1]
 
 
 @pytest.fixture
@@ -105,8 +111,6 @@ async def test_the_cache_is_bounded_by_events_as_well_as_sessions(make_cache: Ca
     assert len(cache) == 1 and cache.events == 2  # the least recently used session made way
     cache.remember(stored(question("more", "tz")).model_copy(update={"session_id": "another session"}))
     assert cache.events == 3
-    # Forgotten, the long session is still built right from what storage gives.
-    assert cache.conversation(SESSION, long) == conversation_from_events(long)
 
 
 async def test_a_turns_conversation_and_history_stay_as_read_while_the_session_goes_on(
@@ -119,14 +123,14 @@ async def test_a_turns_conversation_and_history_stay_as_read_while_the_session_g
     tool_events = turn_with_a_tool("t1")
     cache.note(SESSION, [first, *tool_events[:2]])  # the answer's write not stored yet
     history = await cache.read(SESSION)
-    earlier = cache.conversation(SESSION, history)
+    earlier = sent(history)
     shown = list(earlier)
     assert [getattr(item, "name", None) for item in shown] == [None, "get_weather", "get_weather"]
 
     cache.remember(tool_events[2])  # the answer: its first piece goes before the tool call
     later = await cache.read(SESSION)
     assert len(history) == 3 and len(later) == 4
-    assert cache.conversation(SESSION, later) == conversation_from_events([first, *tool_events])
+    assert sent(later) == conversation_from_events([first, *tool_events])
     assert earlier == shown
 
 
@@ -140,11 +144,11 @@ async def test_the_offline_word_count_follows_an_answer_placed_before_items_it_c
     tool_events = turn_with_a_tool("t1")
     cache.note(SESSION, [first, *tool_events[:2]])  # the answer's write not stored yet
     words = PromptWords()
-    assert words.count(cache.conversation(SESSION, await cache.read(SESSION))) == 3
+    assert words.count(sent(await cache.read(SESSION))) == 3
 
     cache.remember(tool_events[2])  # "Look." goes before the tool call, "It snows." after it
     cache.remember(stored(question("second one", "t2")))
-    conversation = cache.conversation(SESSION, await cache.read(SESSION))
+    conversation = sent(await cache.read(SESSION))
     assert words.count(conversation) == 3 + 3 + 2 == PromptWords().count(conversation)
 
 
@@ -175,3 +179,58 @@ def test_tool_events_read_back_as_written_and_ones_of_another_shape_are_left_out
     odd_call = {"call_id": "d", "name": "get_weather", "args": ["Oslo"], "provider_data": "sig"}
     read = conversation_from_events([event(EventType.TOOL_CALL, json.dumps(odd_call), "tool_call:t1:d", "t1")])
     assert read == [ToolCallItem(call_id="d", name="get_weather", args={}, provider_data=None)]
+
+
+def a_session(turns: int) -> list[StoredEvent]:
+    """`turns` stored turns, every third one with a tool round."""
+    events: list[StoredEvent] = []
+    for n in range(turns):
+        events.append(stored(question(f"question {n} " + "x" * 40, f"t{n}")))
+        if n % 3 == 1:
+            events += turn_with_a_tool(f"t{n}")
+        else:
+            events.append(event(EventType.AI_MESSAGE, f"answer {n} " + "y" * 80, f"ai:t{n}", f"t{n}"))
+    return events
+
+
+def test_the_window_sends_the_newest_whole_turns_that_fit_after_the_summary() -> None:
+    history = a_session(40)
+    asked = question("the newest question " + "z" * 60, "now")
+    budget = ContextBudget(300)
+    window = budget.window(SESSION, history, asked, summary="what came before", upto=history[9].event_id)
+    conversation = window.conversation()
+    assert tokens_of(conversation) <= 300
+    assert conversation[0] == UserText(SUMMARY_INTRO + "what came before")
+    assert conversation[-1] == UserText(asked.content)  # the newest message, whole and last
+    # Whole turns only: each kept turn starts with its question, and every call has its result.
+    calls = [item.call_id for item in conversation if isinstance(item, ToolCallItem)]
+    results = [item.call_id for item in conversation if isinstance(item, ToolResultItem)]
+    assert calls == results
+    questions = [item.text for item in conversation[1:-1] if isinstance(item, UserText)]
+    kept = len(questions)
+    assert 0 < kept < 30 and questions == [f"question {n} " + "x" * 40 for n in range(40 - kept, 40)]
+    # Nothing summarised goes again, however much room there is.
+    roomy = ContextBudget(100_000).window(SESSION, history, asked, summary="s", upto=history[-1].event_id)
+    assert roomy.conversation() == [UserText(SUMMARY_INTRO + "s"), UserText(asked.content)]
+
+
+def test_a_turns_tool_rounds_push_out_the_oldest_kept_turns_never_its_own() -> None:
+    history = a_session(20)
+    asked = question("now", "now")
+    window = ContextBudget(200).window(SESSION, history, asked, summary=None, upto=0)
+    window.conversation()
+    kept = len(window.kept)
+    window.current.append(ToolResultItem(call_id="big", name="get_weather", result={"text": "r" * 400}))
+    after = window.conversation()
+    assert after[-len(window.current) :] == window.current  # this turn's items, all of them, last
+    assert tokens_of(after) <= 200 and len(window.kept) < kept
+
+
+def test_the_providers_count_calibrates_the_estimate() -> None:
+    history = a_session(40)
+    asked = question("now", "now")
+    budget = ContextBudget(400)
+    plain = len(budget.window(SESSION, history, asked, summary=None, upto=0).conversation())
+    budget.observe(SESSION, estimated=100, reported=200)  # the provider counts twice what was estimated
+    halved = len(budget.window(SESSION, history, asked, summary=None, upto=0).conversation())
+    assert halved < plain

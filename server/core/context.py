@@ -64,6 +64,28 @@ def newest_turns(
         yield turn
 
 
+def newest_that_fit(
+    events: Sequence[HistoryEvent], after: int, room: int, *, until: int | None = None, ratio: float = 1.0
+) -> tuple[list[list[ConversationItem]], list[int], bool]:
+    """The newest whole turns after event `after` whose tokens fit `room`, oldest first, with their
+    (scaled) tokens; and whether an older turn did not fit (it was left out)."""
+    kept: list[list[ConversationItem]] = []
+    kept_tokens: list[int] = []
+    left_out = False
+    for turn in newest_turns(events, after, until=until):
+        items = conversation_from_events(turn)
+        tokens = int(tokens_of(items) * ratio)
+        if tokens > room:
+            left_out = True
+            break
+        kept.append(items)
+        kept_tokens.append(tokens)
+        room -= tokens
+    kept.reverse()
+    kept_tokens.reverse()
+    return kept, kept_tokens, left_out
+
+
 @dataclass
 class ContextWindow:
     """One turn's conversation for its model: summary, kept turns (oldest first), this turn's items."""
@@ -73,7 +95,7 @@ class ContextWindow:
     summary: list[ConversationItem]
     kept: list[list[ConversationItem]]
     current: list[ConversationItem]
-    dropped: int = 0  # earlier turns neither summarised nor sent (a compaction behind, or failing)
+    dropped: int = 0  # at least this many earlier turns neither summarised nor sent (compaction behind)
     _kept_tokens: list[int] = field(default_factory=list)
 
     def conversation(self) -> list[ConversationItem]:
@@ -118,22 +140,8 @@ class ContextBudget:
         summary_items: list[ConversationItem] = [UserText(SUMMARY_INTRO + summary)] if summary else []
         current: list[ConversationItem] = [UserText(question.content)]
         room = self.max_tokens - int((tokens_of(summary_items) + tokens_of(current)) * ratio)
-        kept: list[list[ConversationItem]] = []
-        kept_tokens: list[int] = []
-        turns = 0
-        for turn in newest_turns(events, upto, until=until):
-            turns += 1
-            items = conversation_from_events(turn)
-            tokens = int(tokens_of(items) * ratio)
-            if tokens > room:
-                break
-            kept.append(items)
-            kept_tokens.append(tokens)
-            room -= tokens
-        kept.reverse()
-        kept_tokens.reverse()
-        dropped = turns - len(kept)
-        return ContextWindow(self.max_tokens, ratio, summary_items, kept, current, dropped, kept_tokens)
+        kept, kept_tokens, left_out = newest_that_fit(events, upto, room, until=until, ratio=ratio)
+        return ContextWindow(self.max_tokens, ratio, summary_items, kept, current, int(left_out), kept_tokens)
 
     def observe(self, session_id: str, estimated: int, reported: int) -> None:
         """The provider counted `reported` input tokens for a request estimated at `estimated`."""

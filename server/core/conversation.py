@@ -130,6 +130,7 @@ class ConversationService:
             retry_seconds=summary_retry_seconds,
             wait_turn_end=self.wait_turn_end,
             metrics=metrics,
+            context_tokens=limits.context_max_tokens,
         )
         self.titles = TitleWriter(repo, provider, coordination, emitter, tasks, metrics, enabled=title_generation)
 

@@ -11,7 +11,8 @@ from datetime import datetime, timedelta
 
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 
-from server.core.models import utc_now
+from server.core.context import SUMMARY_INTRO, newest_that_fit, tokens_of
+from server.core.models import Session, utc_now
 from server.core.ports import (
     ConversationItem,
     Coordination,
@@ -20,8 +21,8 @@ from server.core.ports import (
     ProviderError,
     Repository,
     StorageUnavailable,
+    UserText,
 )
-from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
 from server.core.writer import OrderedWriter
 
@@ -30,6 +31,7 @@ EMPTY_SESSION_SUMMARY = "No messages were exchanged in this session."
 MAX_RETRY_SECONDS = 3600.0
 RESCAN_SECONDS = 300.0
 RESCAN_BATCH = 100
+SUMMARY_EVENTS = 1000  # the newest events a summary reads (what fits of them goes to the model)
 
 
 class _Rejoined(Exception):
@@ -60,8 +62,10 @@ class SummaryScheduler:
         retry_seconds: float,
         wait_turn_end: Callable[[str], Awaitable[None]],
         metrics: Metrics,
+        context_tokens: int = 32_000,
     ) -> None:
         self._metrics = metrics
+        self._context_tokens = context_tokens
         self._repo = repo
         self._provider = provider
         self._coordination = coordination
@@ -207,8 +211,7 @@ class SummaryScheduler:
         session = await self._repo.get_session(session_id)
         if session is None or session.deleted:
             return
-        events = await self._repo.list_events(session_id)
-        conversation = conversation_from_events(events)
+        conversation = await self._conversation(session)
         # Nothing to summarise is not worth a model call.
         summary = await self._model_summary(conversation) if conversation else EMPTY_SESSION_SUMMARY
         if await self._coordination.member_count(session_id) > 0:
@@ -217,7 +220,19 @@ class SummaryScheduler:
         duration = max(0, round((emptied_at - session.start_time).total_seconds()))
         await self._repo.write_summary(session_id, summary, emptied_at, duration)
         self._metrics.summary_made(ok=True)
-        log.info("summarised session %s (%d events, %d s)", session_id, len(events), duration)
+        log.info("summarised session %s (%d items, %d s)", session_id, len(conversation), duration)
+
+    async def _conversation(self, session: Session) -> list[ConversationItem]:
+        """What the summary is made of, within the context budget however long the session: its
+        compaction summary, then the newest whole turns after it that fit."""
+        upto = session.context_upto or 0
+        page = await self._repo.page_events(session.session_id, limit=SUMMARY_EVENTS)
+        earlier: list[ConversationItem] = (
+            [UserText(SUMMARY_INTRO + session.context_summary)] if session.context_summary else []
+        )
+        room = self._context_tokens - tokens_of(earlier)
+        turns, _, _ = newest_that_fit(page.events, upto, room)
+        return [*earlier, *(item for turn in turns for item in turn)]
 
     async def _model_summary(self, conversation: list[ConversationItem]) -> str:
         try:
