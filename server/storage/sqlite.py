@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # One definition of the tables (read at import, before any event loop runs).
 SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The one text format of `updated_at` and `deleted_at` (see sqlite_schema.sql): what SQLite's
 # strftime writes, and what every moment compared with them is turned into (`_stamp_ms`).
 _NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
@@ -84,7 +84,8 @@ COMMIT;
 """
 
 # Version 2 -> 3: title, updated_at and deleted_at. SQLite cannot add a column whose default is
-# an expression (updated_at's is now), so the sessions table is rebuilt; events stay as they are.
+# an expression (updated_at's is now), so the sessions table is rebuilt (with 4's columns too, so
+# straight to SCHEMA_VERSION); events stay as they are.
 # Run with legacy_alter_table on and foreign keys off, so that the rename leaves events' reference
 # and the triggers naming `sessions`, which is the new table once the old one is dropped.
 _REBUILD_SESSIONS = f"""
@@ -99,6 +100,15 @@ INSERT INTO sessions (
 DROP TABLE sessions_v2;
 {_UPDATED_AT_FROM_EVENTS}
 PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+# Version 3 -> 4: the compaction summary. Nullable columns without a default: added in place.
+_ADD_CONTEXT_SUMMARY = """
+BEGIN;
+ALTER TABLE sessions ADD COLUMN context_summary TEXT;
+ALTER TABLE sessions ADD COLUMN context_upto INTEGER;
+PRAGMA user_version = 4;
 COMMIT;
 """
 
@@ -140,7 +150,10 @@ async def migrate(db: aiosqlite.Connection) -> None:
         return
     if version == 1:
         await db.executescript(_ADD_OPEN_TURNS)
-    await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
+    if version < 3:  # the rebuilt table has every later column too
+        await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
+        return
+    await db.executescript(_ADD_CONTEXT_SUMMARY)
 
 
 async def _rebuild_unversioned(db: aiosqlite.Connection) -> None:
@@ -345,6 +358,17 @@ class SqliteRepository:
             (summary, _stamp(end_time), duration_seconds, _stamp(end_time), session_id),
             "write summary",
         )
+
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        # `IS`: SQLite's NULL-safe equality, so None matches only a session without one. The same
+        # summary already stored matches too: a retry after a lost answer finds its own write.
+        rows = await self._run(
+            "UPDATE sessions SET context_summary = ?1, context_upto = ?2 WHERE session_id = ?3 AND deleted_at IS NULL"
+            " AND (context_upto IS ?4 OR (context_upto = ?2 AND context_summary = ?1)) RETURNING session_id",
+            (summary, upto, session_id, previous_upto),
+            "write context summary",
+        )
+        return bool(rows)
 
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         await self._run(
