@@ -180,6 +180,20 @@ async def _with_pragmas(db: aiosqlite.Connection, script: str, **pragmas: str) -
             await db.execute(f"PRAGMA {name}={value}")
 
 
+async def _prepare(db: aiosqlite.Connection, path: Path, retry_seconds: float) -> None:
+    db.row_factory = sqlite3.Row
+    # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
+    await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA foreign_keys=ON")
+    # Workers that start together on an older file: one brings it up (a rebuild must not run twice),
+    # the others then find it done. Switching a file to WAL is done in turn too: connections that
+    # all hold a shared lock and want the exclusive one make SQLite refuse one at once, unwaited.
+    async with exclusive(path.with_name(path.name + ".migrating")):
+        await db.execute("PRAGMA journal_mode=WAL")
+        await migrate(db)
+
+
 def _transient(exc: BaseException) -> bool:
     # "database is locked" / "disk I/O error": another writer or the disk, worth retrying.
     return isinstance(exc, sqlite3.OperationalError)
@@ -211,17 +225,11 @@ class SqliteRepository:
     async def open(cls, path: Path, retry_seconds: float = 10.0) -> SqliteRepository:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
-        await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
-        if await schema_version(db) < SCHEMA_VERSION:
-            # Workers that start together on an older file: one brings it up (a rebuild must not run
-            # twice), the others then find it done.
-            async with exclusive(path.with_name(path.name + ".migrating")):
-                await migrate(db)
+        try:
+            await _prepare(db, path, retry_seconds)
+        except BaseException:
+            await db.close()  # its thread would otherwise keep the process from exiting
+            raise
         return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
