@@ -48,6 +48,7 @@ STORAGE_OPERATIONS = (
     "set_generated_title",
     "delete_session",
     "write_summary",
+    "write_context_summary",
     "mark_emptied",
     "due_summaries",
     "open_turns",

@@ -244,3 +244,39 @@ async def test_an_event_racing_a_delete_it_did_not_see_is_not_stored(
     # An unknown session is still the foreign key's to refuse.
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await writer.execute(INSERT, uuid.uuid4())
+
+
+CONTEXT_SUMMARY = "20261210000000"
+
+
+async def test_an_existing_schema_gets_context_summaries_with_its_rows_kept(scratch_db: asyncpg.Connection) -> None:
+    db = scratch_db
+    for path in MIGRATIONS:
+        if path.name < CONTEXT_SUMMARY:
+            await db.execute(path.read_text())
+    kept, deleted = uuid.uuid4(), uuid.uuid4()
+    await db.execute(
+        "INSERT INTO sessions (session_id, user_id, title) VALUES ($1, 'ada', 'Plans'), ($2, 'bob', NULL)",
+        kept,
+        deleted,
+    )
+    await db.execute("INSERT INTO events (session_id, event_type, content) VALUES ($1, 'user_message', 'q')", kept)
+    await db.execute(DELETE, deleted)
+    sessions = [dict(r) for r in await db.fetch("SELECT * FROM sessions ORDER BY session_id")]
+    events = [dict(r) for r in await db.fetch("SELECT * FROM events ORDER BY event_id")]
+
+    await apply_migrations(db)
+    await apply_migrations(db)
+
+    after = [dict(r) for r in await db.fetch("SELECT * FROM sessions ORDER BY session_id")]
+    assert [{name: row[name] for name in old} for old, row in zip(sessions, after, strict=True)] == sessions
+    assert all((row["context_summary"], row["context_upto"]) == (None, None) for row in after)
+    assert [dict(r) for r in await db.fetch("SELECT * FROM events ORDER BY event_id")] == events
+    columns = await db.fetch(
+        "SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+        " WHERE table_name = 'sessions' AND column_name LIKE 'context_%' ORDER BY column_name"
+    )
+    assert [tuple(c) for c in columns] == [
+        ("context_summary", "text", "YES", None),
+        ("context_upto", "bigint", "YES", None),
+    ]

@@ -26,6 +26,7 @@ from server.storage import supabase as supabase_storage
 from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
+from server.storage.sqlite import SCHEMA as SQLITE_SCHEMA
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import SupabaseRepository
 from tests.fake_postgrest import FakePostgrest, make_key
@@ -766,7 +767,7 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path:
     finally:
         await repo.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert {r[2] for r in db.execute("PRAGMA foreign_key_list(events)")} == {"sessions"}
         assert {r[1] for r in db.execute("PRAGMA index_list(sessions)")} >= {
@@ -817,3 +818,183 @@ async def test_the_conversation_operations_are_timed_by_name(tmp_path: Path) -> 
         "delete_session",
     ]
     assert metrics.queued[-1] == 0
+
+
+# ---------------------------------------------------------------- compaction summaries (issue 30)
+
+
+async def test_a_context_summary_is_a_compare_and_set_that_leaves_updated_at(
+    repo: Repository, backend: Backend
+) -> None:
+    sid = str(uuid.uuid4())
+    created = await repo.ensure_session(sid, "ada", datetime.now(UTC))
+    assert (created.context_summary, created.context_upto) == (None, None)
+    ids = [(await repo.append_event(draft(sid, f"k{n}"))).event_id for n in range(4)]
+    before = await session_of(repo, sid)
+    await asyncio.sleep(0.01)  # SQLite keeps milliseconds: a change of updated_at would show
+
+    assert await repo.write_context_summary(sid, "first «summary»", ids[1], None)
+    stored = await session_of(repo, sid)
+    assert (stored.context_summary, stored.context_upto) == ("first «summary»", ids[1])
+    # Stale writers store nothing: None matches only a session without one, and an older upto loses.
+    assert not await repo.write_context_summary(sid, "stale", ids[2], None)
+    assert not await repo.write_context_summary(sid, "stale", ids[2], ids[0])
+    assert await repo.write_context_summary(sid, "summary two", ids[3], ids[1])
+    assert not await repo.write_context_summary(sid, "also from the first", ids[2], ids[1])
+    # The same write again (a retry after a lost answer) finds itself stored.
+    assert await repo.write_context_summary(sid, "summary two", ids[3], ids[1])
+    assert not await repo.write_context_summary(str(uuid.uuid4()), "unknown", 1, None)
+
+    other = await backend.open()  # what another process reads
+    try:
+        for reader in (repo, other):
+            after = await session_of(reader, sid)
+            assert (after.context_summary, after.context_upto) == ("summary two", ids[3])
+            assert (after.updated_at, after.title, after.summary) == (before.updated_at, None, None)
+    finally:
+        await other.aclose()
+    wire = after.model_dump_json()
+    assert "context" not in wire and "summary two" not in wire
+
+
+async def test_two_writers_extending_the_same_summary_store_exactly_one(repo: Repository, backend: Backend) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    assert await repo.write_context_summary(sid, "base", 1, None)
+    other = await backend.open()
+    try:
+        for _ in range(3):
+            upto = (await session_of(repo, sid)).context_upto
+            assert upto is not None
+            first, second = await asyncio.gather(
+                repo.write_context_summary(sid, f"one from {upto}", upto + 1, upto),
+                other.write_context_summary(sid, f"another from {upto}", upto + 2, upto),
+            )
+            assert [first, second].count(True) == 1
+            stored = await session_of(repo, sid)
+            expected = (f"one from {upto}", upto + 1) if first else (f"another from {upto}", upto + 2)
+            assert (stored.context_summary, stored.context_upto) == expected
+    finally:
+        await other.aclose()
+
+
+async def test_a_deleted_session_has_no_context_summary_and_takes_none(repo: Repository) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, "ada", datetime.now(UTC))
+    event_id = (await repo.append_event(draft(sid, "k"))).event_id
+    assert await repo.write_context_summary(sid, "a summary of secrets", event_id, None)
+
+    assert await repo.delete_session(sid)
+    tomb = await session_of(repo, sid)
+    assert tomb.deleted and (tomb.context_summary, tomb.context_upto) == (None, None)
+    assert not await repo.write_context_summary(sid, "late", event_id, None)
+    assert not await repo.write_context_summary(sid, "late", event_id + 1, event_id)
+    assert not await repo.write_context_summary(sid, "a summary of secrets", event_id, None)
+    assert await session_of(repo, sid) == tomb
+
+
+async def test_the_supabase_context_summary_is_one_filtered_patch_and_survives_a_lost_answer(
+    supabase: tuple[FakePostgrest, Repository],
+) -> None:
+    postgrest, _ = supabase
+    # A short read timeout, so that a held answer is lost and retried.
+    repo = await SupabaseRepository.open(postgrest.url, make_key("service_role"), retry_seconds=8, timeout_seconds=1)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, None, datetime.now(UTC))
+        ids = [(await repo.append_event(draft(sid, f"k{n}"))).event_id for n in range(2)]
+        del postgrest.requests[:]
+        assert await repo.write_context_summary(sid, "first", ids[0], None)
+        assert await repo.write_context_summary(sid, "second", ids[1], ids[0])
+        patches = [unquote(path) for method, path in postgrest.requests if method == "PATCH"]
+        assert [method for method, _ in postgrest.requests] == ["PATCH", "PATCH"]  # each one request
+        for patch, condition in zip(patches, ("context_upto=is.null", f"context_upto=eq.{ids[0]}"), strict=True):
+            assert patch.startswith(f"/rest/v1/sessions?session_id=eq.{sid}")
+            assert condition in patch and "deleted_at=is.null" in patch
+
+        postgrest.lose_next_response(hold_seconds=2)  # stored, but its answer never arrives
+        assert await repo.write_context_summary(sid, "third", ids[1] + 1, ids[1])
+        assert postgrest.lost.is_set()
+        stored = await session_of(repo, sid)
+        assert (stored.context_summary, stored.context_upto) == ("third", ids[1] + 1)
+    finally:
+        await repo.aclose()
+
+
+async def test_supabase_without_the_context_summary_migration_is_not_ready_and_says_which(
+    supabase: tuple[FakePostgrest, Repository],
+) -> None:
+    postgrest, repo = supabase
+    await repo.ping()
+    await postgres_statement(postgrest.dsn)("alter table sessions drop column context_upto")
+    with pytest.raises(StorageRefused, match=re.escape("apply supabase/migrations/20261210000000_context_summary.sql")):
+        await repo.ping()
+
+
+async def test_the_context_summary_write_is_timed_by_name(tmp_path: Path) -> None:
+    metrics = RecordedMetrics()
+    repo = MeasuredRepository(await SqliteRepository.open(tmp_path / "timed.db", retry_seconds=1), metrics)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, "ada", datetime.now(UTC))
+        del metrics.operations[:]
+        assert await repo.write_context_summary(sid, "summary", 1, None)
+        assert not await repo.write_context_summary(sid, "summary", 2, None)
+    finally:
+        await repo.aclose()
+    assert metrics.operations == ["write_context_summary", "write_context_summary"]
+
+
+# The SQLite schema of version 3, the last before compaction summaries: today's without their columns.
+SQLITE_SCHEMA_V3 = (
+    re.sub(r",\n\s*-- The compaction summary.*?context_upto\s+INTEGER\n", "\n", SQLITE_SCHEMA, flags=re.S)
+    + "PRAGMA user_version = 3;"
+)
+
+
+@pytest.mark.parametrize(
+    "schema", [SQLITE_SCHEMA_V1, SQLITE_SCHEMA_V2, SQLITE_SCHEMA_V3], ids=["version 1", "version 2", "version 3"]
+)
+async def test_an_sqlite_file_of_an_earlier_version_gets_context_summaries_its_rows_kept(
+    tmp_path: Path, schema: str
+) -> None:
+    assert "context_" not in SQLITE_SCHEMA_V3 and "deleted_at" in SQLITE_SCHEMA_V3
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(schema + OLD_ROWS)
+    answered = "00000000-0000-4000-8000-00000000000a"
+    sessions_before = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM sessions ORDER BY session_id")
+    events_before = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id")
+    for _ in range(2):  # and opening it again changes nothing
+        repo = await SqliteRepository.open(path, retry_seconds=1)
+        try:
+            session = await session_of(repo, answered)
+            assert (session.user_id, session.context_summary, session.context_upto) == ("ada", None, None)
+        finally:
+            await repo.aclose()
+    # Every row as it was, each column it had unchanged (a file of version 3 keeps its updated_at too).
+    sessions_after = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM sessions ORDER BY session_id")
+    assert len(sessions_after) == len(sessions_before) == 3
+    for old, new in zip(sessions_before, sessions_after, strict=True):
+        assert {name: new[name] for name in old} == old
+        assert (new["context_summary"], new["context_upto"]) == (None, None)
+    assert await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id") == events_before
+    repo = await SqliteRepository.open(path, retry_seconds=1)
+    try:
+        last = (await repo.list_events(answered))[-1].event_id
+        assert await repo.write_context_summary(answered, "kept", last, None)
+        assert (await session_of(repo, answered)).context_summary == "kept"
+    finally:
+        await repo.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
+        columns = {r[1]: (r[2], r[3], r[4]) for r in db.execute("PRAGMA table_info(sessions)")}
+        assert columns["context_summary"] == ("TEXT", 0, None) and columns["context_upto"] == ("INTEGER", 0, None)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
+
+
+def sqlite_rows(path: Path, query: str) -> list[dict[str, object]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(query)]

@@ -43,6 +43,10 @@ class Session(BaseModel):
     updated_at: datetime | None = None
     # A deleted session keeps only its id, its user and this: never on the wire.
     deleted_at: datetime | None = Field(default=None, exclude=True)
+    # The compaction summary of the oldest events, up to and including event `context_upto`: what
+    # the model is sent in their place. Internal, never on the wire.
+    context_summary: str | None = Field(default=None, exclude=True)
+    context_upto: int | None = Field(default=None, exclude=True)
 
     @field_serializer("start_time", "end_time", "updated_at")
     def _iso(self, moment: datetime | None) -> str | None:

@@ -215,6 +215,12 @@ class Repository(Protocol):
         """Write the summary of the emptying at `end_time`; a summary due for it or earlier is done."""
         ...
 
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        """Store the compaction summary covering events up to `upto`, only when the session is not
+        deleted and its stored `context_upto` is `previous_upto` (None: none stored yet), so that no
+        process overwrites a newer summary with an older one. `updated_at` stays. True when stored."""
+        ...
+
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         """The last client left at `emptied_at`: write `end_time` and `duration_seconds` now, and
         remember, durably, that the session needs its summary (which follows, retried on its own)."""

@@ -65,6 +65,11 @@ class MeasuredRepository:
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         await self._timed("write_summary", self._repo.write_summary(session_id, summary, end_time, duration_seconds))
 
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        return await self._timed(
+            "write_context_summary", self._repo.write_context_summary(session_id, summary, upto, previous_upto)
+        )
+
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         await self._timed("mark_emptied", self._repo.mark_emptied(session_id, emptied_at))
 

@@ -380,6 +380,22 @@ class PostgresRepository:
 
         await self._retrying(op, "write summary")
 
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        async def op(conn: asyncpg.Connection) -> bool:
+            # The same summary already stored matches too: a retry after a lost answer finds its write.
+            stored = await conn.fetchval(
+                "UPDATE sessions SET context_summary = $2, context_upto = $3 WHERE session_id = $1"
+                " AND deleted_at IS NULL AND (context_upto IS NOT DISTINCT FROM $4::bigint"
+                " OR (context_upto = $3 AND context_summary = $2)) RETURNING session_id",
+                session_id,
+                storable(summary),
+                upto,
+                previous_upto,
+            )
+            return stored is not None
+
+        return await self._retrying(op, "write context summary")
+
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(

@@ -33,9 +33,20 @@ SESSION_COLUMNS = (
     "title",
     "updated_at",
     "deleted_at",
+    "context_summary",
+    "context_upto",
 )
 # What deleting a session sets besides `deleted_at`: it keeps only its id, user and start.
-CLEARED_WHEN_DELETED = ("title", "summary", "end_time", "duration_seconds", "summary_due_at", "open_turn_id")
+CLEARED_WHEN_DELETED = (
+    "title",
+    "summary",
+    "end_time",
+    "duration_seconds",
+    "summary_due_at",
+    "open_turn_id",
+    "context_summary",
+    "context_upto",
+)
 
 
 def columns(names: tuple[str, ...], separator: str = ", ") -> str:

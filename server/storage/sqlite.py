@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # One definition of the tables (read at import, before any event loop runs).
 SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The one text format of `updated_at` and `deleted_at` (see sqlite_schema.sql): what SQLite's
 # strftime writes, and what every moment compared with them is turned into (`_stamp_ms`).
 _NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
@@ -84,7 +84,8 @@ COMMIT;
 """
 
 # Version 2 -> 3: title, updated_at and deleted_at. SQLite cannot add a column whose default is
-# an expression (updated_at's is now), so the sessions table is rebuilt; events stay as they are.
+# an expression (updated_at's is now), so the sessions table is rebuilt (with 4's columns too, so
+# straight to SCHEMA_VERSION); events stay as they are.
 # Run with legacy_alter_table on and foreign keys off, so that the rename leaves events' reference
 # and the triggers naming `sessions`, which is the new table once the old one is dropped.
 _REBUILD_SESSIONS = f"""
@@ -99,6 +100,15 @@ INSERT INTO sessions (
 DROP TABLE sessions_v2;
 {_UPDATED_AT_FROM_EVENTS}
 PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+# Version 3 -> 4: the compaction summary. Nullable columns without a default: added in place.
+_ADD_CONTEXT_SUMMARY = """
+BEGIN;
+ALTER TABLE sessions ADD COLUMN context_summary TEXT;
+ALTER TABLE sessions ADD COLUMN context_upto INTEGER;
+PRAGMA user_version = 4;
 COMMIT;
 """
 
@@ -140,7 +150,10 @@ async def migrate(db: aiosqlite.Connection) -> None:
         return
     if version == 1:
         await db.executescript(_ADD_OPEN_TURNS)
-    await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
+    if version < 3:  # the rebuilt table has every later column too
+        await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
+        return
+    await db.executescript(_ADD_CONTEXT_SUMMARY)
 
 
 async def _rebuild_unversioned(db: aiosqlite.Connection) -> None:
@@ -165,6 +178,20 @@ async def _with_pragmas(db: aiosqlite.Connection, script: str, **pragmas: str) -
     finally:
         for name, value in before.items():
             await db.execute(f"PRAGMA {name}={value}")
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path, retry_seconds: float) -> None:
+    db.row_factory = sqlite3.Row
+    # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
+    await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA foreign_keys=ON")
+    # Workers that start together on an older file: one brings it up (a rebuild must not run twice),
+    # the others then find it done. Switching a file to WAL is done in turn too: connections that
+    # all hold a shared lock and want the exclusive one make SQLite refuse one at once, unwaited.
+    async with exclusive(path.with_name(path.name + ".migrating")):
+        await db.execute("PRAGMA journal_mode=WAL")
+        await migrate(db)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -198,17 +225,11 @@ class SqliteRepository:
     async def open(cls, path: Path, retry_seconds: float = 10.0) -> SqliteRepository:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        # SQLite waits this long on a lock inside one attempt; tenacity retries around it.
-        await db.execute(f"PRAGMA busy_timeout={int(min(5.0, retry_seconds / 4) * 1000)}")
-        if await schema_version(db) < SCHEMA_VERSION:
-            # Workers that start together on an older file: one brings it up (a rebuild must not run
-            # twice), the others then find it done.
-            async with exclusive(path.with_name(path.name + ".migrating")):
-                await migrate(db)
+        try:
+            await _prepare(db, path, retry_seconds)
+        except BaseException:
+            await db.close()  # its thread would otherwise keep the process from exiting
+            raise
         return cls(db, retry_seconds)
 
     async def _run(self, sql: str, parameters: tuple[object, ...], what: str) -> list[sqlite3.Row]:
@@ -345,6 +366,17 @@ class SqliteRepository:
             (summary, _stamp(end_time), duration_seconds, _stamp(end_time), session_id),
             "write summary",
         )
+
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        # `IS`: SQLite's NULL-safe equality, so None matches only a session without one. The same
+        # summary already stored matches too: a retry after a lost answer finds its own write.
+        rows = await self._run(
+            "UPDATE sessions SET context_summary = ?1, context_upto = ?2 WHERE session_id = ?3 AND deleted_at IS NULL"
+            " AND (context_upto IS ?4 OR (context_upto = ?2 AND context_summary = ?1)) RETURNING session_id",
+            (summary, upto, session_id, previous_upto),
+            "write context summary",
+        )
+        return bool(rows)
 
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         await self._run(

@@ -18,7 +18,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     -- (UTC, milliseconds), so that comparing the text orders the moments: the listing's keyset.
     updated_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
     -- Set once the session is deleted: the row stays, so that its id is never used again.
-    deleted_at       TEXT
+    deleted_at       TEXT,
+    -- The compaction summary of the oldest events, and the last event_id it covers (internal).
+    context_summary  TEXT,
+    context_upto     INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id      INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -75,6 +75,11 @@ def key_role(key: str) -> str | None:
 _NO_SESSION = "00000000-0000-0000-0000-000000000000"
 _PERMISSION_DENIED = frozenset({"42501", "401", "403"})
 _UNDEFINED_COLUMN = "42703"
+# The newest columns the service needs, each with the migration that adds it, oldest first.
+_NEWEST_COLUMNS = {
+    "deleted_at": "20261208000000_conversations.sql",
+    "context_upto": "20261210000000_context_summary.sql",
+}
 _NEEDS_SERVICE_ROLE = (
     "SUPABASE_KEY has the role {role}, and row level security refuses its writes: the server needs "
     "the service_role key (Supabase dashboard, Project Settings > API Keys: the service_role key, or a "
@@ -306,6 +311,31 @@ class SupabaseRepository:
 
         await self._retrying(op, "write summary")
 
+    async def write_context_summary(self, session_id: str, summary: str, upto: int, previous_upto: int | None) -> bool:
+        text = storable(summary)
+
+        async def op() -> bool:
+            query = (
+                self._client.table("sessions")
+                .update({"context_summary": text, "context_upto": upto})
+                .eq("session_id", session_id)
+                .is_("deleted_at", "null")
+            )
+            query = (
+                query.is_("context_upto", "null") if previous_upto is None else query.eq("context_upto", previous_upto)
+            )
+            if (await query.execute()).data:
+                return True
+            # A retry after a lost answer finds its own write (the summary is too long for a filter).
+            stored = await self._fetch_session(session_id)
+            return (
+                stored is not None
+                and not stored.deleted
+                and (stored.context_upto, stored.context_summary) == (upto, text)
+            )
+
+        return await self._retrying(op, "write context summary")
+
     async def mark_emptied(self, session_id: str, emptied_at: datetime) -> None:
         async def op() -> None:
             session = await self._fetch_session(session_id)  # PostgREST updates set values, not expressions
@@ -381,14 +411,15 @@ class SupabaseRepository:
         when the key's role lacks the rights, e.g. the anon key under this project's policies."""
         if self._role is not None and self._role != "service_role":
             raise StorageRefused(_NEEDS_SERVICE_ROLE.format(role=self._role))
+        query = (
+            self._client.table("sessions")
+            .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
+            .eq("session_id", _NO_SESSION)
+        )
+        for column in _NEWEST_COLUMNS:  # and names the newest columns the service needs
+            query = query.is_(column, "null")
         try:
-            await (
-                self._client.table("sessions")
-                .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
-                .eq("session_id", _NO_SESSION)
-                .is_("deleted_at", "null")  # and names the newest column the service needs
-                .execute()
-            )
+            await query.execute()
         except APIError as exc:
             if str(exc.code) in _PERMISSION_DENIED:
                 raise StorageRefused(
@@ -396,8 +427,10 @@ class SupabaseRepository:
                     + _NEEDS_SERVICE_ROLE.format(role=self._role or "unknown")
                 ) from None
             if str(exc.code) == _UNDEFINED_COLUMN:
+                said = str(exc.message or "")
+                missing = next((c for c in _NEWEST_COLUMNS if c in said), next(iter(_NEWEST_COLUMNS)))
                 raise StorageRefused(
-                    "sessions.deleted_at is missing: apply supabase/migrations/20261208000000_conversations.sql"
+                    f"sessions.{missing} is missing: apply supabase/migrations/{_NEWEST_COLUMNS[missing]}"
                 ) from None
             raise
 
