@@ -11,7 +11,7 @@ from collections import OrderedDict
 from server.core.context import ContextBudget, newest_turns, tokens_of
 from server.core.errors import TurnErrorCode
 from server.core.event_store import HistoryEvent
-from server.core.models import EventType, StoredEvent
+from server.core.models import EventType, Session, StoredEvent
 from server.core.ports import JobClaims, Metrics, ModelProvider, ProviderError, Repository, StorageUnavailable
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
@@ -58,6 +58,10 @@ class Compactor:
         state = (session.context_summary, session.context_upto or 0) if session is not None else (None, 0)
         self._remember(session_id, state)
         return state
+
+    def seen(self, session: Session) -> None:
+        """The session as a join just read it: a turn that follows need not read it again."""
+        self._remember(session.session_id, (session.context_summary, session.context_upto or 0))
 
     def turn_finished(self, session_id: str) -> None:
         if session_id not in self._pending:
