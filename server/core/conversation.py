@@ -657,6 +657,7 @@ class ConversationService:
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""
         self._turns.closing = True
+        self.compaction.closing = True
         if self._sweep is not None:
             self._sweep.cancel()
         ending = []
