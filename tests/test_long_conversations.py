@@ -44,9 +44,11 @@ def texts(request: Recorded) -> list[str]:
 
 
 def calls_have_results(request: Recorded) -> bool:
-    called = {p["functionCall"]["name"] for c in request.contents for p in c["parts"] if "functionCall" in p}
-    answered = {p["functionResponse"]["name"] for c in request.contents for p in c["parts"] if "functionResponse" in p}
-    return called == answered
+    """Every call is followed by its own result (by id), in order: no pair split by what was cut."""
+    parts = [part for content in request.contents for part in content["parts"]]
+    calls = [p["functionCall"]["id"] for p in parts if "functionCall" in p]
+    results = [p["functionResponse"]["id"] for p in parts if "functionResponse" in p]
+    return calls == results
 
 
 async def chat(fake: FakeGemini, tab: Tab, sid: str, turns: int, start: int = 0) -> None:
@@ -60,15 +62,15 @@ async def chat(fake: FakeGemini, tab: Tab, sid: str, turns: int, start: int = 0)
             fake.stream(Reply(events=[text_chunk(f"Answer {n}. {ANSWER}", "STOP")]))
         done, _ = await ask(tab, sid, f"Question number {n}: tell me more about the sea please")
         assert done["finish_reason"] == "stop", done
-        await asyncio.sleep(0.05)  # a compaction, in the background, has its moment
+        await settled(fake, quiet=0.15)  # a compaction the turn started is stored before the next turn
 
 
-async def settled(fake: FakeGemini) -> None:
-    """Until no compaction request is being answered (one made after the last turn included)."""
+async def settled(fake: FakeGemini, quiet: float = 0.3) -> None:
+    """Until no compaction request came for `quiet` seconds (one made after the last turn included)."""
     seen = -1
     while seen != len(fake.compaction_requests):
         seen = len(fake.compaction_requests)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(quiet)
 
 
 async def test_thirty_turns_under_a_small_budget_stay_within_it_with_a_growing_summary(
@@ -85,6 +87,11 @@ async def test_thirty_turns_under_a_small_budget_stay_within_it_with_a_growing_s
     sizes = [prompt_tokens(request.contents) for request in turns]
     assert max(sizes) <= BUDGET, sizes
     assert all(calls_have_results(request) for request in turns)
+    assert sum(1 for request in turns if any("functionCall" in p for c in request.contents for p in c["parts"])) > 5
+    # The newest turns go verbatim, summary or not: each request carries the question before its own.
+    for request in turns[1:]:
+        number = int(texts(request)[-1].split()[2].rstrip(":"))
+        assert f"Question number {number - 1}: tell me more about the sea please" in texts(request), number
     with_summary = [request for request in turns if texts(request)[0].startswith(SUMMARY_INTRO)]
     assert with_summary and turns[-1] in with_summary
     first = turns.index(with_summary[0])
@@ -113,7 +120,7 @@ async def test_the_stored_summary_is_used_after_a_restart_without_a_new_request(
     server = await start_counted(sqlite_path=database)
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
-    await chat(fake_gemini, tab, sid, 12)
+    await chat(fake_gemini, tab, sid, 16)
     await settled(fake_gemini)
     assert fake_gemini.compaction_requests
     await tab.close()
@@ -138,6 +145,7 @@ async def test_a_failing_compaction_degrades_to_the_newest_turns_and_recovers(
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
     await chat(fake_gemini, tab, sid, 10)
+    await settled(fake_gemini)
     turns = fake_gemini.calls()
     assert max(prompt_tokens(request.contents) for request in turns) <= BUDGET
     assert not any(texts(request)[0].startswith(SUMMARY_INTRO) for request in turns)  # none stored yet

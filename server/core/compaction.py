@@ -1,6 +1,8 @@
-"""Compaction: once a session's history that no summary covers passes half the context budget, its
-oldest turns are summarised (extending the summary stored with the session), in the background,
-by one process at a time. A turn then sends that summary and the turns after it."""
+"""Compaction: once a session's history that no summary covers passes half the context budget
+beyond the newest quarter (which always stays verbatim), its older turns are summarised,
+extending the summary stored with the session, in the background, by one process at a time. So
+a compaction takes at least half a budget of new history, and a turn then sends the summary (at
+most a quarter of the budget), then the newest turns verbatim."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections import OrderedDict
 from server.core.context import ContextBudget, newest_turns, tokens_of
 from server.core.errors import TurnErrorCode
 from server.core.event_store import HistoryEvent
-from server.core.models import EventType, StoredEvent
+from server.core.models import EventType, Session, StoredEvent
 from server.core.ports import JobClaims, Metrics, ModelProvider, ProviderError, Repository, StorageUnavailable
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
@@ -45,6 +47,7 @@ class Compactor:
         self._sole_writer = sole_writer
         self._known: OrderedDict[str, tuple[str | None, int]] = OrderedDict()  # session -> (summary, upto)
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self.closing = False
 
     async def current(self, session_id: str) -> tuple[str | None, int]:
         """The session's summary and the last event it covers (0: none), as a turn starts."""
@@ -59,7 +62,16 @@ class Compactor:
         self._remember(session_id, state)
         return state
 
+    def seen(self, session: Session) -> None:
+        """The session as a join just read it: a turn that follows need not read it again. (A
+        summary this process stored while that read ran is newer: it stays.)"""
+        known = self._known.get(session.session_id)
+        if known is None or (session.context_upto or 0) >= known[1]:
+            self._remember(session.session_id, (session.context_summary, session.context_upto or 0))
+
     def turn_finished(self, session_id: str) -> None:
+        if self.closing:
+            return  # shutting down: what is due is made after the next turn
         if session_id not in self._pending:
             task = self._tasks.spawn(self._compact_if_due(session_id), name=f"compaction {session_id}")
             self._pending[session_id] = task
@@ -79,27 +91,23 @@ class Compactor:
             log.warning("cannot check session %s for compaction now (%s)", session_id, type(exc).__name__)
             return
         turns = _complete_turns(page.events, upto)
-        uncovered = sum(tokens_of(conversation_from_events(turn)) for turn in turns)
-        if not turns or (uncovered <= self._budget.max_tokens // 2 and not page.more):
+        sizes = [tokens_of(conversation_from_events(turn)) for turn in turns]
+        budget = self._budget.max_tokens
+        if sum(sizes) <= budget // 2 + budget // 4 and not page.more:
             return
-        if not await self._claims.claim_job("compaction", session_id, CLAIM_SECONDS):
-            return  # another process compacts it now
+        chosen = _oldest_to_summarise(turns, sizes, verbatim=budget // 4, request=budget - budget // 4)
+        if not chosen:
+            return
         try:
-            await self._compact(session_id, summary, upto, self._oldest_within_budget(turns))
+            if not await self._claims.claim_job("compaction", session_id, CLAIM_SECONDS):
+                return  # another process compacts it now
+        except Exception as exc:  # the shared state is away: compaction waits for it
+            log.warning("cannot claim session %s's compaction now (%s)", session_id, type(exc).__name__)
+            return
+        try:
+            await self._compact(session_id, summary, upto, chosen)
         finally:
-            await asyncio.shield(self._release(session_id))
-
-    def _oldest_within_budget(self, turns: list[list[HistoryEvent]]) -> list[list[HistoryEvent]]:
-        """The oldest uncovered turns whose text fits one request (at least one turn)."""
-        chosen: list[list[HistoryEvent]] = []
-        total = 0
-        for turn in turns:
-            tokens = tokens_of(conversation_from_events(turn))
-            if chosen and total + tokens > self._budget.max_tokens:
-                break
-            chosen.append(turn)
-            total += tokens
-        return chosen
+            await self._release(session_id)
 
     async def _compact(self, session_id: str, summary: str | None, upto: int, turns: list[list[HistoryEvent]]) -> None:
         conversation = conversation_from_events(event for turn in turns for event in turn)
@@ -116,8 +124,8 @@ class Compactor:
             log.warning("compaction of session %s failed (%s); turns send what fits meanwhile", session_id, reason)
             return
         self._metrics.provider_request("ok")
-        # At most a quarter of the budget: the summary must leave room for the turns it precedes.
-        extended = extended[: self._budget.max_tokens]
+        # At most a quarter of the budget (its newest part: what a digest appends, a summary ends with).
+        extended = extended[-self._budget.max_tokens :]
         try:
             stored = await self._repo.write_context_summary(session_id, extended, last.event_id, upto or None)
         except StorageUnavailable as exc:
@@ -149,12 +157,30 @@ class Compactor:
 
 
 def _complete_turns(events: list[StoredEvent], upto: int) -> list[list[HistoryEvent]]:
-    """The page's turns that have their answer, oldest first (a turn still running is not summarised)."""
+    """The page's turns, oldest first, but the newest when it has no answer yet (still running). An
+    older one without its answer (cut off long ago) is as complete as it will ever be."""
     turns = list(newest_turns(events, upto))
     turns.reverse()
-    complete = []
-    for turn in turns:
-        if not any(event.event_type is EventType.AI_MESSAGE for event in turn):
+    if turns and not any(event.event_type is EventType.AI_MESSAGE for event in turns[-1]):
+        turns.pop()
+    return turns
+
+
+def _oldest_to_summarise(
+    turns: list[list[HistoryEvent]], sizes: list[int], *, verbatim: int, request: int
+) -> list[list[HistoryEvent]]:
+    """The oldest turns, leaving the newest ones worth `verbatim` tokens (at least the newest turn)
+    unsummarised, and no more than one request of `request` tokens can carry (at least one turn)."""
+    kept, total = len(turns), 0
+    while kept > 1 and total + sizes[kept - 1] <= verbatim:
+        kept -= 1
+        total += sizes[kept]
+    kept = min(kept, len(turns) - 1)  # the newest turn always stays verbatim
+    chosen: list[list[HistoryEvent]] = []
+    carried = 0
+    for turn, size in zip(turns[:kept], sizes[:kept], strict=True):
+        if chosen and carried + size > request:
             break
-        complete.append(turn)
-    return complete
+        chosen.append(turn)
+        carried += size
+    return chosen

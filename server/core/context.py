@@ -106,6 +106,8 @@ class ContextWindow:
             self.kept.pop(0)
             self._kept_tokens.pop(0)
             self.dropped += 1
+        if self.summary and own > self.budget:  # this turn's own items need the room: they come first
+            self.summary = []
         return [*self.summary, *(item for turn in self.kept for item in turn), *self.current]
 
     def estimate(self) -> int:
@@ -137,7 +139,11 @@ class ContextBudget:
         until = len(events)
         if until and events[-1].event_key == question.event_key:
             until -= 1  # read while the question was written: it may or may not be in there
-        summary_items: list[ConversationItem] = [UserText(SUMMARY_INTRO + summary)] if summary else []
+        # A summary takes at most a quarter of the budget (its newest part, should it be longer).
+        room_for_summary = int(self.max_tokens / 4 / ratio) * CHARS_PER_TOKEN
+        summary_items: list[ConversationItem] = (
+            [UserText(SUMMARY_INTRO + summary[-room_for_summary:])] if summary else []
+        )
         current: list[ConversationItem] = [UserText(question.content)]
         room = self.max_tokens - int((tokens_of(summary_items) + tokens_of(current)) * ratio)
         kept, kept_tokens, left_out = newest_that_fit(events, upto, room, until=until, ratio=ratio)

@@ -224,6 +224,7 @@ class ConversationService:
             if session.deleted:
                 self._remember_deleted(session_id)
                 raise session_deleted()
+            self.compaction.seen(session)
             # A history with gaps would mislead the tab: the session's queued events go first.
             await self._writer.wait_stored(session_id, within_seconds=self._limits.done_store_wait_seconds)
             page = await self._repo.page_events(session_id, after=after_event_id, limit=limit)
@@ -656,6 +657,7 @@ class ConversationService:
     async def shutdown(self, grace_seconds: float) -> None:
         """End every running turn with `done` (shutdown) and start the pending summaries."""
         self._turns.closing = True
+        self.compaction.closing = True
         if self._sweep is not None:
             self._sweep.cancel()
         ending = []
