@@ -10,9 +10,9 @@ each streamed event). The stub's own CPU is in its own process and not counted.
 - before: the whole conversation, as the service sent it until issue 30;
 - after, per budget: the session's stored events (N turns, rows as the service stores them) made
   into the request by `ContextBudget(budget).window(...)`, timed with the request, in the steady
-  state compaction keeps: a summary of 400 words covering the oldest turns, so that
-  the turns no summary covers are the most that fit half the budget (the top of compaction's saw
-  tooth: it summarises them all once they pass half, so this is the most a turn sends).
+  state compaction keeps: a summary of 400 words covering the oldest turns, and the turns no
+  summary covers the most that fit three quarters of the budget (the top of compaction's saw
+  tooth: past that it summarises all but the newest quarter, so this is the most a turn sends).
 The cases take turns within each round (the first rotating); each cell is the median of the rounds.
 """
 
@@ -41,6 +41,12 @@ from server.providers.gemini import GeminiConfig, GeminiProvider
 SESSION = "00000000-0000-4000-8000-000000000030"
 SECTION = "request-cost"
 TARGET = 1.5  # the issue's: the CPU of a request at 1,000 turns within 1.5x that at 20
+
+
+def uncovered_at_most(budget: int) -> int:
+    """server/core/compaction.py summarises once the uncovered turns pass half the budget beyond
+    the newest quarter."""
+    return budget // 2 + budget // 4
 
 
 def stored_events(turns: int) -> list[StoredEvent]:
@@ -83,14 +89,15 @@ def question_of(events: list[StoredEvent]) -> EventDraft:
 
 
 def steady_state(events: list[StoredEvent], budget: int) -> tuple[str | None, int]:
-    """The summary and the last event it covers once compaction has kept up: the newest answered
-    turns that fit half the budget stay uncovered, everything before them is summarised."""
+    """The summary and the last event it covers once compaction has kept up, at its most: the
+    newest answered turns that fit `uncovered_at_most` stay uncovered, everything before them is
+    summarised."""
     uncovered = 0
     oldest_kept: int | None = None
     for turn in newest_turns(events, 0, until=len(events) - 1):
         uncovered += tokens_of(conversation_from_events(turn))
-        if uncovered > budget // 2:
-            assert oldest_kept is not None, "one turn alone passes half the budget"
+        if uncovered > uncovered_at_most(budget):
+            assert oldest_kept is not None, "one turn alone passes the uncovered part's bound"
             return compaction_summary(), oldest_kept - 1
         oldest_kept = turn[0].event_id
     return None, 0
