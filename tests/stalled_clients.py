@@ -136,8 +136,10 @@ async def stalled_polling(url: str, session_id: str) -> httpx.AsyncClient:
     await http.post("/socket.io/", params=params, content="40")
     assert (await http.get("/socket.io/", params=params)).text.startswith("40{")
     await http.post("/socket.io/", params=params, content="421" + json.dumps(["join", {"session_id": session_id}]))
-    while "431" not in (answer := (await http.get("/socket.io/", params=params)).text):
-        pass
-    joined: list[Any] = json.loads(answer[answer.index("431") + 3 :].split("\x1e")[0])
-    assert joined[0]["ok"], answer
+    ack = None
+    while ack is None:  # the join's ack (`43` and its id 1) among the packets of a poll
+        packets = (await http.get("/socket.io/", params=params)).text.split("\x1e")
+        ack = next((packet for packet in packets if packet.startswith("431")), None)
+    joined: list[Any] = json.loads(ack[3:])
+    assert joined[0]["ok"], ack
     return http
