@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 
 from server.core.context import ContextBudget, newest_turns, tokens_of
 from server.core.errors import TurnErrorCode
 from server.core.event_store import HistoryEvent
 from server.core.models import EventType, Session, StoredEvent
-from server.core.ports import JobClaims, Metrics, ModelProvider, ProviderError, Repository, StorageUnavailable
+from server.core.ports import (
+    JobClaims,
+    Metrics,
+    ModelProvider,
+    ProviderError,
+    Repository,
+    StorageUnavailable,
+    failure_reason,
+)
+from server.core.recent import Recent
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
 
@@ -45,7 +53,7 @@ class Compactor:
         self._budget = budget
         # Only this process compacts (and writes) its sessions: what it knows of one is current.
         self._sole_writer = sole_writer
-        self._known: OrderedDict[str, tuple[str | None, int]] = OrderedDict()  # session -> (summary, upto)
+        self._known: Recent[str, tuple[str | None, int]] = Recent(KNOWN_SESSIONS)  # session -> (summary, upto)
         self._pending: dict[str, asyncio.Task[None]] = {}
         self.closing = False
 
@@ -59,7 +67,7 @@ class Compactor:
         except StorageUnavailable:
             return known or (None, 0)  # the turn runs on what fits; compaction waits for storage
         state = (session.context_summary, session.context_upto or 0) if session is not None else (None, 0)
-        self._remember(session_id, state)
+        self._known.remember(session_id, state)
         return state
 
     def seen(self, session: Session) -> None:
@@ -67,7 +75,7 @@ class Compactor:
         summary this process stored while that read ran is newer: it stays.)"""
         known = self._known.get(session.session_id)
         if known is None or (session.context_upto or 0) >= known[1]:
-            self._remember(session.session_id, (session.context_summary, session.context_upto or 0))
+            self._known.remember(session.session_id, (session.context_summary, session.context_upto or 0))
 
     def turn_finished(self, session_id: str) -> None:
         if self.closing:
@@ -120,7 +128,7 @@ class Compactor:
         except Exception as exc:
             self._metrics.provider_request("error")
             self._metrics.compaction_made(ok=False)
-            reason = f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else type(exc).__name__
+            reason = failure_reason(exc)
             log.warning("compaction of session %s failed (%s); turns send what fits meanwhile", session_id, reason)
             return
         self._metrics.provider_request("ok")
@@ -134,7 +142,7 @@ class Compactor:
             return
         self._metrics.compaction_made(ok=stored)
         if stored:
-            self._remember(session_id, (extended, last.event_id))
+            self._known.remember(session_id, (extended, last.event_id))
             log.info("compacted session %s up to event %d (%d turns)", session_id, last.event_id, len(turns))
         else:
             self._known.pop(session_id, None)  # another process wrote one meanwhile: read it next time
@@ -144,12 +152,6 @@ class Compactor:
             await self._claims.release_job("compaction", session_id)
         except Exception as exc:  # it expires by itself
             log.debug("cannot release the compaction claim of %s: %r", session_id, exc)
-
-    def _remember(self, session_id: str, state: tuple[str | None, int]) -> None:
-        self._known[session_id] = state
-        self._known.move_to_end(session_id)
-        while len(self._known) > KNOWN_SESSIONS:
-            self._known.popitem(last=False)
 
     def _forget_task(self, session_id: str, task: asyncio.Task[None]) -> None:
         if self._pending.get(session_id) is task:

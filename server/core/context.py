@@ -10,13 +10,13 @@ The work is O(what is sent), never O(the session): history is walked from its ne
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from server.core.event_store import HistoryEvent
 from server.core.models import EventDraft, EventType
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+from server.core.recent import Recent
 from server.core.replay import conversation_from_events
 
 CHARS_PER_TOKEN = 4
@@ -124,7 +124,7 @@ class ContextBudget:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self._ratios: OrderedDict[str, float] = OrderedDict()
+        self._ratios: Recent[str, float] = Recent(CALIBRATED_SESSIONS)
 
     def window(
         self,
@@ -153,10 +153,7 @@ class ContextBudget:
         """The provider counted `reported` input tokens for a request estimated at `estimated`."""
         if estimated <= 0 or reported <= 0:
             return
-        self._ratios[session_id] = min(MAX_RATIO, max(MIN_RATIO, reported / estimated))
-        self._ratios.move_to_end(session_id)
-        while len(self._ratios) > CALIBRATED_SESSIONS:
-            self._ratios.popitem(last=False)
+        self._ratios.remember(session_id, min(MAX_RATIO, max(MIN_RATIO, reported / estimated)))
 
     def too_long(self, text: str) -> bool:
         """A message that alone passes the budget can never be sent."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 from server.core.compaction import Compactor
@@ -36,6 +36,7 @@ from server.core.ports import (
     StorageUnavailable,
 )
 from server.core.rate_limit import LocalQuota, RateLimiter
+from server.core.recent import Recent
 from server.core.recovery import TurnEnder
 from server.core.redelivery import Missed, as_live, user_message_key
 from server.core.summaries import SummaryScheduler
@@ -108,7 +109,7 @@ class ConversationService:
         # Sessions a connection's joins are still working on: they count against its cap already.
         self._joining: defaultdict[str, set[str]] = defaultdict(set)
         self._turns = RunningTurns()
-        self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions known deleted, newest last
+        self._deleted: Recent[str, None] = Recent(DELETED_REMEMBERED)  # sessions known deleted, newest last
         self._tasks = tasks
         self._budget = ContextBudget(limits.context_max_tokens)
         self.compaction = Compactor(
@@ -507,10 +508,7 @@ class ConversationService:
         await self._store.discard(session_id)
 
     def _remember_deleted(self, session_id: str) -> None:
-        self._deleted[session_id] = None
-        self._deleted.move_to_end(session_id)
-        while len(self._deleted) > DELETED_REMEMBERED:
-            self._deleted.popitem(last=False)
+        self._deleted.remember(session_id, None)
 
     def _turn_finished(self, session_id: str, finish_reason: FinishReason) -> None:
         self.titles.turn_finished(session_id, finish_reason)

@@ -109,6 +109,12 @@ class ProviderError(Exception):
         return f"{name}: {self.detail}" if self.detail else name
 
 
+def failure_reason(exc: BaseException | None) -> str:
+    """For a log line: a provider's code and cause, or the class of anything else (not its text,
+    which may hold what a client wrote)."""
+    return f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else type(exc).__name__
+
+
 class ModelProvider(Protocol):
     name: str
 

@@ -22,6 +22,7 @@ from server.core.ports import (
     Repository,
     StorageUnavailable,
     UserText,
+    failure_reason,
 )
 from server.core.tasks import TaskTracker
 from server.core.writer import OrderedWriter
@@ -36,10 +37,6 @@ SUMMARY_EVENTS = 1000  # the newest events a summary reads (what fits of them go
 
 class _Rejoined(Exception):
     """The session was joined again while its summary waited to retry: the next emptying summarises it."""
-
-
-def _reason(exc: BaseException | None) -> str:
-    return f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else repr(exc)
 
 
 @dataclass
@@ -177,7 +174,7 @@ class SummaryScheduler:
                 "summary of session %s failed (%s) while the server stops; "
                 "it stays due in storage and is made after the next start",
                 session_id,
-                _reason(exc),
+                failure_reason(exc),
             )
 
     async def _summarise_counted(self, session_id: str, emptied_at: datetime) -> None:
@@ -193,7 +190,7 @@ class SummaryScheduler:
             "summary of session %s failed (attempt %d, %s); trying again in %.1f s",
             session_id,
             retry.attempt_number,
-            _reason(exc),
+            failure_reason(exc),
             retry.next_action.sleep if retry.next_action is not None else 0.0,
             exc_info=exc if not isinstance(exc, ProviderError | StorageUnavailable) else None,
         )

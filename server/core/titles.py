@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
 
 from server.core.errors import TurnErrorCode
 from server.core.models import FinishReason, SessionUpdatedEvent, iso
-from server.core.ports import Emitter, JobClaims, Metrics, ModelProvider, ProviderError, Repository
+from server.core.ports import Emitter, JobClaims, Metrics, ModelProvider, ProviderError, Repository, failure_reason
+from server.core.recent import Recent
 from server.core.replay import conversation_from_events
 from server.core.tasks import TaskTracker
 
@@ -54,7 +54,7 @@ class TitleWriter:
         self._tasks = tasks
         self._metrics = metrics
         self._enabled = enabled
-        self._titled: OrderedDict[str, None] = OrderedDict()
+        self._titled: Recent[str, None] = Recent(KNOWN_TITLED)
         self._pending: dict[str, asyncio.Task[None]] = {}
 
     def turn_finished(self, session_id: str, finish_reason: FinishReason) -> None:
@@ -70,10 +70,7 @@ class TitleWriter:
 
     def session_titled(self, session_id: str) -> None:
         """The session has a title (a person's, or one made elsewhere): none is made here."""
-        self._titled[session_id] = None
-        self._titled.move_to_end(session_id)
-        while len(self._titled) > KNOWN_TITLED:
-            self._titled.popitem(last=False)
+        self._titled.remember(session_id, None)
 
     def session_deleted(self, session_id: str) -> None:
         task = self._pending.pop(session_id, None)
@@ -103,7 +100,7 @@ class TitleWriter:
             stored = await self._repo.set_generated_title(session_id, title)
         except Exception as exc:
             self._metrics.title_made(ok=False)
-            reason = f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else type(exc).__name__
+            reason = failure_reason(exc)
             log.warning("title of session %s failed (%s); tried again after its next answer", session_id, reason)
             return
         self.session_titled(session_id)

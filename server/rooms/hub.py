@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from server.core.models import (
     UserMessageEvent,
     iso,
 )
+from server.core.recent import Recent
 from server.core.redelivery import Missed, event_key
 from server.core.tasks import TaskTracker
 
@@ -159,8 +159,8 @@ class RoomHub:
         self._at_once = asyncio.Semaphore(CATCH_UP_AT_ONCE)
         self._followers: dict[str, set[str]] = {}  # user -> connections here that follow it
         self._following: dict[str, set[str]] = {}  # connection -> the users it follows
-        self._heard: OrderedDict[str, set[str]] = OrderedDict()  # session event key -> connections sent to
-        self._deleted: OrderedDict[str, None] = OrderedDict()  # sessions whose deletion was heard here
+        self._heard: Recent[str, set[str]] = Recent(RECENT_SESSION_EVENTS)  # event key -> connections sent to
+        self._deleted: Recent[str, None] = Recent(RECENT_SESSION_EVENTS)  # sessions whose deletion was heard here
         self._on_deleted: DeletedHandler | None = None
 
     def catch_up_from(self, backlog: Backlog) -> None:
@@ -299,10 +299,11 @@ class RoomHub:
         deleted = message.name == EVENT_NAMES[SessionDeletedEvent]
         if not deleted and session_id in self._deleted:
             return  # a title made elsewhere as it was deleted: it must not bring it back to a list
-        first = message.key not in self._heard
-        sent = self._heard.setdefault(message.key, set())
-        while len(self._heard) > RECENT_SESSION_EVENTS:
-            self._heard.popitem(last=False)
+        sent = self._heard.get(message.key)
+        first = sent is None
+        if sent is None:
+            sent = set()
+            self._heard.remember(message.key, sent)
         room = self._rooms.get(session_id)
         if room is not None and deleted and room.held is not None:
             await self._release_held(room)  # what the room holds (the cancelled turn's `done`) goes first
@@ -319,9 +320,7 @@ class RoomHub:
                 sent.add(connection_id)
                 await _send(member, outgoing)
         if deleted and first:
-            self._deleted[session_id] = None
-            while len(self._deleted) > RECENT_SESSION_EVENTS:
-                self._deleted.popitem(last=False)
+            self._deleted.remember(session_id, None)
             self._drop_room(session_id)
             if self._on_deleted is not None:
                 await self._on_deleted(session_id)
