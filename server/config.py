@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     log_repeat_seconds: float = Field(10, ge=0)
     metrics_token: str | None = None
 
-    llm_provider: Literal["gemini", "offline"] | None = None
+    llm_provider: Literal["gemini", "openai", "offline"] | None = None
+    # The instructions of every turn, inline or from a UTF-8 file (inline wins), for gemini and
+    # openai; GEMINI_SYSTEM_PROMPT(_FILE), their earlier names, are read when these are unset.
+    system_prompt: str | None = None
+    system_prompt_file: Path | None = None
     gemini_api_key: str | None = None
     gemini_model: str = "gemini-3.8-flash"
     gemini_base_url: str | None = None
@@ -43,6 +47,15 @@ class Settings(BaseSettings):
     gemini_retry_attempts: int = Field(4, ge=1)
     gemini_retry_initial_seconds: float = Field(0.5, gt=0)
     gemini_retry_budget_seconds: float = Field(20, gt=0)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = None
+    openai_model: str | None = None
+    # Not in PROTOCOL.md: how the openai provider talks to its endpoint (as the gemini_* ones).
+    openai_timeout_seconds: float = Field(60, gt=0)
+    openai_max_output_tokens: int | None = Field(None, gt=0)
+    openai_retry_attempts: int = Field(4, ge=1)
+    openai_retry_initial_seconds: float = Field(0.5, gt=0)
+    openai_retry_budget_seconds: float = Field(20, gt=0)
     offline_chunk_delay_ms: float = Field(40, ge=0)
     # Not in PROTOCOL.md: merge text deltas arriving within this window into one `chunk` (0: off).
     chunk_coalesce_ms: float = Field(0, ge=0)
@@ -118,6 +131,11 @@ class Settings(BaseSettings):
         "gemini_system_prompt",
         "gemini_system_prompt_file",
         "gemini_max_output_tokens",
+        "system_prompt",
+        "system_prompt_file",
+        "openai_api_key",
+        "openai_model",
+        "openai_max_output_tokens",
         "database_url",
         "supabase_url",
         "supabase_key",
@@ -136,6 +154,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. http://localhost:11434/v1")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -158,6 +183,8 @@ class Settings(BaseSettings):
     def _derive_defaults(self) -> Settings:
         if self.llm_provider is None:
             self.llm_provider = "gemini" if self.gemini_api_key else "offline"
+        if self.llm_provider == "openai" and not self.openai_model:
+            raise ValueError("LLM_PROVIDER=openai needs OPENAI_MODEL (the model's name at OPENAI_BASE_URL)")
         if self.storage_backend is None:
             self.storage_backend = "supabase" if self.supabase_url else "sqlite"
         if self.storage_backend == "postgres" and not self.database_url:

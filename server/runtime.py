@@ -30,8 +30,11 @@ from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolRegistry
 from server.metrics import PrometheusMetrics
-from server.providers.gemini import DEFAULT_SYSTEM_PROMPT, GeminiConfig, GeminiProvider, RetryPolicy
+from server.providers.gemini import GeminiConfig, GeminiProvider
 from server.providers.offline import OfflineProvider
+from server.providers.openai_chat import OpenAIChatProvider, OpenAIConfig
+from server.providers.prompts import DEFAULT_SYSTEM_PROMPT
+from server.providers.retry import RetryPolicy
 from server.rooms.hub import RoomHub
 from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
@@ -74,16 +77,28 @@ async def open_repository(settings: Settings) -> Repository:
 async def make_provider(settings: Settings, metrics: Metrics) -> ModelProvider:
     if settings.llm_provider == "offline":
         return OfflineProvider(chunk_delay_ms=settings.offline_chunk_delay_ms)
+    if settings.llm_provider == "openai":
+        return OpenAIChatProvider(await openai_config(settings), metrics)
     return GeminiProvider(await gemini_config(settings), metrics)
 
 
+async def system_prompt(settings: Settings) -> str:
+    """SYSTEM_PROMPT, else SYSTEM_PROMPT_FILE's text, else the earlier GEMINI_ names, else the default."""
+    for prompt, variable, path in (
+        (settings.system_prompt, "SYSTEM_PROMPT_FILE", settings.system_prompt_file),
+        (settings.gemini_system_prompt, "GEMINI_SYSTEM_PROMPT_FILE", settings.gemini_system_prompt_file),
+    ):
+        if prompt is not None:
+            return prompt
+        if path is not None:
+            try:
+                return await asyncio.to_thread(path.read_text, encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(f"{variable} cannot be read: {exc}") from exc
+    return DEFAULT_SYSTEM_PROMPT
+
+
 async def gemini_config(settings: Settings) -> GeminiConfig:
-    prompt = settings.gemini_system_prompt
-    if prompt is None and settings.gemini_system_prompt_file is not None:
-        try:
-            prompt = await asyncio.to_thread(settings.gemini_system_prompt_file.read_text, encoding="utf-8")
-        except OSError as exc:
-            raise ConfigurationError(f"GEMINI_SYSTEM_PROMPT_FILE cannot be read: {exc}") from exc
     if not settings.gemini_api_key:
         log.warning("LLM_PROVIDER=gemini without GEMINI_API_KEY: /readyz reports it and every turn fails")
     return GeminiConfig(
@@ -91,7 +106,7 @@ async def gemini_config(settings: Settings) -> GeminiConfig:
         model=settings.gemini_model,
         base_url=settings.gemini_base_url,
         api_version=settings.gemini_api_version,
-        system_prompt=prompt if prompt is not None else DEFAULT_SYSTEM_PROMPT,
+        system_prompt=await system_prompt(settings),
         timeout_seconds=settings.gemini_timeout_seconds,
         max_output_tokens=settings.gemini_max_output_tokens,
         retry=RetryPolicy(
@@ -100,6 +115,32 @@ async def gemini_config(settings: Settings) -> GeminiConfig:
             budget_seconds=settings.gemini_retry_budget_seconds,
         ),
     )
+
+
+async def openai_config(settings: Settings) -> OpenAIConfig:
+    assert settings.openai_model  # Settings requires it with LLM_PROVIDER=openai
+    return OpenAIConfig(
+        model=settings.openai_model,
+        base_url=settings.openai_base_url,
+        api_key=settings.openai_api_key,
+        system_prompt=await system_prompt(settings),
+        timeout_seconds=settings.openai_timeout_seconds,
+        max_output_tokens=settings.openai_max_output_tokens,
+        retry=RetryPolicy(
+            attempts=settings.openai_retry_attempts,
+            initial_seconds=settings.openai_retry_initial_seconds,
+            budget_seconds=settings.openai_retry_budget_seconds,
+        ),
+    )
+
+
+def model_shown(settings: Settings) -> str:
+    """The model in the start line: its name, and an OpenAI-compatible endpoint's host."""
+    if settings.llm_provider == "gemini":
+        return f" ({settings.gemini_model})"
+    if settings.llm_provider == "openai":
+        return f" ({settings.openai_model} at {httpx.URL(settings.openai_base_url).host})"
+    return ""
 
 
 @dataclass
@@ -201,7 +242,7 @@ class Runtime:
         log.info(
             "serving with provider=%s%s storage=%s%s",
             provider.name,
-            f" ({settings.gemini_model})" if provider.name == "gemini" else "",
+            model_shown(settings),
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )

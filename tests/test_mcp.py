@@ -250,8 +250,8 @@ async def test_declarations_reach_gemini_and_a_history_with_mcp_calls_replays_af
     declarations = {d["name"]: d for d in fake_gemini.calls()[0].body["tools"][0]["functionDeclarations"]}
     assert {"get_weather", "local__add", "remote__add", "local__search", "remote__search"} <= set(declarations)
     assert declarations["remote__add"]["description"] == "Adds two integers."
-    # Names Gemini would refuse are made valid and unique, the same way every time.
-    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}", name) for name in declarations), list(declarations)
+    # Names a provider would refuse are made valid and unique, the same way every time.
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name) for name in declarations), list(declarations)
     digest = hashlib.sha256(b"my tools!__add").hexdigest()[:8]
     assert f"my_tools___add_{digest}" in declarations
     long_add = "_" + hashlib.sha256(("long" * 16 + "__add").encode()).hexdigest()[:8]
@@ -428,13 +428,21 @@ async def test_the_shipped_example_server_as_mcp_example_json_starts_it(
     assert 'The example__add tool answered: {"sum": 5.5}' in text, text
 
 
-def test_gemini_gets_valid_unique_names_and_the_schema_keywords_it_takes() -> None:
+def test_every_provider_gets_valid_unique_names_and_the_schema_keywords_gemini_takes() -> None:
     assert unique_names([("a", "b"), ("x", "y")], taken={"a__b"}) == {("x", "y"): "x__y"}  # never a taken name
     assert (
         exposed_name("weird server", "tool")
         == exposed_name("weird server", "tool")
         != exposed_name("weird_server", "tool")
     )
+    # One rule for Gemini and OpenAI alike: `.` and `:` (which Gemini would take) are replaced too.
+    listed = [("files", "read.text"), ("files", "read:text"), ("files", "read_text"), ("9lives", "x"), ("s", "t" * 80)]
+    names = unique_names(listed)
+    assert names[("files", "read_text")] == "files__read_text"
+    assert len(set(names.values())) == len(listed)
+    for name in names.values():
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name), name
+    assert names[("files", "read.text")].startswith("files__read_text_")  # the hash keeps twins apart
     schema = model_schema(
         {
             "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -41,6 +41,9 @@ class ToolCallItem:
     args: dict[str, JSONValue]
     # Whatever the provider needs to replay the call verbatim (e.g. Gemini's thought signature).
     provider_data: dict[str, JSONValue] | None = None
+    # Why the model's arguments could not be read (not JSON, not an object): the call is answered
+    # `invalid_arguments` without running, and `args` is {}.
+    invalid_arguments: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ToolCallRequest:
     name: str
     args: dict[str, JSONValue]
     provider_data: dict[str, JSONValue] | None = None
+    invalid_arguments: str | None = None  # as in ToolCallItem
 
 
 @dataclass(frozen=True)

@@ -342,7 +342,13 @@ class Turn:
         if not call_id or call_id in self._call_ids:
             call_id = f"call-{len(self._call_ids) + 1}"
         self._call_ids.add(call_id)
-        return ToolCallItem(call_id=call_id, name=call.name, args=call.args, provider_data=call.provider_data)
+        return ToolCallItem(
+            call_id=call_id,
+            name=call.name,
+            args=call.args,
+            provider_data=call.provider_data,
+            invalid_arguments=call.invalid_arguments,
+        )
 
     async def _run_tools(self, calls: list[ToolCallItem], *, text_offset: int) -> list[ToolResultItem]:
         announced: list[ToolCallItem] = []
@@ -394,6 +400,8 @@ class Turn:
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
         timeout = self._ctx.tools.timeout_of(call.name) or self._ctx.limits.tool_timeout_seconds
         try:
+            if call.invalid_arguments is not None:
+                raise ToolError(ToolErrorCode.INVALID_ARGUMENTS, call.invalid_arguments)
             async with asyncio.timeout(timeout):
                 result: JSONValue = await self._ctx.tools.call(call.name, call.args)
         except ToolError as exc:

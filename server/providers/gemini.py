@@ -16,14 +16,13 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import httpx2
 from google import genai
 from google.genai import errors, types
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
-from tenacity.wait import wait_exponential_jitter
+from tenacity import AsyncRetrying
 
 from server.core.errors import TurnErrorCode
 from server.core.models import JSONValue, Usage
@@ -44,47 +43,26 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
+from server.providers.prompts import (
+    COMPACTION_PROMPT,
+    DEFAULT_SYSTEM_PROMPT,
+    SUMMARY_PROMPT,
+    TITLE_PROMPT,
+    compaction_input,
+    transcript,
+)
+from server.providers.retry import RetryPolicy, capped, retry_after_seconds, retrying
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant in a realtime chat. Answer clearly and concisely. "
-    "When a question needs current weather, call the get_weather tool instead of guessing."
-)
-SUMMARY_PROMPT = (
-    "Summarise the conversation below in two or three sentences for someone who did not read it: "
-    "what the user wanted, what was answered, and any tools used. Reply with the summary only."
-)
-COMPACTION_PROMPT = (
-    "You keep a running summary of a long conversation so that it can continue without its full "
-    "text. Below are the summary so far (if any) and the turns that follow it. Write the updated "
-    "summary: the user's goals, facts and decisions, names and numbers that matter, tool results "
-    "still relevant, and open questions, in at most 400 words. Reply with the summary only."
-)
-TITLE_PROMPT = (
-    "Give the conversation below a short title (at most eight words) that names its subject, in the "
-    "language of the conversation. Reply with the title only: no quotes, no trailing punctuation."
-)
 # Key under which a tool call's Gemini part is stored verbatim (thought signature included).
 PART_KEY = "gemini_part"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-DETAIL_CHARS = 300
 
 _SAFETY_REASONS = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
 )
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of opening a request: exponential backoff with jitter, a server's retry delay honoured."""
-
-    attempts: int = 4
-    initial_seconds: float = 0.5
-    max_wait_seconds: float = 8.0
-    # No retry starts after this long; a server asking for a longer wait ends the retries early.
-    budget_seconds: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +74,7 @@ class GeminiConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     timeout_seconds: float = 60.0
     max_output_tokens: int | None = None
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class GeminiProvider:
@@ -177,9 +155,8 @@ class GeminiProvider:
         return await self._one_answer(TITLE_PROMPT, conversation, "title", self._config.max_output_tokens)
 
     async def compact(self, summary: str | None, conversation: Sequence[ConversationItem]) -> str:
-        earlier = [UserText(f"Summary so far: {summary}")] if summary else []
         return await self._one_answer(
-            COMPACTION_PROMPT, [*earlier, *conversation], "summary", self._config.max_output_tokens
+            COMPACTION_PROMPT, compaction_input(summary, conversation), "summary", self._config.max_output_tokens
         )
 
     async def _one_answer(
@@ -213,29 +190,13 @@ class GeminiProvider:
         return self._client
 
     def _retrying(self) -> AsyncRetrying:
-        policy = self._config.retry
-        backoff = wait_exponential_jitter(
-            initial=policy.initial_seconds, max=policy.max_wait_seconds, jitter=policy.initial_seconds
-        )
-
-        def wait(state: RetryCallState) -> float:
-            asked = _retry_delay_asked(state.outcome.exception() if state.outcome else None)
-            return max(backoff(state), asked or 0.0)
-
-        return AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait,
-            stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.budget_seconds),
-            before_sleep=self._before_retry,
-            reraise=True,
-        )
-
-    def _before_retry(self, state: RetryCallState) -> None:
-        self._metrics.provider_request("retried")
-        exc = state.outcome.exception() if state.outcome else None
-        # Not a failure yet (the metric counts it): a request that fails for good is the caller's one WARNING.
-        log.info(
-            "gemini request failed (%s); retry %d in %.2f s", _describe(exc), state.attempt_number, state.upcoming_sleep
+        return retrying(
+            self._config.retry,
+            transient=is_transient,
+            wait_asked=_retry_delay_asked,
+            describe=_describe,
+            metrics=self._metrics,
+            log=log,
         )
 
     async def _open_stream(
@@ -326,22 +287,6 @@ def _declaration(tool: ToolSpec) -> types.FunctionDeclaration:
     )
 
 
-def transcript(conversation: Sequence[ConversationItem]) -> str:
-    """The conversation as plain text, for the summary prompt."""
-    lines: list[str] = []
-    for item in conversation:
-        if isinstance(item, UserText):
-            lines.append(f"User: {item.text}")
-        elif isinstance(item, ModelText):
-            lines.append(f"Assistant: {item.text}")
-        elif isinstance(item, ToolCallItem):
-            lines.append(f"Tool call {item.name}({json.dumps(item.args, ensure_ascii=False)})")
-        else:
-            outcome = item.error if item.error is not None else item.result
-            lines.append(f"Tool result {item.name}: {json.dumps(outcome, ensure_ascii=False)[:2000]}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------- Gemini -> model events
 
 
@@ -424,11 +369,7 @@ def _retry_delay_asked(exc: BaseException | None) -> float | None:
             match = _DURATION.match(str(detail.get("retryDelay", "")))
             if match:
                 return float(match.group(1))
-    header = exc.response.headers.get("retry-after") if exc.response is not None else None
-    try:
-        return float(header) if header else None
-    except ValueError:
-        return None  # an HTTP date: rare enough here to fall back on backoff
+    return retry_after_seconds(exc.response.headers.get("retry-after") if exc.response is not None else None)
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -441,9 +382,7 @@ def _provider_error(exc: BaseException) -> ProviderError:
     """A coded error for clients; Google's message goes only to the log, in the caller's one line
     about the failure (it can name internals)."""
     said = str(getattr(exc, "message", None) or exc)
-    detail = f"{_describe(exc)}: {said}" if isinstance(exc, errors.APIError) else said or None
-    if detail is not None and len(detail) > DETAIL_CHARS:
-        detail = detail[:DETAIL_CHARS] + "…"
+    detail = capped(f"{_describe(exc)}: {said}" if isinstance(exc, errors.APIError) else said or None)
     if isinstance(exc, httpx2.TimeoutException):
         return ProviderError(TurnErrorCode.PROVIDER_TIMEOUT, "the model did not answer in time", detail)
     if isinstance(exc, httpx2.TransportError):

@@ -29,7 +29,7 @@ _WEATHER = re.compile(r"\bweather\b.*?\b(?:in|at|for)\s+(?P<place>[^?!.,;:\n]+)"
 _TRAILING_FILLER = re.compile(r"\s+(?:today|tonight|tomorrow|right now|now|please)\s*$", re.IGNORECASE)
 _WORD = re.compile(r"\S+\s*")
 # "use demo__add with {"a": 2, "b": 3}": a call of any tool the service offers (an MCP server's).
-_USE_TOOL = re.compile(r"\buse\s+(?P<name>[A-Za-z_][A-Za-z0-9_.:-]*)\s+with\s+(?P<args>\{.*\})", re.DOTALL)
+_USE_TOOL = re.compile(r"\buse\s+(?P<name>[A-Za-z_][A-Za-z0-9_-]*)\s+with\s+(?P<args>\{.*\})", re.DOTALL)
 
 
 def words(text: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""What an MCP tool looks like to the model: a valid, unique function name and an input schema in
-the subset of JSON Schema that Gemini's `parametersJsonSchema` accepts."""
+"""What an MCP tool looks like to the model: a function name every provider accepts, unique, and an
+input schema in the subset of JSON Schema that Gemini's `parametersJsonSchema` accepts (which
+OpenAI-compatible endpoints take too)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-# Gemini: starts with a letter or an underscore; letters, digits, `_ . : -`; at most 64 characters.
+# What every provider takes: OpenAI letters, digits, `_` and `-` (at most 64); Gemini also wants a
+# letter or an underscore first. (Gemini would take `.` and `:` too; OpenAI refuses them.)
 MAX_NAME = 64
-VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
-_INVALID_CHARACTER = re.compile(r"[^A-Za-z0-9_.:-]")
+VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_INVALID_CHARACTER = re.compile(r"[^A-Za-z0-9_-]")
 _HASH_LENGTH = 8
 
 # The keywords Gemini documents for parametersJsonSchema; every other one is dropped for the model
@@ -28,8 +30,8 @@ _SCHEMA_LISTS = ("anyOf", "prefixItems")
 
 
 def exposed_name(server: str, tool: str) -> str:
-    """`<server>__<tool>`, or, when that is not a valid Gemini name, a valid one ending in a hash of
-    it: deterministic, and distinct for distinct servers and tools."""
+    """`<server>__<tool>`, or, when that is not a valid name, a valid one ending in a hash of it:
+    deterministic, and distinct for distinct servers and tools."""
     name = f"{server}__{tool}"
     if VALID_NAME.match(name):
         return name
