@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.fake_gemini import FakeGemini
+from tests.fake_openai import FakeOpenAI
 from tests.fakes import open_meteo_app
 from tests.harness import (
     REDIS_URL,
@@ -45,6 +46,15 @@ async def fake_gemini() -> AsyncIterator[FakeGemini]:
     gemini = FakeGemini()
     async with serving(gemini.app) as gemini.url:
         yield gemini
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    """A local server speaking OpenAI's Chat Completions API (see tests/fake_openai.py); a client's
+    base URL is `{fake_openai.url}/v1`."""
+    fake = FakeOpenAI()
+    async with serving(fake.app) as fake.url:
+        yield fake
 
 
 @pytest.fixture
