@@ -31,7 +31,15 @@ class Pause:
 
 HANG = Pause(3600)  # a stream that stalls until the client hangs up
 
-Event = dict[str, Any] | Pause | str  # a chunk, a pause, or bytes sent as they are (a malformed line)
+
+@dataclass(frozen=True)
+class Gate:
+    """The stream waits here until the test opens it (what a client got before is then known)."""
+
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Event = dict[str, Any] | Pause | Gate | str  # a chunk, a wait, or bytes sent as they are (a malformed line)
 
 
 @dataclass
@@ -147,6 +155,8 @@ class FakeOpenAI:
             for event in events:
                 if isinstance(event, Pause):
                     await asyncio.sleep(event.seconds)
+                elif isinstance(event, Gate):
+                    await event.opened.wait()
                 elif isinstance(event, str):
                     yield event.encode()
                 else:

@@ -294,9 +294,9 @@ class ToolCallAssembler:
         name = function.name if function is not None and isinstance(function.name, str) else None
         arguments: object = function.arguments if function is not None else None
         call = self._call_for(index, call_id, name)
-        if call_id is not None and call.call_id is None:
-            call.call_id = call_id
-            self._by_id[call_id] = call
+        if call_id is not None:
+            call.call_id = call.call_id or call_id
+            self._by_id.setdefault(call_id, call)
         if index is not None:
             self._by_index[index] = call
         if name and name != call.name and not call.arguments:
