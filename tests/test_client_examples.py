@@ -18,6 +18,7 @@ import jwt
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
+from tests.fake_openai import FakeOpenAI, Reply, call_delta, finish_chunk, text_chunk, text_reply, tool_calls_chunk
 from tests.harness import RunningServer, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "client_examples"
@@ -347,3 +348,38 @@ async def test_clients_show_titles_and_end_when_their_session_is_deleted(
     for client in (python, plain):
         assert await client.ends() == 1, client.out
         assert client.out.rstrip().endswith(f"[session {sid} was deleted; this chat is over]"), client.out
+
+
+async def test_both_example_clients_chat_through_an_openai_compatible_endpoint(
+    fake_openai: FakeOpenAI, start_server: ServerFactory, node_client: Path
+) -> None:
+    # What Ollama streams (each call whole, no index), then its answer; once for each client.
+    for _ in range(2):
+        fake_openai.stream(
+            Reply(
+                events=[
+                    text_chunk("Let me look. "),
+                    tool_calls_chunk(call_delta(None, "call_7", "get_weather", '{"location": "Delhi"}')),
+                    finish_chunk("stop"),
+                ]
+            ),
+            text_reply("Delhi is mainly clear, 24.5 °C."),
+        )
+    server = await start_server(
+        llm_provider="openai", openai_base_url=f"{fake_openai.url}/v1", openai_model="llama3.1:8b"
+    )
+    out = await run(
+        sys.executable,
+        str(EXAMPLES / "python_client.py"),
+        "--url",
+        server.url,
+        stdin=b"How's the weather in Delhi?\n/quit\n",
+    )
+    assert "-> tool call get_weather({'location': 'Delhi'})" in out and "<- tool result {'location': 'Delhi'" in out
+    assert "assistant: Let me look." in out and "assistant: Delhi is mainly clear, 24.5 °C." in out, out
+    assert "[done: stop, tokens in/out 10/3]" in out, out
+
+    out = await run("node", "chat.mjs", "How's the weather in Delhi?", cwd=node_client, env={"SERVER_URL": server.url})
+    assert '-> tool call get_weather({"location":"Delhi"})' in out and '<- tool result {"location":"Delhi"' in out
+    assert "\nDelhi is mainly clear, 24.5 °C.\n[done: stop, tokens in/out 10/3" in out, out
+    assert [r.body["model"] for r in fake_openai.requests] == ["llama3.1:8b"] * 4

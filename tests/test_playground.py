@@ -18,6 +18,9 @@ from playwright.async_api import Browser, Locator, Page, Request, WebSocket, exp
 from tests.browser import Watched, chromium, watched
 from tests.conftest import ServerFactory, TabFactory
 from tests.fake_gemini import FakeGemini, Pause, Reply, text_chunk, usage
+from tests.fake_openai import FakeOpenAI, call_reply, completion_body, role_chunk, text_reply
+from tests.fake_openai import Reply as OpenAIReply
+from tests.fake_openai import text_chunk as openai_text
 from tests.harness import ROOT, RunningServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_auth import SECRET, token
@@ -769,3 +772,34 @@ async def test_earlier_messages_load_in_place_and_a_rejoin_catches_up_over_sever
         await proxy.stop()
     assert not watch.foreign and not watch.page_errors, (watch.foreign, watch.page_errors)
     assert all(re.search(r"failed|ERR_", error) for error in watch.console_errors), watch.console_errors
+
+
+async def test_a_conversation_through_an_openai_compatible_endpoint(
+    fake_openai: FakeOpenAI, start_server: ServerFactory, browser: Browser
+) -> None:
+    delhi = {"location": "Delhi"}
+    call = call_reply(("c1", "get_weather", delhi)).events
+    fake_openai.stream(
+        OpenAIReply(events=[role_chunk(), openai_text("Let me check. "), *call]),
+        text_reply("It is **mainly clear** in Delhi, 24.5 °C."),
+    )
+    fake_openai.title_replies.append(OpenAIReply(body=completion_body("Weather in Delhi")))
+    server = await start_server(
+        llm_provider="openai", openai_base_url=f"{fake_openai.url}/v1", openai_model="gpt-test-mini"
+    )
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await open_playground(watch, server.url + "/")
+    await send(page, "How's the weather in Delhi?")
+    answer = answers(page).first
+    tool = answer.locator("details.tool")
+    await expect(tool.locator(".tool-name")).to_have_text("get_weather", timeout=WAIT_MS)
+    await finished(answer)
+    await expect(tool.locator(".tool-status")).to_have_text("done")
+    await tool.locator("summary").click()
+    assert json.loads(await tool.locator("pre.tool-json").first.inner_text()) == delhi
+    assert await text_of(answer) == "Let me check. It is mainly clear in Delhi, 24.5 °C."
+    await expect(answer.locator("strong")).to_have_text("mainly clear")
+    # Its title, made by the same endpoint, in the list of chats.
+    await expect(page.locator("#chat-title")).to_have_text("Weather in Delhi", timeout=WAIT_MS)
+    await expect(page.locator("#session-list")).to_contain_text("Weather in Delhi")
+    watch.assert_clean()
