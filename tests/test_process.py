@@ -95,7 +95,7 @@ UNUSABLE_SETTINGS = [
     ("STORAGE_BACKEND", "supabase", "STORAGE_BACKEND=supabase needs SUPABASE_URL and SUPABASE_KEY"),
     ("WORKERS", "2", "WORKERS > 1 needs REDIS_URL"),
     ("LLM_PROVIDER", "openai", "LLM_PROVIDER=openai needs OPENAI_MODEL"),
-    ("OPENAI_BASE_URL", "localhost:11434", "OPENAI_BASE_URL='localhost:11434' cannot be used: it must be an http(s) URL"),
+    ("OPENAI_BASE_URL", "localhost:11434", "OPENAI_BASE_URL='localhost:11434' cannot be used: it must be an http(s)"),
     ("MCP_SERVERS_FILE", "/no/mcp.json", "MCP_SERVERS_FILE='/no/mcp.json' cannot be used: it cannot be read (No such"),
     ("MCP_SERVERS_FILE", "/dev/null", "MCP_SERVERS_FILE='/dev/null' cannot be used: it is not JSON"),
 ]
