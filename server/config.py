@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import httpx
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,6 +13,7 @@ from server.storage import dsn
 from server.tools.mcp_config import load_servers
 
 DEFAULT_CORS_ORIGINS = r"http://localhost:*,http://127.0.0.1:*"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 class Settings(BaseSettings):
@@ -47,7 +49,7 @@ class Settings(BaseSettings):
     gemini_retry_attempts: int = Field(4, ge=1)
     gemini_retry_initial_seconds: float = Field(0.5, gt=0)
     gemini_retry_budget_seconds: float = Field(20, gt=0)
-    openai_base_url: str = "https://api.openai.com/v1"
+    openai_base_url: str = OPENAI_BASE_URL
     openai_api_key: str | None = None
     openai_model: str | None = None
     # Not in PROTOCOL.md: how the openai provider talks to its endpoint (as the gemini_* ones).
@@ -155,10 +157,16 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("openai_base_url")
+    @field_validator("openai_base_url", mode="before")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+    def _http_url(cls, value: object) -> object:
+        if value == "":
+            return OPENAI_BASE_URL
+        try:
+            url = httpx.URL(value) if isinstance(value, str) else None
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http(s) URL, e.g. http://localhost:11434/v1")
         return value
 

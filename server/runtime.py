@@ -93,8 +93,8 @@ async def system_prompt(settings: Settings) -> str:
         if path is not None:
             try:
                 return await asyncio.to_thread(path.read_text, encoding="utf-8")
-            except OSError as exc:
-                raise ConfigurationError(f"{variable} cannot be read: {exc}") from exc
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"{variable} cannot be read as UTF-8 text: {exc}") from exc
     return DEFAULT_SYSTEM_PROMPT
 
 

@@ -46,7 +46,7 @@ Event = dict[str, Any] | Pause | Gate | str  # a chunk, a wait, or bytes sent as
 class Reply:
     status: int = 200
     events: list[Event] = field(default_factory=list)  # streamed replies; a pause also delays a body
-    body: dict[str, Any] | None = None  # error bodies and non-streamed answers
+    body: dict[str, Any] | None = None  # error bodies, non-streamed answers (to a streamed request too)
     headers: dict[str, str] = field(default_factory=dict)
     done: bool = True  # False: the stream ends without `data: [DONE]`, as a dropped connection does
 
@@ -133,7 +133,7 @@ class FakeOpenAI:
         if problem:  # refused as OpenAI refuses it, without taking a scripted reply
             return _error_response(400, problem)
         reply = queue.popleft() if queue else default
-        if not streamed or reply.status != 200:
+        if not streamed or reply.status != 200 or reply.body is not None:  # a body: not an event stream
             return await _answered(reply, body["model"])
         events = reply.events
         if self.count_tokens and _wants_usage(body) and not any(_has_usage(event) for event in events):

@@ -482,6 +482,25 @@ async def test_the_summary_comes_from_gemini(
     assert "Summarise" in request.body["systemInstruction"]["parts"][0]["text"]
 
 
+async def test_a_session_whose_tool_failed_is_summarised(
+    start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory
+) -> None:
+    fake.stream(
+        Reply(events=[chunk([call_part("get_weather", {"location": "Atlantis"}, "fc-1")], "STOP")]),
+        Reply(events=[text_chunk("No such place.", "STOP")]),
+    )
+    fake.generate(Reply(body=text_response("The user asked about a place that does not exist.")))
+    server = await start_gemini(summary_delay_seconds=0.05)
+    tab, sid = await open_session(server, connect)
+    _, events = await ask(tab, sid, "Weather in Atlantis?")
+    assert [d["error"]["code"] for n, d in events if n == "tool_result"] == ["unknown_location"]
+    await tab.call("leave", {"session_id": sid})
+    session = await wait_for_summary(server, sid)
+    assert session.summary == "The user asked about a place that does not exist."
+    prompt = fake.calls("generateContent")[0].contents[0]["parts"][0]["text"]
+    assert 'Tool result get_weather: {"code": "unknown_location"' in prompt
+
+
 async def test_a_failed_summary_is_retried_later(
     start_gemini: ServerFactory, fake: FakeGemini, connect: TabFactory
 ) -> None:

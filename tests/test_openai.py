@@ -38,6 +38,12 @@ from tests.harness import RunningServer, Tab, serving, wait_for_summary
 from tests.test_metrics import scrape
 
 KEY = "sk-test-openai-key"
+ERROR_CLASSES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+}
 MODEL = "gpt-test-mini"
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -252,6 +258,13 @@ TOOL_CALL_SHAPES: dict[str, list[dict[str, Any]]] = {
         tool_calls_chunk(call_delta(NULL_INDEX, "call_d", "get_weather", DELHI)),
         finish_chunk("tool_calls"),
     ],
+    # The name itself in pieces (after an empty first piece of arguments).
+    "name-in-pieces": [
+        tool_calls_chunk(call_delta(0, "call_p", "get_", "")),
+        tool_calls_chunk(call_delta(0, name="weather", arguments=PARIS)),
+        tool_calls_chunk(call_delta(1, "call_d", "get_weather", DELHI)),
+        finish_chunk("tool_calls"),
+    ],
     # Pieces interleaved by index, the id and name repeated in every piece, no `type`.
     "interleaved-with-repeated-names": [
         tool_calls_chunk(
@@ -447,7 +460,10 @@ async def test_a_429_that_never_ends_is_provider_rate_limited(
     assert done["error"] == {"code": "provider_rate_limited", "message": "the model is rate limited; try again later"}
 
 
-@pytest.mark.parametrize(("status", "code"), [(401, "invalid_api_key"), (400, "invalid_request_error"), (404, None)])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(401, "invalid_api_key"), (400, "invalid_request_error"), (403, "unsupported_country"), (404, None)],
+)
 async def test_a_refused_request_is_provider_rejected_at_once(
     start_openai: ServerFactory,
     fake: FakeOpenAI,
@@ -465,6 +481,10 @@ async def test_a_refused_request_is_provider_rejected_at_once(
     assert "secret internal detail" not in json.dumps(done)
     requests = (await scrape(server.url)).by_label("realtime_provider_requests_total", "outcome")
     assert requests == {"ok": 0, "retried": 0, "error": 1}
+    # One WARNING naming the code and the cause's class; no traceback.
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("turn failed")]
+    assert line.levelname == "WARNING" and line.exc_info is None
+    assert line.getMessage().startswith(f"turn failed: provider_rejected ({ERROR_CLASSES[status]}: HTTP {status}")
 
 
 async def test_connection_failures_are_retried_then_provider_unavailable(
@@ -593,3 +613,82 @@ async def test_a_summary_of_a_failed_tool_call_is_made(
     assert (await wait_for_summary(server, sid)).summary == "Summary."
     transcript = fake.complete_requests[0].messages[1]["content"]
     assert "Tool result get_weather:" in transcript and "invalid_arguments" in transcript
+
+
+async def test_a_failure_after_an_empty_first_chunk_is_still_retried(
+    start_openai: ServerFactory, fake: FakeOpenAI, connect: TabFactory
+) -> None:
+    # Most servers open with a role-only chunk: nothing has streamed yet when they fail after it.
+    fake.stream(Reply(events=[role_chunk(), HANG]), text_reply("After the retry."))
+    server = await start_openai(openai_timeout_seconds=0.5)
+    tab, sid = await open_session(server, connect)
+    done, _ = await ask(tab, sid, "Hello?")
+    assert (done["text"], done["finish_reason"]) == ("After the retry.", "stop")
+    assert len(fake.requests) == 2
+    requests = (await scrape(server.url)).by_label("realtime_provider_requests_total", "outcome")
+    assert requests == {"ok": 1, "retried": 1, "error": 0}
+
+
+async def test_text_as_a_list_of_parts_and_a_null_chunk_are_read(
+    start_openai: ServerFactory, fake: FakeOpenAI, connect: TabFactory
+) -> None:
+    parts = [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "Hello "}]
+    fake.stream(Reply(events=[chunk({"content": parts}), "data: null\n\n", text_chunk("there."), finish_chunk("stop")]))
+    server = await start_openai()
+    tab, sid = await open_session(server, connect)
+    done, events = await ask(tab, sid, "Hi")
+    assert [d["text"] for d in of(events, "chunk")] == ["Hello ", "there."]
+    assert (done["text"], done["finish_reason"]) == ("Hello there.", "stop")
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        Reply(events=[text_chunk("So far. "), "data: [1]\n\n"]),
+        Reply(events=[text_chunk("So far. "), chunk({"tool_calls": {"index": 0}})]),
+        Reply(events=[text_chunk("So far. "), chunk({"content": 42})]),
+        Reply(events=[text_chunk("So far. "), {"choices": ["x"]}]),
+    ],
+    ids=["a-list-for-a-chunk", "tool-calls-as-an-object", "a-number-for-text", "a-string-for-a-choice"],
+)
+async def test_odd_json_from_a_server_is_provider_error_without_a_traceback(
+    start_openai: ServerFactory, fake: FakeOpenAI, connect: TabFactory, odd: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.stream(odd)
+    server = await start_openai()
+    tab, sid = await open_session(server, connect)
+    done, _ = await ask(tab, sid, "Hello?")
+    assert (done["finish_reason"], done["text"]) == ("error", "So far. ")
+    assert done["error"] == {"code": "provider_error", "message": "the model's answer could not be read"}
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert (await server.runtime.repo.list_events(sid))[-1].content == "So far. "
+
+
+async def test_an_answer_that_is_no_event_stream_is_provider_error_not_an_empty_answer(
+    start_openai: ServerFactory, fake: FakeOpenAI, connect: TabFactory
+) -> None:
+    fake.stream(Reply(body=completion_body("A whole answer, not streamed.")))
+    fake.complete(Reply(body={"choices": ["x"]}))  # the summary: no chat completion either
+    server = await start_openai(summary_delay_seconds=0, summary_retry_seconds=60)
+    tab, sid = await open_session(server, connect)
+    done, _ = await ask(tab, sid, "Hello?")
+    assert (done["finish_reason"], done["text"]) == ("error", "")
+    assert done["error"] == {"code": "provider_error", "message": "the model's answer could not be read"}
+    await tab.close()
+    async with asyncio.timeout(10):
+        while (await scrape(server.url)).value("realtime_summaries_total", outcome="error") < 1:
+            await asyncio.sleep(0.05)
+
+
+async def test_openai_itself_without_a_key_fails_turns_at_once_as_not_configured(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(
+        llm_provider="openai", openai_model=MODEL, openai_base_url="https://eu.api.openai.com/v1"
+    )
+    tab, sid = await open_session(server, connect)
+    done, _ = await ask(tab, sid, "Hello?")
+    assert done["error"] == {
+        "code": "provider_not_configured",
+        "message": "the model is not configured (OPENAI_API_KEY is not set (eu.api.openai.com needs one))",
+    }

@@ -1,9 +1,10 @@
 """Any endpoint speaking OpenAI's Chat Completions API (OpenAI, Ollama, vLLM, LM Studio, llama.cpp,
 LiteLLM, OpenRouter...) behind the provider interface, through the official `openai` SDK.
 
-The servers differ most in how they stream tool calls (`ToolCallAssembler` takes every shape seen).
-As for Gemini, the stream's first chunk is read inside the retry, so nothing is retried once a chunk
-has been handed on, and tenacity is the one retry policy (the SDK's own is off, to count each retry).
+The servers differ most in how they stream tool calls (`ToolCallAssembler` takes every shape seen)
+and in what odd JSON they may send (read defensively: the SDK does not validate chunks). A stream is
+read inside the retry up to its first chunk that says something, so nothing is retried once text
+has been handed on; tenacity is the one retry policy (the SDK's own is off, to count each retry).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream, Omit, omit
 from openai.types.chat import (
+    ChatCompletion,
     ChatCompletionAssistantMessageParam,
     ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
 )
-from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
+from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta, ChoiceDeltaToolCall
 from tenacity import AsyncRetrying
 
 from server.core.errors import TurnErrorCode
@@ -60,7 +62,6 @@ from server.providers.retry import RetryPolicy, capped, retry_after_seconds, ret
 
 log = logging.getLogger(__name__)
 
-OPENAI_BASE_URL = "https://api.openai.com/v1"
 # The SDK refuses to start without a key; a local server needs none (and is sent none).
 NO_KEY = "none"
 _FINISH: dict[str, Literal["stop", "max_tokens", "safety"]] = {
@@ -73,12 +74,13 @@ _FINISH: dict[str, Literal["stop", "max_tokens", "safety"]] = {
 # Finish reasons some servers send when they failed (vLLM: `abort`).
 _FAILED = frozenset({"error", "abort"})
 _THINKING = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
     model: str
-    base_url: str = OPENAI_BASE_URL
+    base_url: str = "https://api.openai.com/v1"
     api_key: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     timeout_seconds: float = 60.0
@@ -102,47 +104,36 @@ class OpenAIChatProvider:
         self._headers: dict[str, str | Omit] = {} if config.api_key else {"Authorization": omit}
 
     def not_ready_reason(self) -> str | None:
-        if not self._config.api_key and httpx2.URL(self._config.base_url).host == "api.openai.com":
-            return "OPENAI_API_KEY is not set (api.openai.com needs one)"
+        host = httpx2.URL(self._config.base_url).host
+        if not self._config.api_key and (host == "api.openai.com" or host.endswith(".openai.com")):
+            return f"OPENAI_API_KEY is not set ({host} needs one)"
         return None
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
-        calls = ToolCallAssembler()
-        finish: str | None = None
-        refused = False
-        usage: Usage | None = None
-        stream, chunk = await self._open_stream(request)
+        answer = _Answer()
+        stream, opening = await self._open_stream(request)
         try:
-            while chunk is not None:
-                usage = _usage_of(chunk) or usage
-                for choice in chunk.choices or ():
-                    if choice.index not in (0, None):
-                        continue  # another candidate: only the first is asked for
-                    delta = choice.delta
-                    if delta is not None:
-                        if delta.content:
-                            yield TextDelta(delta.content)
-                        if delta.refusal:
-                            refused = True
-                            yield TextDelta(delta.refusal)
-                        for piece in delta.tool_calls or ():
-                            calls.add(piece)
-                    finish = choice.finish_reason or finish
-                chunk = await anext(stream, None)
-        except (openai.OpenAIError, ValueError) as exc:
+            for held in opening:
+                for text in answer.take(held):
+                    yield TextDelta(text)
+            while (chunk := await _next_chunk(stream)) is not None:
+                for text in answer.take(chunk):
+                    yield TextDelta(text)
+            requested = answer.calls.finish()
+            # Tool calls run whatever the reason given with them (some servers say `stop`).
+            finished = Finished("stop" if requested else _map_finish(answer.finish, answer.refused))
+        except _UNREADABLE as exc:
             raise _provider_error(exc) from exc
         finally:
             await stream.close()
-        requested = calls.finish()
         for call in requested:
             yield call
-        if usage is not None:
-            yield UsageReport(usage)
-        # Tool calls run whatever the reason given with them (some servers say `stop`).
-        yield Finished("stop" if requested else _map_finish(finish, refused))
+        if answer.usage is not None:
+            yield UsageReport(answer.usage)
+        yield finished
 
     async def summarise(self, conversation: Sequence[ConversationItem]) -> str:
         return await self._one_answer(SUMMARY_PROMPT, conversation, "summary")
@@ -157,8 +148,10 @@ class OpenAIChatProvider:
 
     async def _open_stream(
         self, request: ModelRequest
-    ) -> tuple[AsyncStream[ChatCompletionChunk], ChatCompletionChunk | None]:
-        """Open the stream and read its first chunk (where a failing server shows it), with retries."""
+    ) -> tuple[AsyncStream[ChatCompletionChunk], list[ChatCompletionChunk]]:
+        """Open the stream and read it up to its first chunk that says something (text, a call, a
+        finish), with retries: many servers send an empty first chunk before any failure shows."""
+        self._require_configured()
         messages = to_messages(request.conversation, self._config.system_prompt)
         tools = [_declaration(tool) for tool in request.tools]
         try:
@@ -174,16 +167,17 @@ class OpenAIChatProvider:
                         extra_headers=self._headers,
                     )
                     try:
-                        return stream, await anext(stream, None)
+                        return stream, await _opening(stream)
                     except BaseException:
                         await stream.close()
                         raise
-        except (openai.OpenAIError, ValueError) as exc:
+        except _UNREADABLE as exc:
             raise _provider_error(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def _one_answer(self, instruction: str, conversation: Sequence[ConversationItem], what: str) -> str:
         """One request, not streamed, about the conversation (a summary, a title, a compaction)."""
+        self._require_configured()
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -196,15 +190,21 @@ class OpenAIChatProvider:
                         max_completion_tokens=self._config.max_output_tokens or omit,
                         extra_headers=self._headers,
                     )
-        except (openai.OpenAIError, ValueError) as exc:
+            if not isinstance(response, ChatCompletion):
+                raise ValueError("the answer is not a chat completion")
+            choice = response.choices[0] if response.choices else None
+            text = _THINKING.sub("", _text_of(choice.message.content) if choice is not None else "").strip()
+        except _UNREADABLE as exc:
             raise _provider_error(exc) from exc
-        choice = response.choices[0] if response.choices else None
-        content = choice.message.content if choice is not None and choice.message is not None else None
-        text = _THINKING.sub("", content or "").strip()
         if not text:
             reason = choice.finish_reason if choice is not None else None
             raise ProviderError(TurnErrorCode.PROVIDER_ERROR, f"the model gave no {what} ({reason or 'no text'})")
         return text
+
+    def _require_configured(self) -> None:
+        reason = self.not_ready_reason()
+        if reason is not None:
+            raise ProviderError(TurnErrorCode.PROVIDER_NOT_CONFIGURED, f"the model is not configured ({reason})")
 
     def _retrying(self) -> AsyncRetrying:
         return retrying(
@@ -248,7 +248,9 @@ def to_messages(conversation: Sequence[ConversationItem], system_prompt: str) ->
 
 def _call_param(call: ToolCallItem) -> ChatCompletionMessageFunctionToolCallParam:
     arguments = json.dumps(call.args, ensure_ascii=False)
-    return {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+    # A call stored under an earlier naming rule (`.` and `:` were kept) is replayed as OpenAI takes it.
+    name = _NOT_IN_NAME.sub("_", call.name)[:64] or "_"
+    return {"id": call.call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _result_content(result: ToolResultItem) -> str:
@@ -299,7 +301,7 @@ class ToolCallAssembler:
             self._by_id.setdefault(call_id, call)
         if index is not None:
             self._by_index[index] = call
-        if name and name != call.name and not call.arguments:
+        if name and name != call.name and not "".join(call.arguments):
             call.name += name  # a name in pieces; one repeated in every piece is taken once
         if isinstance(arguments, str):
             call.arguments.append(arguments)
@@ -350,6 +352,85 @@ def parse_arguments(raw: str) -> tuple[dict[str, JSONValue], str | None]:
 
 # ---------------------------------------------------------------------- chunks -> model events
 
+# What an answer that cannot be read raises: the SDK builds chunks without validating them, so a
+# server's odd JSON (a list, a number where text belongs) surfaces as these.
+_UNREADABLE = (openai.OpenAIError, ValueError, TypeError, AttributeError)
+_END = object()
+
+
+async def _next_chunk(stream: AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
+    """The stream's next chunk, None at its end (`data: null` is skipped, not taken for the end)."""
+    while True:
+        item: object = await anext(stream, _END)
+        if item is _END:
+            return None
+        if isinstance(item, ChatCompletionChunk):
+            return item
+        if item is not None:
+            raise ValueError(f"a streamed item is not a chunk ({type(item).__name__})")
+
+
+async def _opening(stream: AsyncStream[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+    """The chunks up to the first that says something; a reply that is no event stream (a proxy's
+    login page, a server ignoring `stream`) is refused rather than read as an empty answer."""
+    content_type = stream.response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        raise ValueError(f"the answer is not an event stream ({content_type or 'no content type'})")
+    opening: list[ChatCompletionChunk] = []
+    while (chunk := await _next_chunk(stream)) is not None:
+        opening.append(chunk)
+        if any(choice.finish_reason or _says_something(choice.delta) for choice in chunk.choices or ()):
+            break
+    return opening
+
+
+def _says_something(delta: ChoiceDelta | None) -> bool:
+    return delta is not None and bool(delta.content or delta.refusal or delta.tool_calls)
+
+
+@dataclass
+class _Answer:
+    """What the chunks of one answer said so far, besides its text (streamed as it comes)."""
+
+    calls: ToolCallAssembler = field(default_factory=ToolCallAssembler)
+    finish: str | None = None
+    refused: bool = False
+    usage: Usage | None = None
+
+    def take(self, chunk: ChatCompletionChunk) -> list[str]:
+        """The chunk's text, in order; the rest noted."""
+        texts: list[str] = []
+        self.usage = _usage_of(chunk) or self.usage
+        for choice in chunk.choices or ():
+            if not isinstance(choice, Choice):
+                raise ValueError(f"a choice is a {type(choice).__name__}")
+            if choice.index not in (0, None):
+                continue  # another candidate: only the first is asked for
+            delta = choice.delta
+            if delta is not None:
+                texts.append(_text_of(delta.content))
+                refusal = _text_of(delta.refusal)
+                if refusal:
+                    self.refused = True
+                    texts.append(refusal)
+                for piece in delta.tool_calls or ():
+                    self.calls.add(piece)
+            self.finish = choice.finish_reason or self.finish
+        return [text for text in texts if text]
+
+
+def _text_of(content: object) -> str:
+    """Text, however a server sends it: a string, or a list of parts (Mistral's) whose text parts count."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    raise ValueError(f"the answer's text is a {type(content).__name__}")
+
 
 def _usage_of(chunk: ChatCompletionChunk) -> Usage | None:
     usage = chunk.usage
@@ -364,7 +445,7 @@ def _map_finish(reason: str | None, refused: bool) -> Literal["stop", "max_token
     if reason in _FAILED:
         raise ProviderError(TurnErrorCode.PROVIDER_ERROR, f"the model stopped with {reason}")
     # A reason of a server's own (`eos`, `end_turn`...): it stopped of itself.
-    return _FINISH.get(reason or "stop", "stop")
+    return _FINISH.get(str(reason or "stop"), "stop")
 
 
 # ---------------------------------------------------------------------- failures
