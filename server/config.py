@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     context_max_tokens: int = Field(32_000, ge=256)
     # A session's title is asked of the model after its first answer that ends with `stop`.
     title_generation: bool = True
+    # Tools whose calls wait for a person's approval (names or shell-style patterns, comma-separated).
+    tool_approval: str = ""
+    tool_approval_timeout_seconds: float = Field(300, gt=0)
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
     playground: bool = True

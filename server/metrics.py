@@ -30,7 +30,7 @@ from prometheus_client import (
 
 from server.core.errors import ErrorCode
 from server.core.models import FinishReason, Usage
-from server.core.ports import ProviderOutcome, Transport
+from server.core.ports import ApprovalOutcome, ProviderOutcome, Transport
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -110,6 +110,7 @@ class PrometheusMetrics:
         self._compactions = Counter(
             "realtime_compactions", "Compactions of a long conversation", ["outcome"], registry=r
         )
+        self._approvals = Counter("realtime_tool_approvals", "Approval decisions", ["outcome"], registry=r)
         self._export_known_labels(provider)
 
     def _export_known_labels(self, provider: str) -> None:
@@ -130,6 +131,8 @@ class PrometheusMetrics:
             self._summaries.labels(outcome)
             self._titles.labels(outcome)
             self._compactions.labels(outcome)
+        for approval in get_args(ApprovalOutcome):
+            self._approvals.labels(approval)
         self.declare_tools([])
 
     def declare_tools(self, names: Iterable[str]) -> None:
@@ -174,6 +177,9 @@ class PrometheusMetrics:
 
     def compaction_made(self, ok: bool) -> None:
         self._compactions.labels("ok" if ok else "error").inc()
+
+    def tool_approval(self, outcome: ApprovalOutcome) -> None:
+        self._approvals.labels(outcome).inc()
 
     def storage_operation(self, operation: str, seconds: float) -> None:
         self._storage.labels(operation).observe(seconds)

@@ -14,6 +14,7 @@ from server.config import Settings
 from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination, redis_client
+from server.core.approvals import ApprovalPolicy
 from server.core.catalog import SessionCatalog
 from server.core.conversation import ConversationService
 from server.core.limits import Limits
@@ -236,6 +237,7 @@ class Runtime:
             user_quota=shared.user_quota,
             metrics=metrics,
             title_generation=settings.title_generation,
+            approval=ApprovalPolicy.parse(settings.tool_approval, settings.tool_approval_timeout_seconds),
         )
         service.start()
         await shared.serve(service)

@@ -34,6 +34,8 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "realtime_queued_events": ("gauge", set()),
     "realtime_summaries": ("counter", {"outcome"}),
     "realtime_titles": ("counter", {"outcome"}),
+    "realtime_compactions": ("counter", {"outcome"}),
+    "realtime_tool_approvals": ("counter", {"outcome"}),
 }
 WEATHER = "How's the weather in Delhi?"
 STORY = "Tell me a long story about the sea and the ships on it"
@@ -85,6 +87,7 @@ def assert_contract_families(metrics: Scrape, tools: set[str]) -> None:
     } == {("offline", "ok"), ("offline", "retried"), ("offline", "error")}
     assert set(metrics.by_label("realtime_tokens_total", "direction")) == {"input", "output"}
     assert set(metrics.by_label("realtime_summaries_total", "outcome")) == {"ok", "error"}
+    assert metrics.by_label("realtime_tool_approvals_total", "outcome") == {"approved": 0, "denied": 0, "timeout": 0}
     assert "append_event" in metrics.by_label("realtime_storage_seconds_count", "operation")
 
 

@@ -8,7 +8,11 @@ from collections import defaultdict
 from datetime import datetime
 
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler, LostHandler, OrphanHandler, RunningTextHandler
+from server.core.ports import Approval, CancelHandler, DecisionHandler, LostHandler, OrphanHandler, RunningTextHandler
+from server.core.recent import Recent
+
+# Calls whose decision (None: still waiting) this process remembers.
+APPROVALS_KEPT = 10_000
 
 # The longest a turn asked for waits for an ending turn's release (it takes one await, or one Redis
 # round trip): past it, `busy`.
@@ -22,6 +26,8 @@ class LocalCoordination:
         self._members: defaultdict[str, set[str]] = defaultdict(set)
         self._cancel_handlers: list[CancelHandler] = []
         self._jobs: set[tuple[str, str]] = set()  # (job, session) running (one process: no expiry needed)
+        self._approvals: Recent[tuple[str, str], Approval | None] = Recent(APPROVALS_KEPT)
+        self._decision_handlers: list[DecisionHandler] = []
 
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
         ending = self._ending.get(session_id)
@@ -106,8 +112,27 @@ class LocalCoordination:
     async def release_job(self, job: str, session_id: str) -> None:
         self._jobs.discard((job, session_id))
 
+    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
+        self._approvals.remember((session_id, call_id), None)
+
+    async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
+        key = (session_id, call_id)
+        if key not in self._approvals or self._approvals[key] is not None:
+            return False
+        self._approvals[key] = approval  # claimed before the first await: one caller wins
+        for handler in self._decision_handlers:
+            await handler(session_id, call_id, approval)
+        return True
+
+    async def decision(self, session_id: str, call_id: str) -> Approval | None:
+        return self._approvals.get((session_id, call_id))
+
+    def on_decision(self, handler: DecisionHandler) -> None:
+        self._decision_handlers.append(handler)
+
     async def ping(self) -> None:
         return None
 
     async def aclose(self) -> None:
         self._cancel_handlers.clear()
+        self._decision_handlers.clear()

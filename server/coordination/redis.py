@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -32,8 +33,9 @@ from redis.exceptions import RedisError
 
 from server.coordination.local import ENDING_WAIT_SECONDS
 from server.coordination.redis_rooms import RedisRooms
+from server.core.approvals import approval_of
 from server.core.models import ActiveTurn
-from server.core.ports import CancelHandler, LostHandler, OrphanHandler, RunningTextHandler
+from server.core.ports import Approval, CancelHandler, DecisionHandler, LostHandler, OrphanHandler, RunningTextHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
 from server.rooms.hub import RoomHub
 
@@ -145,6 +147,18 @@ end
 return -1
 """
 
+# A call's decision, claimed once: KEYS[1] the call's hash (process, decision), ARGV[1] the decision
+# as JSON. Returns the process running the turn, or false when the call is not waiting.
+_DECIDE = """
+if redis.call('HEXISTS', KEYS[1], 'process') == 0 or redis.call('HEXISTS', KEYS[1], 'decision') == 1 then
+  return false
+end
+redis.call('HSET', KEYS[1], 'decision', ARGV[1])
+return redis.call('HGET', KEYS[1], 'process')
+"""
+# How long a decided call's record outlives its deadline (for a late `decision` read).
+APPROVAL_KEPT_SECONDS = 600
+
 
 class RedisCoordination:
     def __init__(self, redis: Redis, prefix: str, lock_seconds: float, tasks: TaskTracker) -> None:
@@ -176,6 +190,8 @@ class RedisCoordination:
         self._end_orphan_script = redis.register_script(_END_ORPHAN)
         self._release_script = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
+        self._decide_script = redis.register_script(_DECIDE)
+        self._decision_handlers: list[DecisionHandler] = []
 
     @classmethod
     async def open(cls, redis: Redis, prefix: str, lock_seconds: float, tasks: TaskTracker) -> RedisCoordination:
@@ -352,7 +368,7 @@ class RedisCoordination:
 
     async def serve_rooms(self, hub: RoomHub) -> None:
         """Fan the hub's rooms out over Redis; return once subscribed."""
-        self.rooms.attach(hub, self._cancel, self.running_text_here)
+        self.rooms.attach(hub, self._cancel, self.running_text_here, self._decided)
         await self.rooms.start()
 
     # ------------------------------------------------------------------ presence
@@ -499,6 +515,38 @@ class RedisCoordination:
     async def release_job(self, job: str, session_id: str) -> None:
         await self._redis.delete(self._key("job", job, session_id))
 
+    # ------------------------------------------------------------------ tool approvals
+
+    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
+        key = self._key("approval", session_id, call_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "process", self._process)
+            pipe.expire(key, round(seconds) + APPROVAL_KEPT_SECONDS)
+            await pipe.execute()
+
+    async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
+        body = json.dumps({"approved": approval.approved, "reason": approval.reason})
+        process = await self._decide_script(keys=[self._key("approval", session_id, call_id)], args=[body])
+        if process is None:
+            return False
+        process = process.decode() if isinstance(process, bytes) else str(process)
+        if process == self._process:
+            await self._decided(session_id, call_id, approval)
+        else:
+            await self.rooms.send_decision(process, session_id, call_id, approval)
+        return True
+
+    async def decision(self, session_id: str, call_id: str) -> Approval | None:
+        body = await self._redis.hget(self._key("approval", session_id, call_id), "decision")
+        return approval_of(json.loads(body)) if body is not None else None
+
+    def on_decision(self, handler: DecisionHandler) -> None:
+        self._decision_handlers.append(handler)
+
+    async def _decided(self, session_id: str, call_id: str, approval: Approval) -> None:
+        for handler in self._decision_handlers:
+            await handler(session_id, call_id, approval)
+
     # ------------------------------------------------------------------ lifecycle
 
     async def ping(self) -> None:
@@ -514,6 +562,7 @@ class RedisCoordination:
             if not await self._redis.hlen(self._key("turns", self._process)):
                 await self._redis.srem(self._key("procs"), self._process)
         self._cancel_handlers.clear()
+        self._decision_handlers.clear()
 
 
 def redis_client(url: str) -> Redis:

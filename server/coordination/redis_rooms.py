@@ -38,7 +38,9 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from server.core.approvals import approval_json, approval_of
 from server.core.models import ActiveTurn
+from server.core.ports import Approval, DecisionHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
 from server.rooms.hub import RoomHub, RoomMessage
 
@@ -75,11 +77,14 @@ class RedisRooms:
         self._replies: dict[str, asyncio.Future[ActiveTurn | None]] = {}
         self._on_cancel: CancelHandler | None = None
         self._on_share: SnapshotHandler | None = None
+        self._on_decision: DecisionHandler | None = None
         self._loops: set[asyncio.Task[None]] = set()
         self._linked = asyncio.Event()  # subscribed now
 
-    def attach(self, hub: RoomHub, on_cancel: CancelHandler, on_share: SnapshotHandler) -> None:
-        self._hub, self._on_cancel, self._on_share = hub, on_cancel, on_share
+    def attach(
+        self, hub: RoomHub, on_cancel: CancelHandler, on_share: SnapshotHandler, on_decision: DecisionHandler
+    ) -> None:
+        self._hub, self._on_cancel, self._on_share, self._on_decision = hub, on_cancel, on_share, on_decision
 
     async def start(self) -> None:
         """Start publishing and subscribing; return once subscribed (TimeoutError if Redis is away)."""
@@ -191,6 +196,11 @@ class RedisRooms:
 
     async def request_cancel(self, process: str, session_id: str, turn_id: str) -> None:
         body = json.dumps({"cancel": session_id, "turn_id": turn_id})
+        await self._redis.publish(self._channel("to", process), body)
+
+    async def send_decision(self, process: str, session_id: str, call_id: str, approval: Approval) -> None:
+        """A call's decision, claimed here, to the process whose turn waits for it."""
+        body = json.dumps({"decision": session_id, "call_id": call_id, **approval_json(approval)})
         await self._redis.publish(self._channel("to", process), body)
 
     async def running_text(self, process: str, session_id: str, turn_id: str) -> ActiveTurn:
@@ -351,6 +361,10 @@ class RedisRooms:
             await self._on_cancel(str(body["cancel"]), str(body["turn_id"]))
         elif "share" in body:
             await self._share(str(body["share"]), str(body["request"]))
+        elif "decision" in body:
+            approval = approval_of(body)
+            if approval is not None and self._on_decision is not None:
+                await self._on_decision(str(body["decision"]), str(body["call_id"]), approval)
 
     async def _room_message(self, session_id: str, body: dict[str, Any]) -> None:
         if body.get("o") == self._process:

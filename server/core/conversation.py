@@ -9,6 +9,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
+from server.core.approvals import ApprovalPolicy
 from server.core.compaction import Compactor
 from server.core.context import ContextBudget
 from server.core.errors import (
@@ -23,6 +24,7 @@ from server.core.history import HistoryCache
 from server.core.limits import Limits
 from server.core.models import ActiveTurn, FinishReason, PresenceEvent, Session, StoredEvent, utc_now
 from server.core.ports import (
+    Approval,
     Coordination,
     Emitter,
     EventPage,
@@ -93,6 +95,7 @@ class ConversationService:
         user_quota: MessageQuota | None = None,
         metrics: Metrics | None = None,
         title_generation: bool = True,
+        approval: ApprovalPolicy | None = None,
     ) -> None:
         metrics = metrics or NoMetrics()
         self._repo = repo
@@ -115,7 +118,7 @@ class ConversationService:
         self.compaction = Compactor(
             repo, provider, coordination, tasks, metrics, self._budget, sole_writer=coordination.single_process
         )
-        self._turn_context = self._context_of_turns(provider, tools, metrics)
+        self._turn_context = self._context_of_turns(provider, tools, metrics, approval or ApprovalPolicy())
         self._ender = TurnEnder(repo=repo, writer=self._writer, emitter=emitter, metrics=metrics)
         # Set once the turns a crash left open are ended: no turn starts before.
         self._recovered = asyncio.Event()
@@ -135,7 +138,9 @@ class ConversationService:
         )
         self.titles = TitleWriter(repo, provider, coordination, emitter, tasks, metrics, enabled=title_generation)
 
-    def _context_of_turns(self, provider: ModelProvider, tools: ToolRegistry, metrics: Metrics) -> TurnContext:
+    def _context_of_turns(
+        self, provider: ModelProvider, tools: ToolRegistry, metrics: Metrics, approval: ApprovalPolicy
+    ) -> TurnContext:
         return TurnContext(
             provider=provider,
             tools=tools,
@@ -149,12 +154,15 @@ class ConversationService:
             metrics=metrics,
             budget=self._budget,
             compaction=self.compaction,
+            approvals=self._coordination,
+            approval_policy=approval,
             finished=self._turn_finished,
         )
 
     def start(self) -> None:
         """Start the background work: storage's queue, the summaries, the sweep of cut-off turns."""
         self._coordination.on_cancel(self._cancel_here)
+        self._coordination.on_decision(self._decision_here)
         self._coordination.on_running_text(self._running_text)
         self._coordination.on_turn_lost(self._turn_lost)
         self._coordination.on_turn_orphaned(self._end_orphaned)
@@ -429,6 +437,18 @@ class ConversationService:
             raise shared_state_unavailable(exc) from None
         return turn_id
 
+    async def approve_tool(
+        self, connection: str, session_id: str, call_id: str, approved: bool, reason: str | None
+    ) -> None:
+        """Decide a call waiting for approval, for the whole cluster: the first decision wins."""
+        session_id = self._joined_session(connection, session_id)
+        try:
+            won = await self._coordination.decide(session_id, call_id, Approval(approved=approved, reason=reason))
+        except Exception as exc:
+            raise shared_state_unavailable(exc) from None
+        if not won:
+            raise ServiceError(ErrorCode.NO_PENDING_APPROVAL, "no call with this call_id waits for approval")
+
     async def leave(self, connection: str, session_id: str) -> None:
         session_id = parse_session_id(session_id)
         joined = self._joined.get(connection)
@@ -522,7 +542,7 @@ class ConversationService:
             rows = await self._repo.list_events(session_id, after_event_id)
         except StorageUnavailable:
             raise storage_unavailable() from None
-        return [missed for missed in map(as_live, rows) if missed is not None]
+        return [missed for row in rows for missed in as_live(row)]
 
     async def session_state(self, session_id: str) -> Session | None:
         try:
@@ -543,6 +563,11 @@ class ConversationService:
     def _running_text(self, session_id: str) -> ActiveTurn | None:
         turn = self._turns.get(session_id)
         return turn.snapshot() if turn is not None else None
+
+    async def _decision_here(self, session_id: str, call_id: str, approval: Approval) -> None:
+        turn = self._turns.get(session_id)
+        if turn is not None:
+            turn.approvals.decided(call_id, approval)
 
     async def _cancel_here(self, session_id: str, turn_id: str) -> None:
         turn = self._turns.get(session_id)

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     BUSY = "busy"
     NO_ACTIVE_TURN = "no_active_turn"
+    NO_PENDING_APPROVAL = "no_pending_approval"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"  # HTTP only: no such session
 
@@ -50,6 +51,8 @@ class ToolErrorCode(StrEnum):
     INVALID_ARGUMENTS = "invalid_arguments"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    TOOL_DENIED = "tool_denied"  # a person denied the call
+    APPROVAL_TIMEOUT = "approval_timeout"  # nobody decided in time
     # get_weather's own codes
     WEATHER_UNAVAILABLE = "weather_unavailable"
     UNKNOWN_LOCATION = "unknown_location"

@@ -218,15 +218,51 @@ class SessionDeletedEvent(WireEvent):
     session_id: str
 
 
+class ToolApprovalRequestEvent(WireEvent):
+    session_id: str
+    turn_id: str
+    call_id: str
+    name: str
+    args: dict[str, JSONValue]
+    expires_at: str
+
+
+class ToolApprovalResultEvent(WireEvent):
+    session_id: str
+    turn_id: str
+    call_id: str
+    approved: bool
+    reason: str | None
+
+
+class PendingApproval(BaseModel):
+    """A tool call of the running turn that waits for a person's decision."""
+
+    call_id: str
+    name: str
+    args: dict[str, JSONValue]
+    expires_at: str
+
+
 class ActiveTurn(BaseModel):
     turn_id: str
     text: str
     # Added to the contract: chunks with index < next_index are already in `text`,
     # so a tab that joins mid-turn can drop the ones it also receives live.
     next_index: int
+    pending_approvals: list[PendingApproval] = Field(default_factory=list)
 
 
-TurnEvent = UserMessageEvent | ChunkEvent | ToolCallEvent | ToolResultEvent | DoneEvent | PresenceEvent
+TurnEvent = (
+    UserMessageEvent
+    | ChunkEvent
+    | ToolCallEvent
+    | ToolApprovalRequestEvent
+    | ToolApprovalResultEvent
+    | ToolResultEvent
+    | DoneEvent
+    | PresenceEvent
+)
 # What a session's room and every other connection of its user hear about the session itself.
 SessionEvent = SessionUpdatedEvent | SessionDeletedEvent
 
@@ -234,6 +270,8 @@ EVENT_NAMES: dict[type[WireEvent | ChunkEvent], str] = {
     UserMessageEvent: "user_message",
     ChunkEvent: "chunk",
     ToolCallEvent: "tool_call",
+    ToolApprovalRequestEvent: "tool_approval_request",
+    ToolApprovalResultEvent: "tool_approval_result",
     ToolResultEvent: "tool_result",
     DoneEvent: "done",
     PresenceEvent: "presence",

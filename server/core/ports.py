@@ -47,11 +47,20 @@ class ToolCallItem:
 
 
 @dataclass(frozen=True)
+class Approval:
+    """A decision on a tool call that waited for one: a person's, or its timeout or cancel."""
+
+    approved: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class ToolResultItem:
     call_id: str
     name: str
     result: JSONValue = None
     error: ErrorInfo | None = None
+    approval: Approval | None = None  # the call waited for this decision (stored with the result)
 
 
 ConversationItem = UserText | ModelText | ToolCallItem | ToolResultItem
@@ -444,13 +453,38 @@ class JobClaims(Protocol):
     async def release_job(self, job: str, session_id: str) -> None: ...
 
 
+# (session_id, call_id, approval): see `ToolApprovals.on_decision`.
+DecisionHandler = Callable[[str, str, Approval], Awaitable[None]]
+
+
+class ToolApprovals(Protocol):
+    """Tool calls waiting for a decision, over every process: each is decided exactly once, by
+    whoever claims it first (a person on any process, or the turn's own timeout or cancel)."""
+
+    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
+        """The call, of a turn running here, waits for a decision from now on (for `seconds` at most)."""
+        ...
+
+    async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
+        """Claim the call's one decision, atomically: False when it is not waiting (unknown, or
+        decided already). The winner's decision reaches the process running the turn, whose
+        `on_decision` handler is called with it."""
+        ...
+
+    async def decision(self, session_id: str, call_id: str) -> Approval | None:
+        """The decision claimed for the call, if any (what a lost message would have carried)."""
+        ...
+
+    def on_decision(self, handler: DecisionHandler) -> None: ...
+
+
 class SummaryClaims(Protocol):
     async def claim_summary(self, session_id: str, emptied_at: datetime) -> bool:
         """True for exactly one caller per emptying of a session."""
         ...
 
 
-class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, JobClaims, Protocol):
+class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, JobClaims, ToolApprovals, Protocol):
     """State shared by every process serving a session: in one process, or across many on Redis.
     Each part of the core takes the concern it uses (a turn: `TurnLocks`; summaries: `SummaryClaims`)."""
 
@@ -465,6 +499,7 @@ class Coordination(TurnLocks, TurnRequests, Presence, SummaryClaims, JobClaims, 
 
 Transport = Literal["socketio", "websocket"]
 ProviderOutcome = Literal["ok", "retried", "error"]
+ApprovalOutcome = Literal["approved", "denied", "timeout"]
 
 
 class Metrics(Protocol):
@@ -500,6 +535,10 @@ class Metrics(Protocol):
     def title_made(self, ok: bool) -> None: ...
 
     def compaction_made(self, ok: bool) -> None: ...
+
+    def tool_approval(self, outcome: ApprovalOutcome) -> None:
+        """A call that waited was decided: approved, denied, or timed out (a cancel is not counted)."""
+        ...
 
     def storage_operation(self, operation: str, seconds: float) -> None: ...
 
@@ -550,6 +589,9 @@ class NoMetrics:
         pass
 
     def compaction_made(self, ok: bool) -> None:
+        pass
+
+    def tool_approval(self, outcome: ApprovalOutcome) -> None:
         pass
 
     def storage_operation(self, operation: str, seconds: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from server.core.approvals import CANCELLED, approval_of
 from server.core.models import (
     ChunkEvent,
     DoneEvent,
@@ -18,6 +19,8 @@ from server.core.models import (
     EventType,
     PresenceEvent,
     StoredEvent,
+    ToolApprovalRequestEvent,
+    ToolApprovalResultEvent,
     ToolCallEvent,
     ToolResultEvent,
     TurnEvent,
@@ -44,10 +47,24 @@ def tool_result_key(turn_id: str, call_id: str) -> str:
     return f"tool_result:{turn_id}:{call_id}"
 
 
+def approval_request_key(turn_id: str, call_id: str) -> str:
+    return f"approval_request:{turn_id}:{call_id}"
+
+
+def approval_result_key(turn_id: str, call_id: str) -> str:
+    return f"approval_result:{turn_id}:{call_id}"
+
+
 def event_key(event: TurnEvent) -> str | None:
-    """The storage key of the event's row; None for what is not stored (`chunk`, `presence`)."""
+    """The key naming the event: its row's storage key; for an approval's request and result, which
+    are stored inside their call's `tool_call` and `tool_result` rows, a key of their own. None for
+    what is not stored (`chunk`, `presence`)."""
     if isinstance(event, ChunkEvent | PresenceEvent):
         return None
+    if isinstance(event, ToolApprovalRequestEvent):
+        return approval_request_key(event.turn_id, event.call_id)
+    if isinstance(event, ToolApprovalResultEvent):
+        return approval_result_key(event.turn_id, event.call_id)
     if isinstance(event, UserMessageEvent):
         return user_message_key(event.turn_id, event.client_message_id)
     if isinstance(event, ToolCallEvent):
@@ -66,27 +83,31 @@ class Missed:
     event: TurnEvent
 
 
-def as_live(row: StoredEvent) -> Missed | None:
-    """The live event a stored row was sent as; None for a row this service did not write."""
+def as_live(row: StoredEvent) -> list[Missed]:
+    """The live events a stored row was sent as (a call waiting for approval: its `tool_call`, then
+    its `tool_approval_request`; a decided one's result: its `tool_approval_result`, then its
+    `tool_result`); none for a row this service did not write."""
     if row.event_key is None or row.turn_id is None:
-        return None
+        return []
     try:
-        event = _live(row, row.turn_id)
+        events = _live(row, row.turn_id)
     except (ValueError, TypeError, KeyError):
-        return None  # tool content not written by this service
-    return Missed(key=row.event_key, event_id=row.event_id, event=event)
+        return []  # tool content not written by this service
+    return [Missed(key=event_key(event) or row.event_key, event_id=row.event_id, event=event) for event in events]
 
 
-def _live(row: StoredEvent, turn_id: str) -> TurnEvent:
+def _live(row: StoredEvent, turn_id: str) -> list[TurnEvent]:
     session_id = row.session_id
     if row.event_type is EventType.USER_MESSAGE:
         key = row.event_key or ""
         cmid = key[len(CMID_PREFIX) :] if key.startswith(CMID_PREFIX) else None
-        return UserMessageEvent(
-            session_id=session_id, turn_id=turn_id, event_id=row.event_id, text=row.content, client_message_id=cmid
-        )
+        return [
+            UserMessageEvent(
+                session_id=session_id, turn_id=turn_id, event_id=row.event_id, text=row.content, client_message_id=cmid
+            )
+        ]
     if row.event_type is EventType.AI_MESSAGE:
-        return DoneEvent(
+        done = DoneEvent(
             session_id=session_id,
             turn_id=turn_id,
             text=row.content,
@@ -95,12 +116,20 @@ def _live(row: StoredEvent, turn_id: str) -> TurnEvent:
             event_id=row.event_id,
             error=row.error,
         )
+        return [done]
     body = json.loads(row.content)
     call_id, name = str(body["call_id"]), str(body["name"])
     if row.event_type is EventType.TOOL_CALL:
-        return ToolCallEvent(session_id=session_id, turn_id=turn_id, call_id=call_id, name=name, args=body["args"])
+        call = ToolCallEvent(session_id=session_id, turn_id=turn_id, call_id=call_id, name=name, args=body["args"])
+        if body.get("approval") != "required":
+            return [call]
+        request = ToolApprovalRequestEvent(
+            session_id=session_id, turn_id=turn_id, call_id=call_id, name=name, args=body["args"],
+            expires_at=str(body["expires_at"]),
+        )  # fmt: skip
+        return [call, request]
     error = body.get("error")
-    return ToolResultEvent(
+    result = ToolResultEvent(
         session_id=session_id,
         turn_id=turn_id,
         call_id=call_id,
@@ -108,3 +137,10 @@ def _live(row: StoredEvent, turn_id: str) -> TurnEvent:
         result=body.get("result"),
         error=ErrorInfo(**error) if error is not None else None,
     )
+    approval = approval_of(body.get("approval"))
+    if approval is None or approval == CANCELLED:  # a cancelled wait told the room nothing of it
+        return [result]
+    decided = ToolApprovalResultEvent(
+        session_id=session_id, turn_id=turn_id, call_id=call_id, approved=approval.approved, reason=approval.reason
+    )
+    return [decided, result]

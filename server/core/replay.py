@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 
 from pydantic import ValidationError
 
-from server.core.models import ErrorInfo, EventDraft, EventType, JSONValue, StoredEvent
+from server.core.models import ErrorInfo, EventDraft, EventType, JSONValue, StoredEvent, iso
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
 from server.core.snapshot import Snapshot
 
 
-def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
+def tool_call_content(call: ToolCallItem, *, text_offset: int = 0, expires_at: datetime | None = None) -> str:
     """`text_offset`: how much of the turn's answer text the model had streamed before this call.
+    `expires_at`: the call waits for a person's approval until then.
 
     The answer is stored once, as the turn's `ai_message`; the offset lets a rebuilt history put
     the text the model wrote before calling a tool back before the call, where the model wrote it.
@@ -23,6 +25,9 @@ def tool_call_content(call: ToolCallItem, *, text_offset: int = 0) -> str:
         body["text_offset"] = text_offset
     if call.provider_data:
         body["provider_data"] = call.provider_data
+    if expires_at is not None:
+        body["approval"] = "required"
+        body["expires_at"] = iso(expires_at)
     return json.dumps(body, ensure_ascii=False)
 
 
@@ -32,6 +37,8 @@ def tool_result_content(result: ToolResultItem) -> str:
         body["error"] = result.error.model_dump()
     else:
         body["result"] = result.result
+    if result.approval is not None:
+        body["approval"] = {"approved": result.approval.approved, "reason": result.approval.reason}
     return json.dumps(body, ensure_ascii=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from server.core.approvals import ApprovalPolicy, TurnApprovals, refused_result
 from server.core.chunks import ChunkStream
 from server.core.compaction import Compactor
 from server.core.context import ContextBudget, ContextWindow
@@ -62,6 +64,7 @@ from server.core.ports import (
     SessionDeleted,
     StorageUnavailable,
     TextDelta,
+    ToolApprovals,
     ToolCallItem,
     ToolCallRequest,
     ToolResultItem,
@@ -132,6 +135,8 @@ class TurnContext:
     metrics: Metrics
     budget: ContextBudget
     compaction: Compactor
+    approvals: ToolApprovals
+    approval_policy: ApprovalPolicy
     # Told of every turn that ended here (with its `done`): what follows a turn (a title).
     finished: Callable[[str, FinishReason], None] = lambda session_id, finish_reason: None
 
@@ -167,13 +172,21 @@ class Turn:
         self._generation: asyncio.Task[None] | None = None
         self._open_failure: Exception | None = None
         self._call_ids: set[str] = set()
+        self.approvals = TurnApprovals(
+            session_id, self.turn_id, context.approval_policy, context.approvals, context.emitter, context.metrics
+        )
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
     def snapshot(self) -> ActiveTurn:
-        return ActiveTurn(turn_id=self.turn_id, text=self.text, next_index=len(self.parts))
+        return ActiveTurn(
+            turn_id=self.turn_id,
+            text=self.text,
+            next_index=len(self.parts),
+            pending_approvals=self.approvals.pending(),
+        )
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -378,6 +391,7 @@ class Turn:
                     call_id=call.call_id,
                     name=call.name,
                     error=ErrorInfo(code=ToolErrorCode.CANCELLED, message="the turn was stopped"),
+                    approval=await self.approvals.abandon(call.call_id),
                 )
                 with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
                     await self._publish_result(cancelled)
@@ -385,10 +399,11 @@ class Turn:
         return results
 
     async def _announce(self, call: ToolCallItem, text_offset: int) -> None:
+        expires_at = self.approvals.deadline(call)
         await self._stored(
             EventType.TOOL_CALL,
             tool_call_key(self.turn_id, call.call_id),
-            tool_call_content(call, text_offset=text_offset),
+            tool_call_content(call, text_offset=text_offset, expires_at=expires_at),
         )
         await self._ctx.emitter.publish(
             self.session_id,
@@ -396,8 +411,19 @@ class Turn:
                 session_id=self.session_id, turn_id=self.turn_id, call_id=call.call_id, name=call.name, args=call.args
             ),
         )
+        if expires_at is not None:
+            await self.approvals.ask(call, expires_at)
 
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
+        """The call's result, once a person approved it where it needs that."""
+        approval = await self.approvals.decision(call)
+        if approval is None:
+            return await self._call_tool(call)
+        if not approval.approved:
+            return refused_result(call, approval)
+        return dataclasses.replace(await self._call_tool(call), approval=approval)
+
+    async def _call_tool(self, call: ToolCallItem) -> ToolResultItem:
         timeout = self._ctx.tools.timeout_of(call.name) or self._ctx.limits.tool_timeout_seconds
         try:
             if call.invalid_arguments is not None:

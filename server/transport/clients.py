@@ -21,7 +21,7 @@ from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.core.log_context import log_scope
 from server.core.ports import Metrics, Transport
-from server.transport.payloads import JoinPayload, MessagePayload, SessionPayload, invalid_payload
+from server.transport.payloads import ApprovePayload, JoinPayload, MessagePayload, SessionPayload, invalid_payload
 from server.transport.tokens import Identity, InvalidToken, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,11 @@ async def cancel(svc: ConversationService, client: ClientConnection, p: SessionP
     return {"turn_id": await svc.cancel(client.connection_id, p.session_id)}
 
 
+async def approve_tool(svc: ConversationService, client: ClientConnection, p: ApprovePayload, user: str | None) -> Ack:
+    await svc.approve_tool(client.connection_id, p.session_id, p.call_id, p.approved, p.reason)
+    return {"call_id": p.call_id, "approved": p.approved}
+
+
 async def leave(svc: ConversationService, client: ClientConnection, p: SessionPayload, user: str | None) -> Ack:
     await svc.leave(client.connection_id, p.session_id)
     return {}
@@ -221,5 +226,6 @@ REQUESTS: dict[str, tuple[type[BaseModel], Callable[..., Awaitable[Ack]]]] = {
     "join": (JoinPayload, join),
     "message": (MessagePayload, message),
     "cancel": (SessionPayload, cancel),
+    "approve_tool": (ApprovePayload, approve_tool),
     "leave": (SessionPayload, leave),
 }

@@ -29,6 +29,7 @@ Text = Annotated[str, AfterValidator(_encodable)]
 ShortText = Annotated[str, Field(max_length=256), AfterValidator(_encodable), AfterValidator(_without_nul)]
 EventId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_HISTORY_PAGE = 1000
+MAX_REASON_CHARS = 1000  # why a person denied (or approved) a tool call
 HistoryLimit = Annotated[int, Field(ge=1, le=MAX_HISTORY_PAGE)]
 
 
@@ -47,6 +48,13 @@ class MessagePayload(_Payload):
     session_id: Text
     text: Text
     client_message_id: ShortText | None = None
+
+
+class ApprovePayload(_Payload):
+    session_id: Text
+    call_id: ShortText
+    approved: bool
+    reason: Annotated[str, Field(max_length=MAX_REASON_CHARS), AfterValidator(_encodable)] | None = None
 
 
 class SessionPayload(_Payload):

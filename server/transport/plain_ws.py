@@ -331,6 +331,10 @@ async def _read(client: PlainClient, service: ConversationService, session_id: s
             first.append(frame("ack", {"request": request, **ack}))
 
 
+# The requests a plain WebSocket client may send (its session is the URL's: no join or leave).
+COMMANDS = ("message", "cancel", "approve_tool")
+
+
 def _command(text: str | None, session_id: str) -> tuple[str | None, Any, str | None]:
     """A frame as a request: (its name, its payload, why it is no request, if it is not)."""
     if text is None:
@@ -345,8 +349,8 @@ def _command(text: str | None, session_id: str) -> tuple[str | None, Any, str | 
     if not isinstance(decoded, dict) or "event" not in decoded:
         return "message", {"session_id": session_id, "text": text}, None
     name = decoded["event"]
-    if name not in ("message", "cancel"):
-        return None, None, "an unknown command (message and cancel are known) is not a request"
+    if name not in COMMANDS:
+        return None, None, "an unknown command (message, cancel and approve_tool are known) is not a request"
     data = decoded.get("data", {})
     if not isinstance(data, dict):
         return name, data, None  # refused by the payload's validation, as on Socket.IO
