@@ -256,6 +256,8 @@ class Tab:
             "user_message",
             "chunk",
             "tool_call",
+            "tool_approval_request",
+            "tool_approval_result",
             "tool_result",
             "done",
             "presence",
