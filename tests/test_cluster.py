@@ -450,3 +450,64 @@ async def test_a_session_gets_one_title_however_many_processes_serve_it(
     assert len(fake_gemini.title_requests) == 1
     for tab in (a, b):
         assert [d["title"] for d in tab.named("session_updated")] == ["Ships at sea"]
+
+
+@pytest.fixture
+async def guarded_cluster(
+    spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path, weather_url: str
+) -> AsyncIterator[tuple[str, str]]:
+    """The cluster, with get_weather waiting for a person's approval."""
+    env = cluster_env(fake_gemini, redis_channel, database)
+    urls = []
+    for n in (1, 2):
+        _, url = await spawn(
+            sys.executable,
+            "-m",
+            "server",
+            OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"),
+            TOOL_APPROVAL="get_weather",
+            WEATHER_GEOCODING_URL=weather_url,
+            WEATHER_FORECAST_URL=weather_url,
+            TITLE_GENERATION="false",
+            **env,
+        )
+        urls.append(url)
+    yield urls[0], urls[1]
+
+
+async def test_a_call_waiting_on_one_process_is_decided_once_from_the_other(
+    guarded_cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    first, second = guarded_cluster
+    a, b, sid = await both_in_one_session(tabs, first, second)
+    weather = {"functionCall": {"name": "get_weather", "args": {"location": "Delhi"}, "id": "fc-w"}}
+    fake_gemini.stream(
+        Reply(events=[{"candidates": [{"content": {"role": "model", "parts": [weather]}, "finishReason": "STOP"}]}]),
+        Reply(events=[text_chunk("Delhi is clear.", "STOP")]),
+    )
+    ack = await a.call("message", {"session_id": sid, "text": "Weather in Delhi?"})  # runs on the first
+    await b.wait_for(lambda ev: any(n == "tool_approval_request" for n, _ in ev))
+    late = await open_tab(tabs, second)
+    pending = (await late.join(sid))["active_turn"]["pending_approvals"]
+    assert [(p["call_id"], p["name"], p["args"]) for p in pending] == [("fc-w", "get_weather", {"location": "Delhi"})]
+
+    # Two tabs of the second process and one of the first decide at once: one decision counts.
+    payload = {"session_id": sid, "call_id": "fc-w"}
+    answers = await asyncio.gather(
+        b.call("approve_tool", {**payload, "approved": True, "reason": "b"}),
+        late.call("approve_tool", {**payload, "approved": True, "reason": "late"}),
+        a.call("approve_tool", {**payload, "approved": False, "reason": "a"}),
+    )
+    assert sorted(x["ok"] for x in answers) == [False, False, True], answers
+    assert {x["error"]["code"] for x in answers if not x["ok"]} == {"no_pending_approval"}
+    (winner,) = [x for x in answers if x["ok"]]
+    for tab in (a, b, late):
+        events = [(n, d) for n, d in await tab.turn(ack["turn_id"]) if n != "chunk"]
+        decided = [d for n, d in events if n == "tool_approval_result"]
+        assert len(decided) == 1 and decided[0]["approved"] is winner["approved"]
+        (result,) = [d for n, d in events if n == "tool_result"]
+        if winner["approved"]:
+            assert result["result"]["location"] == "Delhi"
+        else:
+            assert result["error"]["code"] == "tool_denied"
+    assert len(fake_gemini.requests) == 2  # the turn went on once

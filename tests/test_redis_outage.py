@@ -481,3 +481,58 @@ async def test_a_blackholed_proxy_holds_every_byte_until_restored() -> None:
         await upstream.wait_closed()
         if echoes:
             await asyncio.wait(echoes, timeout=5)
+
+
+async def test_an_approval_decided_during_an_outage_reaches_the_other_process_once_it_is_back(
+    database: str,
+    redis_proxy: TcpProxy,
+    redis_channel: str,
+    weather_url: str,
+    fake_gemini: FakeGemini,
+    spawn: Spawner,
+    tmp_path: Path,
+    tabs: list[Tab],
+) -> None:
+    env = {
+        "STORAGE_BACKEND": "postgres",
+        "DATABASE_URL": database,
+        "REDIS_URL": through(redis_proxy),
+        "REDIS_CHANNEL": redis_channel,
+        "LLM_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "outage-key",
+        "GEMINI_BASE_URL": fake_gemini.url,
+        "TOOL_APPROVAL": "get_weather",
+        "TOOL_APPROVAL_TIMEOUT_SECONDS": "2",
+        "TITLE_GENERATION": "false",
+    }
+    _, url_a = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
+    _, url_b = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "b.db"), **env)
+    a = await Tab(url_a).connect()
+    b = await Tab(url_b).connect()
+    tabs += [a, b]
+    session_id = (await a.join())["session"]["session_id"]
+    await b.join(session_id)
+    fake_gemini.stream(
+        Reply(events=[chunk([call_part("get_weather", {"location": "Paris"}, "call-w")], "STOP")]),
+        Reply(events=[text_chunk("Nobody said yes.", "STOP")]),
+    )
+    ack = await a.call("message", {"session_id": session_id, "text": "Weather in Paris?"})
+    await b.wait_for(lambda ev: any(n == "tool_approval_request" for n, _ in ev))
+    redis_proxy.cut()
+    # The wait times out on A while Redis is away: B's process hears nothing of it meanwhile.
+    await a.turn(ack["turn_id"])
+    assert not any(n == "done" for n, _ in b.events)
+    redis_proxy.restore()
+    events = await b.turn(ack["turn_id"], timeout=CATCH_UP_SECONDS + 5)
+    decided = [d for n, d in events if n == "tool_approval_result"]
+    assert [(d["approved"], d["reason"]) for d in decided] == [(False, "timed out")]
+    assert [d["error"]["code"] for n, d in events if n == "tool_result"] == ["approval_timeout"]
+    order = [n for n, _ in events if n not in MISSABLE]
+    assert order == [
+        "user_message",
+        "tool_call",
+        "tool_approval_request",
+        "tool_approval_result",
+        "tool_result",
+        "done",
+    ]
