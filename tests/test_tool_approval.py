@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
@@ -339,3 +341,39 @@ async def test_parallel_calls_are_each_decided_and_a_call_without_approval_runs_
     # The next model request waited for every result.
     tools = [m for m in fake_openai.requests[1].messages if m["role"] == "tool"]
     assert [m["tool_call_id"] for m in tools] == ["c_add", "c_echo", "c_add2", "c_bad"]
+
+
+async def test_deleting_the_session_or_shutting_down_while_a_call_waits_never_runs_it(
+    start_guarded: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_guarded()
+    (tab,), sid = await in_session(server, connect)
+    turn_id = await ask(tab, sid)
+    await request_of(tab, turn_id)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.delete(f"/api/sessions/{sid}")).status_code == 204
+    events = await tab.turn(turn_id)
+    assert of(events, "done")["finish_reason"] == "cancelled"
+    assert "tool_approval_result" not in names(events)
+    await tab.wait_for(lambda ev: any(n == "session_deleted" for n, _ in ev))
+
+    (other,), second = await in_session(server, connect)
+    turn_id = await ask(other, second)
+    request = await request_of(other, turn_id)
+    assert await calls_seen_elsewhere(server, connect) == []  # the deleted session's call never ran
+    await server.stop()  # shutdown while the call waits
+    done = of(await other.turn(turn_id), "done")
+    assert (done["finish_reason"], done["error"]["code"]) == ("error", "shutdown")
+    with sqlite3.connect(server.settings.sqlite_path) as db:  # the server has closed its own
+        rows = db.execute("SELECT content FROM events WHERE session_id = ? ORDER BY event_id", (second,)).fetchall()
+    assert json.loads(rows[-2][0]) == {
+        "call_id": request["call_id"],
+        "name": "local__add",
+        "error": {"code": "cancelled", "message": "the turn was stopped"},
+        "approval": {"approved": False, "reason": "cancelled"},
+    }
+
+
+async def calls_seen_elsewhere(server: RunningServer, connect: TabFactory) -> list[str]:
+    (tab,), sid = await in_session(server, connect)
+    return await calls_seen(tab, sid)
