@@ -423,7 +423,7 @@ async def test_429_then_success_is_retried_counted_and_honours_retry_after(
         error_reply(500, "server_error"),
         text_reply("Third time lucky."),
     )
-    server = await start_openai()
+    server = await start_openai(title_generation=False)  # its request would count too
     tab, sid = await open_session(server, connect)
     done, events = await ask(tab, sid, "Hello?")
     assert (done["text"], done["finish_reason"]) == ("Third time lucky.", "stop")
@@ -620,7 +620,7 @@ async def test_a_failure_after_an_empty_first_chunk_is_still_retried(
 ) -> None:
     # Most servers open with a role-only chunk: nothing has streamed yet when they fail after it.
     fake.stream(Reply(events=[role_chunk(), HANG]), text_reply("After the retry."))
-    server = await start_openai(openai_timeout_seconds=0.5)
+    server = await start_openai(openai_timeout_seconds=0.5, title_generation=False)
     tab, sid = await open_session(server, connect)
     done, _ = await ask(tab, sid, "Hello?")
     assert (done["text"], done["finish_reason"]) == ("After the retry.", "stop")
