@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Locator, Page, Request, WebSocket, expect
+from playwright.async_api import Browser, Locator, Page, Request, WebSocket, WebSocketRoute, expect
 
 from tests.browser import Watched, chromium, watched
 from tests.conftest import ServerFactory, TabFactory
@@ -26,7 +26,7 @@ from tests.tcp_proxy import TcpProxy
 from tests.test_auth import SECRET, token
 
 STATIC = ROOT / "server/transport/playground/static"
-SCRIPTS = ("app.js", "api.js", "conversation.js", "markdown.js", "sessions.js")
+SCRIPTS = ("app.js", "api.js", "approvals.js", "conversation.js", "markdown.js", "sessions.js")
 MARKDOWN_IT_VERSION = "15.0.3"  # the npm package markdown-it@15.0.3, dist/browser/markdown-it.esm.min.mjs
 MARKDOWN_IT = "vendor/markdown-it.esm.min.js"
 LAPTOP = {"viewport": {"width": 1280, "height": 800}}
@@ -803,3 +803,183 @@ async def test_a_conversation_through_an_openai_compatible_endpoint(
     await expect(page.locator("#chat-title")).to_have_text("Weather in Delhi", timeout=WAIT_MS)
     await expect(page.locator("#session-list")).to_contain_text("Weather in Delhi")
     watch.assert_clean()
+
+
+# ---------------------------------------------------------------- tool calls waiting for approval
+
+WEATHER = "How's the weather in Delhi?"  # the offline model calls get_weather
+WAITING = re.compile(r"^waiting for approval · (\d+:)?\d{1,2}:\d\d$")
+
+
+async def waiting_call(page: Page) -> Locator:
+    """The first answer's tool call, once it shows it waits for a decision (its controls open)."""
+    tool = answers(page).first.locator("details.tool")
+    await expect(tool.locator(".tool-status")).to_have_text(WAITING, timeout=WAIT_MS)
+    await expect(tool.get_by_role("button", name="Approve", exact=True)).to_be_visible()
+    await expect(tool.get_by_role("button", name="Deny", exact=True)).to_be_visible()
+    return tool
+
+
+def seconds_of(countdown: str) -> int:
+    return sum(int(part) * 60**i for i, part in enumerate(reversed(countdown.split(":"))))
+
+
+async def assert_counting_down(tool: Locator, at_most: int) -> None:
+    countdown = tool.locator(".tool-countdown")
+    first = await countdown.inner_text()
+    await expect(countdown).not_to_have_text(first, timeout=3_000)
+    later = await countdown.inner_text()
+    assert at_most >= seconds_of(first) > seconds_of(later) >= seconds_of(first) - 3, (first, later)
+
+
+async def decided_as(tool: Locator, outcome: str) -> None:
+    await expect(tool.locator(".tool-approval-outcome")).to_have_text(outcome, timeout=WAIT_MS)
+    await expect(tool.get_by_role("button", name="Approve", exact=True)).to_have_count(0)
+
+
+def no_wider_than_the_screen(page: Page) -> Any:
+    return page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+
+
+async def test_a_call_waiting_for_approval_is_approved_in_a_second_tab_and_both_tabs_show_it(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(tool_approval="get_weather", offline_chunk_delay_ms=20)
+    watch = await watched(browser, server.url, **LAPTOP)
+    first = await open_playground(watch, server.url + "/")
+    phone = await watched(browser, server.url, **PHONE)
+    second = await open_playground(phone, first.url)
+    await send(first, WEATHER)
+
+    tools = [await waiting_call(page) for page in (first, second)]
+    await assert_counting_down(tools[0], at_most=300)
+    await assert_counting_down(tools[1], at_most=300)
+    assert await no_wider_than_the_screen(second)
+    await expect(answers(first).first.locator(".finish")).to_have_text("answering…")
+
+    # From the keyboard: the reason, then Tab to Approve.
+    reason = tools[1].get_by_label("Reason (optional)")
+    await reason.fill("fine, it is only the weather")
+    await reason.press("Tab")
+    await expect(tools[1].get_by_role("button", name="Approve", exact=True)).to_be_focused()
+    await second.keyboard.press("Enter")
+    for page, tool in zip((first, second), tools, strict=True):
+        await decided_as(tool, "approved: fine, it is only the weather")
+        await finished(answers(page).first)
+        await expect(tool.locator(".tool-status")).to_have_text("approved · done")
+        assert json.loads(await tool.locator("pre.tool-json").nth(1).inner_text())["temperature_c"] == 24.5
+        await expect(answers(page).first.locator(".finish")).to_contain_text("finished (stop)")
+    await expect(tools[1].locator("summary")).to_be_focused()  # not lost with the button
+
+    await first.reload()  # from the stored history
+    tool = answers(first).first.locator("details.tool")
+    await expect(tool.locator(".tool-status")).to_have_text("approved · done", timeout=WAIT_MS)
+    await expect(tool.locator(".tool-approval-outcome")).to_have_text("approved: fine, it is only the weather")
+    watch.assert_clean()
+    phone.assert_clean()
+
+
+async def test_a_call_denied_approval_with_a_reason_shows_the_denial_and_the_tools_error_in_every_tab(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(tool_approval="get_weather", offline_chunk_delay_ms=20)
+    phone = await watched(browser, server.url, **PHONE)
+    first = await open_playground(phone, server.url + "/")
+    watch = await watched(browser, server.url, **LAPTOP)
+    second = await open_playground(watch, first.url)
+    await send(second, WEATHER)
+    tools = [await waiting_call(page) for page in (first, second)]
+
+    reason = "not <b>now</b>"  # text, never markup
+    await tools[0].get_by_label("Reason (optional)").fill(reason)
+    await tools[0].get_by_role("button", name="Deny", exact=True).click()
+    for page, tool in zip((first, second), tools, strict=True):
+        await decided_as(tool, f"denied: {reason}")
+        await expect(tool.locator(".tool-status")).to_have_text("error: tool_denied")
+        await expect(tool.locator(".tool-error")).to_have_text(f"a person denied this call: {reason} (tool_denied)")
+        await finished(answers(page).first)
+    assert await no_wider_than_the_screen(first)
+    await first.reload()
+    outcome = answers(first).first.locator(".tool-approval-outcome")
+    await expect(outcome).to_have_text(f"denied: {reason}", timeout=WAIT_MS)
+    assert await first.locator("#log b").count() == 0
+    phone.assert_clean()
+    watch.assert_clean()
+
+
+async def test_a_call_waiting_for_approval_that_nobody_gives_times_out(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(tool_approval="get_*", tool_approval_timeout_seconds=2)
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await open_playground(watch, server.url + "/")
+    await send(page, WEATHER)
+    tool = await waiting_call(page)
+    await expect(tool.locator(".tool-countdown")).to_have_text(re.compile(r"^0:0[0-2]$"))
+    await decided_as(tool, "timed out")
+    await expect(tool.locator(".tool-status")).to_have_text("error: approval_timeout")
+    await finished(answers(page).first)
+    await page.reload()
+    await expect(answers(page).first.locator(".tool-approval-outcome")).to_have_text("timed out", timeout=WAIT_MS)
+    watch.assert_clean()
+
+
+class HeldEvents:
+    """Once `hold` is set, the page's Socket.IO client hears no more room events (acks and pings
+    still pass): a tab that missed a decision made elsewhere."""
+
+    def __init__(self) -> None:
+        self.hold = False
+
+    async def install(self, page: Page) -> None:
+        await page.route_web_socket(re.compile(r"/socket\.io/"), self._route)
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(server.send)
+        server.on_message(lambda message: None if self._held(message) else ws.send(message))
+
+    def _held(self, message: str | bytes) -> bool:
+        return self.hold and isinstance(message, str) and message.startswith("42")
+
+
+async def test_a_page_opened_while_a_call_waits_for_approval_shows_it_and_a_late_decision_is_refused_readably(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(
+        tool_approval="get_weather", tool_approval_timeout_seconds=3600, offline_chunk_delay_ms=20
+    )
+    watch = await watched(browser, server.url, **LAPTOP)
+    first = await watch.new_page()
+    held = HeldEvents()
+    await held.install(first)
+    await first.goto(server.url + "/")
+    await expect(first.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await send(first, WEATHER)
+    first_tool = await waiting_call(first)
+    held.hold = True
+
+    # Joined while the call waits: the join's active_turn.pending_approvals shows it.
+    phone = await watched(browser, server.url, **PHONE)
+    second = await open_playground(phone, first.url)
+    tool = await waiting_call(second)
+    await assert_counting_down(tool, at_most=3600)
+    assert seconds_of(await tool.locator(".tool-countdown").inner_text()) > 3500
+    await tool.get_by_role("button", name="Approve", exact=True).click()
+    await decided_as(tool, "approved")
+    await finished(answers(second).first)
+    await expect(tool.locator(".tool-status")).to_have_text("approved · done")
+
+    # The first tab missed it: its Approve is refused, said readably, and not offered again.
+    await first_tool.get_by_role("button", name="Approve", exact=True).click()
+    refusal = first_tool.get_by_role("alert")
+    await expect(refusal).to_contain_text("Already decided", timeout=WAIT_MS)
+    await expect(refusal).to_contain_text("no_pending_approval")
+    for name in ("Approve", "Deny"):
+        await expect(first_tool.get_by_role("button", name=name, exact=True)).to_be_disabled()
+    held.hold = False
+    await first.reload()
+    await expect(answers(first).first.locator(".tool-approval-outcome")).to_have_text("approved", timeout=WAIT_MS)
+    await finished(answers(first).first)
+    watch.assert_clean()
+    phone.assert_clean()

@@ -4,6 +4,7 @@
 // Markdown, which markdown.js renders with raw HTML off.
 import { io } from "./vendor/socket.io.esm.min.js";
 import { anonymousOwner, api, randomHex, sessionPath, token } from "./api.js";
+import { setUpApprovals } from "./approvals.js";
 import {
   catchUpTurn,
   clearConversation,
@@ -61,6 +62,7 @@ const REFUSALS = {
   empty_message: "Type a message first.",
   unavailable: "The service cannot store messages right now; nothing was sent. Try again in a moment.",
   no_active_turn: "There is no answer to stop.",
+  no_pending_approval: "Already decided (in another tab or by another client), timed out, or the answer was stopped.",
   not_joined: "This tab is not in the session yet; wait for it to reconnect.",
   forbidden: "This session belongs to another user.",
   invalid_session_id: "The session in this page's address is not a valid session id.",
@@ -328,6 +330,13 @@ async function send() {
   }
 }
 
+/** Approve or deny a tool call waiting in the open session (`reason`: null for none). */
+function decideToolCall(callId, approved, reason) {
+  const payload = { session_id: state.sessionId, call_id: callId, approved };
+  if (reason) payload.reason = reason;
+  return request("approve_tool", payload);
+}
+
 async function stop() {
   const answer = await request("cancel", { session_id: state.sessionId });
   if (!answer.ok) setNotice(ui.notice, refusalText(answer.error));
@@ -402,6 +411,7 @@ ui.backdrop.addEventListener("click", closeDrawer);
 // ---------- controls ----------
 
 setUpSessionList({ open: (sessionId) => openSession(sessionId) });
+setUpApprovals({ decide: decideToolCall, describeRefusal: refusalText });
 ui.newChat.addEventListener("click", () => openSession(null));
 ui.loadEarlier.addEventListener("click", loadEarlier);
 window.addEventListener("popstate", () => openSession(new URLSearchParams(location.search).get("session"), { push: false }));

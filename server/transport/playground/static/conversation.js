@@ -1,7 +1,16 @@
 // The conversation as the log shows it: messages, answers (Markdown, see markdown.js), tool calls,
 // built from live events and from stored history, a page of earlier events put before the rest.
 // Every text other than an answer's Markdown goes in as text, never as HTML; user messages stay
-// plain text.
+// plain text. Calls waiting for a person's approval get their controls from approvals.js.
+import {
+  awaitDecision,
+  clearApprovals,
+  decided,
+  endWaitingIn,
+  markRequired,
+  settleWithResult,
+  stopWaitingExcept,
+} from "./approvals.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -145,6 +154,7 @@ function finishTurn(turn, { finish_reason, error, usage }, view = live) {
   if (error) words += `: ${error.message} (${error.code})`;
   if (usage) words += ` · ${usage.input_tokens} tokens in, ${usage.output_tokens} out`;
   turn.finish.textContent = words;
+  endWaitingIn(turn.article);
   if (turn.id && shown.runningTurn === turn.id) setRunning(null);
 }
 
@@ -177,7 +187,7 @@ function showToolCall(turn, { call_id, name, args }) {
   details.append(summary, node("h3", null, "Arguments"), argsBlock, resultBlock);
   turn.body.append(details);
   turn.segment = null; // text after a call goes after it
-  const view = { details, status, argsLine, argsBlock, resultBlock };
+  const view = { callId: call_id, details, status, argsLine, argsBlock, resultBlock };
   shown.tools.set(call_id, view);
   keepScrolled(follow);
   return view;
@@ -189,7 +199,7 @@ function fillToolArgs(view, { args }) {
   view.argsBlock.textContent = prettyJson(args);
 }
 
-function showToolResult(view, { result, error }) {
+function showToolResult(view, { result, error, approval }) {
   view.resultBlock.replaceChildren();
   if (error) {
     view.details.dataset.outcome = "error";
@@ -200,6 +210,7 @@ function showToolResult(view, { result, error }) {
     view.status.textContent = "done";
     view.resultBlock.append(node("h3", null, "Result"), node("pre", "tool-json", prettyJson(result)));
   }
+  settleWithResult(view, { error, approval });
 }
 
 // ---------- stored history (a join's answer, a page of events) ----------
@@ -235,7 +246,8 @@ function showStored(item, view) {
       const call = parseContent(item);
       const known = shown.tools.get(call.call_id);
       if (known) fillToolArgs(known, call);
-      else showToolCall(openTurn(), call);
+      const view = known ?? showToolCall(openTurn(), call);
+      if (call.approval === "required") markRequired(view);
       break;
     }
     case "tool_result": {
@@ -273,6 +285,8 @@ export function showHistory(events) {
 
 /** After a join's history: the running turn continues from its snapshot, or the open one ended. */
 export function catchUpTurn(activeTurn) {
+  // A call shown waiting that the turn no longer lists was decided while this tab was away.
+  stopWaitingExcept(new Set((activeTurn?.pending_approvals ?? []).map((call) => call.call_id)));
   if (activeTurn) {
     let turn = shown.turns.get(activeTurn.turn_id);
     if (!turn && live.openTurn && !live.openTurn.id) {
@@ -285,6 +299,9 @@ export function catchUpTurn(activeTurn) {
     catchUpText(turn, activeTurn.text);
     turn.nextIndex = activeTurn.next_index ?? 0;
     setRunning(turn.id);
+    for (const call of activeTurn.pending_approvals ?? []) {
+      awaitDecision(shown.tools.get(call.call_id) ?? showToolCall(turn, call), call);
+    }
   } else if (live.openTurn) {
     // No turn runs and no answer is stored for it (yet): it ended while this tab was away.
     noAnswerStored(live.openTurn, live);
@@ -331,6 +348,7 @@ export function clearConversation() {
   shown.seenEvents.clear();
   shown.tools.clear();
   shown.turns.clear();
+  clearApprovals();
   setRunning(null);
 }
 
@@ -352,6 +370,13 @@ export const liveHandlers = {
   },
   tool_call(event) {
     if (!shown.tools.has(event.call_id)) showToolCall(liveTurn(event.turn_id), event);
+  },
+  tool_approval_request(event) {
+    awaitDecision(shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), event), event);
+  },
+  tool_approval_result(event) {
+    const view = shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), { ...event, args: undefined });
+    decided(view, event);
   },
   tool_result(event) {
     const view = shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), event);
