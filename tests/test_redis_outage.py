@@ -536,3 +536,48 @@ async def test_an_approval_decided_during_an_outage_reaches_the_other_process_on
         "tool_result",
         "done",
     ]
+
+
+async def test_a_call_that_needs_approval_while_redis_is_away_does_not_run(
+    database: str,
+    redis_proxy: TcpProxy,
+    redis_channel: str,
+    weather_url: str,
+    fake_gemini: FakeGemini,
+    spawn: Spawner,
+    tmp_path: Path,
+    tabs: list[Tab],
+) -> None:
+    env = {
+        "STORAGE_BACKEND": "postgres",
+        "DATABASE_URL": database,
+        "REDIS_URL": through(redis_proxy),
+        "REDIS_CHANNEL": redis_channel,
+        "LLM_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "outage-key",
+        "GEMINI_BASE_URL": fake_gemini.url,
+        "TOOL_APPROVAL": "get_weather",
+        "TITLE_GENERATION": "false",
+        "WEATHER_GEOCODING_URL": weather_url,
+        "WEATHER_FORECAST_URL": weather_url,
+    }
+    _, url = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
+    tab = await Tab(url).connect()
+    tabs.append(tab)
+    session_id = (await tab.join())["session"]["session_id"]
+    fake_gemini.stream(
+        Reply(
+            events=[text_chunk("Let me look. "), Pause(1.5), chunk([call_part("get_weather", {"location": "Paris"})])]
+        ),
+        Reply(events=[text_chunk("I could not ask.", "STOP")]),
+    )
+    ack = await tab.call("message", {"session_id": session_id, "text": "Weather in Paris?"})
+    await tab.wait_for(lambda ev: any(n == "chunk" for n, _ in ev))
+    redis_proxy.cut()  # before the model calls the tool
+    events = await tab.turn(ack["turn_id"], timeout=20)
+    redis_proxy.restore()
+    names = [n for n, _ in events if n != "chunk"]
+    assert "tool_approval_request" not in names and "tool_approval_result" not in names
+    (result,) = [d for n, d in events if n == "tool_result"]
+    assert result["error"]["code"] == "tool_error" and "cannot be asked now" in result["error"]["message"]
+    assert next(d for n, d in events if n == "done")["text"] == "Let me look. I could not ask."

@@ -63,7 +63,9 @@ def refused_result(call: ToolCallItem, approval: Approval) -> ToolResultItem:
     else:
         said = f": {approval.reason}" if approval.reason else ""
         error = ErrorInfo(code=ToolErrorCode.TOOL_DENIED, message=f"a person denied this call{said}")
-    return ToolResultItem(call_id=call.call_id, name=call.name, error=error, approval=approval)
+    # A call that could not be asked never waited: its result says why, and records no decision.
+    stored = None if approval == UNASKED else approval
+    return ToolResultItem(call_id=call.call_id, name=call.name, error=error, approval=stored)
 
 
 def approval_json(approval: Approval) -> dict[str, JSONValue]:
@@ -101,29 +103,33 @@ class TurnApprovals:
         self._decided: dict[str, Approval] = {}
         self._unasked: set[str] = set()  # calls whose approval could not be asked (shared state away)
 
-    def deadline(self, call: ToolCallItem) -> datetime | None:
-        """When the call's wait would end, or None when it needs no approval."""
-        if not self._policy.needs_approval(call):
-            return None
-        return utc_now() + timedelta(seconds=self._policy.timeout_seconds)
-
     def pending(self) -> list[PendingApproval]:
         return [pending for pending, _, _ in self._waiting.values()]
 
-    async def ask(self, call: ToolCallItem, expires_at: datetime) -> None:
-        """Open the call's decision on every process, then tell the room it waits."""
+    async def open(self, call: ToolCallItem) -> datetime | None:
+        """When the call's wait ends, once its decision is open on every process. None when it needs
+        no approval, or when it cannot be asked (the shared state is away: it will not run)."""
+        if not self._policy.needs_approval(call):
+            return None
         try:
             await self._approvals.open_approval(self._session_id, call.call_id, self._policy.timeout_seconds)
         except Exception as exc:
             log.warning("cannot ask for approval of %s: shared state unreachable (%s)", call.name, type(exc).__name__)
             self._unasked.add(call.call_id)
-            return
+            return None
+        expires_at = utc_now() + timedelta(seconds=self._policy.timeout_seconds)
         pending = PendingApproval(call_id=call.call_id, name=call.name, args=call.args, expires_at=iso(expires_at))
         self._waiting[call.call_id] = (pending, expires_at, asyncio.get_running_loop().create_future())
-        await self._emitter.publish(
-            self._session_id,
-            ToolApprovalRequestEvent(session_id=self._session_id, turn_id=self._turn_id, **pending.model_dump()),
-        )
+        return expires_at
+
+    async def ask(self, call: ToolCallItem) -> None:
+        """Tell the room the call waits (after its `tool_call`)."""
+        waiting = self._waiting.get(call.call_id)
+        if waiting is not None:
+            request = ToolApprovalRequestEvent(
+                session_id=self._session_id, turn_id=self._turn_id, **waiting[0].model_dump()
+            )
+            await self._emitter.publish(self._session_id, request)
 
     def decided(self, call_id: str, approval: Approval) -> None:
         """The call's decision, claimed on this process or another (ToolApprovals.on_decision)."""

@@ -399,7 +399,7 @@ class Turn:
         return results
 
     async def _announce(self, call: ToolCallItem, text_offset: int) -> None:
-        expires_at = self.approvals.deadline(call)
+        expires_at = await self.approvals.open(call)
         await self._stored(
             EventType.TOOL_CALL,
             tool_call_key(self.turn_id, call.call_id),
@@ -412,7 +412,7 @@ class Turn:
             ),
         )
         if expires_at is not None:
-            await self.approvals.ask(call, expires_at)
+            await self.approvals.ask(call)
 
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
         """The call's result, once a person approved it where it needs that."""
