@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     title_generation: bool = True
     # Tools whose calls wait for a person's approval (names or shell-style patterns, comma-separated).
     tool_approval: str = ""
-    tool_approval_timeout_seconds: float = Field(300, gt=0)
+    tool_approval_timeout_seconds: float = Field(300, gt=0, le=86_400)
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
     playground: bool = True

@@ -511,3 +511,25 @@ async def test_a_call_waiting_on_one_process_is_decided_once_from_the_other(
         else:
             assert result["error"]["code"] == "tool_denied"
     assert len(fake_gemini.requests) == 2  # the turn went on once
+
+
+async def test_a_model_that_sends_no_call_ids_gets_each_turns_call_decided(
+    guarded_cluster: tuple[str, str], fake_gemini: FakeGemini, tabs: list[Tab]
+) -> None:
+    # Gemini often gives a call no id: the turn names it call-1, in every turn. The decision of the
+    # first turn's call-1 must not stand for the second's.
+    a, b, sid = await both_in_one_session(tabs, *guarded_cluster)
+    weather = {"functionCall": {"name": "get_weather", "args": {"location": "Delhi"}}}
+    call = Reply(events=[{"candidates": [{"content": {"role": "model", "parts": [weather]}, "finishReason": "STOP"}]}])
+    for approved in (True, False):
+        fake_gemini.stream(call, Reply(events=[text_chunk("So.", "STOP")]))
+        ack = await a.call("message", {"session_id": sid, "text": "Weather in Delhi?"})
+        requests = await b.wait_for(
+            lambda ev, turn=ack["turn_id"]: [d for n, d in ev if n == "tool_approval_request" and d["turn_id"] == turn]
+        )
+        assert requests[0]["call_id"] == "call-1"
+        answer = await b.call("approve_tool", {"session_id": sid, "call_id": "call-1", "approved": approved})
+        assert answer["ok"], answer
+        events = await a.turn(ack["turn_id"])
+        (decided,) = [d for n, d in events if n == "tool_approval_result"]
+        assert decided["approved"] is approved

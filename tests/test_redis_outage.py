@@ -483,7 +483,7 @@ async def test_a_blackholed_proxy_holds_every_byte_until_restored() -> None:
             await asyncio.wait(echoes, timeout=5)
 
 
-async def test_an_approval_decided_during_an_outage_reaches_the_other_process_once_it_is_back(
+async def test_an_approval_timing_out_during_an_outage_reaches_the_other_process_once_it_is_back(
     database: str,
     redis_proxy: TcpProxy,
     redis_channel: str,

@@ -26,7 +26,8 @@ class LocalCoordination:
         self._members: defaultdict[str, set[str]] = defaultdict(set)
         self._cancel_handlers: list[CancelHandler] = []
         self._jobs: set[tuple[str, str]] = set()  # (job, session) running (one process: no expiry needed)
-        self._approvals: Recent[tuple[str, str], Approval | None] = Recent(APPROVALS_KEPT)
+        # (session, call) -> (its turn, its decision or None while it waits)
+        self._approvals: Recent[tuple[str, str], tuple[str, Approval | None]] = Recent(APPROVALS_KEPT)
         self._decision_handlers: list[DecisionHandler] = []
 
     async def acquire_turn(self, session_id: str, turn_id: str) -> bool:
@@ -112,20 +113,22 @@ class LocalCoordination:
     async def release_job(self, job: str, session_id: str) -> None:
         self._jobs.discard((job, session_id))
 
-    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
-        self._approvals.remember((session_id, call_id), None)
+    async def open_approval(self, session_id: str, turn_id: str, call_id: str, seconds: float) -> None:
+        self._approvals.remember((session_id, call_id), (turn_id, None))
 
     async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
-        key = (session_id, call_id)
-        if key not in self._approvals or self._approvals[key] is not None:
+        record = self._approvals.get((session_id, call_id))
+        if record is None or record[1] is not None or self._turns.get(session_id) != record[0]:
             return False
-        self._approvals[key] = approval  # claimed before the first await: one caller wins
+        turn_id = record[0]
+        self._approvals[(session_id, call_id)] = (turn_id, approval)  # claimed before any await: one wins
         for handler in self._decision_handlers:
-            await handler(session_id, call_id, approval)
+            await handler(session_id, turn_id, call_id, approval)
         return True
 
-    async def decision(self, session_id: str, call_id: str) -> Approval | None:
-        return self._approvals.get((session_id, call_id))
+    async def decision(self, session_id: str, turn_id: str, call_id: str) -> Approval | None:
+        record = self._approvals.get((session_id, call_id))
+        return record[1] if record is not None and record[0] == turn_id else None
 
     def on_decision(self, handler: DecisionHandler) -> None:
         self._decision_handlers.append(handler)

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from server.coordination.local import ENDING_WAIT_SECONDS
 from server.coordination.redis_rooms import RedisRooms
-from server.core.approvals import approval_of
+from server.core.approvals import approval_of, approval_wire
 from server.core.models import ActiveTurn
 from server.core.ports import Approval, CancelHandler, DecisionHandler, LostHandler, OrphanHandler, RunningTextHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
@@ -147,14 +147,20 @@ end
 return -1
 """
 
-# A call's decision, claimed once: KEYS[1] the call's hash (process, decision), ARGV[1] the decision
-# as JSON. Returns the process running the turn, or false when the call is not waiting.
+# A call's decision, claimed once: KEYS[1] the call's hash (process, turn, decision), KEYS[2] its
+# session's turn lock, ARGV[1] the decision as JSON. Returns the process and the turn, or false when
+# the call is not waiting (unknown, decided, or its turn holds the lock no more).
 _DECIDE = """
-if redis.call('HEXISTS', KEYS[1], 'process') == 0 or redis.call('HEXISTS', KEYS[1], 'decision') == 1 then
+local turn = redis.call('HGET', KEYS[1], 'turn')
+if not turn or redis.call('HEXISTS', KEYS[1], 'decision') == 1 then
+  return false
+end
+local holder = redis.call('GET', KEYS[2])
+if not holder or string.sub(holder, 1, string.len(turn) + 1) ~= turn .. ' ' then
   return false
 end
 redis.call('HSET', KEYS[1], 'decision', ARGV[1])
-return redis.call('HGET', KEYS[1], 'process')
+return {redis.call('HGET', KEYS[1], 'process'), turn}
 """
 # How long a decided call's record outlives its deadline (for a late `decision` read).
 APPROVAL_KEPT_SECONDS = 600
@@ -517,35 +523,42 @@ class RedisCoordination:
 
     # ------------------------------------------------------------------ tool approvals
 
-    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
+    async def open_approval(self, session_id: str, turn_id: str, call_id: str, seconds: float) -> None:
         key = self._key("approval", session_id, call_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, "process", self._process)
+            pipe.delete(key)  # an earlier turn's call with the same id (a model that sends no ids)
+            pipe.hset(key, mapping={"process": self._process, "turn": turn_id})
             pipe.expire(key, round(seconds) + APPROVAL_KEPT_SECONDS)
             await pipe.execute()
 
     async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
-        body = json.dumps({"approved": approval.approved, "reason": approval.reason})
-        process = await self._decide_script(keys=[self._key("approval", session_id, call_id)], args=[body])
-        if process is None:
+        claimed = await self._decide_script(
+            keys=[self._key("approval", session_id, call_id), self._key("turn", session_id)],
+            args=[json.dumps(approval_wire(approval))],
+        )
+        if not claimed:
             return False
-        process = process.decode() if isinstance(process, bytes) else str(process)
+        process, turn_id = (str(part) for part in claimed)
         if process == self._process:
-            await self._decided(session_id, call_id, approval)
-        else:
-            await self.rooms.send_decision(process, session_id, call_id, approval)
+            await self._decided(session_id, turn_id, call_id, approval)
+            return True
+        try:
+            await self.rooms.send_decision(process, session_id, turn_id, call_id, approval)
+        except RedisError as exc:
+            # Claimed, so it counts: the waiting turn reads it from the shared state (RECHECK_SECONDS).
+            log.warning("could not pass a decision to process %s (%s)", process, type(exc).__name__)
         return True
 
-    async def decision(self, session_id: str, call_id: str) -> Approval | None:
-        body = await self._redis.hget(self._key("approval", session_id, call_id), "decision")
-        return approval_of(json.loads(body)) if body is not None else None
+    async def decision(self, session_id: str, turn_id: str, call_id: str) -> Approval | None:
+        turn, body = await self._redis.hmget(self._key("approval", session_id, call_id), ["turn", "decision"])
+        return approval_of(json.loads(body)) if turn == turn_id and body is not None else None
 
     def on_decision(self, handler: DecisionHandler) -> None:
         self._decision_handlers.append(handler)
 
-    async def _decided(self, session_id: str, call_id: str, approval: Approval) -> None:
+    async def _decided(self, session_id: str, turn_id: str, call_id: str, approval: Approval) -> None:
         for handler in self._decision_handlers:
-            await handler(session_id, call_id, approval)
+            await handler(session_id, turn_id, call_id, approval)
 
     # ------------------------------------------------------------------ lifecycle
 

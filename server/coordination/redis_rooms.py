@@ -38,7 +38,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from server.core.approvals import approval_json, approval_of
+from server.core.approvals import approval_of, approval_wire
 from server.core.models import ActiveTurn
 from server.core.ports import Approval, DecisionHandler
 from server.core.tasks import TaskTracker, cancel_and_wait
@@ -198,9 +198,11 @@ class RedisRooms:
         body = json.dumps({"cancel": session_id, "turn_id": turn_id})
         await self._redis.publish(self._channel("to", process), body)
 
-    async def send_decision(self, process: str, session_id: str, call_id: str, approval: Approval) -> None:
+    async def send_decision(
+        self, process: str, session_id: str, turn_id: str, call_id: str, approval: Approval
+    ) -> None:
         """A call's decision, claimed here, to the process whose turn waits for it."""
-        body = json.dumps({"decision": session_id, "call_id": call_id, **approval_json(approval)})
+        body = json.dumps({"decision": session_id, "turn_id": turn_id, "call_id": call_id, **approval_wire(approval)})
         await self._redis.publish(self._channel("to", process), body)
 
     async def running_text(self, process: str, session_id: str, turn_id: str) -> ActiveTurn:
@@ -364,7 +366,7 @@ class RedisRooms:
         elif "decision" in body:
             approval = approval_of(body)
             if approval is not None and self._on_decision is not None:
-                await self._on_decision(str(body["decision"]), str(body["call_id"]), approval)
+                await self._on_decision(str(body["decision"]), str(body["turn_id"]), str(body["call_id"]), approval)
 
     async def _room_message(self, session_id: str, body: dict[str, Any]) -> None:
         if body.get("o") == self._process:

@@ -442,8 +442,12 @@ class ConversationService:
     ) -> None:
         """Decide a call waiting for approval, for the whole cluster: the first decision wins."""
         session_id = self._joined_session(connection, session_id)
+        here = self._turns.get(session_id)
+        if here is not None and here.stop_reason is not None:  # its calls are being answered `cancelled`
+            raise ServiceError(ErrorCode.NO_PENDING_APPROVAL, "no call with this call_id waits for approval")
+        decision = Approval(approved=approved, reason=(reason or "").strip() or None)
         try:
-            won = await self._coordination.decide(session_id, call_id, Approval(approved=approved, reason=reason))
+            won = await self._coordination.decide(session_id, call_id, decision)
         except Exception as exc:
             raise shared_state_unavailable(exc) from None
         if not won:
@@ -564,10 +568,10 @@ class ConversationService:
         turn = self._turns.get(session_id)
         return turn.snapshot() if turn is not None else None
 
-    async def _decision_here(self, session_id: str, call_id: str, approval: Approval) -> None:
+    async def _decision_here(self, session_id: str, turn_id: str, call_id: str, approval: Approval) -> None:
         turn = self._turns.get(session_id)
         if turn is not None:
-            turn.approvals.decided(call_id, approval)
+            turn.approvals.decided(turn_id, call_id, approval)
 
     async def _cancel_here(self, session_id: str, turn_id: str) -> None:
         turn = self._turns.get(session_id)

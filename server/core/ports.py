@@ -46,12 +46,18 @@ class ToolCallItem:
     invalid_arguments: str | None = None
 
 
+# Who decided a call that waited: a person, or the wait's own end (its deadline, the turn's end, or
+# the shared state away so that nobody could be asked).
+ApprovalSource = Literal["person", "timeout", "cancel", "unasked"]
+
+
 @dataclass(frozen=True)
 class Approval:
-    """A decision on a tool call that waited for one: a person's, or its timeout or cancel."""
+    """A decision on a tool call that waited for one."""
 
     approved: bool
     reason: str | None = None
+    source: ApprovalSource = "person"
 
 
 @dataclass(frozen=True)
@@ -453,26 +459,27 @@ class JobClaims(Protocol):
     async def release_job(self, job: str, session_id: str) -> None: ...
 
 
-# (session_id, call_id, approval): see `ToolApprovals.on_decision`.
-DecisionHandler = Callable[[str, str, Approval], Awaitable[None]]
+# (session_id, turn_id, call_id, approval): see `ToolApprovals.on_decision`.
+DecisionHandler = Callable[[str, str, str, Approval], Awaitable[None]]
 
 
 class ToolApprovals(Protocol):
     """Tool calls waiting for a decision, over every process: each is decided exactly once, by
     whoever claims it first (a person on any process, or the turn's own timeout or cancel)."""
 
-    async def open_approval(self, session_id: str, call_id: str, seconds: float) -> None:
-        """The call, of a turn running here, waits for a decision from now on (for `seconds` at most)."""
+    async def open_approval(self, session_id: str, turn_id: str, call_id: str, seconds: float) -> None:
+        """The call, of the turn running here, waits for a decision from now on (for `seconds` at
+        most); the record of an earlier call with the same id is replaced."""
         ...
 
     async def decide(self, session_id: str, call_id: str, approval: Approval) -> bool:
-        """Claim the call's one decision, atomically: False when it is not waiting (unknown, or
-        decided already). The winner's decision reaches the process running the turn, whose
-        `on_decision` handler is called with it."""
+        """Claim the call's one decision, atomically: False when it is not waiting (unknown, decided
+        already, or its turn no longer runs). The winner's decision reaches the process running the
+        turn, whose `on_decision` handler is called with it."""
         ...
 
-    async def decision(self, session_id: str, call_id: str) -> Approval | None:
-        """The decision claimed for the call, if any (what a lost message would have carried)."""
+    async def decision(self, session_id: str, turn_id: str, call_id: str) -> Approval | None:
+        """The decision claimed for the turn's call, if any (what a lost message would have carried)."""
         ...
 
     def on_decision(self, handler: DecisionHandler) -> None: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from server.core.approvals import CANCELLED, approval_of
+from server.core.approvals import approval_of
 from server.core.models import (
     ChunkEvent,
     DoneEvent,
@@ -138,7 +138,9 @@ def _live(row: StoredEvent, turn_id: str) -> list[TurnEvent]:
         error=ErrorInfo(**error) if error is not None else None,
     )
     approval = approval_of(body.get("approval"))
-    if approval is None or approval == CANCELLED:  # a cancelled wait told the room nothing of it
+    # A wait the turn's end cut short told the room nothing of it (its result: `cancelled`).
+    waited_in_vain = approval is not None and not approval.approved and error and error.get("code") == "cancelled"
+    if approval is None or waited_in_vain:
         return [result]
     decided = ToolApprovalResultEvent(
         session_id=session_id, turn_id=turn_id, call_id=call_id, approved=approval.approved, reason=approval.reason

@@ -386,17 +386,29 @@ class Turn:
                 await asyncio.wait(pending)
             # Ended elsewhere: the process that took this one for dead answered them (`interrupted`).
             unanswered = announced[len(results) :] if self.stop_reason != "ended_elsewhere" else []
-            for call in unanswered:
-                cancelled = ToolResultItem(
+            await self._answer_stopped(unanswered, dict(zip([c.call_id for c in calls], pending, strict=False)))
+            raise
+        return results
+
+    async def _answer_stopped(
+        self, unanswered: list[ToolCallItem], tasks: dict[str, asyncio.Task[ToolResultItem]]
+    ) -> None:
+        """The results of a stopped round's calls not answered yet: what a finished one gave (it ran,
+        waiting behind an earlier call), else `cancelled`."""
+        approvals = await self.approvals.abandon([call.call_id for call in unanswered])
+        for call in unanswered:
+            task = tasks.get(call.call_id)
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                result = task.result()
+            else:
+                result = ToolResultItem(
                     call_id=call.call_id,
                     name=call.name,
                     error=ErrorInfo(code=ToolErrorCode.CANCELLED, message="the turn was stopped"),
-                    approval=await self.approvals.abandon(call.call_id),
+                    approval=approvals[call.call_id],
                 )
-                with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
-                    await self._publish_result(cancelled)
-            raise
-        return results
+            with contextlib.suppress(Exception):  # what failed may fail again: the stored result counts
+                await self._publish_result(result)
 
     async def _announce(self, call: ToolCallItem, text_offset: int) -> None:
         expires_at = await self.approvals.open(call)
@@ -457,6 +469,10 @@ class Turn:
         self._ctx.metrics.tool_called(
             result.name if result.name in self._ctx.tools else "unknown", result.error is None
         )
+        if result.approval is not None and result.approval.source != "cancel" and not self._ctx.locks.single_process:
+            # Its decision again, in case another process's rooms missed it and caught up before this
+            # result was stored (the one place they find it): the rooms drop a repeat they had.
+            await self._ctx.emitter.publish(self.session_id, self.approvals.told(result.call_id, result.approval))
         await self._stored(
             EventType.TOOL_RESULT, tool_result_key(self.turn_id, result.call_id), tool_result_content(result)
         )

@@ -28,7 +28,9 @@ export const shown = {
   lastEventId: null, // the highest stored event id shown: a rejoin asks only for what came after
   firstEventId: null, // the lowest: "load earlier messages" asks for what came before
   seenEvents: new Set(),
-  tools: new Map(), // call_id -> its view
+  // Results shown before their call (the call is on an earlier page): call_id -> its view. Every
+  // other call is found in its turn's `tools`: a model that sends no ids repeats `call-1` each turn.
+  resultsFirst: new Map(),
   turns: new Map(), // turn_id -> its view
   runningTurn: null, // turn_id of the session's running turn
   unconfirmedDone: 0, // answers whose `done` came with event_id null: their rows come later in history
@@ -86,7 +88,10 @@ function newTurn(turnId, view, continued = false) {
   if (turnId) article.dataset.turn = turnId;
   if (continued) article.dataset.continued = "true";
   show(article, view);
-  const turn = { id: turnId, article, body, finish, segment: null, text: "", nextIndex: 0, finished: false };
+  const turn = {
+    ...{ id: turnId, article, body, finish, segment: null, text: "", nextIndex: 0, finished: false },
+    tools: new Map(), // call_id -> its view
+  };
   if (turnId) shown.turns.set(turnId, turn);
   view.openTurn = turn;
   return turn;
@@ -188,7 +193,8 @@ function showToolCall(turn, { call_id, name, args }) {
   turn.body.append(details);
   turn.segment = null; // text after a call goes after it
   const view = { callId: call_id, details, status, argsLine, argsBlock, resultBlock };
-  shown.tools.set(call_id, view);
+  turn.tools.set(call_id, view);
+  if (args === undefined) shown.resultsFirst.set(call_id, view);
   keepScrolled(follow);
   return view;
 }
@@ -244,7 +250,8 @@ function showStored(item, view) {
       break;
     case "tool_call": {
       const call = parseContent(item);
-      const known = shown.tools.get(call.call_id);
+      const known = shown.resultsFirst.get(call.call_id);
+      shown.resultsFirst.delete(call.call_id);
       if (known) fillToolArgs(known, call);
       const view = known ?? showToolCall(openTurn(), call);
       if (call.approval === "required") markRequired(view);
@@ -252,8 +259,8 @@ function showStored(item, view) {
     }
     case "tool_result": {
       const outcome = parseContent(item);
-      const known = shown.tools.get(outcome.call_id);
-      showToolResult(known ?? showToolCall(openTurn(), { ...outcome, args: undefined }), outcome);
+      const turn = openTurn();
+      showToolResult(turn.tools.get(outcome.call_id) ?? showToolCall(turn, { ...outcome, args: undefined }), outcome);
       break;
     }
     case "ai_message":
@@ -300,7 +307,7 @@ export function catchUpTurn(activeTurn) {
     turn.nextIndex = activeTurn.next_index ?? 0;
     setRunning(turn.id);
     for (const call of activeTurn.pending_approvals ?? []) {
-      awaitDecision(shown.tools.get(call.call_id) ?? showToolCall(turn, call), call);
+      awaitDecision(turn.tools.get(call.call_id) ?? showToolCall(turn, call), call);
     }
   } else if (live.openTurn) {
     // No turn runs and no answer is stored for it (yet): it ended while this tab was away.
@@ -346,7 +353,7 @@ export function clearConversation() {
   live.openTurn = null;
   Object.assign(shown, { lastEventId: null, firstEventId: null, unconfirmedDone: 0 });
   shown.seenEvents.clear();
-  shown.tools.clear();
+  shown.resultsFirst.clear();
   shown.turns.clear();
   clearApprovals();
   setRunning(null);
@@ -369,18 +376,20 @@ export const liveHandlers = {
     turn.nextIndex = event.index + 1;
   },
   tool_call(event) {
-    if (!shown.tools.has(event.call_id)) showToolCall(liveTurn(event.turn_id), event);
+    const turn = liveTurn(event.turn_id);
+    if (!turn.tools.has(event.call_id)) showToolCall(turn, event);
   },
   tool_approval_request(event) {
-    awaitDecision(shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), event), event);
+    const turn = liveTurn(event.turn_id);
+    awaitDecision(turn.tools.get(event.call_id) ?? showToolCall(turn, event), event);
   },
   tool_approval_result(event) {
-    const view = shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), { ...event, args: undefined });
-    decided(view, event);
+    const turn = liveTurn(event.turn_id);
+    decided(turn.tools.get(event.call_id) ?? showToolCall(turn, { ...event, args: undefined }), event);
   },
   tool_result(event) {
-    const view = shown.tools.get(event.call_id) ?? showToolCall(liveTurn(event.turn_id), event);
-    showToolResult(view, event);
+    const turn = liveTurn(event.turn_id);
+    showToolResult(turn.tools.get(event.call_id) ?? showToolCall(turn, event), event);
   },
   done(event) {
     const turn = liveTurn(event.turn_id);
