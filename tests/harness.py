@@ -331,3 +331,27 @@ async def wait_for_summary(server: RunningServer, session_id: str, timeout: floa
             if session is not None and session.summary is not None:
                 return session
             await asyncio.sleep(0.05)
+
+
+@dataclass
+class HangingUp:
+    """A TCP listener that closes every connection at once, answering nothing: what a model
+    endpoint that cannot be reached looks like to its client. `accepted`: connections so far."""
+
+    url: str
+    accepted: int = 0
+
+
+@contextlib.asynccontextmanager
+async def hanging_up() -> AsyncIterator[HangingUp]:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        endpoint.accepted += 1
+        writer.close()
+
+    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    endpoint = HangingUp(f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}")
+    try:
+        yield endpoint
+    finally:
+        listener.close()
+        await listener.wait_closed()

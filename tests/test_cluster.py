@@ -61,24 +61,24 @@ def cluster_env(fake_gemini: FakeGemini, redis_channel: str, database: str) -> d
     }
 
 
-@pytest.fixture
-async def cluster(
-    spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path
-) -> AsyncIterator[tuple[str, str]]:
-    """Two `python -m server` processes on two ports, one Redis, one PostgreSQL, one fake Gemini."""
-    env = cluster_env(fake_gemini, redis_channel, database)
+async def start_cluster(spawn: Spawner, env: dict[str, str], tmp_path: Path, **extra: str) -> tuple[str, str]:
+    """Two `python -m server` processes on two ports sharing `env`."""
     urls = []
     for n in (1, 2):
         _, url = await spawn(
-            sys.executable,
-            "-m",
-            "server",
-            OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"),
-            SUMMARY_DELAY_SECONDS="0.3",
-            **env,
+            sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"), **env, **extra
         )
         urls.append(url)
-    yield urls[0], urls[1]
+    return urls[0], urls[1]
+
+
+@pytest.fixture
+async def cluster(
+    spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path
+) -> tuple[str, str]:
+    """Two processes, one Redis, one PostgreSQL, one fake Gemini."""
+    env = cluster_env(fake_gemini, redis_channel, database)
+    return await start_cluster(spawn, env, tmp_path, SUMMARY_DELAY_SECONDS="0.3")
 
 
 async def open_tab(tabs: list[Tab], url: str) -> Tab:
@@ -455,24 +455,11 @@ async def test_a_session_gets_one_title_however_many_processes_serve_it(
 @pytest.fixture
 async def guarded_cluster(
     spawn: Spawner, fake_gemini: FakeGemini, redis_channel: str, database: str, tmp_path: Path, weather_url: str
-) -> AsyncIterator[tuple[str, str]]:
+) -> tuple[str, str]:
     """The cluster, with get_weather waiting for a person's approval."""
     env = cluster_env(fake_gemini, redis_channel, database)
-    urls = []
-    for n in (1, 2):
-        _, url = await spawn(
-            sys.executable,
-            "-m",
-            "server",
-            OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"),
-            TOOL_APPROVAL="get_weather",
-            WEATHER_GEOCODING_URL=weather_url,
-            WEATHER_FORECAST_URL=weather_url,
-            TITLE_GENERATION="false",
-            **env,
-        )
-        urls.append(url)
-    yield urls[0], urls[1]
+    weather = {"WEATHER_GEOCODING_URL": weather_url, "WEATHER_FORECAST_URL": weather_url}
+    return await start_cluster(spawn, env, tmp_path, TOOL_APPROVAL="get_weather", TITLE_GENERATION="false", **weather)
 
 
 async def test_a_call_waiting_on_one_process_is_decided_once_from_the_other(

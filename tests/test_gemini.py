@@ -25,7 +25,7 @@ from tests.fake_gemini import (
     text_response,
     usage,
 )
-from tests.harness import RunningServer, Tab, wait_for_summary
+from tests.harness import RunningServer, Tab, hanging_up, wait_for_summary
 from tests.test_metrics import scrape
 
 KEY = "test-gemini-key"
@@ -390,23 +390,11 @@ async def test_metrics_count_each_retried_attempt_and_each_final_failure(
 
 
 async def test_transport_errors_are_retried(start_gemini: ServerFactory, connect: TabFactory) -> None:
-    accepted = 0
-
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        writer.close()  # no response at all: a transport error, not an HTTP one
-
-    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        server = await start_gemini(gemini_base_url=f"http://127.0.0.1:{port}", gemini_retry_attempts=3)
+    async with hanging_up() as endpoint:
+        server = await start_gemini(gemini_base_url=endpoint.url, gemini_retry_attempts=3)
         tab, sid = await open_session(server, connect)
         done, _ = await ask(tab, sid, "Anyone there?")
-    finally:
-        listener.close()
-        await listener.wait_closed()
-    assert accepted == 3
+    assert endpoint.accepted == 3
     assert done["error"] == {"code": "provider_unavailable", "message": "the model could not be reached"}
 
 

@@ -34,7 +34,7 @@ from tests.fake_openai import (
     usage_chunk,
 )
 from tests.fakes import open_meteo_app
-from tests.harness import RunningServer, Tab, serving, wait_for_summary
+from tests.harness import RunningServer, Tab, hanging_up, serving, wait_for_summary
 from tests.test_metrics import scrape
 
 KEY = "sk-test-openai-key"
@@ -490,23 +490,11 @@ async def test_a_refused_request_is_provider_rejected_at_once(
 async def test_connection_failures_are_retried_then_provider_unavailable(
     start_openai: ServerFactory, connect: TabFactory
 ) -> None:
-    accepted = 0
-
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        writer.close()  # no response at all: a connection error, not an HTTP one
-
-    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        server = await start_openai(openai_base_url=f"http://127.0.0.1:{port}/v1", openai_retry_attempts=3)
+    async with hanging_up() as endpoint:
+        server = await start_openai(openai_base_url=f"{endpoint.url}/v1", openai_retry_attempts=3)
         tab, sid = await open_session(server, connect)
         done, _ = await ask(tab, sid, "Hello?")
-    finally:
-        listener.close()
-        await listener.wait_closed()
-    assert accepted == 3
+    assert endpoint.accepted == 3
     assert done["error"] == {"code": "provider_unavailable", "message": "the model could not be reached"}
 
 

@@ -483,28 +483,34 @@ async def test_a_blackholed_proxy_holds_every_byte_until_restored() -> None:
             await asyncio.wait(echoes, timeout=5)
 
 
-async def test_an_approval_timing_out_during_an_outage_reaches_the_other_process_once_it_is_back(
-    database: str,
-    redis_proxy: TcpProxy,
-    redis_channel: str,
-    weather_url: str,
-    fake_gemini: FakeGemini,
-    spawn: Spawner,
-    tmp_path: Path,
-    tabs: list[Tab],
-) -> None:
-    env = {
+def guarded_env(
+    database: str, proxy: TcpProxy, redis_channel: str, fake_gemini: FakeGemini, **extra: str
+) -> dict[str, str]:
+    """A process of the approval tests: get_weather waits for a person; Redis through the proxy."""
+    return {
         "STORAGE_BACKEND": "postgres",
         "DATABASE_URL": database,
-        "REDIS_URL": through(redis_proxy),
+        "REDIS_URL": through(proxy),
         "REDIS_CHANNEL": redis_channel,
         "LLM_PROVIDER": "gemini",
         "GEMINI_API_KEY": "outage-key",
         "GEMINI_BASE_URL": fake_gemini.url,
         "TOOL_APPROVAL": "get_weather",
-        "TOOL_APPROVAL_TIMEOUT_SECONDS": "2",
         "TITLE_GENERATION": "false",
+        **extra,
     }
+
+
+async def test_an_approval_timing_out_during_an_outage_reaches_the_other_process_once_it_is_back(
+    database: str,
+    redis_proxy: TcpProxy,
+    redis_channel: str,
+    fake_gemini: FakeGemini,
+    spawn: Spawner,
+    tmp_path: Path,
+    tabs: list[Tab],
+) -> None:
+    env = guarded_env(database, redis_proxy, redis_channel, fake_gemini, TOOL_APPROVAL_TIMEOUT_SECONDS="2")
     _, url_a = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
     _, url_b = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "b.db"), **env)
     a = await Tab(url_a).connect()
@@ -548,19 +554,14 @@ async def test_a_call_that_needs_approval_while_redis_is_away_does_not_run(
     tmp_path: Path,
     tabs: list[Tab],
 ) -> None:
-    env = {
-        "STORAGE_BACKEND": "postgres",
-        "DATABASE_URL": database,
-        "REDIS_URL": through(redis_proxy),
-        "REDIS_CHANNEL": redis_channel,
-        "LLM_PROVIDER": "gemini",
-        "GEMINI_API_KEY": "outage-key",
-        "GEMINI_BASE_URL": fake_gemini.url,
-        "TOOL_APPROVAL": "get_weather",
-        "TITLE_GENERATION": "false",
-        "WEATHER_GEOCODING_URL": weather_url,
-        "WEATHER_FORECAST_URL": weather_url,
-    }
+    env = guarded_env(
+        database,
+        redis_proxy,
+        redis_channel,
+        fake_gemini,
+        WEATHER_GEOCODING_URL=weather_url,
+        WEATHER_FORECAST_URL=weather_url,
+    )
     _, url = await spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / "a.db"), **env)
     tab = await Tab(url).connect()
     tabs.append(tab)
