@@ -62,14 +62,14 @@ def cluster_env(fake_gemini: FakeGemini, redis_channel: str, database: str) -> d
 
 
 async def start_cluster(spawn: Spawner, env: dict[str, str], tmp_path: Path, **extra: str) -> tuple[str, str]:
-    """Two `python -m server` processes on two ports sharing `env`."""
-    urls = []
-    for n in (1, 2):
-        _, url = await spawn(
-            sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"), **env, **extra
+    """Two `python -m server` processes on two ports sharing `env`, started at once."""
+    (_, first), (_, second) = await asyncio.gather(
+        *(
+            spawn(sys.executable, "-m", "server", OUTBOX_PATH=str(tmp_path / f"outbox-{n}.db"), **env, **extra)
+            for n in (1, 2)
         )
-        urls.append(url)
-    return urls[0], urls[1]
+    )
+    return first, second
 
 
 @pytest.fixture
