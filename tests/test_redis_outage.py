@@ -525,6 +525,9 @@ async def test_an_approval_timing_out_during_an_outage_reaches_the_other_process
     ack = await a.call("message", {"session_id": session_id, "text": "Weather in Paris?"})
     await b.wait_for(lambda ev: any(n == "tool_approval_request" for n, _ in ev))
     redis_proxy.cut()
+    # No decision can be claimed for the cluster meanwhile: refused, and nothing is decided.
+    refused = await b.call("approve_tool", {"session_id": session_id, "call_id": "call-w", "approved": True})
+    assert refused["error"]["code"] == "unavailable", refused
     # The wait times out on A while Redis is away: B's process hears nothing of it meanwhile.
     await a.turn(ack["turn_id"])
     assert not any(n == "done" for n, _ in b.events)
