@@ -2,7 +2,7 @@
 
 It serves the requests supabase-py sends for this service:
 `POST /rest/v1/{table}` with `on_conflict` and `Prefer: return=…, resolution=ignore-duplicates`,
-`GET` with `select`, filters (`eq.`, `gt.`, `lt.`, …, `is.null`, and `or=(…)` with nested `and(…)`
+`GET` with `select`, filters (`eq.`, `gt.`, `lt.`, …, `in.(…)`, `is.null`, and `or=(…)` with nested `and(…)`
 and quoted values), `order` on one or more columns and `limit`, and `PATCH` and `DELETE` with
 filters. Each request runs in one transaction as the role of its JWT (the `Authorization` bearer
 token, as PostgREST reads it: a user's token, or else the API key) with its claims in
@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-TABLES = ("sessions", "events")
+TABLES = ("sessions", "events", "attachments")
 OPERATORS = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
@@ -157,6 +157,9 @@ class FakePostgrest:
         op, _, value = condition.partition(".")
         if op in ("is", "not") and value.endswith("null"):  # is.null, not.is.null
             return f'"{column}" IS {"NOT " if op == "not" else ""}NULL'
+        if op == "in":  # in.(a,"b,c")
+            args.append([_unquoted(item) for item in _split_items(value.removeprefix("(").removesuffix(")"))])
+            return f'"{column}" = ANY(${len(args)}::text[]::{self._cast(table, column)}[])'
         args.append(value)
         return f'"{column}" {OPERATORS[op]} ${len(args)}::text::{self._cast(table, column)}'
 
@@ -173,9 +176,7 @@ class FakePostgrest:
                 continue
             column, _, condition = item.partition(".")
             op, _, value = condition.partition(".")
-            if value.startswith('"') and value.endswith('"'):
-                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-            parts.append(self._condition(table, column, f"{op}.{value}", args))
+            parts.append(self._condition(table, column, f"{op}.{_unquoted(value)}", args))
         return "(" + f" {operator.upper()} ".join(parts) + ")"
 
     @staticmethod
@@ -263,6 +264,13 @@ def _split_items(items: str) -> list[str]:
             start = n + 1
     parts.append(items[start:])
     return parts
+
+
+def _unquoted(value: str) -> str:
+    """A value as PostgREST reads one: in double quotes it may hold `,.:()`."""
+    if len(value) > 1 and value.startswith('"') and value.endswith('"'):
+        return value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    return value
 
 
 def _as_text(value: Any) -> str | None:

@@ -271,7 +271,8 @@ async def test_an_existing_schema_gets_context_summaries_with_its_rows_kept(scra
     after = [dict(r) for r in await db.fetch("SELECT * FROM sessions ORDER BY session_id")]
     assert [{name: row[name] for name in old} for old, row in zip(sessions, after, strict=True)] == sessions
     assert all((row["context_summary"], row["context_upto"]) == (None, None) for row in after)
-    assert [dict(r) for r in await db.fetch("SELECT * FROM events ORDER BY event_id")] == events
+    events_after = [dict(r) for r in await db.fetch("SELECT * FROM events ORDER BY event_id")]
+    assert [{name: row[name] for name in old} for old, row in zip(events, events_after, strict=True)] == events
     columns = await db.fetch(
         "SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns"
         " WHERE table_name = 'sessions' AND column_name LIKE 'context_%' ORDER BY column_name"
@@ -280,3 +281,82 @@ async def test_an_existing_schema_gets_context_summaries_with_its_rows_kept(scra
         ("context_summary", "text", "YES", None),
         ("context_upto", "bigint", "YES", None),
     ]
+
+
+ATTACHMENT_ROW = (
+    "INSERT INTO attachments (attachment_id, session_id, name, mime_type, size, sha256, data)"
+    " VALUES ($1, $2, 'a.txt', 'text/plain', 2, 'ab', 'hi')"
+)
+
+
+async def test_attachments_are_their_owners_to_read_and_go_with_their_session(supabase_db: asyncpg.Connection) -> None:
+    db = supabase_db
+    # Supabase Storage's bucket table, as a Supabase project has it: the migration adds the bucket.
+    await db.execute(
+        "CREATE SCHEMA storage; CREATE TABLE storage.buckets (id text PRIMARY KEY, name text, public bool)"
+    )
+    await apply_migrations(db)
+    await apply_migrations(db)
+    assert [tuple(r) for r in await db.fetch("SELECT id, public FROM storage.buckets")] == [("attachments", False)]
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    alice_session, bob_session = uuid.uuid4(), uuid.uuid4()
+    alice_file, bob_file = uuid.uuid4(), uuid.uuid4()
+
+    async def as_role(role: str, sub: str | None, query: str, *args: object) -> list[asyncpg.Record]:
+        async with db.transaction():
+            await db.execute(f"SET LOCAL ROLE {role}")
+            if sub is not None:
+                await db.execute("SELECT set_config('request.jwt.claims', $1, true)", json.dumps({"sub": sub}))
+            return await db.fetch(query, *args)
+
+    for owner, session, file in ((alice, alice_session, alice_file), (bob, bob_session, bob_file)):
+        await as_role(
+            "service_role", None, "INSERT INTO sessions (session_id, user_id) VALUES ($1, $2)", session, owner
+        )
+        await as_role("service_role", None, ATTACHMENT_ROW, file, session)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await as_role("anon", None, "SELECT * FROM attachments")
+    mine = await as_role("authenticated", alice, "SELECT attachment_id FROM attachments")
+    assert [r["attachment_id"] for r in mine] == [alice_file]
+    for statement, args in (
+        (ATTACHMENT_ROW, (uuid.uuid4(), alice_session)),
+        ("UPDATE attachments SET used = true WHERE attachment_id = $1", (alice_file,)),
+        ("DELETE FROM attachments WHERE attachment_id = $1", (alice_file,)),
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await as_role("authenticated", alice, statement, *args)
+
+    # Deleting a session removes its files' rows in the same statement; it takes no more of them,
+    # and neither does a session that does not exist.
+    await as_role("service_role", None, "UPDATE sessions SET deleted_at = now() WHERE session_id = $1", bob_session)
+    for session in (bob_session, uuid.uuid4()):
+        await as_role("service_role", None, ATTACHMENT_ROW, uuid.uuid4(), session)
+    rows = await as_role("service_role", None, "SELECT attachment_id FROM attachments")
+    assert [r["attachment_id"] for r in rows] == [alice_file]
+    relrowsecurity = await db.fetchval("SELECT relrowsecurity FROM pg_class WHERE relname = 'attachments'")
+    assert relrowsecurity is True
+
+
+async def test_no_file_outlives_a_delete_it_races() -> None:
+    """A file stored while its session is deleted: whichever statement comes first, the other waits
+    for its transaction, and no file of the deleted session is left."""
+    async with scratch_database() as dsn:
+        one, two = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            await apply_migrations(one)
+            for delete_first in (True, False):
+                session = uuid.uuid4()
+                await one.execute("INSERT INTO sessions (session_id) VALUES ($1)", session)
+                delete = ("UPDATE sessions SET deleted_at = now() WHERE session_id = $1", session)
+                upload = (ATTACHMENT_ROW, uuid.uuid4(), session)
+                first, second = (delete, upload) if delete_first else (upload, delete)
+                async with one.transaction():
+                    await one.execute(*first)
+                    waiting = asyncio.create_task(two.execute(*second))
+                    await asyncio.sleep(0.2)
+                    assert not waiting.done(), "the second statement waits for the first's transaction"
+                await waiting
+                assert await one.fetchval("SELECT count(*) FROM attachments WHERE session_id = $1", session) == 0
+        finally:
+            await one.close()
+            await two.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import sqlite3
 import uuid
@@ -21,15 +22,25 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClientOptions, acreate_client
 
 from server.core.models import ErrorInfo, EventDraft, EventType, Session
-from server.core.ports import NoMetrics, Repository, SessionCursor, SessionDeleted, StorageRefused
+from server.core.ports import (
+    AttachmentInfo,
+    NoMetrics,
+    Repository,
+    SessionCursor,
+    SessionDeleted,
+    Storage,
+    StorageRefused,
+)
 from server.storage import supabase as supabase_storage
 from server.storage.measured import MeasuredOutbox, MeasuredRepository
 from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from server.storage.sqlite import SCHEMA as SQLITE_SCHEMA
+from server.storage.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from server.storage.sqlite import SqliteRepository
-from server.storage.supabase import SupabaseRepository
+from server.storage.supabase import BUCKET, SupabaseRepository
 from tests.fake_postgrest import FakePostgrest, make_key
+from tests.fake_supabase_storage import FakeSupabaseStorage
 from tests.harness import serving
 from tests.pg import scratch_database
 
@@ -48,10 +59,11 @@ def draft(session_id: str, key: str, content: str = "hi", kind: EventType = Even
 @dataclass
 class Backend:
     name: str
-    open: Callable[[], Awaitable[Repository]]  # another repository on the same data
+    open: Callable[[], Awaitable[Storage]]  # another repository on the same data
     # Runs one SQL statement as an operator would (the original design's SQL; `?` placeholders).
     sql: Callable[..., Awaitable[None]]
     postgrest: FakePostgrest | None = None
+    storage: FakeSupabaseStorage | None = None  # Supabase Storage, at the same URL as PostgREST
 
 
 def sqlite_statement(path: Path) -> Callable[..., Awaitable[None]]:
@@ -86,13 +98,14 @@ async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
             yield Backend("postgres", lambda: PostgresRepository.open(dsn, retry_seconds=1), postgres_statement(dsn))
             return
         await (await PostgresRepository.open(dsn)).aclose()  # the schema, as `supabase db push` would
-        postgrest = FakePostgrest(dsn)
-        async with serving(postgrest.app, lifespan="on") as postgrest.url:
+        postgrest, storage = FakePostgrest(dsn), FakeSupabaseStorage()
+        async with serving(storage.served_beside(postgrest.app), lifespan="on") as postgrest.url:
             yield Backend(
                 "supabase",
                 lambda: SupabaseRepository.open(postgrest.url, make_key("service_role"), retry_seconds=1),
                 postgres_statement(dsn),
                 postgrest,
+                storage,
             )
 
 
@@ -112,7 +125,7 @@ async def supabase(tmp_path: Path) -> AsyncIterator[tuple[FakePostgrest, Reposit
 
 
 @pytest.fixture
-async def repo(backend: Backend) -> AsyncIterator[Repository]:
+async def repo(backend: Backend) -> AsyncIterator[Storage]:
     repository = await backend.open()
     yield repository
     await repository.aclose()
@@ -767,14 +780,14 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_conversations(tmp_path:
     finally:
         await repo.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (4,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SQLITE_SCHEMA_VERSION,)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert {r[2] for r in db.execute("PRAGMA foreign_key_list(events)")} == {"sessions"}
         assert {r[1] for r in db.execute("PRAGMA index_list(sessions)")} >= {
             "sessions_by_user_updated",
             "sessions_open_turn",
         }
-        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
+        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 7
         assert all(UPDATED_AT_FORMAT.fullmatch(v) for (v,) in db.execute("SELECT updated_at FROM sessions"))
         assert db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v2%'").fetchall() == []
 
@@ -945,10 +958,21 @@ async def test_the_context_summary_write_is_timed_by_name(tmp_path: Path) -> Non
     assert metrics.operations == ["write_context_summary", "write_context_summary"]
 
 
-# The SQLite schema of version 3, the last before compaction summaries: today's without their columns.
+# The SQLite schema of version 4, the last before attachments: today's without their table.
+# Version 4, the last before files: without their table, nor a user message's `attachments` column.
+SQLITE_SCHEMA_BEFORE_ATTACHMENTS = SQLITE_SCHEMA.split("\n-- Files uploaded to a session")[0].replace(
+    "    attachments   TEXT,\n", ""
+)
+SQLITE_SCHEMA_V4 = SQLITE_SCHEMA_BEFORE_ATTACHMENTS + "\nPRAGMA user_version = 4;"
+# Version 3, the last before compaction summaries: version 4's without their columns.
 SQLITE_SCHEMA_V3 = (
-    re.sub(r",\n\s*-- The compaction summary.*?context_upto\s+INTEGER\n", "\n", SQLITE_SCHEMA, flags=re.S)
-    + "PRAGMA user_version = 3;"
+    re.sub(
+        r",\n\s*-- The compaction summary.*?context_upto\s+INTEGER\n",
+        "\n",
+        SQLITE_SCHEMA_BEFORE_ATTACHMENTS,
+        flags=re.S,
+    )
+    + "\nPRAGMA user_version = 3;"
 )
 
 
@@ -959,6 +983,7 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_context_summaries_its_r
     tmp_path: Path, schema: str
 ) -> None:
     assert "context_" not in SQLITE_SCHEMA_V3 and "deleted_at" in SQLITE_SCHEMA_V3
+    assert "attachments" not in SQLITE_SCHEMA_V3
     path = tmp_path / "old.db"
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(schema + OLD_ROWS)
@@ -978,7 +1003,11 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_context_summaries_its_r
     for old, new in zip(sessions_before, sessions_after, strict=True):
         assert {name: new[name] for name in old} == old
         assert (new["context_summary"], new["context_upto"]) == (None, None)
-    assert await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id") == events_before
+    events_after = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id")
+    assert [{name: row[name] for name in old} for old, row in zip(events_before, events_after, strict=True)] == (
+        events_before
+    )  # the older columns as they were (a user message's `attachments` is new, and empty)
+    assert all(row["attachments"] is None for row in events_after)
     repo = await SqliteRepository.open(path, retry_seconds=1)
     try:
         last = (await repo.list_events(answered))[-1].event_id
@@ -987,14 +1016,256 @@ async def test_an_sqlite_file_of_an_earlier_version_gets_context_summaries_its_r
     finally:
         await repo.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (4,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SQLITE_SCHEMA_VERSION,)
         columns = {r[1]: (r[2], r[3], r[4]) for r in db.execute("PRAGMA table_info(sessions)")}
         assert columns["context_summary"] == ("TEXT", 0, None) and columns["context_upto"] == ("INTEGER", 0, None)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 5
+        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 7
 
 
 def sqlite_rows(path: Path, query: str) -> list[dict[str, object]]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute(query)]
+
+
+# ---------------------------------------------------------------- attachments
+
+
+def attachment(session_id: str, data: bytes, *, age: timedelta = timedelta(0)) -> AttachmentInfo:
+    return AttachmentInfo(
+        attachment_id=str(uuid.uuid4()),
+        session_id=session_id,
+        name="photo «été».png",
+        mime_type="image/png",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        created_at=datetime.now(UTC) - age,
+    )
+
+
+def objects_left(backend: Backend) -> set[str] | None:
+    """The Storage objects (Supabase); None for a backend that keeps the bytes in its table."""
+    return backend.storage.paths() if backend.storage is not None else None
+
+
+async def test_a_file_comes_back_as_it_was_stored(repo: Storage, backend: Backend) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, "ada", datetime.now(UTC))
+    data = bytes(range(256)) * 40 + b"\x00 the end"
+    info = attachment(sid, data)
+    await repo.add_attachment(info, data)
+    assert await repo.get_attachment(info.attachment_id) == info
+    stored = await repo.attachment_data(info.attachment_id)
+    assert stored == data and hashlib.sha256(stored).hexdigest() == info.sha256
+    for unknown in (str(uuid.uuid4()), "not a uuid", ""):
+        assert await repo.get_attachment(unknown) is None and await repo.attachment_data(unknown) is None
+    assert objects_left(backend) in (None, {f"{sid}/{info.attachment_id}"})
+
+
+async def test_adding_a_file_again_is_a_no_op(repo: Storage, backend: Backend) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    info = attachment(sid, b"first")
+    await repo.add_attachment(info, b"first")
+    await repo.add_attachment(info, b"first")
+    other = await backend.open()  # another process retrying the same upload
+    try:
+        await other.add_attachment(info, b"first")
+    finally:
+        await other.aclose()
+    assert await repo.get_attachment(info.attachment_id) == info
+    assert await repo.attachment_data(info.attachment_id) == b"first"
+    assert await repo.session_attachments(sid, [info.attachment_id]) == [info]
+
+
+async def test_a_deleted_or_unknown_session_takes_no_file(repo: Storage, backend: Backend) -> None:
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    assert await repo.delete_session(sid)
+    for session in (sid, str(uuid.uuid4())):
+        info = attachment(session, b"late")
+        with pytest.raises(SessionDeleted):
+            await repo.add_attachment(info, b"late")
+        assert await repo.get_attachment(info.attachment_id) is None
+        assert await repo.attachment_data(info.attachment_id) is None
+    assert objects_left(backend) in (None, set())
+
+
+async def test_a_sessions_files_are_read_in_the_order_asked_and_no_others(repo: Storage) -> None:
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (sid, other):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    first, second, third = (attachment(sid, bytes([n])) for n in range(3))
+    elsewhere = attachment(other, b"theirs")
+    for info in (first, second, third, elsewhere):
+        await repo.add_attachment(info, b"x")
+    asked = [third.attachment_id, elsewhere.attachment_id, str(uuid.uuid4()), "not a uuid"]
+    asked += [first.attachment_id.upper(), third.attachment_id]
+    assert await repo.session_attachments(sid, asked) == [third, first]
+    assert await repo.session_attachments(sid, []) == []
+    assert await repo.session_attachments(other, asked) == [elsewhere]
+
+
+async def test_only_unused_files_older_than_the_bound_expire(repo: Storage, backend: Backend) -> None:
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (sid, other):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    day = timedelta(days=1)
+    old_unused = [attachment(sid, b"old", age=2 * day + timedelta(minutes=n)) for n in range(3)]
+    old_used, recent = attachment(sid, b"named", age=3 * day), attachment(sid, b"new", age=day / 2)
+    marked_by_another_session = attachment(other, b"theirs", age=2 * day)
+    for info in (*old_unused, old_used, recent, marked_by_another_session):
+        await repo.add_attachment(info, info.name.encode())
+    # A message of `sid` names its file and, wrongly, the other session's: only its own is marked.
+    await repo.mark_attachments_used(sid, [old_used.attachment_id, marked_by_another_session.attachment_id, "x"])
+    await repo.mark_attachments_used(sid, [old_used.attachment_id])  # again: no change
+    stored_used = await repo.get_attachment(old_used.attachment_id)
+    assert stored_used is not None and stored_used.used
+    assert not (await session_file(repo, marked_by_another_session.attachment_id)).used
+
+    bound = datetime.now(UTC) - day
+    assert await repo.delete_unused_attachments(bound, limit=2) == 2
+    assert await repo.delete_unused_attachments(bound, limit=10) == 2
+    assert await repo.delete_unused_attachments(bound, limit=10) == 0
+    for gone in (*old_unused, marked_by_another_session):
+        assert await repo.get_attachment(gone.attachment_id) is None
+        assert await repo.attachment_data(gone.attachment_id) is None
+    for kept in (old_used, recent):
+        assert await repo.attachment_data(kept.attachment_id) == kept.name.encode()
+    assert objects_left(backend) in (None, {f"{sid}/{old_used.attachment_id}", f"{sid}/{recent.attachment_id}"})
+
+
+async def session_file(repo: Storage, attachment_id: str) -> AttachmentInfo:
+    info = await repo.get_attachment(attachment_id)
+    assert info is not None
+    return info
+
+
+async def test_deleting_a_session_removes_its_files(repo: Storage, backend: Backend) -> None:
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (sid, other):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    mine = [attachment(sid, b"mine") for _ in range(3)]
+    theirs = attachment(other, b"theirs")
+    for info in (*mine, theirs):
+        await repo.add_attachment(info, b"bytes")
+    await repo.mark_attachments_used(sid, [mine[0].attachment_id])
+    assert await repo.delete_session(sid)
+    for gone in mine:
+        assert await repo.get_attachment(gone.attachment_id) is None
+        assert await repo.attachment_data(gone.attachment_id) is None
+    assert await repo.session_attachments(sid, [info.attachment_id for info in mine]) == []
+    assert await repo.attachment_data(theirs.attachment_id) == b"bytes"
+    assert objects_left(backend) in (None, {f"{other}/{theirs.attachment_id}"})
+
+
+@pytest.fixture
+async def supabase_files(tmp_path: Path) -> AsyncIterator[tuple[FakeSupabaseStorage, Storage]]:
+    """Supabase, with its Storage stand-in (the other backends keep the bytes in their table)."""
+    async with open_backend("supabase", tmp_path) as opened:
+        assert opened.storage is not None
+        repository = await opened.open()
+        yield opened.storage, repository
+        await repository.aclose()
+
+
+async def test_a_session_deleted_with_many_files_has_every_object_removed(
+    supabase_files: tuple[FakeSupabaseStorage, Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, repo = supabase_files
+    monkeypatch.setattr(supabase_storage, "OBJECT_PAGE_SIZE", 2)  # listed and removed in pages
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    for _ in range(5):
+        await repo.add_attachment(attachment(sid, b"x"), b"x")
+    assert len(storage.paths()) == 5
+    assert await repo.delete_session(sid)
+    assert storage.paths() == set()
+
+
+async def test_supabase_storage_failing_for_a_moment_is_retried(
+    supabase_files: tuple[FakeSupabaseStorage, Storage],
+) -> None:
+    storage, repo = supabase_files
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    info = attachment(sid, b"bytes")
+    storage.fail_next(1)
+    await repo.add_attachment(info, b"bytes")
+    storage.fail_next(1)
+    assert await repo.attachment_data(info.attachment_id) == b"bytes"
+    assert storage.content_types == {(BUCKET, f"{sid}/{info.attachment_id}"): "image/png"}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [SQLITE_SCHEMA_V1, SQLITE_SCHEMA_V3, SQLITE_SCHEMA_V4],
+    ids=["version 1", "version 3", "version 4"],
+)
+async def test_an_sqlite_file_of_an_earlier_version_gets_attachments_its_rows_kept(tmp_path: Path, schema: str) -> None:
+    assert "attachments" not in SQLITE_SCHEMA_V4
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(schema + OLD_ROWS)
+    answered = "00000000-0000-4000-8000-00000000000a"
+    events_before = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id")
+    opened = await asyncio.gather(*(SqliteRepository.open(path, retry_seconds=1) for _ in range(2)))
+    try:
+        info = attachment(answered, b"file")
+        await opened[0].add_attachment(info, b"file")
+        assert await opened[1].attachment_data(info.attachment_id) == b"file"
+        assert await opened[1].session_attachments(answered, [info.attachment_id]) == [info]
+        assert await opened[0].delete_session(answered)
+        assert await opened[1].get_attachment(info.attachment_id) is None
+    finally:
+        for repo in opened:
+            await repo.aclose()
+    events_after = await asyncio.to_thread(sqlite_rows, path, "SELECT * FROM events ORDER BY event_id")
+    kept = [event for event in events_before if event["session_id"] != answered]
+    assert [{name: row[name] for name in old} for old, row in zip(kept, events_after, strict=True)] == kept
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SQLITE_SCHEMA_VERSION,)
+        assert {r[2] for r in db.execute("PRAGMA foreign_key_list(attachments)")} == {"sessions"}
+        assert {r[1] for r in db.execute("PRAGMA index_list(attachments)")} >= {
+            "attachments_by_session",
+            "attachments_unused_by_age",
+        }
+        assert len(db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()) == 7
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+async def test_the_attachment_operations_are_timed_by_name(tmp_path: Path) -> None:
+    metrics = RecordedMetrics()
+    repo = MeasuredRepository(await SqliteRepository.open(tmp_path / "timed.db", retry_seconds=1), metrics)
+    try:
+        sid = str(uuid.uuid4())
+        await repo.ensure_session(sid, None, datetime.now(UTC))
+        info = attachment(sid, b"x")
+        await repo.add_attachment(info, b"x")
+        await repo.get_attachment(info.attachment_id)
+        await repo.attachment_data(info.attachment_id)
+        await repo.session_attachments(sid, [info.attachment_id])
+        await repo.mark_attachments_used(sid, [info.attachment_id])
+        await repo.delete_unused_attachments(datetime.now(UTC), 10)
+    finally:
+        await repo.aclose()
+    assert metrics.operations[1:] == [
+        "add_attachment",
+        "get_attachment",
+        "attachment_data",
+        "session_attachments",
+        "mark_attachments_used",
+        "delete_unused_attachments",
+    ]
+
+
+async def test_supabase_without_the_attachments_migration_refuses_files_and_says_which(
+    supabase_files: tuple[FakeSupabaseStorage, Storage],
+) -> None:
+    storage, repo = supabase_files
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    storage.buckets.clear()  # a project where the bucket was never made
+    with pytest.raises(StorageRefused, match=re.escape("apply supabase/migrations/20261212000000_attachments.sql")):
+        await repo.add_attachment(attachment(sid, b"x"), b"x")

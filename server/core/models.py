@@ -65,6 +65,15 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class AttachmentRef(BaseModel):
+    """A file as a message names it: what clients are shown of it (its bytes are read apart)."""
+
+    attachment_id: str
+    name: str
+    mime_type: str
+    size: int
+
+
 def _error_from_storage(value: object) -> object:
     # Stored as JSON text (SQLite, asyncpg's jsonb) or as an object (PostgREST).
     return json.loads(value) if isinstance(value, str) else value
@@ -86,6 +95,7 @@ class EventDraft(BaseModel):
     timestamp: datetime
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
+    attachments: tuple[AttachmentRef, ...] | None = None  # a user_message's files
 
 
 class StoredEvent(BaseModel):
@@ -99,8 +109,9 @@ class StoredEvent(BaseModel):
     event_key: str | None = None
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
+    attachments: list[AttachmentRef] | None = None  # a user_message's files
 
-    _parse_error = field_validator("error", mode="before")(_error_from_storage)
+    _parse_error = field_validator("error", "attachments", mode="before")(_error_from_storage)
 
     def public(self) -> dict[str, JSONValue]:
         """The shape of `history` items and of `GET /api/sessions/{id}/events`."""
@@ -113,12 +124,19 @@ class StoredEvent(BaseModel):
         if self.event_type is EventType.AI_MESSAGE:
             body["finish_reason"] = self.finish_reason
             body["error"] = self.error.model_dump() if self.error is not None else None
+        elif self.event_type is EventType.USER_MESSAGE:
+            body["attachments"] = [ref.model_dump() for ref in self.attachments or ()]
         return body
 
 
 def error_json(error: ErrorInfo | None) -> str | None:
     """`error` as storage keeps it: JSON text."""
     return error.model_dump_json() if error is not None else None
+
+
+def attachments_json(refs: tuple[AttachmentRef, ...] | None) -> str | None:
+    """A user message's `attachments` as storage keeps them: JSON text (None without any)."""
+    return json.dumps([ref.model_dump() for ref in refs]) if refs else None
 
 
 class Usage(BaseModel):
@@ -149,6 +167,7 @@ class UserMessageEvent(WireEvent):
     event_id: int | None
     text: str
     client_message_id: str | None
+    attachments: list[AttachmentRef] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 from server.core.errors import TurnErrorCode
 from server.core.models import (
     ActiveTurn,
+    AttachmentRef,
     ErrorInfo,
     EventDraft,
     FinishReason,
@@ -27,6 +28,7 @@ from server.core.models import (
 @dataclass(frozen=True)
 class UserText:
     text: str
+    files: tuple[AttachmentRef, ...] = ()  # the message's attachments (their bytes are read apart)
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,50 @@ class Repository(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class AttachmentInfo:
+    """A file uploaded to a session (its bytes are read apart: `AttachmentStore.attachment_data`)."""
+
+    attachment_id: str  # a UUID made by the service
+    session_id: str
+    name: str  # the client's file name, as given (trimmed, at most 255 characters)
+    mime_type: str  # decided from the content
+    size: int
+    sha256: str  # hex
+    created_at: datetime
+    used: bool = False  # a stored message names it (then it never expires)
+
+
+class AttachmentStore(Protocol):
+    """Files uploaded to sessions. Writes are idempotent (same attachment_id: a no-op).
+
+    An id that is not a UUID names no file: reads give nothing, and nothing is written."""
+
+    async def add_attachment(self, info: AttachmentInfo, data: bytes) -> None:
+        """Store the file's bytes and row; SessionDeleted when the session is deleted (or unknown)."""
+        ...
+
+    async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None: ...
+
+    async def attachment_data(self, attachment_id: str) -> bytes | None: ...
+
+    async def session_attachments(self, session_id: str, attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+        """Those of the ids that are uploads of this session, in the order asked (others left out)."""
+        ...
+
+    async def mark_attachments_used(self, session_id: str, attachment_ids: Sequence[str]) -> None:
+        """The session's uploads among the ids are named by a stored message: they never expire."""
+        ...
+
+    async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
+        """Delete uploads no message names, made before `created_before` (at most `limit`); how many."""
+        ...
+
+
+class Storage(Repository, AttachmentStore, Protocol):
+    """What every storage backend is: sessions, their events, and their files."""
 
 
 class Outbox(Protocol):

@@ -4,20 +4,20 @@ depth of the local durable queue after every change."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
 from server.core.models import EventDraft, Session, StoredEvent
-from server.core.ports import EventPage, Metrics, Outbox, Repository, SessionCursor
+from server.core.ports import AttachmentInfo, EventPage, Metrics, Outbox, SessionCursor, Storage
 
 T = TypeVar("T")
 
 
 class MeasuredRepository:
-    """A Repository that reports how long each operation took, by its name."""
+    """A Repository (and AttachmentStore) that reports how long each operation took, by its name."""
 
-    def __init__(self, repo: Repository, metrics: Metrics) -> None:
+    def __init__(self, repo: Storage, metrics: Metrics) -> None:
         self._repo = repo
         self._metrics = metrics
 
@@ -81,6 +81,26 @@ class MeasuredRepository:
 
     async def turn_events(self, session_id: str, turn_id: str) -> list[StoredEvent]:
         return await self._timed("turn_events", self._repo.turn_events(session_id, turn_id))
+
+    async def add_attachment(self, info: AttachmentInfo, data: bytes) -> None:
+        await self._timed("add_attachment", self._repo.add_attachment(info, data))
+
+    async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None:
+        return await self._timed("get_attachment", self._repo.get_attachment(attachment_id))
+
+    async def attachment_data(self, attachment_id: str) -> bytes | None:
+        return await self._timed("attachment_data", self._repo.attachment_data(attachment_id))
+
+    async def session_attachments(self, session_id: str, attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+        return await self._timed("session_attachments", self._repo.session_attachments(session_id, attachment_ids))
+
+    async def mark_attachments_used(self, session_id: str, attachment_ids: Sequence[str]) -> None:
+        await self._timed("mark_attachments_used", self._repo.mark_attachments_used(session_id, attachment_ids))
+
+    async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
+        return await self._timed(
+            "delete_unused_attachments", self._repo.delete_unused_attachments(created_before, limit)
+        )
 
     async def ping(self) -> None:
         await self._timed("ping", self._repo.ping())

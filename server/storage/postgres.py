@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -13,20 +13,25 @@ from urllib.parse import urlparse
 import asyncpg
 
 from server.config import UnusableSetting
-from server.core.models import EventDraft, Session, StoredEvent, error_json
-from server.core.ports import EventPage, SessionCursor, StorageUnavailable
+from server.core.models import EventDraft, Session, StoredEvent, attachments_json, error_json
+from server.core.ports import AttachmentInfo, EventPage, SessionCursor, SessionDeleted, StorageUnavailable
 from server.storage import dsn as dsn_text
 from server.storage.retry import cause, with_retries
 from server.storage.rows import (
+    ATTACHMENT_COLUMNS,
     CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     INSERTED_EVENT_COLUMNS,
     SESSION_COLUMNS,
+    attachment_key,
+    attachment_keys,
     columns,
     event_page,
+    in_asked_order,
     insert_or_existing,
     storable,
     stored_event,
+    to_attachment,
     to_event,
     to_session,
 )
@@ -39,7 +44,7 @@ _EVENT_COLUMNS = columns(EVENT_COLUMNS)
 _SESSION_COLUMNS = columns(SESSION_COLUMNS)
 _INSERT_EVENT = (
     f"INSERT INTO events ({columns(INSERTED_EVENT_COLUMNS)})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb) ON CONFLICT (session_id, event_key) DO NOTHING"
     f" RETURNING {_EVENT_COLUMNS}"
 )
 # A user's sessions after a cursor: one keyset query on sessions_by_user_updated. No cursor is a
@@ -57,11 +62,25 @@ _PAGE_EVENTS = (
     " AND event_id > coalesce($2::bigint, -1) AND event_id < coalesce($3::bigint, 9223372036854775807)"
     " ORDER BY event_id {direction} LIMIT $4"
 )
-# One statement: the trigger sessions_deleted_events_removed removes the events in it.
+# One statement: triggers (sessions_deleted_events_removed, sessions_deleted_attachments_removed)
+# remove the events and files in it.
 _DELETE_SESSION = (
     "UPDATE sessions SET deleted_at = now(), "
     + columns(tuple(f"{name} = NULL" for name in CLEARED_WHEN_DELETED))
     + " WHERE session_id = $1 AND deleted_at IS NULL RETURNING session_id"
+)
+_ATTACHMENT_COLUMNS = columns(ATTACHMENT_COLUMNS)
+# The trigger attachments_need_live_session skips the row when the session is not live.
+_INSERT_ATTACHMENT = (
+    f"INSERT INTO attachments ({_ATTACHMENT_COLUMNS}, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT (attachment_id) DO NOTHING RETURNING attachment_id"
+)
+# One statement: a row marked used meanwhile is not deleted (its row lock is waited for, then
+# `used` read again).
+_DELETE_UNUSED_ATTACHMENTS = (
+    "DELETE FROM attachments WHERE attachment_id IN (SELECT attachment_id FROM attachments"
+    " WHERE NOT used AND created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    " AND NOT used RETURNING attachment_id"
 )
 # Only one process applies the migrations at a time (several may start together).
 _MIGRATION_LOCK = 7_305_921_116
@@ -269,6 +288,7 @@ class PostgresRepository:
                     draft.event_key,
                     draft.finish_reason,
                     error_json(draft.error),
+                    attachments_json(draft.attachments),
                 )
                 return to_event(row) if row else None
 
@@ -441,6 +461,87 @@ class PostgresRepository:
             return [to_event(row) for row in rows]
 
         return await self._retrying(op, "list turn events")
+
+    async def add_attachment(self, info: AttachmentInfo, data: bytes) -> None:
+        key = attachment_key(info.attachment_id)
+        if key is None:
+            raise ValueError("an attachment id is a UUID")
+
+        async def op(conn: asyncpg.Connection) -> None:
+            inserted = await conn.fetchval(
+                _INSERT_ATTACHMENT,
+                key,
+                info.session_id,
+                storable(info.name),
+                info.mime_type,
+                info.size,
+                info.sha256,
+                info.created_at,
+                info.used,
+                data,
+            )
+            # Nothing inserted: stored before (a retry), or skipped (no live session).
+            if (
+                inserted is None
+                and await conn.fetchval("SELECT 1 FROM attachments WHERE attachment_id = $1", key) is None
+            ):
+                raise SessionDeleted(info.session_id)
+
+        await self._retrying(op, "add attachment")
+
+    async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None:
+        if (key := attachment_key(attachment_id)) is None:
+            return None
+
+        async def op(conn: asyncpg.Connection) -> AttachmentInfo | None:
+            row = await conn.fetchrow(f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE attachment_id = $1", key)
+            return to_attachment(row) if row else None
+
+        return await self._retrying(op, "read attachment")
+
+    async def attachment_data(self, attachment_id: str) -> bytes | None:
+        if (key := attachment_key(attachment_id)) is None:
+            return None
+
+        async def op(conn: asyncpg.Connection) -> bytes | None:
+            data = await conn.fetchval("SELECT data FROM attachments WHERE attachment_id = $1", key)
+            return bytes(data) if data is not None else None
+
+        return await self._retrying(op, "read attachment data")
+
+    async def session_attachments(self, session_id: str, attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+        if not (keys := attachment_keys(attachment_ids)):
+            return []
+
+        async def op(conn: asyncpg.Connection) -> list[AttachmentInfo]:
+            rows = await conn.fetch(
+                f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments"
+                " WHERE session_id = $1 AND attachment_id = ANY($2::uuid[])",
+                session_id,
+                keys,
+            )
+            return in_asked_order([to_attachment(row) for row in rows], keys)
+
+        return await self._retrying(op, "read session attachments")
+
+    async def mark_attachments_used(self, session_id: str, attachment_ids: Sequence[str]) -> None:
+        if not (keys := attachment_keys(attachment_ids)):
+            return
+
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE attachments SET used = true WHERE session_id = $1 AND attachment_id = ANY($2::uuid[])",
+                session_id,
+                keys,
+            )
+
+        await self._retrying(op, "mark attachments used")
+
+    async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
+        async def op(conn: asyncpg.Connection) -> int:
+            return len(await conn.fetch(_DELETE_UNUSED_ATTACHMENTS, created_before, limit))
+
+        return await self._retrying(op, "delete unused attachments")
 
     async def ping(self) -> None:
         async with self._ready_pool().acquire(timeout=2) as conn:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from server.core.models import Session, StoredEvent
-from server.core.ports import EventPage, SessionDeleted
+from server.core.ports import AttachmentInfo, EventPage, SessionDeleted
 
 T = TypeVar("T")
 
@@ -21,6 +23,7 @@ EVENT_COLUMNS = (
     "event_key",
     "finish_reason",
     "error",
+    "attachments",
 )
 INSERTED_EVENT_COLUMNS = EVENT_COLUMNS[1:]  # event_id is storage's to give
 SESSION_COLUMNS = (
@@ -36,6 +39,7 @@ SESSION_COLUMNS = (
     "context_summary",
     "context_upto",
 )
+ATTACHMENT_COLUMNS = ("attachment_id", "session_id", "name", "mime_type", "size", "sha256", "created_at", "used")
 # What deleting a session sets besides `deleted_at`: it keeps only its id, user and start.
 CLEARED_WHEN_DELETED = (
     "title",
@@ -99,3 +103,38 @@ def event_page(rows: list[StoredEvent], limit: int, *, ascending: bool) -> Event
     """A page from `limit + 1` rows read in the direction asked: the extra one only says `more`."""
     events = rows[:limit]
     return EventPage(events=events if ascending else events[::-1], more=len(rows) > limit)
+
+
+def to_attachment(row: Any) -> AttachmentInfo:
+    created = row["created_at"]
+    return AttachmentInfo(
+        attachment_id=str(row["attachment_id"]),
+        session_id=str(row["session_id"]),
+        name=row["name"],
+        mime_type=row["mime_type"],
+        size=int(row["size"]),
+        sha256=row["sha256"],
+        created_at=created if isinstance(created, datetime) else datetime.fromisoformat(created),
+        used=bool(row["used"]),
+    )
+
+
+def attachment_key(attachment_id: str) -> str | None:
+    """The id as stored (a UUID's canonical text), or None when it is not a UUID: then it names no
+    file, and a database whose column is a uuid is not asked (it would refuse the text)."""
+    try:
+        return str(uuid.UUID(attachment_id))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def attachment_keys(attachment_ids: Sequence[str]) -> list[str]:
+    """The ids as stored, once each, in the order given; those that are not UUIDs left out."""
+    keys = (attachment_key(attachment_id) for attachment_id in attachment_ids)
+    return list(dict.fromkeys(key for key in keys if key is not None))
+
+
+def in_asked_order(found: Sequence[AttachmentInfo], attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+    """`found` (in any order) in the order of the ids asked, each once."""
+    by_key = {info.attachment_id: info for info in found}
+    return [by_key[key] for key in attachment_keys(attachment_ids) if key in by_key]

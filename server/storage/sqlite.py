@@ -7,24 +7,29 @@ import contextlib
 import fcntl
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
 
-from server.core.models import EventDraft, Session, StoredEvent, error_json
-from server.core.ports import EventPage, SessionCursor
+from server.core.models import EventDraft, Session, StoredEvent, attachments_json, error_json
+from server.core.ports import AttachmentInfo, EventPage, SessionCursor, SessionDeleted
 from server.storage.retry import with_retries
 from server.storage.rows import (
+    ATTACHMENT_COLUMNS,
     CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     INSERTED_EVENT_COLUMNS,
     SESSION_COLUMNS,
+    attachment_key,
+    attachment_keys,
     columns,
     event_page,
+    in_asked_order,
     insert_or_existing,
     stored_event,
+    to_attachment,
     to_event,
     to_session,
 )
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # One definition of the tables (read at import, before any event loop runs).
 SCHEMA = (Path(__file__).with_name("sqlite_schema.sql")).read_text("utf-8")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 # The one text format of `updated_at` and `deleted_at` (see sqlite_schema.sql): what SQLite's
 # strftime writes, and what every moment compared with them is turned into (`_stamp_ms`).
 _NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
@@ -112,8 +117,30 @@ PRAGMA user_version = 4;
 COMMIT;
 """
 
+# Version 4 -> 5: files uploaded to sessions. Everything in SCHEMA is "if not exists": only the
+# attachments table, its indexes and its triggers are new.
+_ADD_ATTACHMENTS = f"""
+BEGIN;
+{SCHEMA}
+PRAGMA user_version = 5;
+COMMIT;
+"""
+# Version 5 -> 6: a user message's files. Every older path that kept its events table (some set
+# the version straight to the newest) needs it too: see `_add_message_attachments`.
+_MESSAGE_ATTACHMENTS = f"""
+BEGIN;
+ALTER TABLE events ADD COLUMN attachments TEXT;
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
 _EVENT_COLUMNS = columns(EVENT_COLUMNS)
 _SESSION_COLUMNS = columns(SESSION_COLUMNS)
+_ATTACHMENT_COLUMNS = columns(ATTACHMENT_COLUMNS)
+_INSERT_ATTACHMENT = (
+    f"INSERT INTO attachments ({_ATTACHMENT_COLUMNS}, data) VALUES ({', '.join('?' * (len(ATTACHMENT_COLUMNS) + 1))})"
+    " ON CONFLICT (attachment_id) DO NOTHING"
+)
 _INSERT_EVENT = (
     f"INSERT INTO events ({columns(INSERTED_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(INSERTED_EVENT_COLUMNS))})"
     " ON CONFLICT (session_id, event_key) DO NOTHING"
@@ -146,14 +173,26 @@ async def migrate(db: aiosqlite.Connection) -> None:
         await db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         return
     if version == 0:
-        await _rebuild_unversioned(db)
+        await _rebuild_unversioned(db)  # events rebuilt from SCHEMA: every column
         return
     if version == 1:
         await db.executescript(_ADD_OPEN_TURNS)
-    if version < 3:  # the rebuilt table has every later column too
+    if version < 3:  # the rebuilt sessions table has every later column too; events do not
         await _with_pragmas(db, _REBUILD_SESSIONS, foreign_keys="OFF", legacy_alter_table="ON")
-        return
-    await db.executescript(_ADD_CONTEXT_SUMMARY)
+    if version == 3:
+        await db.executescript(_ADD_CONTEXT_SUMMARY)
+    if version < 5:
+        await db.executescript(_ADD_ATTACHMENTS)
+    await _add_message_attachments(db)
+
+
+async def _add_message_attachments(db: aiosqlite.Connection) -> None:
+    events = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(events)")}
+    if "attachments" in events:
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.commit()
+    else:
+        await db.executescript(_MESSAGE_ATTACHMENTS)
 
 
 async def _rebuild_unversioned(db: aiosqlite.Connection) -> None:
@@ -197,6 +236,10 @@ async def _prepare(db: aiosqlite.Connection, path: Path, retry_seconds: float) -
 def _transient(exc: BaseException) -> bool:
     # "database is locked" / "disk I/O error": another writer or the disk, worth retrying.
     return isinstance(exc, sqlite3.OperationalError)
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
 
 
 def _stamp(moment: datetime) -> str:
@@ -266,6 +309,7 @@ class SqliteRepository:
             draft.event_key,
             draft.finish_reason,
             error_json(draft.error),
+            attachments_json(draft.attachments),
         )
 
         # Without RETURNING the insert is one SQLite step, hence one GIL hand-back from the thread.
@@ -348,7 +392,8 @@ class SqliteRepository:
         return to_session(rows[0]) if rows else None
 
     async def delete_session(self, session_id: str) -> bool:
-        # One statement: a trigger (sessions_deleted_events_removed) removes the events in it.
+        # One statement: triggers (sessions_deleted_events_removed, sessions_deleted_attachments_removed)
+        # remove the events and files in it.
         cleared = columns(tuple(f"{name} = NULL" for name in CLEARED_WHEN_DELETED))
         rows = await self._run(
             f"UPDATE sessions SET deleted_at = {_NOW}, {cleared} WHERE session_id = ? AND deleted_at IS NULL"
@@ -418,6 +463,79 @@ class SqliteRepository:
             "list turn events",
         )
         return [to_event(row) for row in rows]
+
+    async def add_attachment(self, info: AttachmentInfo, data: bytes) -> None:
+        key = attachment_key(info.attachment_id)
+        if key is None:
+            raise ValueError("an attachment id is a UUID")
+        values = (
+            key,
+            info.session_id,
+            info.name,
+            info.mime_type,
+            info.size,
+            info.sha256,
+            _stamp(info.created_at),
+            int(info.used),
+            data,
+        )
+
+        async def attempt() -> int:
+            return (await self._db.execute(_INSERT_ATTACHMENT, values)).rowcount
+
+        inserted = await with_retries(
+            attempt, transient=_transient, what="add attachment", budget_seconds=self._retry_seconds
+        )
+        # Nothing inserted: stored before (a retry), or the trigger skipped it (no live session).
+        if inserted != 1 and await self.get_attachment(key) is None:
+            raise SessionDeleted(info.session_id)
+
+    async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None:
+        rows = await self._run(
+            f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE attachment_id = ?",
+            (attachment_key(attachment_id),),
+            "read attachment",
+        )
+        return to_attachment(rows[0]) if rows else None
+
+    async def attachment_data(self, attachment_id: str) -> bytes | None:
+        rows = await self._run(
+            "SELECT data FROM attachments WHERE attachment_id = ?",
+            (attachment_key(attachment_id),),
+            "read attachment data",
+        )
+        return bytes(rows[0]["data"]) if rows else None
+
+    async def session_attachments(self, session_id: str, attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+        keys = attachment_keys(attachment_ids)
+        if not keys:
+            return []
+        rows = await self._run(
+            f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE session_id = ?"
+            f" AND attachment_id IN ({_marks(len(keys))})",
+            (session_id, *keys),
+            "read session attachments",
+        )
+        return in_asked_order([to_attachment(row) for row in rows], keys)
+
+    async def mark_attachments_used(self, session_id: str, attachment_ids: Sequence[str]) -> None:
+        keys = attachment_keys(attachment_ids)
+        if keys:
+            await self._run(
+                f"UPDATE attachments SET used = 1 WHERE session_id = ? AND attachment_id IN ({_marks(len(keys))})",
+                (session_id, *keys),
+                "mark attachments used",
+            )
+
+    async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
+        # One statement: a row marked used meanwhile is not deleted (attachments_unused_by_age).
+        rows = await self._run(
+            "DELETE FROM attachments WHERE attachment_id IN (SELECT attachment_id FROM attachments"
+            " WHERE used = 0 AND created_at < ? ORDER BY created_at LIMIT ?) RETURNING attachment_id",
+            (_stamp(created_before), limit),
+            "delete unused attachments",
+        )
+        return len(rows)
 
     async def ping(self) -> None:
         await self._db.execute_fetchall("SELECT 1")

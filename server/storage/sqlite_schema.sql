@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
     event_key     TEXT NOT NULL DEFAULT ('external:' || lower(hex(randomblob(16)))),
     finish_reason TEXT,
     error         TEXT,
+    attachments   TEXT,
     UNIQUE (session_id, event_key)
 );
 CREATE INDEX IF NOT EXISTS events_session_order ON events (session_id, event_id);
@@ -71,4 +72,33 @@ CREATE TRIGGER IF NOT EXISTS sessions_deleted_events_removed AFTER UPDATE OF del
     WHEN OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL
 BEGIN
     DELETE FROM events WHERE session_id = NEW.session_id;
+END;
+-- Files uploaded to a session, bytes included. `created_at` in one fixed format (UTC,
+-- microseconds), so that comparing the text orders the moments. `used`: a stored message names it.
+CREATE TABLE IF NOT EXISTS attachments (
+    attachment_id TEXT PRIMARY KEY,
+    session_id    TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    mime_type     TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    sha256        TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    used          INTEGER NOT NULL DEFAULT 0,
+    data          BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attachments_by_session ON attachments (session_id);
+-- The expiry scan: uploads no message names, oldest first.
+CREATE INDEX IF NOT EXISTS attachments_unused_by_age ON attachments (used, created_at);
+-- Only a live session takes files: for a deleted (or unknown) one the row is skipped, the
+-- statement succeeds having stored nothing.
+CREATE TRIGGER IF NOT EXISTS attachments_of_deleted_session_refused BEFORE INSERT ON attachments
+    WHEN NOT EXISTS (SELECT 1 FROM sessions WHERE session_id = NEW.session_id AND deleted_at IS NULL)
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+-- A session's files go in the statement that deletes it, with its events.
+CREATE TRIGGER IF NOT EXISTS sessions_deleted_attachments_removed AFTER UPDATE OF deleted_at ON sessions
+    WHEN OLD.deleted_at IS NULL AND NEW.deleted_at IS NOT NULL
+BEGIN
+    DELETE FROM attachments WHERE session_id = NEW.session_id;
 END;

@@ -4,12 +4,16 @@ The server must hold the project's service-role key: it bypasses row level secur
 users read only their own rows (supabase/migrations). postgrest-py's own retry is off, so tenacity
 is the one retry policy, and every insert is an upsert that ignores duplicates, so a retry after a
 lost answer stores nothing twice.
+
+Files uploaded to sessions: their rows in `attachments` (PostgREST), their bytes in Supabase Storage,
+private bucket `attachments` (20261212000000_attachments.sql creates it), object
+`{session_id}/{attachment_id}`, through the same client's storage API.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -18,20 +22,34 @@ import jwt
 from postgrest import ReturnMethod
 from postgrest.exceptions import APIError
 from postgrest.utils import sanitize_param
+from storage3.exceptions import StorageApiError
+from storage3.types import FileOptions
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from server.core.models import EventDraft, Session, StoredEvent
-from server.core.ports import EventPage, SessionCursor, StorageRefused
-from server.storage.retry import with_retries
+from server.core.ports import (
+    AttachmentInfo,
+    EventPage,
+    SessionCursor,
+    SessionDeleted,
+    StorageRefused,
+    StorageUnavailable,
+)
+from server.storage.retry import cause, with_retries
 from server.storage.rows import (
+    ATTACHMENT_COLUMNS,
     CLEARED_WHEN_DELETED,
     EVENT_COLUMNS,
     SESSION_COLUMNS,
+    attachment_key,
+    attachment_keys,
     columns,
     event_page,
+    in_asked_order,
     insert_or_existing,
     storable,
     stored_event,
+    to_attachment,
     to_event,
     to_session,
 )
@@ -41,6 +59,12 @@ T = TypeVar("T")
 
 _EVENT_COLUMNS = columns(EVENT_COLUMNS, ",")
 _SESSION_COLUMNS = columns(SESSION_COLUMNS, ",")
+_ATTACHMENT_COLUMNS = columns(ATTACHMENT_COLUMNS, ",")
+BUCKET = "attachments"
+# What Storage failing looks like once the retries are spent (or at once, when not transient).
+_STORAGE_FAILURES = (StorageUnavailable, StorageApiError, httpx.HTTPError)
+# Objects listed (then removed) per request when a session is deleted.
+OBJECT_PAGE_SIZE = 1000
 # Supabase caps a response at 1,000 rows by default: history is read in pages.
 PAGE_SIZE = 1000
 _TRANSIENT_CODES = frozenset(
@@ -51,10 +75,20 @@ _TRANSIENT_CODES = frozenset(
 def transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
+    if isinstance(exc, StorageApiError):  # Storage's own status, or the HTTP one
+        return str(exc.status).isdigit() and int(str(exc.status)) >= 500
     if isinstance(exc, APIError):
         code = str(exc.code or "")
         return code in _TRANSIENT_CODES or code.startswith(("08", "53", "57P"))
     return False
+
+
+def _without_attachments(exc: APIError | StorageApiError) -> bool:
+    """The project lacks what the attachments migration makes: the table (PostgREST's PGRST205)
+    or the bucket (Storage's "Bucket not found")."""
+    if isinstance(exc, APIError):
+        return str(exc.code) == "PGRST205"
+    return "bucket not found" in f"{exc.code} {exc.message}".lower()
 
 
 def key_role(key: str) -> str | None:
@@ -80,6 +114,11 @@ _NEWEST_COLUMNS = {
     "deleted_at": "20261208000000_conversations.sql",
     "context_upto": "20261210000000_context_summary.sql",
 }
+_ATTACHMENTS_MIGRATION = "20261212000000_attachments.sql"
+_NEEDS_ATTACHMENTS = (
+    "the attachments table or the Storage bucket `attachments` is missing: "
+    f"apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
+)
 _NEEDS_SERVICE_ROLE = (
     "SUPABASE_KEY has the role {role}, and row level security refuses its writes: the server needs "
     "the service_role key (Supabase dashboard, Project Settings > API Keys: the service_role key, or a "
@@ -154,6 +193,7 @@ class SupabaseRepository:
                         "event_key": draft.event_key,
                         "finish_reason": draft.finish_reason,
                         "error": draft.error.model_dump() if draft.error is not None else None,
+                        "attachments": [ref.model_dump() for ref in draft.attachments] if draft.attachments else None,
                     },
                     on_conflict="session_id,event_key",
                     ignore_duplicates=True,
@@ -268,7 +308,8 @@ class SupabaseRepository:
         return await self._retrying(op, what)
 
     async def delete_session(self, session_id: str) -> bool:
-        # One PATCH, one statement: the trigger sessions_deleted_events_removed removes the events.
+        # One PATCH, one statement: triggers remove the events and the files' rows
+        # (sessions_deleted_events_removed, sessions_deleted_attachments_removed).
         tombstone: dict[str, Any] = dict.fromkeys(CLEARED_WHEN_DELETED)
         tombstone["deleted_at"] = datetime.now(UTC).isoformat()
 
@@ -282,7 +323,30 @@ class SupabaseRepository:
             )
             return bool(response.data)
 
-        return await self._retrying(op, "delete session")
+        deleted = await self._retrying(op, "delete session")
+        # Storage is not in the database's transaction: the objects go after the rows (the trigger
+        # sessions_deleted_attachments_removed), also when the session was deleted already, so that
+        # deleting it again (a retry after a lost answer) removes what a failure left. An upload
+        # racing the delete has its row refused and removes its own object.
+        await self._remove_session_objects(session_id)
+        return deleted
+
+    async def _remove_session_objects(self, session_id: str) -> None:
+        async def op() -> None:
+            while True:
+                listed = await self._bucket().list(session_id, {"limit": OBJECT_PAGE_SIZE})
+                paths = [f"{session_id}/{entry['name']}" for entry in listed]
+                if paths:
+                    await self._bucket().remove(paths)
+                if len(paths) < OBJECT_PAGE_SIZE:
+                    return
+
+        try:
+            await self._retrying(op, "remove a deleted session's files")
+        except _STORAGE_FAILURES as exc:  # the session is deleted all the same: what is left is logged
+            log.warning(
+                "session %s is deleted but its files' Storage objects are not all removed (%s)", session_id, exc
+            )
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op() -> None:
@@ -405,6 +469,134 @@ class SupabaseRepository:
             return [to_event(row) for row in response.data]
 
         return await self._retrying(op, "list turn events")
+
+    def _bucket(self) -> Any:
+        return self._client.storage.from_(BUCKET)
+
+    async def add_attachment(self, info: AttachmentInfo, data: bytes) -> None:
+        key = attachment_key(info.attachment_id)
+        if key is None:
+            raise ValueError("an attachment id is a UUID")
+        path = f"{info.session_id}/{key}"
+        row = {
+            "attachment_id": key,
+            "session_id": info.session_id,
+            "name": storable(info.name),
+            "mime_type": info.mime_type,
+            "size": info.size,
+            "sha256": info.sha256,
+            "created_at": info.created_at.isoformat(),
+            "used": info.used,
+        }
+        options: FileOptions = {"content-type": info.mime_type, "upsert": "true"}
+
+        async def op() -> None:
+            if await self._fetch_attachment(key) is not None:
+                return  # stored before: a retry
+            # The object first, then the row that makes it a file: a row never names missing bytes.
+            await self._bucket().upload(path, data, options)
+            insert = self._client.table("attachments").upsert(row, on_conflict="attachment_id", ignore_duplicates=True)
+            if (await insert.execute()).data or await self._fetch_attachment(key) is not None:
+                return
+            await self._bucket().remove([path])  # the row was refused: the session is not live
+            raise SessionDeleted(info.session_id)
+
+        try:
+            await self._retrying(op, "add attachment")
+        except (APIError, StorageApiError) as exc:
+            if _without_attachments(exc):
+                raise StorageRefused(_NEEDS_ATTACHMENTS) from None
+            raise
+
+    async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None:
+        if (key := attachment_key(attachment_id)) is None:
+            return None
+        return await self._retrying(lambda: self._fetch_attachment(key), "read attachment")
+
+    async def _fetch_attachment(self, key: str) -> AttachmentInfo | None:
+        response = await (
+            self._client.table("attachments").select(_ATTACHMENT_COLUMNS).eq("attachment_id", key).execute()
+        )
+        return to_attachment(response.data[0]) if response.data else None
+
+    async def attachment_data(self, attachment_id: str) -> bytes | None:
+        if (key := attachment_key(attachment_id)) is None:
+            return None
+
+        async def op() -> bytes | None:
+            info = await self._fetch_attachment(key)
+            if info is None:
+                return None
+            try:
+                data: bytes = await self._bucket().download(f"{info.session_id}/{key}")
+            except StorageApiError as exc:
+                if str(exc.status) == "404":  # deleted since the row was read
+                    return None
+                raise
+            return data
+
+        return await self._retrying(op, "read attachment data")
+
+    async def session_attachments(self, session_id: str, attachment_ids: Sequence[str]) -> list[AttachmentInfo]:
+        if not (keys := attachment_keys(attachment_ids)):
+            return []
+
+        async def op() -> list[AttachmentInfo]:
+            response = await (
+                self._client.table("attachments")
+                .select(_ATTACHMENT_COLUMNS)
+                .eq("session_id", session_id)
+                .in_("attachment_id", keys)
+                .execute()
+            )
+            return in_asked_order([to_attachment(row) for row in response.data], keys)
+
+        return await self._retrying(op, "read session attachments")
+
+    async def mark_attachments_used(self, session_id: str, attachment_ids: Sequence[str]) -> None:
+        if not (keys := attachment_keys(attachment_ids)):
+            return
+
+        async def op() -> None:
+            await (
+                self._client.table("attachments")
+                .update({"used": True}, returning=ReturnMethod.minimal)
+                .eq("session_id", session_id)
+                .in_("attachment_id", keys)
+                .execute()
+            )
+
+        await self._retrying(op, "mark attachments used")
+
+    async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
+        async def rows() -> list[Any]:
+            found = await (
+                self._client.table("attachments")
+                .select("attachment_id")
+                .eq("used", False)
+                .lt("created_at", created_before.isoformat())
+                .order("created_at")
+                .limit(limit)
+                .execute()
+            )
+            listed: list[Any] = found.data
+            if not listed:
+                return []
+            # `used` again in the delete: a file a message named meanwhile stays.
+            ids = [str(row["attachment_id"]) for row in listed]
+            deleted = await (
+                self._client.table("attachments").delete().in_("attachment_id", ids).eq("used", False).execute()
+            )
+            return list(deleted.data)
+
+        deleted = await self._retrying(rows, "delete unused attachments")
+        paths = [f"{row['session_id']}/{row['attachment_id']}" for row in deleted]
+        if paths:
+            try:
+                await self._retrying(lambda: self._bucket().remove(paths), "remove unused files")
+            except _STORAGE_FAILURES as exc:  # the rows are gone: the objects left are logged
+                log.warning("%d unused files' Storage objects are not removed (%s)", len(paths), cause(exc))
+        return len(deleted)
 
     async def ping(self) -> None:
         """Whether the key may write: an update that matches no row is refused (permission denied)
