@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     # Tools whose calls wait for a person's approval (names or shell-style patterns, comma-separated).
     tool_approval: str = ""
     tool_approval_timeout_seconds: float = Field(300, gt=0, le=86_400)
+    # Files with a message (Attachments): the largest upload, and how many one message may name.
+    attachment_max_bytes: int = Field(10_485_760, ge=1024)
+    attachments_per_message: int = Field(5, ge=1, le=100)
+    # Not in PROTOCOL.md by name: how old an upload no message names gets before it is deleted (a
+    # day), and how often they are looked for.
+    attachment_unused_seconds: float = Field(86_400, gt=0)
+    attachment_expiry_interval_seconds: float = Field(3600, gt=0)
     message_rate_limit: int = Field(30, gt=0)
     cors_origins: str = DEFAULT_CORS_ORIGINS
     playground: bool = True

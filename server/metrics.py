@@ -53,6 +53,12 @@ STORAGE_OPERATIONS = (
     "due_summaries",
     "open_turns",
     "turn_events",
+    "add_attachment",
+    "get_attachment",
+    "attachment_data",
+    "session_attachments",
+    "mark_attachments_used",
+    "delete_unused_attachments",
     "ping",
 )
 UNKNOWN_TOOL = "unknown"

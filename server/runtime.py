@@ -16,6 +16,7 @@ from server.coordination.local import LocalCoordination
 from server.coordination.quota import RedisQuota
 from server.coordination.redis import RedisCoordination, redis_client
 from server.core.approvals import ApprovalPolicy
+from server.core.attachments import Attachments, UploadExpiry
 from server.core.catalog import SessionCatalog
 from server.core.conversation import ConversationService
 from server.core.limits import Limits
@@ -24,7 +25,7 @@ from server.core.ports import (
     MessageQuota,
     Metrics,
     ModelProvider,
-    Repository,
+    Storage,
     StorageRefused,
     StorageUnavailable,
 )
@@ -56,7 +57,7 @@ class ConfigurationError(RuntimeError):
     """A setting asks for something this build cannot do."""
 
 
-async def open_repository(settings: Settings) -> Repository:
+async def open_repository(settings: Settings) -> Storage:
     if settings.storage_backend == "sqlite":
         return await SqliteRepository.open(settings.sqlite_path, settings.storage_retry_seconds)
     if settings.storage_backend == "postgres":
@@ -193,7 +194,7 @@ class Shared:
 @dataclass
 class Runtime:
     settings: Settings
-    repo: Repository
+    repo: Storage
     provider: ModelProvider
     shared: Shared
     http: httpx.AsyncClient
@@ -201,6 +202,7 @@ class Runtime:
     service: ConversationService
     outbox: SqliteOutbox | None = None
     mcp: McpTools | None = None
+    expiry: UploadExpiry | None = None
 
     @property
     def hub(self) -> RoomHub:
@@ -213,6 +215,10 @@ class Runtime:
     @functools.cached_property
     def catalog(self) -> SessionCatalog:
         return SessionCatalog(self.repo, self.hub, self.service)
+
+    @functools.cached_property
+    def attachments(self) -> Attachments:
+        return Attachments(self.catalog, self.repo)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: PrometheusMetrics) -> Runtime:
@@ -242,6 +248,7 @@ class Runtime:
                 chunk_timestamps=settings.bench_chunk_timestamps,
                 join_history_limit=settings.join_history_limit,
                 context_max_tokens=settings.context_max_tokens,
+                attachments_per_message=settings.attachments_per_message,
             ),
             summary_delay_seconds=settings.summary_delay_seconds,
             summary_retry_seconds=settings.summary_retry_seconds,
@@ -252,6 +259,10 @@ class Runtime:
             approval=ApprovalPolicy.parse(settings.tool_approval, settings.tool_approval_timeout_seconds),
         )
         service.start()
+        expiry = UploadExpiry(
+            repo, tasks, settings.attachment_unused_seconds, settings.attachment_expiry_interval_seconds
+        )
+        expiry.start()
         await shared.serve(service)
         log.info(
             "serving with provider=%s%s storage=%s%s",
@@ -260,7 +271,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, shared, http, tasks, service, outbox, mcp)
+        return cls(settings, repo, provider, shared, http, tasks, service, outbox, mcp, expiry)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -293,6 +304,8 @@ class Runtime:
         if self.mcp is not None:
             await self.mcp.aclose()  # its stdio servers are stopped with it
         await self.service.disconnect_all()
+        if self.expiry is not None:
+            await self.expiry.stop()
         await self.service.close_storage()
         await self.hub.close()
         await self.tasks.drain(self.settings.shutdown_grace_seconds)

@@ -23,6 +23,8 @@ class ErrorCode(StrEnum):
     NO_PENDING_APPROVAL = "no_pending_approval"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"  # HTTP only: no such session
+    TOO_LARGE = "too_large"  # HTTP only: an upload over ATTACHMENT_MAX_BYTES
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # HTTP only: an upload of a type not taken
 
 
 class TurnErrorCode(StrEnum):

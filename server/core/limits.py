@@ -21,3 +21,5 @@ class Limits:
     join_history_limit: int = 1000
     # What one model request may carry of the conversation (PROTOCOL.md, Long conversations).
     context_max_tokens: int = 32_000
+    # Files one message may name (Attachments).
+    attachments_per_message: int = 5

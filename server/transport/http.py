@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -18,7 +19,9 @@ from server.core.models import ErrorInfo, EventType, FinishReason, Session
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.tools.mcp import McpServerState
+from server.transport.playground import CONTENT_SECURITY_POLICY
 from server.transport.tokens import InvalidToken, TokenVerifier, bearer_token
+from server.transport.uploads import UploadRefused, receive_upload
 
 router = APIRouter()
 PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -67,7 +70,9 @@ def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "`invalid_session_id`, or `invalid_payload` for a malformed query parameter",
         401: "`unauthorized`: authentication is on and the Bearer token is missing, invalid or expired",
         403: "`forbidden`: the session belongs to another user",
-        404: "`not_found`: no such session; `session_deleted`: it was deleted",
+        404: "`not_found`: no such session (or file); `session_deleted`: it was deleted",
+        413: "`too_large`: the file is larger than ATTACHMENT_MAX_BYTES",
+        415: "`unsupported_media_type`: the file is no PNG, JPEG, GIF or WebP image, PDF or UTF-8 text",
         503: "`unavailable`: storage is unreachable; retrying is safe",
     }
     return {status: {"model": Refusal, "description": meanings[status]} for status in statuses}
@@ -85,6 +90,8 @@ STATUS = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.SESSION_DELETED: 404,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
 }
 
 
@@ -232,3 +239,53 @@ async def protocol_doc() -> Response:
     if not PROTOCOL_DOC.is_file():
         raise HTTPException(status_code=404, detail={"code": "not_found", "message": "docs/protocol.md is not here"})
     return FileResponse(PROTOCOL_DOC, media_type="text/markdown; charset=utf-8")
+
+
+class AttachmentCreated(BaseModel):
+    attachment_id: str
+    name: str
+    mime_type: str
+    size: int
+
+
+@router.post(
+    "/api/sessions/{session_id}/attachments",
+    status_code=201,
+    response_model=AttachmentCreated,
+    responses=_refusals(400, 401, 403, 404, 413, 415, 503),
+)
+async def upload_attachment(session_id: str, request: Request, caller: Caller) -> JSONResponse:
+    """One file, as `multipart/form-data` in a part named `file`, for a later `message`."""
+    runtime = _runtime(request)
+    with _answered():
+        session_id = await runtime.attachments.check_session(session_id, caller)  # before the body is read
+    try:
+        upload = await receive_upload(request, runtime.settings.attachment_max_bytes)
+    except UploadRefused as refused:
+        # A large rest of the body is never read: the answer closes the connection.
+        detail = {"code": refused.code, "message": refused.message}
+        headers = {} if refused.drained else {"connection": "close"}
+        return JSONResponse({"detail": detail}, status_code=refused.status, headers=headers)
+    with _answered():
+        info = await runtime.attachments.add(session_id, upload.name, upload.data)
+    created = AttachmentCreated(
+        attachment_id=info.attachment_id, name=info.name, mime_type=info.mime_type, size=info.size
+    )
+    return JSONResponse(created.model_dump(), status_code=201)
+
+
+@router.get(
+    "/api/attachments/{attachment_id}",
+    response_class=Response,
+    responses={200: {"description": "the file's bytes, as an attachment"}, **_refusals(401, 403, 404, 503)},
+)
+async def download_attachment(attachment_id: str, request: Request, caller: Caller) -> Response:
+    with _answered():
+        found = await _runtime(request).attachments.read(attachment_id, caller)
+    headers = {
+        "content-disposition": f"attachment; filename*=UTF-8''{quote(found.info.name, safe='')}",
+        "x-content-type-options": "nosniff",
+        "content-security-policy": CONTENT_SECURITY_POLICY,
+        "cache-control": "private, no-cache",
+    }
+    return Response(found.data, media_type=found.info.mime_type, headers=headers)

@@ -1,0 +1,157 @@
+"""Files uploaded to a session and served back: the running server over HTTP, real files made by
+the tests, ownership with authentication on, and the session's deletion taking its files along."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerFactory, TabFactory
+from tests.harness import RunningServer, Tab
+from tests.test_auth import SECRET, token
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PDF = b"%PDF-1.7\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n"
+
+
+async def new_session(server: RunningServer, connect: TabFactory, **join: Any) -> str:
+    tab = await connect(server)
+    session_id: str = (await tab.join(**join))["session"]["session_id"]
+    return session_id
+
+
+async def upload(http: httpx.AsyncClient, session_id: str, name: str, data: bytes, **headers: str) -> httpx.Response:
+    files = {"file": (name, io.BytesIO(data), "application/octet-stream")}
+    return await http.post(f"/api/sessions/{session_id}/attachments", files=files, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "mime_type"),
+    [
+        ("shot.png", PNG, "image/png"),
+        ("photo.jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100), "image/jpeg"),
+        ("paper.pdf", PDF, "application/pdf"),
+        ("notes.txt", "Été, ☀ and a tab\t.\n".encode(), "text/plain"),
+        ("table.csv", b"city,temp\nDelhi,24.5\n", "text/csv"),
+    ],
+)
+async def test_an_upload_is_typed_by_its_content_and_served_back_as_an_attachment(
+    server: RunningServer, connect: TabFactory, name: str, data: bytes, mime_type: str
+) -> None:
+    sid = await new_session(server, connect)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        created = await upload(http, sid, name, data)
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert (body["name"], body["mime_type"], body["size"]) == (name, mime_type, len(data))
+        served = await http.get(f"/api/attachments/{body['attachment_id']}")
+    assert served.status_code == 200 and served.content == data
+    assert served.headers["content-type"].split(";")[0] == mime_type
+    assert served.headers["content-disposition"] == f"attachment; filename*=UTF-8''{name}"
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in served.headers["content-security-policy"]
+    stored = await server.runtime.repo.get_attachment(body["attachment_id"])
+    assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.session_id == sid
+
+
+async def test_refusals_a_binary_named_png_too_large_and_unknown_sessions(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(attachment_max_bytes=4096)
+    sid = await new_session(server, connect)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        fake_png = await upload(http, sid, "image.png", bytes(range(256)) * 4)
+        assert (fake_png.status_code, fake_png.json()["detail"]["code"]) == (415, "unsupported_media_type")
+        big = await upload(http, sid, "big.png", PNG * 8)
+        assert (big.status_code, big.json()["detail"]["code"]) == (413, "too_large")
+        unknown = await upload(http, "6a2f41a0-0000-4000-8000-000000000000", "shot.png", PNG)
+        assert (unknown.status_code, unknown.json()["detail"]["code"]) == (404, "not_found")
+        bad_id = await upload(http, "nope", "shot.png", PNG)
+        assert (bad_id.status_code, bad_id.json()["detail"]["code"]) == (400, "invalid_session_id")
+        not_multipart = await http.post(f"/api/sessions/{sid}/attachments", content=PNG)
+        assert (not_multipart.status_code, not_multipart.json()["detail"]["code"]) == (400, "invalid_payload")
+        for missing in ("6a2f41a0-0000-4000-8000-000000000000", "not-a-uuid"):
+            assert (await http.get(f"/api/attachments/{missing}")).status_code == 404
+
+
+async def test_only_the_owner_uploads_and_reads_and_deletion_takes_the_files(start_server: ServerFactory) -> None:
+    server = await start_server(auth_jwt_secret=SECRET)
+    alice = {"Authorization": f"Bearer {token('alice')}"}
+    bob = {"Authorization": f"Bearer {token('bob')}"}
+    tab = await Tab(server.url).connect(auth={"token": token("alice")})
+    try:
+        sid = (await tab.join())["session"]["session_id"]
+    finally:
+        await tab.close()
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await upload(http, sid, "shot.png", PNG)).status_code == 401
+        assert (await upload(http, sid, "shot.png", PNG, **bob)).status_code == 403
+        created = await upload(http, sid, "shot.png", PNG, **alice)
+        assert created.status_code == 201
+        url = f"/api/attachments/{created.json()['attachment_id']}"
+        assert (await http.get(url)).status_code == 401
+        assert (await http.get(url, headers=bob)).status_code == 403
+        assert (await http.get(url, headers=alice)).content == PNG
+        assert (await http.delete(f"/api/sessions/{sid}", headers=alice)).status_code == 204
+        assert (await http.get(url, headers=alice)).status_code == 404
+        again = await upload(http, sid, "shot.png", PNG, **alice)
+        assert (again.status_code, again.json()["detail"]["code"]) == (404, "session_deleted")
+
+
+async def test_an_upload_no_message_names_is_deleted_once_it_is_old_enough(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(attachment_unused_seconds=0.5, attachment_expiry_interval_seconds=0.1)
+    sid = await new_session(server, connect)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        created = (await upload(http, sid, "shot.png", PNG)).json()
+        url = f"/api/attachments/{created['attachment_id']}"
+        assert (await http.get(url)).status_code == 200  # young enough
+        async with asyncio.timeout(10):
+            while (await http.get(url)).status_code != 404:
+                await asyncio.sleep(0.1)
+    assert await server.runtime.repo.get_attachment(created["attachment_id"]) is None
+
+
+async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
+    start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await start_server(
+        offline_chunk_delay_ms=0, attachments_per_message=2, attachment_unused_seconds=0.5,
+        attachment_expiry_interval_seconds=0.1,
+    )  # fmt: skip
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    other = await new_session(server, connect)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        shot = (await upload(http, sid, "shot.png", PNG)).json()
+        paper = (await upload(http, sid, "paper.pdf", PDF)).json()
+        elsewhere = (await upload(http, other, "other.png", PNG)).json()
+    ids = [shot["attachment_id"], paper["attachment_id"]]
+    refused = [
+        await tab.call("message", {"session_id": sid, "text": "hi", "attachments": [*ids, ids[0]]}),
+        await tab.call("message", {"session_id": sid, "text": "hi", "attachments": [elsewhere["attachment_id"]]}),
+        await tab.call("message", {"session_id": sid, "text": "hi", "attachments": ["not-an-upload"]}),
+        await tab.call("message", {"session_id": sid, "text": "hi", "attachments": "shot.png"}),
+    ]
+    assert [r["error"]["code"] for r in refused] == ["invalid_payload"] * 4, refused
+    assert [e for e in await server.runtime.repo.list_events(sid)] == []  # nothing stored
+
+    ack = await tab.call("message", {"session_id": sid, "text": "What are these?", "attachments": ids})
+    assert ack["ok"], ack
+    events = await tab.turn(ack["turn_id"])
+    expected = [{k: f[k] for k in ("attachment_id", "name", "mime_type", "size")} for f in (shot, paper)]
+    assert events[0][1]["attachments"] == expected
+    answer = events[-1][1]["text"]
+    assert f'"shot.png" (image/png, {len(PNG)} bytes)' in answer and '"paper.pdf" (application/pdf' in answer
+    history = (await tab.join(sid))["history"]
+    assert history[0]["event_type"] == "user_message" and history[0]["attachments"] == expected
+    assert all("attachments" not in item for item in history if item["event_type"] != "user_message")
+    await asyncio.sleep(1.0)  # past the unused uploads' age: the named ones stay, the other goes
+    assert await server.runtime.repo.get_attachment(ids[0]) is not None
+    assert await server.runtime.repo.get_attachment(elsewhere["attachment_id"]) is None
