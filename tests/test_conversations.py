@@ -22,6 +22,7 @@ import websockets
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, Spawner, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
+from tests.fake_supabase_storage import FakeSupabaseStorage
 from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
 from tests.test_auth import SECRET, token
@@ -39,8 +40,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         if request.param == "postgres":
             yield {"storage_backend": "postgres", "database_url": dsn}
             return
-        stand_in = FakePostgrest(dsn)
-        async with serving(stand_in.app, lifespan="on") as url:
+        stand_in = FakePostgrest(dsn)  # with Supabase Storage at the same URL, as a project has it
+        async with serving(FakeSupabaseStorage().served_beside(stand_in.app), lifespan="on") as url:
             yield {
                 "storage_backend": "supabase",
                 "supabase_url": url,

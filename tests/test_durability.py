@@ -26,6 +26,7 @@ from server.storage.outbox import SqliteOutbox
 from server.storage.postgres import PostgresRepository
 from tests.conftest import ServerFactory, TabFactory
 from tests.fake_postgrest import FakePostgrest, make_key
+from tests.fake_supabase_storage import FakeSupabaseStorage
 from tests.harness import RunningServer, Tab, serving
 from tests.pg import scratch_database
 from tests.tcp_proxy import TcpProxy
@@ -173,8 +174,8 @@ async def test_the_queue_survives_a_restart(
 
 @pytest.fixture
 async def postgrest(database: str) -> AsyncIterator[FakePostgrest]:
-    stand_in = FakePostgrest(database)
-    async with serving(stand_in.app, lifespan="on") as stand_in.url:
+    stand_in = FakePostgrest(database)  # with Supabase Storage at the same URL, as a project has it
+    async with serving(FakeSupabaseStorage().served_beside(stand_in.app), lifespan="on") as stand_in.url:
         yield stand_in
 
 

@@ -74,6 +74,7 @@ async def test_a_turn_streams_every_event_with_every_field(
         "event_id": ack["event_id"],
         "text": "hello there",
         "client_message_id": "m-1",
+        "attachments": [],
     }
     assert done["finish_reason"] == "stop" and done["error"] is None
     assert "not an LLM" in done["text"] and len(done["text"].split()) >= 12
@@ -363,7 +364,7 @@ async def test_history_replays_after_an_event_id(server: RunningServer, connect:
         second_done["event_id"],
     ]
     assert [e["content"] for e in full][::2] == ["first message", "second message"]
-    assert set(full[0]) == {"event_id", "event_type", "content", "timestamp"}
+    assert set(full[0]) == {"event_id", "event_type", "content", "timestamp", "attachments"}  # a user message
 
     tail = (await reloaded.join(sid, after_event_id=first_done["event_id"]))["history"]
     assert [e["event_id"] for e in tail] == [second["event_id"], second_done["event_id"]]

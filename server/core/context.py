@@ -144,7 +144,7 @@ class ContextBudget:
         summary_items: list[ConversationItem] = (
             [UserText(SUMMARY_INTRO + summary[-room_for_summary:])] if summary else []
         )
-        current: list[ConversationItem] = [UserText(question.content)]
+        current: list[ConversationItem] = [UserText(question.content, files=question.attachments or ())]
         room = self.max_tokens - int((tokens_of(summary_items) + tokens_of(current)) * ratio)
         kept, kept_tokens, left_out = newest_that_fit(events, upto, room, until=until, ratio=ratio)
         return ContextWindow(self.max_tokens, ratio, summary_items, kept, current, int(left_out), kept_tokens)

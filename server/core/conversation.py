@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.core.approvals import ApprovalPolicy
@@ -22,7 +23,7 @@ from server.core.errors import (
 from server.core.event_store import EventStore
 from server.core.history import HistoryCache
 from server.core.limits import Limits
-from server.core.models import ActiveTurn, FinishReason, PresenceEvent, Session, StoredEvent, utc_now
+from server.core.models import ActiveTurn, AttachmentRef, FinishReason, PresenceEvent, Session, StoredEvent, utc_now
 from server.core.ports import (
     Approval,
     Coordination,
@@ -33,7 +34,7 @@ from server.core.ports import (
     ModelProvider,
     NoMetrics,
     Outbox,
-    Repository,
+    Storage,
     StorageRefused,
     StorageUnavailable,
 )
@@ -82,7 +83,7 @@ class ConversationService:
     def __init__(
         self,
         *,
-        repo: Repository,
+        repo: Storage,
         provider: ModelProvider,
         tools: ToolRegistry,
         emitter: Emitter,
@@ -330,11 +331,24 @@ class ConversationService:
     # ------------------------------------------------------------------ message
 
     async def send_message(
-        self, connection: str, session_id: str, text: str, client_message_id: str | None, *, user: str | None = None
+        self,
+        connection: str,
+        session_id: str,
+        text: str,
+        client_message_id: str | None,
+        *,
+        user: str | None = None,
+        attachments: Sequence[str] = (),
     ) -> MessageAccepted:
-        """`user`: the authenticated user, whose messages over all their connections are limited too."""
+        """`user`: the authenticated user, whose messages over all their connections are limited too.
+        `attachments`: ids of files uploaded to the session, sent to the model with the text."""
         received_at = time.monotonic()
+        if len(attachments) > self._limits.attachments_per_message:
+            raise ServiceError(
+                ErrorCode.INVALID_PAYLOAD, f"attachments: at most {self._limits.attachments_per_message} files"
+            )
         session_id = self._joined_session(connection, session_id)
+        files = await self._files_of(session_id, attachments)
         if not text.strip():
             raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
         if len(text) > self._limits.max_message_chars:
@@ -353,13 +367,22 @@ class ConversationService:
         await self._wait_recovered()
         await self._take_quota(connection, user)
         try:
-            accepted, started = await self._start_turn(session_id, text, client_message_id, received_at)
+            accepted, started = await self._start_turn(session_id, text, client_message_id, received_at, files)
         except BaseException:
             await self._give_back_quota(connection, user)
             raise
         if not started:  # a retry answered like the first attempt: it does not count
             await self._give_back_quota(connection, user)
+        elif files:
+            await self._keep_files(session_id, files)
         return accepted
+
+    async def _keep_files(self, session_id: str, files: tuple[AttachmentRef, ...]) -> None:
+        """A message names them now: they never expire."""
+        try:
+            await self._repo.mark_attachments_used(session_id, [f.attachment_id for f in files])
+        except StorageUnavailable:
+            log.warning("cannot mark %d files of session %s as used yet", len(files), session_id)
 
     async def _earlier_answer(self, session_id: str, client_message_id: str) -> MessageAccepted | None:
         """The answer to the first `message` with this client_message_id, if there was one."""
@@ -397,11 +420,30 @@ class ConversationService:
             except Exception as exc:
                 log.warning("cannot give back a refused message's place in the user's limit: %r", exc)
 
+    async def _files_of(self, session_id: str, attachment_ids: Sequence[str]) -> tuple[AttachmentRef, ...]:
+        """The files a message names, each an upload of its session (else `invalid_payload`)."""
+        if not attachment_ids:
+            return ()
+        try:
+            found = await self._repo.session_attachments(session_id, attachment_ids)
+        except StorageUnavailable:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "storage cannot give the files now; retrying is safe") from None
+        if len(found) != len(attachment_ids):
+            raise ServiceError(ErrorCode.INVALID_PAYLOAD, "attachments: each must be a file uploaded to this session")
+        return tuple(
+            AttachmentRef(attachment_id=f.attachment_id, name=f.name, mime_type=f.mime_type, size=f.size) for f in found
+        )
+
     async def _start_turn(
-        self, session_id: str, text: str, client_message_id: str | None, received_at: float
+        self,
+        session_id: str,
+        text: str,
+        client_message_id: str | None,
+        received_at: float,
+        files: tuple[AttachmentRef, ...] = (),
     ) -> tuple[MessageAccepted, bool]:
         """The answer, and False when it is an earlier attempt's (a retry with the same client_message_id)."""
-        turn = Turn(self._turn_context, session_id, text, client_message_id, received_at=received_at)
+        turn = Turn(self._turn_context, session_id, text, client_message_id, received_at=received_at, files=files)
         try:
             return await turn.start(), True
         except TurnBusy:

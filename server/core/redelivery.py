@@ -103,7 +103,12 @@ def _live(row: StoredEvent, turn_id: str) -> list[TurnEvent]:
         cmid = key[len(CMID_PREFIX) :] if key.startswith(CMID_PREFIX) else None
         return [
             UserMessageEvent(
-                session_id=session_id, turn_id=turn_id, event_id=row.event_id, text=row.content, client_message_id=cmid
+                session_id=session_id,
+                turn_id=turn_id,
+                event_id=row.event_id,
+                text=row.content,
+                client_message_id=cmid,
+                attachments=list(row.attachments or ()),
             )
         ]
     if row.event_type is EventType.AI_MESSAGE:

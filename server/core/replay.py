@@ -76,7 +76,7 @@ class ConversationBuilder:
     def add(self, event: StoredEvent | EventDraft) -> None:
         items = self.items
         if event.event_type is EventType.USER_MESSAGE:
-            items.append(UserText(event.content))
+            items.append(UserText(event.content, files=tuple(event.attachments or ())))
         elif event.event_type is EventType.AI_MESSAGE:
             turn_rounds = self._rounds.pop(event.turn_id or "", [])
             if turn_rounds and turn_rounds[0][0] < self._shared:

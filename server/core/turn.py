@@ -38,6 +38,7 @@ from server.core.limits import Limits
 from server.core.log_context import log_scope
 from server.core.models import (
     ActiveTurn,
+    AttachmentRef,
     ChunkEvent,
     DoneEvent,
     ErrorInfo,
@@ -143,9 +144,16 @@ class TurnContext:
 
 class Turn:
     def __init__(
-        self, context: TurnContext, session_id: str, text: str, client_message_id: str | None, *, received_at: float
+        self,
+        context: TurnContext,
+        session_id: str,
+        text: str,
+        client_message_id: str | None,
+        *,
+        received_at: float,
+        files: tuple[AttachmentRef, ...] = (),
     ) -> None:
-        """`received_at`: when its `message` arrived (time.monotonic())."""
+        """`received_at`: when its `message` arrived (time.monotonic()); `files`: those it names."""
         self._ctx = context
         self._received_at = received_at
         self.session_id = session_id
@@ -159,6 +167,7 @@ class Turn:
             event_key=key,
             turn_id=self.turn_id,
             timestamp=utc_now(),
+            attachments=files or None,
         )
         # The `message` answer: a retry racing the first attempt waits for it too.
         self.accepted: asyncio.Future[MessageAccepted] = asyncio.get_running_loop().create_future()
@@ -268,6 +277,7 @@ class Turn:
             event_id=accepted.event_id,
             text=self.question.content,
             client_message_id=self.client_message_id,
+            attachments=list(self.question.attachments or ()),
         )
 
     async def _open(self) -> None:

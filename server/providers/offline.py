@@ -9,7 +9,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
-from server.core.models import JSONValue, Usage
+from server.core.models import AttachmentRef, JSONValue, Usage
 from server.core.ports import (
     ConversationItem,
     Finished,
@@ -107,6 +107,14 @@ def echo_answer(question: str) -> str:
     )
 
 
+def files_named(files: Sequence[AttachmentRef]) -> str:
+    """What the script says of the files it got with the message: each one's name, type and size."""
+    if not files:
+        return ""
+    named = "; ".join(f'"{f.name}" ({f.mime_type}, {f.size} bytes)' for f in files)
+    return f" It got {len(files)} file{'' if len(files) == 1 else 's'} with it: {named}."
+
+
 class OfflineProvider:
     name = "offline"
 
@@ -124,10 +132,11 @@ class OfflineProvider:
         conversation = request.conversation
         # The question is the last user message; tool results after it belong to this turn.
         question = ""
+        files: tuple[AttachmentRef, ...] = ()
         results: list[ToolResultItem] = []
         for item in reversed(conversation):
             if isinstance(item, UserText):
-                question = item.text
+                question, files = item.text, item.files
                 break
             if isinstance(item, ToolResultItem):
                 results.insert(0, item)
@@ -150,7 +159,7 @@ class OfflineProvider:
         elif place and results:
             answer = _weather_answer(place, results[-1])
         else:
-            answer = echo_answer(question)
+            answer = echo_answer(question) + files_named(files)
         pieces = words(answer)
         loop = asyncio.get_running_loop()
         due = loop.time()

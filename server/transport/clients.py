@@ -204,7 +204,9 @@ async def join(svc: ConversationService, client: ClientConnection, p: JoinPayloa
 
 
 async def message(svc: ConversationService, client: ClientConnection, p: MessagePayload, user: str | None) -> Ack:
-    accepted = await svc.send_message(client.connection_id, p.session_id, p.text, p.client_message_id, user=user)
+    accepted = await svc.send_message(
+        client.connection_id, p.session_id, p.text, p.client_message_id, user=user, attachments=p.attachments
+    )
     return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
 
 

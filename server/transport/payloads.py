@@ -48,6 +48,7 @@ class MessagePayload(_Payload):
     session_id: Text
     text: Text
     client_message_id: ShortText | None = None
+    attachments: list[ShortText] = Field(default_factory=list, max_length=100)  # ids of this session's uploads
 
 
 class ApprovePayload(_Payload):
