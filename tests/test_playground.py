@@ -4,16 +4,29 @@ driven by Playwright) against the running server, every request checked to stay 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
+import struct
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Locator, Page, Request, WebSocket, WebSocketRoute, expect
+from playwright.async_api import (
+    Browser,
+    FilePayload,
+    Locator,
+    Page,
+    Request,
+    Response,
+    WebSocket,
+    WebSocketRoute,
+    expect,
+)
 
 from tests.browser import Watched, chromium, watched
 from tests.conftest import ServerFactory, TabFactory
@@ -26,7 +39,7 @@ from tests.tcp_proxy import TcpProxy
 from tests.test_auth import SECRET, token
 
 STATIC = ROOT / "server/transport/playground/static"
-SCRIPTS = ("app.js", "api.js", "approvals.js", "conversation.js", "markdown.js", "sessions.js")
+SCRIPTS = ("app.js", "api.js", "approvals.js", "attachments.js", "conversation.js", "markdown.js", "sessions.js")
 MARKDOWN_IT_VERSION = "15.0.3"  # the npm package markdown-it@15.0.3, dist/browser/markdown-it.esm.min.mjs
 MARKDOWN_IT = "vendor/markdown-it.esm.min.js"
 LAPTOP = {"viewport": {"width": 1280, "height": 800}}
@@ -983,3 +996,211 @@ async def test_a_page_opened_while_a_call_waits_for_approval_shows_it_and_a_late
     await finished(answers(first).first)
     watch.assert_clean()
     phone.assert_clean()
+
+
+# ---------- attachments ----------
+
+
+def png(width: int = 3, height: int = 2) -> bytes:
+    """A real PNG (solid red), so that the browser decodes it and the service types it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# Records the upload progress bars the page shows (by their labels), however short-lived.
+RECORD_PROGRESS = """() => {
+  window.progressBars = [];
+  new MutationObserver((changes) => {
+    for (const change of changes) for (const added of change.addedNodes) {
+      const bar = added.querySelector?.("progress");
+      if (bar) window.progressBars.push(bar.getAttribute("aria-label"));
+    }
+  }).observe(document.getElementById("attachments"), { childList: true });
+}"""
+
+
+# A file pasted (a screenshot) or dropped on the page, as the browser hands it to the page.
+HAND_OVER = """async ([how, name, type, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type }));
+  const init = { bubbles: true, cancelable: true };
+  if (how === "paste") {
+    document.getElementById("message").dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: data }));
+  } else {
+    const log = document.getElementById("log");
+    for (const kind of ["dragenter", "dragover", "drop"]) {
+      log.dispatchEvent(new DragEvent(kind, { ...init, dataTransfer: data }));
+    }
+  }
+}"""
+
+
+async def hand_over(page: Page, how: str, name: str, mime_type: str, data: bytes) -> None:
+    await page.evaluate(HAND_OVER, [how, name, mime_type, base64.b64encode(data).decode()])
+
+
+async def choose_files(page: Page, files: list[tuple[str, str, bytes]]) -> None:
+    """Attach with the button, as a person does: it opens the file chooser."""
+    async with page.expect_file_chooser() as chooser:
+        await page.get_by_role("button", name="Attach").click()
+    payloads = [FilePayload(name=name, mimeType=mime_type, buffer=data) for name, mime_type, data in files]
+    await (await chooser.value).set_files(payloads)
+
+
+async def loaded_images(images: Locator) -> list[str]:
+    """The images' `src`, once each has loaded (naturalWidth > 0)."""
+    handles = await images.element_handles()
+    loaded = "(all) => all.every((img) => img.complete && img.naturalWidth > 0)"
+    await images.page.wait_for_function(loaded, arg=handles, timeout=WAIT_MS)
+    return [await handle.get_attribute("src") or "" for handle in handles]
+
+
+class AttachmentRelay:
+    """The page's Socket.IO traffic through a route: the `message` payloads it sends are recorded,
+    and each `user_message` it hears gets the `attachments` of the message sent (their uploads'
+    answers), as the service will send them."""
+
+    def __init__(self, page: Page) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.uploaded: dict[str, dict[str, Any]] = {}
+        self._page = page
+
+    async def install(self) -> None:
+        await self._page.route_web_socket(re.compile(r"/socket\.io/"), self._route)
+        self._page.on("response", self._record_upload)
+
+    async def _record_upload(self, response: Response) -> None:
+        if response.request.method == "POST" and response.url.endswith("/attachments") and response.status == 201:
+            info = await response.json()
+            self.uploaded[info["attachment_id"]] = info
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(lambda message: server.send(self._sent(message)))
+        server.on_message(lambda message: ws.send(self._heard(message)))
+
+    def _sent(self, message: str | bytes) -> str | bytes:
+        match = isinstance(message, str) and re.fullmatch(r'42\d*\["message",(.*)\]', message)
+        if match:
+            self.messages.append(json.loads(match.group(1)))
+        return message
+
+    def _heard(self, message: str | bytes) -> str | bytes:
+        if not (isinstance(message, str) and message.startswith('42["user_message",')):
+            return message
+        name, event = json.loads(message[2:])
+        sent = next((m for m in self.messages if m.get("client_message_id") == event.get("client_message_id")), None)
+        ids = (sent or {}).get("attachments", [])
+        if ids:
+            event["attachments"] = [self.uploaded[attachment_id] for attachment_id in ids]
+        return "42" + json.dumps([name, event])
+
+
+async def test_attach_with_the_button_paste_and_drop_then_send_them_with_the_message(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server()
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await watch.new_page()
+    relay = AttachmentRelay(page)
+    await relay.install()
+    await page.goto(server.url + "/")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    attached = page.locator("#attachments > li")
+    await page.evaluate(RECORD_PROGRESS)
+
+    await choose_files(page, [("red.png", "image/png", png()), ("notes.txt", "text/plain", b"Delhi, 24.5 C\n")])
+    await expect(attached).to_have_count(2)
+    await expect(attached.locator("img")).to_have_count(1, timeout=WAIT_MS)
+    [src] = await loaded_images(attached.locator("img"))
+    assert src.startswith("/api/attachments/") or src.startswith(server.url + "/api/attachments/"), src
+    await expect(attached.nth(1)).to_have_attribute("data-state", "uploaded", timeout=WAIT_MS)
+    await expect(attached.nth(1)).to_contain_text("notes.txt")
+    await page.get_by_role("button", name="Remove notes.txt").click()
+    await expect(attached).to_have_count(1)
+    await expect(page.get_by_label("Message")).to_be_focused()
+
+    await hand_over(page, "paste", "screenshot.png", "image/png", png(5, 4))
+    await hand_over(page, "drop", "weather.csv", "text/csv", b"city,temp\nDelhi,24.5\n")
+    await expect(attached).to_have_count(3)
+    for index in range(3):
+        await expect(attached.nth(index)).to_have_attribute("data-state", "uploaded", timeout=WAIT_MS)
+    await loaded_images(attached.locator("img"))
+    await expect(attached.nth(2)).to_contain_text("weather.csv")
+    progress_bars = await page.evaluate("() => window.progressBars")
+    assert progress_bars == [f"Uploading {name}" for name in ("red.png", "notes.txt", "screenshot.png", "weather.csv")]
+
+    await send(page, "What do these say?")
+    user = page.locator("#log .msg.user")
+    await expect(user.locator(".text")).to_have_text(["What do these say?"])
+    await expect(attached).to_have_count(0)
+    [message] = relay.messages
+    names = [relay.uploaded[attachment_id]["name"] for attachment_id in message["attachments"]]
+    assert names == ["red.png", "screenshot.png", "weather.csv"], message
+    # The user message shows them: thumbnails and a name, each a link to the file's route.
+    links = user.locator(".attachments a")
+    await expect(links).to_have_count(3)
+    sources = await loaded_images(user.locator(".attachments img"))
+    assert len(sources) == 2 and all("/api/attachments/" in src for src in sources), sources
+    assert await links.nth(2).get_attribute("href") == f"/api/attachments/{message['attachments'][2]}"
+    await expect(links.nth(2)).to_contain_text("weather.csv")
+    await finished(answers(page).first)
+    watch.assert_clean()
+
+
+async def test_attach_refusals_are_shown_readably(start_server: ServerFactory, browser: Browser) -> None:
+    server = await start_server(attachment_max_bytes=2048)
+    watch = await watched(browser, server.url, **PHONE)
+    page = await open_playground(watch, server.url + "/")
+    notice = page.locator("#attach-notice")
+
+    await choose_files(page, [("fake.png", "image/png", bytes(range(256)) * 4)])
+    await expect(notice).to_contain_text("“fake.png” is not a kind of file this service takes", timeout=WAIT_MS)
+    await expect(notice).to_contain_text("unsupported_media_type")
+    await choose_files(page, [("big.png", "image/png", png() + bytes(3000))])
+    await expect(notice).to_contain_text("“big.png” is larger than this service accepts", timeout=WAIT_MS)
+    await expect(notice).to_contain_text("2048 bytes")
+    await expect(notice).to_contain_text("too_large")
+    await expect(page.locator("#attachments > li")).to_have_count(0)
+    assert await page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    # The browser logs the refused uploads; nothing else went wrong.
+    assert not watch.foreign and not watch.page_errors
+    assert all("415" in e or "413" in e for e in watch.console_errors), watch.console_errors
+
+
+async def test_attach_with_authentication_on_shows_and_saves_files_through_blob_urls(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(auth_jwt_secret=SECRET)
+    watch = await watched(browser, server.url, **LAPTOP)
+    page = await watch.new_page()
+    relay = AttachmentRelay(page)
+    await relay.install()
+    await page.add_init_script(f"sessionStorage.setItem('playground.token', {json.dumps(token('alice'))})")
+    await page.goto(server.url + "/")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+
+    await choose_files(page, [("red.png", "image/png", png()), ("notes.txt", "text/plain", b"hello\n")])
+    attached = page.locator("#attachments > li")
+    await expect(attached.locator("img")).to_have_count(1, timeout=WAIT_MS)
+    [src] = await loaded_images(attached.locator("img"))
+    assert src.startswith("blob:"), src
+    await expect(attached.nth(1)).to_have_attribute("data-state", "uploaded", timeout=WAIT_MS)
+    await send(page, "Here they are")
+    user = page.locator("#log .msg.user")
+    await expect(user.locator(".attachments img")).to_have_count(1, timeout=WAIT_MS)
+    [thumbnail] = await loaded_images(user.locator(".attachments img"))
+    assert thumbnail.startswith("blob:"), thumbnail
+    async with page.expect_download() as download:
+        await user.locator(".attachments a", has_text="notes.txt").click()
+    saved = await download.value
+    assert saved.suggested_filename == "notes.txt"
+    assert (await saved.path()).read_bytes() == b"hello\n"
+    await finished(answers(page).first)
+    watch.assert_clean()

@@ -1,7 +1,7 @@
 """The playground page (PROTOCOL.md, "The playground page"): `GET /` and its assets under
 `/playground/`, plain files from `static/` with no build step. The page is a Socket.IO client like
 any other; the server only serves it, with a Content-Security-Policy that allows nothing but its
-own origin."""
+own origin (and blob: images, its files fetched with a token)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self'",
+        # blob: for the service's files fetched with the token (an <img> cannot send it).
+        "img-src 'self' blob:",
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",

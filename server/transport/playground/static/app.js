@@ -5,6 +5,7 @@
 import { io } from "./vendor/socket.io.esm.min.js";
 import { anonymousOwner, api, randomHex, sessionPath, token } from "./api.js";
 import { setUpApprovals } from "./approvals.js";
+import { clearAttachments, readyAttachments, sentAttachments, setAttachUsable, setUpAttachments } from "./attachments.js";
 import {
   catchUpTurn,
   clearConversation,
@@ -60,6 +61,7 @@ const REFUSALS = {
   message_too_long: "That message is longer than this service accepts.",
   rate_limited: "Too many messages in a short time. Wait a moment, then send again.",
   empty_message: "Type a message first.",
+  uploading: "A file is still uploading: send once it is done, or remove it.",
   unavailable: "The service cannot store messages right now; nothing was sent. Try again in a moment.",
   no_active_turn: "There is no answer to stop.",
   no_pending_approval: "Already decided (in another tab or by another client), timed out, or the answer was stopped.",
@@ -119,6 +121,7 @@ function setStatus(stateName, text) {
   ui.message.disabled = !usable;
   ui.send.disabled = !usable;
   ui.stop.disabled = !usable;
+  setAttachUsable(usable);
 }
 
 shown.onRunning = (turnId) => {
@@ -282,6 +285,7 @@ function openSession(sessionId, { push = true } = {}) {
   if (sessionId && sessionId === state.sessionId && !state.gone) return;
   if (state.session && !state.gone) leave(state.session.session_id);
   clearConversation();
+  clearAttachments();
   Object.assign(state, { sessionId, session: null, gone: false, buffered: [] });
   ui.presence.textContent = "";
   ui.chatTitle.textContent = "New chat";
@@ -312,15 +316,24 @@ async function loadEarlier() {
 
 async function send() {
   const text = ui.message.value;
-  if (!text.trim()) {
+  const attachments = readyAttachments();
+  if (attachments === null) {
+    setNotice(ui.notice, REFUSALS.uploading);
+    return;
+  }
+  // With files the text may be empty: whether that is enough is the service's to say.
+  if (!text.trim() && attachments.length === 0) {
     setNotice(ui.notice, REFUSALS.empty_message);
     return;
   }
   ui.send.disabled = true;
-  const answer = await request("message", { session_id: state.sessionId, text, client_message_id: `pg-${randomHex(16)}` });
+  const payload = { session_id: state.sessionId, text, client_message_id: `pg-${randomHex(16)}` };
+  if (attachments.length) payload.attachments = attachments;
+  const answer = await request("message", payload);
   ui.send.disabled = !socket.connected || state.gone;
   if (answer.ok) {
     if (ui.message.value === text) ui.message.value = "";
+    sentAttachments(attachments);
     setNotice(ui.notice, null);
   } else if (answer.error.code === "session_deleted") {
     if (!state.gone) showGone(refusalText(answer.error));
@@ -412,6 +425,10 @@ ui.backdrop.addEventListener("click", closeDrawer);
 
 setUpSessionList({ open: (sessionId) => openSession(sessionId) });
 setUpApprovals({ decide: decideToolCall, describeRefusal: refusalText });
+setUpAttachments({
+  sessionId: () => (state.gone || state.joining ? null : state.sessionId),
+  usable: () => ui.status.dataset.state === "connected",
+});
 ui.newChat.addEventListener("click", () => openSession(null));
 ui.loadEarlier.addEventListener("click", loadEarlier);
 window.addEventListener("popstate", () => openSession(new URLSearchParams(location.search).get("session"), { push: false }));

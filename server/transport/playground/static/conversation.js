@@ -11,6 +11,7 @@ import {
   settleWithResult,
   stopWaitingExcept,
 } from "./approvals.js";
+import { attachmentList } from "./attachments.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -73,9 +74,11 @@ export function showAtEnd(element) {
   return show(element, live);
 }
 
-function showUserMessage(text, view) {
+function showUserMessage(text, attachments, view) {
   const article = node("article", "msg user");
   article.append(node("h2", "who", "You"), node("p", "text", text));
+  const files = attachmentList(attachments);
+  if (files) article.append(files);
   show(article, view);
 }
 
@@ -245,7 +248,7 @@ function showStored(item, view) {
   const openTurn = () => view.openTurn ?? newTurn(null, view, true);
   switch (item.event_type) {
     case "user_message":
-      showUserMessage(item.content, view);
+      showUserMessage(item.content, item.attachments, view);
       newTurn(null, view);
       break;
     case "tool_call": {
@@ -365,7 +368,7 @@ export const liveHandlers = {
   user_message(event) {
     if (event.event_id !== null && shown.seenEvents.has(event.event_id)) return;
     markStored(event.event_id);
-    showUserMessage(event.text, live);
+    showUserMessage(event.text, event.attachments, live);
     newTurn(event.turn_id, live);
     setRunning(event.turn_id);
   },
