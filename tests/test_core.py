@@ -53,6 +53,7 @@ Script = Callable[[ModelRequest, int], AsyncGenerator[ModelEvent, None]]
 
 class ScriptedProvider:
     name = "scripted"
+    max_request_file_bytes: int | None = None
 
     def __init__(self, script: Script) -> None:
         self.script = script

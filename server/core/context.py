@@ -1,8 +1,9 @@
 """What a turn sends its model: the newest whole turns that fit `CONTEXT_MAX_TOKENS`, after the
 stored summary of everything before them (PROTOCOL.md, Long conversations).
 
-Tokens are estimated at 4 characters each (a tool call's or result's JSON included), scaled by how
-the provider's own count of this session's last request compared with the estimate of it. A turn
+Tokens are estimated at 4 characters each (a tool call's or result's JSON included, and a text
+file's bytes), an image at 1,000 and a PDF at 1,000 a page (its pages estimated from its size), all
+scaled by how the provider's own count of this session's last request compared with the estimate. A turn
 is the unit: a tool call never goes without its result, and the newest message always goes whole.
 The work is O(what is sent), never O(the session): history is walked from its newest end.
 """
@@ -14,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from server.core.event_store import HistoryEvent
-from server.core.models import EventDraft, EventType
-from server.core.ports import ConversationItem, ModelText, ToolCallItem, ToolResultItem, UserText
+from server.core.file_types import TEXT_TYPES
+from server.core.models import AttachmentRef, EventDraft, EventType
+from server.core.ports import ConversationItem, FileWithheld, ModelText, ToolCallItem, ToolResultItem, UserText
 from server.core.recent import Recent
 from server.core.replay import conversation_from_events
 
@@ -25,10 +27,24 @@ CALIBRATED_SESSIONS = 10_000
 # How far the provider's count may move the estimate: a request's count includes the tool
 # declarations and the system instruction, which the budget does not.
 MIN_RATIO, MAX_RATIO = 0.5, 4.0
+# A file the model sees as a picture or as pages: what Gemini and OpenAI charge is below this for
+# common sizes, and the provider's count corrects the rest through the ratio.
+TOKENS_PER_IMAGE_OR_PAGE = 1_000
+PDF_BYTES_PER_PAGE = 50_000
+
+
+def file_tokens(file: AttachmentRef) -> int:
+    if file.mime_type in TEXT_TYPES:
+        return file.size // CHARS_PER_TOKEN + 1
+    if file.mime_type == "application/pdf":
+        return TOKENS_PER_IMAGE_OR_PAGE * (file.size // PDF_BYTES_PER_PAGE + 1)
+    return TOKENS_PER_IMAGE_OR_PAGE
 
 
 def item_tokens(item: ConversationItem) -> int:
-    if isinstance(item, UserText | ModelText):
+    if isinstance(item, UserText):
+        return len(item.text) // CHARS_PER_TOKEN + 1 + sum(file_tokens(file) for file in item.files)
+    if isinstance(item, ModelText):
         size = len(item.text)
     elif isinstance(item, ToolCallItem):
         size = len(item.name) + len(json.dumps(item.args, ensure_ascii=False))
@@ -155,6 +171,30 @@ class ContextBudget:
             return
         self._ratios.remember(session_id, min(MAX_RATIO, max(MIN_RATIO, reported / estimated)))
 
-    def too_long(self, text: str) -> bool:
-        """A message that alone passes the budget can never be sent."""
-        return len(text) // CHARS_PER_TOKEN + 1 > self.max_tokens
+    def too_long(self, text: str, files: Sequence[AttachmentRef] = ()) -> bool:
+        """A message (its text and files) that alone passes the budget can never be sent."""
+        return item_tokens(UserText(text, files=tuple(files))) > self.max_tokens
+
+
+def files_to_send(
+    conversation: Sequence[ConversationItem], max_bytes: int | None
+) -> tuple[list[AttachmentRef], dict[str, FileWithheld]]:
+    """The files of the conversation's user messages to read and send, newest first while their
+    bytes fit `max_bytes` (a request's limit); the older ones past it, to be named instead."""
+    send: list[AttachmentRef] = []
+    withheld: dict[str, FileWithheld] = {}
+    room = max_bytes
+    seen: set[str] = set()
+    for item in reversed(conversation):
+        if not isinstance(item, UserText):
+            continue
+        for file in item.files:
+            if file.attachment_id in seen:
+                continue
+            seen.add(file.attachment_id)
+            if room is not None and file.size > room:
+                withheld[file.attachment_id] = FileWithheld("not sent again: past the size one request may carry")
+                continue
+            send.append(file)
+            room = None if room is None else room - file.size
+    return send, withheld

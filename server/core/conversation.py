@@ -157,6 +157,7 @@ class ConversationService:
             compaction=self.compaction,
             approvals=self._coordination,
             approval_policy=approval,
+            files=self._repo,
             finished=self._turn_finished,
         )
 
@@ -349,17 +350,7 @@ class ConversationService:
             )
         session_id = self._joined_session(connection, session_id)
         files = await self._files_of(session_id, attachments)
-        if not text.strip():
-            raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
-        if len(text) > self._limits.max_message_chars:
-            raise ServiceError(
-                ErrorCode.MESSAGE_TOO_LONG, f"text is longer than {self._limits.max_message_chars} characters"
-            )
-        if self._budget.too_long(text):
-            raise ServiceError(
-                ErrorCode.MESSAGE_TOO_LONG,
-                f"text is longer than the model's context ({self._budget.max_tokens} tokens)",
-            )
+        self._check_message(text, files)
         if client_message_id is not None:
             earlier = await self._earlier_answer(session_id, client_message_id)
             if earlier is not None:
@@ -367,22 +358,42 @@ class ConversationService:
         await self._wait_recovered()
         await self._take_quota(connection, user)
         try:
+            # Marked before the message is stored: a stored message never names a file that expires.
+            await self._keep_files(session_id, files)
             accepted, started = await self._start_turn(session_id, text, client_message_id, received_at, files)
         except BaseException:
             await self._give_back_quota(connection, user)
             raise
         if not started:  # a retry answered like the first attempt: it does not count
             await self._give_back_quota(connection, user)
-        elif files:
-            await self._keep_files(session_id, files)
         return accepted
 
+    def _check_message(self, text: str, files: tuple[AttachmentRef, ...]) -> None:
+        if not text.strip():
+            raise ServiceError(ErrorCode.EMPTY_MESSAGE, "text is empty")
+        if len(text) > self._limits.max_message_chars:
+            raise ServiceError(
+                ErrorCode.MESSAGE_TOO_LONG, f"text is longer than {self._limits.max_message_chars} characters"
+            )
+        if self._budget.too_long(text, files):
+            raise ServiceError(
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"the text and files are longer than the model's context ({self._budget.max_tokens} tokens)",
+            )
+        most = self._turn_context.provider.max_request_file_bytes
+        if most is not None and sum(file.size for file in files) > most:
+            raise ServiceError(
+                ErrorCode.MESSAGE_TOO_LONG, f"the files are larger than one model request may carry ({most} bytes)"
+            )
+
     async def _keep_files(self, session_id: str, files: tuple[AttachmentRef, ...]) -> None:
-        """A message names them now: they never expire."""
+        """A message names them: they never expire."""
+        if not files:
+            return
         try:
             await self._repo.mark_attachments_used(session_id, [f.attachment_id for f in files])
         except StorageUnavailable:
-            log.warning("cannot mark %d files of session %s as used yet", len(files), session_id)
+            raise ServiceError(ErrorCode.UNAVAILABLE, "storage cannot keep the files now; nothing was stored") from None
 
     async def _earlier_answer(self, session_id: str, client_message_id: str) -> MessageAccepted | None:
         """The answer to the first `message` with this client_message_id, if there was one."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -82,9 +82,19 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class FileWithheld:
+    """A file the model gets only by name, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModelRequest:
     conversation: Sequence[ConversationItem]
     tools: Sequence[ToolSpec] = field(default_factory=tuple)
+    # What the conversation's user messages name, by attachment_id: a file's bytes, or why the model
+    # gets only its name (no longer stored, past the request's size limit).
+    files: Mapping[str, bytes | FileWithheld] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,9 @@ def failure_reason(exc: BaseException | None) -> str:
 
 class ModelProvider(Protocol):
     name: str
+    # The most file bytes one request may carry (None: no limit known); a message whose own files
+    # pass it is refused, and older files past it are named instead of sent.
+    max_request_file_bytes: int | None
 
     def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         """One model request: text deltas, tool calls, usage, then one `Finished`."""

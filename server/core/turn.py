@@ -16,14 +16,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from server.core.approvals import ApprovalPolicy, TurnApprovals, refused_result
 from server.core.chunks import ChunkStream
 from server.core.compaction import Compactor
-from server.core.context import ContextBudget, ContextWindow
+from server.core.context import ContextBudget, ContextWindow, files_to_send
 from server.core.errors import (
     ErrorCode,
     ServiceError,
@@ -54,7 +54,10 @@ from server.core.models import (
     utc_now,
 )
 from server.core.ports import (
+    AttachmentStore,
+    ConversationItem,
     Emitter,
+    FileWithheld,
     Finished,
     Metrics,
     ModelProvider,
@@ -138,6 +141,7 @@ class TurnContext:
     compaction: Compactor
     approvals: ToolApprovals
     approval_policy: ApprovalPolicy
+    files: AttachmentStore
     # Told of every turn that ended here (with its `done`): what follows a turn (a title).
     finished: Callable[[str, FinishReason], None] = lambda session_id, finish_reason: None
 
@@ -181,6 +185,7 @@ class Turn:
         self._generation: asyncio.Task[None] | None = None
         self._open_failure: Exception | None = None
         self._call_ids: set[str] = set()
+        self._files: dict[str, bytes | FileWithheld] = {}  # read once a turn: every round sends them
         self.approvals = TurnApprovals(
             session_id, self.turn_id, context.approval_policy, context.approvals, context.emitter, context.metrics
         )
@@ -322,7 +327,10 @@ class Turn:
         """One model request: its text streamed as chunks; the tool calls it asked for."""
         stamped = self._ctx.limits.chunk_timestamps
         calls: list[ToolCallItem] = []
-        request = ModelRequest(conversation=window.conversation(), tools=self._ctx.tools.specs)
+        conversation = window.conversation()
+        request = ModelRequest(
+            conversation=conversation, tools=self._ctx.tools.specs, files=await self._file_contents(conversation)
+        )
         estimated = window.estimate()
         outcome: ProviderOutcome = "ok"  # a stream stopped by a cancel too
         try:
@@ -347,6 +355,21 @@ class Turn:
         finally:
             self._ctx.metrics.provider_request(outcome)
         return calls
+
+    async def _file_contents(self, conversation: Sequence[ConversationItem]) -> dict[str, bytes | FileWithheld]:
+        """What the request carries of its files: each one's bytes, read from storage once a turn
+        (a tool round sends them again), or why it goes by name only."""
+        send, withheld = files_to_send(conversation, self._ctx.provider.max_request_file_bytes)
+        unread = [file.attachment_id for file in send if file.attachment_id not in self._files]
+        if unread:
+            read = await asyncio.gather(
+                *(self._ctx.files.attachment_data(attachment_id) for attachment_id in unread), return_exceptions=True
+            )
+            for attachment_id, data in zip(unread, read, strict=True):
+                if isinstance(data, BaseException):
+                    raise data  # StorageUnavailable ends the turn `unavailable`, as the history's read does
+                self._files[attachment_id] = data if data is not None else FileWithheld("no longer stored")
+        return {**withheld, **{file.attachment_id: self._files[file.attachment_id] for file in send}}
 
     async def _send_chunk(self, text: str, stamp: float | None) -> None:
         index = len(self.parts)

@@ -14,7 +14,7 @@ import base64
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, cast
@@ -25,9 +25,10 @@ from google.genai import errors, types
 from tenacity import AsyncRetrying
 
 from server.core.errors import TurnErrorCode
-from server.core.models import JSONValue, Usage
+from server.core.models import AttachmentRef, JSONValue, Usage
 from server.core.ports import (
     ConversationItem,
+    FileWithheld,
     Finished,
     Metrics,
     ModelEvent,
@@ -43,6 +44,7 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
+from server.providers.files import user_parts
 from server.providers.prompts import (
     COMPACTION_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -77,8 +79,13 @@ class GeminiConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+# Gemini takes at most 20 MB of request inline; base64 makes files a third larger.
+MAX_INLINE_FILE_BYTES = 14_000_000
+
+
 class GeminiProvider:
     name = "gemini"
+    max_request_file_bytes: int | None = MAX_INLINE_FILE_BYTES
 
     def __init__(self, config: GeminiConfig, metrics: Metrics | None = None) -> None:
         self._config = config
@@ -114,7 +121,7 @@ class GeminiProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         client = self._require_client()
-        contents = to_contents(request.conversation)
+        contents = to_contents(request.conversation, request.files)
         config = types.GenerateContentConfig(
             system_instruction=self._config.system_prompt or None,
             tools=[types.Tool(function_declarations=[_declaration(t) for t in request.tools])]
@@ -233,8 +240,11 @@ async def _note_response(response: httpx2.Response) -> None:
 # ---------------------------------------------------------------------- conversation -> Gemini
 
 
-def to_contents(conversation: Sequence[ConversationItem]) -> list[types.ContentDict]:
-    """Contents for a request, consecutive items of one role merged (parallel calls in one turn).
+def to_contents(
+    conversation: Sequence[ConversationItem], files: Mapping[str, bytes | FileWithheld] | None = None
+) -> list[types.ContentDict]:
+    """Contents for a request, consecutive items of one role merged (parallel calls in one turn);
+    a user message's images and PDFs as `inline_data` parts.
 
     Plain dicts, not `types.Content`: the SDK validates the whole conversation on every request, and
     it validates dicts several times faster than models (docs/performance.md)."""
@@ -242,22 +252,30 @@ def to_contents(conversation: Sequence[ConversationItem]) -> list[types.ContentD
     gemini_ids: dict[str, str | None] = {}
     for item in conversation:
         role: Literal["user", "model"]
-        part: types.PartDict
+        new_parts: list[types.PartDict]
         if isinstance(item, UserText):
-            role, part = "user", {"text": item.text}
+            role, new_parts = "user", [_user_part(part) for part in user_parts(item, files or {})]
         elif isinstance(item, ModelText):
-            role, part = "model", {"text": item.text}
+            role, new_parts = "model", [{"text": item.text}]
         elif isinstance(item, ToolCallItem):
-            role, part = "model", _call_part(item)
-            gemini_ids[item.call_id] = (part.get("function_call") or {}).get("id")
+            call_part = _call_part(item)
+            role, new_parts = "model", [call_part]
+            gemini_ids[item.call_id] = (call_part.get("function_call") or {}).get("id")
         else:
-            role, part = "user", _response_part(item, gemini_ids.get(item.call_id))
+            role, new_parts = "user", [_response_part(item, gemini_ids.get(item.call_id))]
         parts = contents[-1].get("parts") if contents and contents[-1].get("role") == role else None
         if parts is not None:
-            parts.append(part)
+            parts.extend(new_parts)
         else:
-            contents.append({"role": role, "parts": [part]})
+            contents.append({"role": role, "parts": new_parts})
     return contents
+
+
+def _user_part(part: str | tuple[AttachmentRef, bytes]) -> types.PartDict:
+    if isinstance(part, str):
+        return {"text": part}
+    file, data = part
+    return {"inline_data": {"mime_type": file.mime_type, "data": data}}
 
 
 def _call_part(call: ToolCallItem) -> types.PartDict:

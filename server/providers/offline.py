@@ -23,6 +23,7 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
+from server.providers.files import file_label
 
 LABEL = "[offline scripted model, not an LLM]"
 _WEATHER = re.compile(r"\bweather\b.*?\b(?:in|at|for)\s+(?P<place>[^?!.,;:\n]+)", re.IGNORECASE | re.DOTALL)
@@ -111,12 +112,13 @@ def files_named(files: Sequence[AttachmentRef]) -> str:
     """What the script says of the files it got with the message: each one's name, type and size."""
     if not files:
         return ""
-    named = "; ".join(f'"{f.name}" ({f.mime_type}, {f.size} bytes)' for f in files)
+    named = "; ".join(file_label(file) for file in files)
     return f" It got {len(files)} file{'' if len(files) == 1 else 's'} with it: {named}."
 
 
 class OfflineProvider:
     name = "offline"
+    max_request_file_bytes: int | None = None
 
     def __init__(self, chunk_delay_ms: float = 40) -> None:
         self._delay = chunk_delay_ms / 1000

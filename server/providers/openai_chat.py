@@ -9,11 +9,12 @@ has been handed on; tenacity is the one retry policy (the SDK's own is off, to c
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,17 +25,21 @@ from openai.types.chat import (
     ChatCompletion,
     ChatCompletionAssistantMessageParam,
     ChatCompletionChunk,
+    ChatCompletionContentPartParam,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
+    ChatCompletionUserMessageParam,
 )
 from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta, ChoiceDeltaToolCall
 from tenacity import AsyncRetrying
 
 from server.core.errors import TurnErrorCode
-from server.core.models import JSONValue, Usage
+from server.core.file_types import IMAGE_TYPES
+from server.core.models import AttachmentRef, JSONValue, Usage
 from server.core.ports import (
     ConversationItem,
+    FileWithheld,
     Finished,
     Metrics,
     ModelEvent,
@@ -50,6 +55,8 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
+from server.core.recent import Recent
+from server.providers.files import user_parts
 from server.providers.prompts import (
     COMPACTION_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -88,8 +95,15 @@ class OpenAIConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+# What one request carries of files at most: OpenAI documents 32 MB of file content a request.
+MAX_REQUEST_FILE_BYTES = 32_000_000
+REFUSED_FILE = FileWithheld("not sent: the model's endpoint refused it")
+REFUSED_FILES_KEPT = 10_000
+
+
 class OpenAIChatProvider:
     name = "openai"
+    max_request_file_bytes: int | None = MAX_REQUEST_FILE_BYTES
 
     def __init__(self, config: OpenAIConfig, metrics: Metrics | None = None) -> None:
         self._config = config
@@ -102,6 +116,8 @@ class OpenAIChatProvider:
         )
         # Without a key, no Authorization header at all (the SDK would send its placeholder).
         self._headers: dict[str, str | Omit] = {} if config.api_key else {"Authorization": omit}
+        # Files an endpoint refused (HTTP 400 on a request carrying them): later requests name them.
+        self._refused_files: Recent[str, bool] = Recent(REFUSED_FILES_KEPT)
 
     def not_ready_reason(self) -> str | None:
         host = httpx2.URL(self._config.base_url).host
@@ -152,7 +168,11 @@ class OpenAIChatProvider:
         """Open the stream and read it up to its first chunk that says something (text, a call, a
         finish), with retries: many servers send an empty first chunk before any failure shows."""
         self._require_configured()
-        messages = to_messages(request.conversation, self._config.system_prompt)
+        files = {
+            attachment_id: REFUSED_FILE if attachment_id in self._refused_files else data
+            for attachment_id, data in request.files.items()
+        }
+        messages = to_messages(request.conversation, self._config.system_prompt, files)
         tools = [_declaration(tool) for tool in request.tools]
         try:
             async for attempt in self._retrying():
@@ -172,6 +192,8 @@ class OpenAIChatProvider:
                         await stream.close()
                         raise
         except _UNREADABLE as exc:
+            if isinstance(exc, openai.BadRequestError):
+                self._note_refused(files)
             raise _provider_error(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
@@ -201,6 +223,17 @@ class OpenAIChatProvider:
             raise ProviderError(TurnErrorCode.PROVIDER_ERROR, f"the model gave no {what} ({reason or 'no text'})")
         return text
 
+    def _note_refused(self, files: Mapping[str, bytes | FileWithheld]) -> None:
+        """A 400 on a request carrying files: the endpoint may take no files (a text-only model), so
+        those go by name from now on and the session goes on."""
+        sent = [attachment_id for attachment_id, data in files.items() if isinstance(data, bytes)]
+        for attachment_id in sent:
+            self._refused_files.remember(attachment_id, True)
+        if sent:
+            log.warning(
+                "the model's endpoint refused a request carrying %d files: they go by name from now on", len(sent)
+            )
+
     def _require_configured(self) -> None:
         reason = self.not_ready_reason()
         if reason is not None:
@@ -220,16 +253,20 @@ class OpenAIChatProvider:
 # ---------------------------------------------------------------------- conversation -> messages
 
 
-def to_messages(conversation: Sequence[ConversationItem], system_prompt: str) -> list[ChatCompletionMessageParam]:
+def to_messages(
+    conversation: Sequence[ConversationItem],
+    system_prompt: str,
+    files: Mapping[str, bytes | FileWithheld] | None = None,
+) -> list[ChatCompletionMessageParam]:
     """Chat messages: the text and the tool calls of one model answer in one assistant message,
-    then one `tool` message per result."""
+    then one `tool` message per result; a user message's files as content parts."""
     messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": system_prompt}] if system_prompt else []
     answer: ChatCompletionAssistantMessageParam | None = None  # the model's answer being built
     calls: list[ChatCompletionMessageFunctionToolCallParam] = []  # its tool calls
     for item in conversation:
         if isinstance(item, UserText | ToolResultItem):
             messages.append(
-                {"role": "user", "content": item.text}
+                _user_message(item, files or {})
                 if isinstance(item, UserText)
                 else {"role": "tool", "tool_call_id": item.call_id, "content": _result_content(item)}
             )
@@ -244,6 +281,22 @@ def to_messages(conversation: Sequence[ConversationItem], system_prompt: str) ->
             calls.append(_call_param(item))
             answer["tool_calls"] = calls
     return messages
+
+
+def _user_message(item: UserText, files: Mapping[str, bytes | FileWithheld]) -> ChatCompletionUserMessageParam:
+    if not item.files:
+        return {"role": "user", "content": item.text}
+    return {"role": "user", "content": [_content_part(part) for part in user_parts(item, files)]}
+
+
+def _content_part(part: str | tuple[AttachmentRef, bytes]) -> ChatCompletionContentPartParam:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    file, data = part
+    url = f"data:{file.mime_type};base64,{base64.b64encode(data).decode('ascii')}"
+    if file.mime_type in IMAGE_TYPES:
+        return {"type": "image_url", "image_url": {"url": url}}
+    return {"type": "file", "file": {"filename": file.name, "file_data": url}}
 
 
 def _call_param(call: ToolCallItem) -> ChatCompletionMessageFunctionToolCallParam:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 
 from server.core.ports import ConversationItem, ModelText, ToolCallItem, UserText
+from server.providers.files import file_label
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a realtime chat. Answer clearly and concisely. "
@@ -40,7 +41,8 @@ def transcript(conversation: Sequence[ConversationItem]) -> str:
     lines: list[str] = []
     for item in conversation:
         if isinstance(item, UserText):
-            lines.append(f"User: {item.text}")
+            files = "".join(f" [file {file_label(file)}]" for file in item.files)
+            lines.append(f"User: {item.text}{files}")
         elif isinstance(item, ModelText):
             lines.append(f"Assistant: {item.text}")
         elif isinstance(item, ToolCallItem):
