@@ -91,6 +91,8 @@ class FakeOpenAI:
         # When set, a stream that asked for usage and has none scripted reports the tokens of what
         # it received (see prompt_tokens), as a real endpoint counts them.
         self.count_tokens = False
+        # When set, a request with any part but text is refused 400, as a text-only model's server does.
+        self.text_only = False
         self.hung_up = 0  # streams the client closed before their end
         self.hang_ups = asyncio.Event()
         self.app = Starlette(
@@ -129,7 +131,7 @@ class FakeOpenAI:
         else:
             self.complete_requests.append(recorded)
             queue, default = self.complete_replies, Reply(body=completion_body("Summary."))
-        problem = _invalid(body)
+        problem = _invalid(body) or (_not_text(messages) if self.text_only else None)
         if problem:  # refused as OpenAI refuses it, without taking a scripted reply
             return _error_response(400, problem)
         reply = queue.popleft() if queue else default
@@ -227,6 +229,14 @@ def _invalid(body: dict[str, Any]) -> str | None:
     if "stream_options" in body and body.get("stream") is not True:
         return "The 'stream_options' parameter is only allowed when 'stream' is enabled."
     return _unanswered_calls(messages)
+
+
+def _not_text(messages: list[Any]) -> str | None:
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+            return "This model does not support image or file inputs."
+    return None
 
 
 def _unanswered_calls(messages: list[dict[str, Any]]) -> str | None:

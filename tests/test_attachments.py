@@ -4,6 +4,7 @@ the tests, ownership with authentication on, and the session's deletion taking i
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 from typing import Any
@@ -12,8 +13,11 @@ import httpx
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
+from tests.fake_gemini import FakeGemini, Reply, call_part, chunk, text_chunk
+from tests.fake_openai import FakeOpenAI
 from tests.harness import RunningServer, Tab
 from tests.test_auth import SECRET, token
+from tests.test_metrics import Scrape, scrape
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PDF = b"%PDF-1.7\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n"
@@ -155,3 +159,142 @@ async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
     await asyncio.sleep(1.0)  # past the unused uploads' age: the named ones stay, the other goes
     assert await server.runtime.repo.get_attachment(ids[0]) is not None
     assert await server.runtime.repo.get_attachment(elsewhere["attachment_id"]) is None
+
+
+# ---------------------------------------------------------------- what the model gets
+
+
+def decoded(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gemini parts with each `inlineData`'s base64 decoded (the SDK sends the URL-safe alphabet,
+    which Gemini's JSON reads as well as the standard one)."""
+    return [
+        {"inlineData": {**part["inlineData"], "data": base64.urlsafe_b64decode(part["inlineData"]["data"])}}
+        if "inlineData" in part
+        else part
+        for part in parts
+    ]
+
+
+def reads_of_files(metrics: Scrape) -> float:
+    return metrics.value("realtime_storage_seconds_count", operation="attachment_data")
+
+
+async def test_gemini_gets_images_and_pdfs_inline_text_as_text_read_once_a_turn_and_again_in_history(
+    start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_server(
+        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    csv = b"city,temp\nDelhi,24.5\n"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        files = [
+            (await upload(http, sid, name, data)).json()
+            for name, data in [("a.png", PNG), ("b.pdf", PDF), ("c.csv", csv)]
+        ]
+    # A tool round: the turn makes two requests, and reads each file once.
+    fake_gemini.stream(
+        Reply(events=[chunk([call_part("get_weather", {"location": "Delhi"})], "STOP")]),
+        Reply(events=[text_chunk("A chart, a paper and a table.", "STOP")]),
+    )
+    ack = await tab.call(
+        "message", {"session_id": sid, "text": "What are these?", "attachments": [f["attachment_id"] for f in files]}
+    )
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    expected_parts = [
+        # The SDK keeps the blob's field names as Python spells them; Gemini's JSON reads both.
+        {"inlineData": {"mime_type": "image/png", "data": PNG}},
+        {"inlineData": {"mime_type": "application/pdf", "data": PDF}},
+        {"text": f'File "c.csv" (text/csv, {len(csv)} bytes):\n{csv.decode()}'},
+        {"text": "What are these?"},
+    ]
+    first, second = fake_gemini.calls()
+    assert [c["role"] for c in first.contents] == ["user"] and decoded(first.contents[0]["parts"]) == expected_parts
+    assert decoded(second.contents[0]["parts"]) == expected_parts
+    assert reads_of_files(await scrape(server.url)) == 3
+
+    ack = await tab.call("message", {"session_id": sid, "text": "And the second one?"})
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    replayed = fake_gemini.calls()[-1].contents
+    assert replayed[0]["role"] == "user" and decoded(replayed[0]["parts"]) == expected_parts
+    assert replayed[-1] == {"role": "user", "parts": [{"text": "And the second one?"}]}
+    assert reads_of_files(await scrape(server.url)) == 6
+
+
+async def test_openai_gets_image_urls_and_file_parts_and_a_refusing_endpoint_gets_their_names_from_then_on(
+    start_server: ServerFactory, fake_openai: FakeOpenAI, connect: TabFactory
+) -> None:
+    server = await start_server(
+        llm_provider="openai",
+        openai_base_url=f"{fake_openai.url}/v1",
+        openai_model="m",
+        openai_retry_initial_seconds=0.01,
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        shot, paper = [(await upload(http, sid, name, data)).json() for name, data in [("a.png", PNG), ("b.pdf", PDF)]]
+    ids = [shot["attachment_id"], paper["attachment_id"]]
+    ack = await tab.call("message", {"session_id": sid, "text": "Read them", "attachments": ids})
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    assert fake_openai.requests[-1].messages[-1] == {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}},
+            {
+                "type": "file",
+                "file": {
+                    "filename": "b.pdf",
+                    "file_data": "data:application/pdf;base64," + base64.b64encode(PDF).decode(),
+                },
+            },
+            {"type": "text", "text": "Read them"},
+        ],
+    }
+
+    fake_openai.text_only = True  # as a text-only model's server: 400 on any file part
+    ack = await tab.call("message", {"session_id": sid, "text": "Once more", "attachments": ids[:1]})
+    done = (await tab.turn(ack["turn_id"]))[-1][1]
+    assert done["error"]["code"] == "provider_rejected", done
+    ack = await tab.call("message", {"session_id": sid, "text": "Go on"})
+    done = (await tab.turn(ack["turn_id"]))[-1][1]
+    assert done["error"] is None and done["text"] == "Hi.", done
+    sent = fake_openai.requests[-1].messages
+    refused = "not sent: the model's endpoint refused it"  # both files were in the refused request
+    assert sent[1]["content"] == [
+        {"type": "text", "text": f'[File "a.png" (image/png, {len(PNG)} bytes): {refused}]'},
+        {"type": "text", "text": f'[File "b.pdf" (application/pdf, {len(PDF)} bytes): {refused}]'},
+        {"type": "text", "text": "Read them"},
+    ]
+    assert sent[-1] == {"role": "user", "content": "Go on"}
+
+
+async def test_files_count_in_the_context_budget_and_past_a_requests_bound_they_are_refused_or_named(
+    start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_server(
+        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url,
+        context_max_tokens=2500, attachment_max_bytes=8_000_000,
+    )  # fmt: skip
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    big = b"\x89PNG\r\n\x1a\n" + bytes(7_500_000)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        pictures = [(await upload(http, sid, f"{n}.png", PNG)).json()["attachment_id"] for n in range(3)]
+        large = [(await upload(http, sid, f"large{n}.png", big)).json()["attachment_id"] for n in range(2)]
+    # Three images at 1,000 tokens each pass a 2,500-token budget; two fit.
+    refused = await tab.call("message", {"session_id": sid, "text": "hi", "attachments": pictures})
+    assert refused["error"]["code"] == "message_too_long", refused
+    # Two 7.5 MB files pass what one Gemini request may carry inline.
+    refused = await tab.call("message", {"session_id": sid, "text": "hi", "attachments": large})
+    assert refused["error"]["code"] == "message_too_long" and "request" in refused["error"]["message"], refused
+    assert await server.runtime.repo.list_events(sid) == []
+
+    for attachment_id in large:  # each alone fits; the second turn sends the older one by name
+        ack = await tab.call("message", {"session_id": sid, "text": "look", "attachments": [attachment_id]})
+        assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    first_turn = fake_gemini.calls()[-1].contents[0]["parts"]
+    withheld = "not sent again: past the size one request may carry"
+    assert first_turn[0] == {"text": f'[File "large0.png" (image/png, {len(big)} bytes): {withheld}]'}
+    assert decoded(fake_gemini.calls()[-1].contents[-1]["parts"])[0]["inlineData"]["data"] == big
