@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -361,3 +363,27 @@ async def test_a_mixed_room_across_two_processes_on_redis(
         assert (await client.ack(json.dumps({"event": "cancel"})))["turn_id"] == running["turn_id"]
         assert (await client.turn(running["turn_id"]))[-1][1]["finish_reason"] == "cancelled"
         assert (await tab.turn(running["turn_id"]))[-1][1]["finish_reason"] == "cancelled"
+
+
+async def test_a_plain_client_sends_files_with_a_message_and_a_socketio_tab_sees_them(
+    server: RunningServer, connect: TabFactory
+) -> None:
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        files = {"file": ("dot.png", io.BytesIO(png), "image/png")}
+        shot = (await http.post(f"/api/sessions/{sid}/attachments", files=files)).json()
+    async with plain(server, sid) as client:
+        await client.wait_for(lambda f: f[:1])
+        foreign = await client.ack(json.dumps({"event": "message", "data": {"text": "hi", "attachments": ["nope"]}}))
+        assert foreign["ok"] is False and foreign["error"]["code"] == "invalid_payload", foreign
+        message = {"event": "message", "data": {"text": "What is it?", "attachments": [shot["attachment_id"]]}}
+        ack = await client.ack(json.dumps(message))
+        assert ack["ok"], ack
+        turn = await client.turn(ack["turn_id"])
+    expected = [{"attachment_id": shot["attachment_id"], "name": "dot.png", "mime_type": "image/png", "size": len(png)}]
+    assert turn[0][0] == "user_message" and turn[0][1]["attachments"] == expected
+    assert f'"dot.png" (image/png, {len(png)} bytes)' in turn[-1][1]["text"]
+    seen = await tab.turn(ack["turn_id"])
+    assert seen[0][1]["attachments"] == expected
