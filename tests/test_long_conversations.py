@@ -4,8 +4,10 @@ of what it receives: every request stays within CONTEXT_MAX_TOKENS, its oldest p
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
+import httpx
 import pytest
 
 from server.core.context import SUMMARY_INTRO
@@ -169,3 +171,28 @@ async def test_a_message_larger_than_the_whole_budget_is_refused_and_stores_noth
     ack = await tab.call("message", {"session_id": sid, "text": "word " * 300})
     assert ack["error"]["code"] == "message_too_long", ack
     assert (await tab.join(sid))["history"] == []
+
+
+async def test_an_older_file_is_sent_while_it_fits_then_named_in_the_summary(
+    start_counted: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_counted(context_max_tokens=1600)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    png = b"\x89PNG\r\n\x1a\n" + bytes(100)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        files = {"file": ("chart.png", io.BytesIO(png), "image/png")}
+        chart = (await http.post(f"/api/sessions/{sid}/attachments", files=files)).json()
+    ack = await tab.call("message", {"session_id": sid, "text": "See this", "attachments": [chart["attachment_id"]]})
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    await chat(fake_gemini, tab, sid, 12)
+    await settled(fake_gemini)
+
+    def carries_the_file(request: Recorded) -> bool:
+        return any("inlineData" in part for content in request.contents for part in content["parts"])
+
+    turns = fake_gemini.calls()
+    assert carries_the_file(turns[0]) and carries_the_file(turns[1])  # an image costs 1,000: it fits a while
+    assert not carries_the_file(turns[-1])
+    label = f'[file "chart.png" (image/png, {len(png)} bytes)]'
+    assert any(label in text for request in fake_gemini.compaction_requests for text in texts(request))
