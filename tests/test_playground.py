@@ -1204,3 +1204,60 @@ async def test_attach_with_authentication_on_shows_and_saves_files_through_blob_
     assert (await saved.path()).read_bytes() == b"hello\n"
     await finished(answers(page).first)
     watch.assert_clean()
+
+
+async def sent_files(page: Page, image: str, text_file: str) -> tuple[list[str], list[str]]:
+    """The last user message's two files (an image, then a text file) as the page shows them: the
+    thumbnail's `src` once loaded, and the links' `href`."""
+    user = page.locator("#log .msg.user").last
+    await expect(user.locator(".attachments img")).to_have_count(1, timeout=WAIT_MS)
+    await expect(user.locator(".attachments a")).to_have_count(2)
+    await expect(user.locator(".attachments a").first).to_have_attribute("aria-label", f"{image}, download")
+    await expect(user.locator(".attachments a").nth(1)).to_contain_text(text_file)
+    links = [await link.get_attribute("href") or "" for link in await user.locator(".attachments a").all()]
+    return await loaded_images(user.locator(".attachments img")), links
+
+
+async def test_attached_files_reach_the_offline_answer_and_another_tab(
+    start_server: ServerFactory, browser: Browser
+) -> None:
+    server = await start_server(offline_chunk_delay_ms=0)
+    watch = await watched(browser, server.url, **LAPTOP)
+    first = await open_playground(watch, server.url + "/")
+    other = await watched(browser, server.url, **PHONE)
+    second = await open_playground(other, first.url)
+    for page in (first, second):  # the second tab is in the session before the message is sent
+        await expect(page.locator("#presence")).to_have_text("2 tabs in this session")
+
+    image, notes = png(4, 3), b"Delhi, 24.5 C\n"
+    await choose_files(first, [("red.png", "image/png", image), ("notes.txt", "text/plain", notes)])
+    attached = first.locator("#attachments > li")
+    await expect(attached.locator("img")).to_have_count(1, timeout=WAIT_MS)
+    await loaded_images(attached.locator("img"))
+    await expect(attached.nth(1)).to_have_attribute("data-state", "uploaded", timeout=WAIT_MS)
+    await send(first, "What do these say?")
+    await expect(attached).to_have_count(0)
+
+    # The offline script names each file it got, as the service typed and measured it.
+    labels = f'"red.png" (image/png, {len(image)} bytes); "notes.txt" (text/plain, {len(notes)} bytes)'
+    await finished(answers(first).first)
+    text = await text_of(answers(first).first)
+    assert text.endswith(f"It got 2 files with it: {labels}."), text
+    assert await stored_answers(server, session_of(first)) == [text]
+    sources, links = await sent_files(first, "red.png", "notes.txt")
+    assert len(links) == 2 and all(link.startswith("/api/attachments/") for link in links), links
+    assert sources[0].endswith(links[0]), sources
+
+    # The other tab heard it live: the same files (the thumbnail loaded there too), the same answer.
+    await expect(second.locator("#log .msg.user .text")).to_have_text(["What do these say?"])
+    assert await sent_files(second, "red.png", "notes.txt") == (sources, links)
+    await finished(answers(second).first)
+    assert await text_of(answers(second).first) == text
+    # Opened again, it shows them from the session's history.
+    await second.reload()
+    await expect(second.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    assert await sent_files(second, "red.png", "notes.txt") == (sources, links)
+    await finished(answers(second).first)
+    assert await text_of(answers(second).first) == text
+    watch.assert_clean()
+    other.assert_clean()
