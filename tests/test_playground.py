@@ -22,7 +22,6 @@ from playwright.async_api import (
     Locator,
     Page,
     Request,
-    Response,
     WebSocket,
     WebSocketRoute,
     expect,
@@ -1061,45 +1060,26 @@ async def loaded_images(images: Locator) -> list[str]:
     return [await handle.get_attribute("src") or "" for handle in handles]
 
 
-class AttachmentRelay:
-    """The page's Socket.IO traffic through a route: the `message` payloads it sends are recorded,
-    and each `user_message` it hears gets the `attachments` of the message sent (their uploads'
-    answers), as the service will send them."""
+class SentMessages:
+    """The `message` payloads the page sends over Socket.IO, recorded by a route on its WebSocket."""
 
     def __init__(self, page: Page) -> None:
         self.messages: list[dict[str, Any]] = []
-        self.uploaded: dict[str, dict[str, Any]] = {}
         self._page = page
 
     async def install(self) -> None:
         await self._page.route_web_socket(re.compile(r"/socket\.io/"), self._route)
-        self._page.on("response", self._record_upload)
-
-    async def _record_upload(self, response: Response) -> None:
-        if response.request.method == "POST" and response.url.endswith("/attachments") and response.status == 201:
-            info = await response.json()
-            self.uploaded[info["attachment_id"]] = info
 
     def _route(self, ws: WebSocketRoute) -> None:
         server = ws.connect_to_server()
         ws.on_message(lambda message: server.send(self._sent(message)))
-        server.on_message(lambda message: ws.send(self._heard(message)))
+        server.on_message(ws.send)
 
     def _sent(self, message: str | bytes) -> str | bytes:
         match = isinstance(message, str) and re.fullmatch(r'42\d*\["message",(.*)\]', message)
         if match:
             self.messages.append(json.loads(match.group(1)))
         return message
-
-    def _heard(self, message: str | bytes) -> str | bytes:
-        if not (isinstance(message, str) and message.startswith('42["user_message",')):
-            return message
-        name, event = json.loads(message[2:])
-        sent = next((m for m in self.messages if m.get("client_message_id") == event.get("client_message_id")), None)
-        ids = (sent or {}).get("attachments", [])
-        if ids:
-            event["attachments"] = [self.uploaded[attachment_id] for attachment_id in ids]
-        return "42" + json.dumps([name, event])
 
 
 async def test_attach_with_the_button_paste_and_drop_then_send_them_with_the_message(
@@ -1108,7 +1088,7 @@ async def test_attach_with_the_button_paste_and_drop_then_send_them_with_the_mes
     server = await start_server()
     watch = await watched(browser, server.url, **LAPTOP)
     page = await watch.new_page()
-    relay = AttachmentRelay(page)
+    relay = SentMessages(page)
     await relay.install()
     await page.goto(server.url + "/")
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
@@ -1141,7 +1121,7 @@ async def test_attach_with_the_button_paste_and_drop_then_send_them_with_the_mes
     await expect(user.locator(".text")).to_have_text(["What do these say?"])
     await expect(attached).to_have_count(0)
     [message] = relay.messages
-    names = [relay.uploaded[attachment_id]["name"] for attachment_id in message["attachments"]]
+    names = [(await server.runtime.repo.get_attachment(i)).name for i in message["attachments"]]
     assert names == ["red.png", "screenshot.png", "weather.csv"], message
     # The user message shows them: thumbnails and a name, each a link to the file's route.
     links = user.locator(".attachments a")
@@ -1180,7 +1160,7 @@ async def test_attach_with_authentication_on_shows_and_saves_files_through_blob_
     server = await start_server(auth_jwt_secret=SECRET)
     watch = await watched(browser, server.url, **LAPTOP)
     page = await watch.new_page()
-    relay = AttachmentRelay(page)
+    relay = SentMessages(page)
     await relay.install()
     await page.add_init_script(f"sessionStorage.setItem('playground.token', {json.dumps(token('alice'))})")
     await page.goto(server.url + "/")
