@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServerFactory, TabFactory
-from tests.fake_gemini import FakeGemini, Reply, call_part, chunk, text_chunk
+from tests.fake_gemini import FakeGemini, Reply, call_part, chunk, error_reply, text_chunk
 from tests.fake_openai import FakeOpenAI
 from tests.harness import RunningServer, Tab
 from tests.test_auth import SECRET, token
@@ -56,11 +56,23 @@ async def test_an_upload_is_typed_by_its_content_and_served_back_as_an_attachmen
         served = await http.get(f"/api/attachments/{body['attachment_id']}")
     assert served.status_code == 200 and served.content == data
     assert served.headers["content-type"].split(";")[0] == mime_type
-    assert served.headers["content-disposition"] == f"attachment; filename*=UTF-8''{name}"
+    assert served.headers["content-disposition"] == f"attachment; filename=\"{name}\"; filename*=UTF-8''{name}"
     assert served.headers["x-content-type-options"] == "nosniff"
     assert "default-src 'none'" in served.headers["content-security-policy"]
     stored = await server.runtime.repo.get_attachment(body["attachment_id"])
     assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.session_id == sid
+
+
+async def test_a_name_beyond_ascii_is_served_exactly_with_a_plain_fallback(
+    server: RunningServer, connect: TabFactory
+) -> None:
+    sid = await new_session(server, connect)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        created = (await upload(http, sid, "Été ☀.txt", b"sunny\n")).json()
+        served = await http.get(f"/api/attachments/{created['attachment_id']}")
+    assert served.headers["content-disposition"] == (
+        "attachment; filename=\"_t_ _.txt\"; filename*=UTF-8''%C3%89t%C3%A9%20%E2%98%80.txt"
+    )
 
 
 async def test_refusals_a_binary_named_png_too_large_and_unknown_sessions(
@@ -156,6 +168,7 @@ async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
     history = (await tab.join(sid))["history"]
     assert history[0]["event_type"] == "user_message" and history[0]["attachments"] == expected
     assert all("attachments" not in item for item in history if item["event_type"] != "user_message")
+    assert reads_of_files(await scrape(server.url)) == 0  # the offline script names files: never read
     await asyncio.sleep(1.0)  # past the unused uploads' age: the named ones stay, the other goes
     assert await server.runtime.repo.get_attachment(ids[0]) is not None
     assert await server.runtime.repo.get_attachment(elsewhere["attachment_id"]) is None
@@ -220,6 +233,26 @@ async def test_gemini_gets_images_and_pdfs_inline_text_as_text_read_once_a_turn_
     assert replayed[0]["role"] == "user" and decoded(replayed[0]["parts"]) == expected_parts
     assert replayed[-1] == {"role": "user", "parts": [{"text": "And the second one?"}]}
     assert reads_of_files(await scrape(server.url)) == 6
+
+
+async def test_a_file_gemini_refuses_goes_by_name_from_then_on(
+    start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
+) -> None:
+    server = await start_server(
+        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url
+    )
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        shot = (await upload(http, sid, "odd.png", PNG)).json()
+    fake_gemini.stream(error_reply(400, "INVALID_ARGUMENT", "Unable to process input image."))
+    ack = await tab.call("message", {"session_id": sid, "text": "Look", "attachments": [shot["attachment_id"]]})
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"]["code"] == "provider_rejected"
+    ack = await tab.call("message", {"session_id": sid, "text": "Go on"})
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    refused = f'[File "odd.png" (image/png, {len(PNG)} bytes): not sent: the model\'s endpoint refused it]'
+    # The failed turn left no answer: both user messages make one content.
+    assert fake_gemini.calls()[-1].contents[0]["parts"] == [{"text": refused}, {"text": "Look"}, {"text": "Go on"}]
 
 
 async def test_openai_gets_image_urls_and_file_parts_and_a_refusing_endpoint_gets_their_names_from_then_on(

@@ -54,6 +54,7 @@ Script = Callable[[ModelRequest, int], AsyncGenerator[ModelEvent, None]]
 class ScriptedProvider:
     name = "scripted"
     max_request_file_bytes: int | None = None
+    takes_files = True
 
     def __init__(self, script: Script) -> None:
         self.script = script

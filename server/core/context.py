@@ -37,7 +37,7 @@ def file_tokens(file: AttachmentRef) -> int:
     if file.mime_type in TEXT_TYPES:
         return file.size // CHARS_PER_TOKEN + 1
     if file.mime_type == "application/pdf":
-        return TOKENS_PER_IMAGE_OR_PAGE * (file.size // PDF_BYTES_PER_PAGE + 1)
+        return TOKENS_PER_IMAGE_OR_PAGE * max(1, -(-file.size // PDF_BYTES_PER_PAGE))  # pages begun
     return TOKENS_PER_IMAGE_OR_PAGE
 
 

@@ -358,8 +358,6 @@ class ConversationService:
         await self._wait_recovered()
         await self._take_quota(connection, user)
         try:
-            # Marked before the message is stored: a stored message never names a file that expires.
-            await self._keep_files(session_id, files)
             accepted, started = await self._start_turn(session_id, text, client_message_id, received_at, files)
         except BaseException:
             await self._give_back_quota(connection, user)
@@ -385,15 +383,6 @@ class ConversationService:
             raise ServiceError(
                 ErrorCode.MESSAGE_TOO_LONG, f"the files are larger than one model request may carry ({most} bytes)"
             )
-
-    async def _keep_files(self, session_id: str, files: tuple[AttachmentRef, ...]) -> None:
-        """A message names them: they never expire."""
-        if not files:
-            return
-        try:
-            await self._repo.mark_attachments_used(session_id, [f.attachment_id for f in files])
-        except StorageUnavailable:
-            raise ServiceError(ErrorCode.UNAVAILABLE, "storage cannot keep the files now; nothing was stored") from None
 
     async def _earlier_answer(self, session_id: str, client_message_id: str) -> MessageAccepted | None:
         """The answer to the first `message` with this client_message_id, if there was one."""

@@ -151,6 +151,8 @@ class ModelProvider(Protocol):
     # The most file bytes one request may carry (None: no limit known); a message whose own files
     # pass it is refused, and older files past it are named instead of sent.
     max_request_file_bytes: int | None
+    # Whether requests carry the files' bytes (False: only their names, and nothing is read).
+    takes_files: bool
 
     def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         """One model request: text deltas, tool calls, usage, then one `Finished`."""

@@ -219,6 +219,11 @@ class Turn:
     async def _start(self) -> MessageAccepted:
         await self._take_lock()
         ctx = self._ctx
+        try:
+            await self._keep_files()
+        except BaseException:
+            await ctx.locks.release_turn(self.session_id, self.turn_id)
+            raise
         # Read, and the model asked, while the message is written: their output waits for it.
         history = ctx.tasks.spawn(
             ctx.history.read(self.session_id, after=ctx.writer.last_write(self.session_id)),
@@ -257,6 +262,16 @@ class Turn:
         if self._ctx.running.closing:
             await locks.release_turn(self.session_id, self.turn_id)
             raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
+
+    async def _keep_files(self) -> None:
+        """Marked before the message is stored, so that no stored message names a file that expires."""
+        files = self.question.attachments
+        if not files:
+            return
+        try:
+            await self._ctx.files.mark_attachments_used(self.session_id, [file.attachment_id for file in files])
+        except StorageUnavailable:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "storage cannot keep the files now; nothing was stored") from None
 
     async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]], cause: BaseException) -> ServiceError:
         """The user message could not be stored: the turn never started, and nothing it held is sent."""
@@ -359,7 +374,10 @@ class Turn:
     async def _file_contents(self, conversation: Sequence[ConversationItem]) -> dict[str, bytes | FileWithheld]:
         """What the request carries of its files: each one's bytes, read from storage once a turn
         (a tool round sends them again), or why it goes by name only."""
-        send, withheld = files_to_send(conversation, self._ctx.provider.max_request_file_bytes)
+        provider = self._ctx.provider
+        if not provider.takes_files:
+            return {}
+        send, withheld = files_to_send(conversation, provider.max_request_file_bytes)
         unread = [file.attachment_id for file in send if file.attachment_id not in self._files]
         if unread:
             read = await asyncio.gather(

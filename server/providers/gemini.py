@@ -44,7 +44,7 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
-from server.providers.files import user_parts
+from server.providers.files import RefusedFiles, user_parts
 from server.providers.prompts import (
     COMPACTION_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -86,10 +86,12 @@ MAX_INLINE_FILE_BYTES = 14_000_000
 class GeminiProvider:
     name = "gemini"
     max_request_file_bytes: int | None = MAX_INLINE_FILE_BYTES
+    takes_files = True
 
     def __init__(self, config: GeminiConfig, metrics: Metrics | None = None) -> None:
         self._config = config
         self._metrics = metrics or NoMetrics()
+        self._refused_files = RefusedFiles()
         self._http: httpx2.AsyncClient | None = None
         self._client: genai.Client | None = None
         if config.api_key:
@@ -121,7 +123,8 @@ class GeminiProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         client = self._require_client()
-        contents = to_contents(request.conversation, request.files)
+        files = self._refused_files.withhold(request.files)
+        contents = to_contents(request.conversation, files)
         config = types.GenerateContentConfig(
             system_instruction=self._config.system_prompt or None,
             tools=[types.Tool(function_declarations=[_declaration(t) for t in request.tools])]
@@ -143,6 +146,8 @@ class GeminiProvider:
                 finish = _finish_of(chunk) or finish
                 chunk = await anext(stream, None)
         except (errors.APIError, httpx2.TransportError) as exc:
+            if isinstance(exc, errors.ClientError) and exc.code == 400:
+                self._refused_files.note(files)
             raise _provider_error(exc) from exc
         finally:
             # The SDK closes its response only when the stream is read to the end; after an error,

@@ -119,6 +119,7 @@ def files_named(files: Sequence[AttachmentRef]) -> str:
 class OfflineProvider:
     name = "offline"
     max_request_file_bytes: int | None = None
+    takes_files = False  # its answer names the files: their bytes are never read
 
     def __init__(self, chunk_delay_ms: float = 40) -> None:
         self._delay = chunk_delay_ms / 1000

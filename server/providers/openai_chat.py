@@ -55,8 +55,7 @@ from server.core.ports import (
     UsageReport,
     UserText,
 )
-from server.core.recent import Recent
-from server.providers.files import user_parts
+from server.providers.files import RefusedFiles, user_parts
 from server.providers.prompts import (
     COMPACTION_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -97,13 +96,12 @@ class OpenAIConfig:
 
 # What one request carries of files at most: OpenAI documents 32 MB of file content a request.
 MAX_REQUEST_FILE_BYTES = 32_000_000
-REFUSED_FILE = FileWithheld("not sent: the model's endpoint refused it")
-REFUSED_FILES_KEPT = 10_000
 
 
 class OpenAIChatProvider:
     name = "openai"
     max_request_file_bytes: int | None = MAX_REQUEST_FILE_BYTES
+    takes_files = True
 
     def __init__(self, config: OpenAIConfig, metrics: Metrics | None = None) -> None:
         self._config = config
@@ -116,8 +114,7 @@ class OpenAIChatProvider:
         )
         # Without a key, no Authorization header at all (the SDK would send its placeholder).
         self._headers: dict[str, str | Omit] = {} if config.api_key else {"Authorization": omit}
-        # Files an endpoint refused (HTTP 400 on a request carrying them): later requests name them.
-        self._refused_files: Recent[str, bool] = Recent(REFUSED_FILES_KEPT)
+        self._refused_files = RefusedFiles()
 
     def not_ready_reason(self) -> str | None:
         host = httpx2.URL(self._config.base_url).host
@@ -168,10 +165,7 @@ class OpenAIChatProvider:
         """Open the stream and read it up to its first chunk that says something (text, a call, a
         finish), with retries: many servers send an empty first chunk before any failure shows."""
         self._require_configured()
-        files = {
-            attachment_id: REFUSED_FILE if attachment_id in self._refused_files else data
-            for attachment_id, data in request.files.items()
-        }
+        files = self._refused_files.withhold(request.files)
         messages = to_messages(request.conversation, self._config.system_prompt, files)
         tools = [_declaration(tool) for tool in request.tools]
         try:
@@ -193,7 +187,7 @@ class OpenAIChatProvider:
                         raise
         except _UNREADABLE as exc:
             if isinstance(exc, openai.BadRequestError):
-                self._note_refused(files)
+                self._refused_files.note(files)
             raise _provider_error(exc) from exc
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
@@ -222,17 +216,6 @@ class OpenAIChatProvider:
             reason = choice.finish_reason if choice is not None else None
             raise ProviderError(TurnErrorCode.PROVIDER_ERROR, f"the model gave no {what} ({reason or 'no text'})")
         return text
-
-    def _note_refused(self, files: Mapping[str, bytes | FileWithheld]) -> None:
-        """A 400 on a request carrying files: the endpoint may take no files (a text-only model), so
-        those go by name from now on and the session goes on."""
-        sent = [attachment_id for attachment_id, data in files.items() if isinstance(data, bytes)]
-        for attachment_id in sent:
-            self._refused_files.remember(attachment_id, True)
-        if sent:
-            log.warning(
-                "the model's endpoint refused a request carrying %d files: they go by name from now on", len(sent)
-            )
 
     def _require_configured(self) -> None:
         reason = self.not_ready_reason()

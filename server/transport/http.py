@@ -283,9 +283,16 @@ async def download_attachment(attachment_id: str, request: Request, caller: Call
     with _answered():
         found = await _runtime(request).attachments.read(attachment_id, caller)
     headers = {
-        "content-disposition": f"attachment; filename*=UTF-8''{quote(found.info.name, safe='')}",
+        "content-disposition": _as_attachment(found.info.name),
         "x-content-type-options": "nosniff",
         "content-security-policy": CONTENT_SECURITY_POLICY,
         "cache-control": "private, no-cache",
     }
     return Response(found.data, media_type=found.info.mime_type, headers=headers)
+
+
+def _as_attachment(name: str) -> str:
+    """RFC 6266: a plain ASCII `filename` for clients that read only that (curl -J), and the exact
+    name as `filename*`."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
