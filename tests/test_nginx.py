@@ -311,18 +311,22 @@ async def test_long_polling_keeps_to_one_process_of_two(
 
 async def test_an_upload_through_nginx_is_taken_up_to_the_services_own_limit(spawn: Spawner, tmp_path: Path) -> None:
     _, url = await python_server(spawn)
+    limit = 10 * 1024 * 1024  # ATTACHMENT_MAX_BYTES's default, which deploy/nginx.conf follows
     async with nginx_in_front(tmp_path, [url]) as proxy:
         tab = await Tab(proxy.url, "websocket").connect()
         try:
             sid = (await tab.join())["session"]["session_id"]
         finally:
             await tab.close()
-        picture = b"\x89PNG\r\n\x1a\n" + bytes(9 * 1024 * 1024)  # over nginx's 1 MiB for other requests
+        answers = []
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
-            taken = await http.post(f"/api/sessions/{sid}/attachments", files={"file": ("big.png", picture)})
-            too_large = await http.post(
-                f"/api/sessions/{sid}/attachments", files={"file": ("bigger.png", picture + bytes(1536 * 1024))}
-            )
-    assert taken.status_code == 201 and taken.json()["size"] == len(picture), taken.text
-    # Past ATTACHMENT_MAX_BYTES: the service's own coded answer, not nginx's page.
-    assert too_large.status_code == 413 and too_large.json()["detail"]["code"] == "too_large", too_large.text
+            # Over nginx's 1 MiB for other requests; just over the service's limit (refused by the
+            # service as it reads); far over it (refused by nginx from its declared length).
+            for size in (9 * 1024 * 1024, limit + 1024, limit + 512 * 1024):
+                picture = b"\x89PNG\r\n\x1a\n" + bytes(size - 8)
+                files = {"file": ("big.png", picture)}
+                answers.append(await http.post(f"/api/sessions/{sid}/attachments", files=files))
+    taken, over, far_over = answers
+    assert taken.status_code == 201 and taken.json()["size"] == 9 * 1024 * 1024, taken.text
+    for refused in (over, far_over):  # a coded answer either way, never nginx's page or a 502
+        assert refused.status_code == 413 and refused.json()["detail"]["code"] == "too_large", refused.text
