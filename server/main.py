@@ -11,11 +11,13 @@ from typing import Any
 
 import socketio
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings, UnusableSetting, load_settings
@@ -23,7 +25,7 @@ from server.logs import configure_logging
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.transport.clients import ConnectionGate
-from server.transport.http import router
+from server.transport.http import count_refusal, router
 from server.transport.origins import origin_matcher, origin_regex
 from server.transport.plain_ws import GOING_AWAY, PlainClients, serve_plain_client
 from server.transport.playground import add_playground
@@ -89,7 +91,7 @@ def _http_routes(settings: Settings, lifespan: Any, metrics: PrometheusMetrics) 
         CORSMiddleware,
         allow_origins=["*"] if regex is None else [],
         allow_origin_regex=regex,
-        allow_methods=["GET"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE"],
         allow_headers=["Authorization", "Content-Type"],
     )
     api.include_router(router)
@@ -144,11 +146,21 @@ def _http_api(lifespan: Any) -> FastAPI:
         # A query parameter of the wrong type (`after_event_id=abc`): the contract's 400, not FastAPI's 422.
         problems = exc.errors() if isinstance(exc, RequestValidationError) else []
         where = ", ".join(str(p["loc"][-1]) for p in problems) or "a parameter"
+        count_refusal(request, "invalid_payload")
         return JSONResponse(
             {"detail": {"code": "invalid_payload", "message": f"{where}: not of the expected type"}}, status_code=400
         )
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        # Counted by its code, as the sockets' refusals are (realtime_refusals_total).
+        assert isinstance(exc, StarletteHTTPException)
+        detail: object = exc.detail  # typed str; the routes give the contract's {code, message}
+        if isinstance(detail, dict) and isinstance(detail.get("code"), str):
+            count_refusal(request, detail["code"])
+        return await http_exception_handler(request, exc)
+
     api.add_exception_handler(RequestValidationError, invalid_parameter)
+    api.add_exception_handler(StarletteHTTPException, refused)
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:

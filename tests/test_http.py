@@ -8,6 +8,7 @@ import httpx
 
 from tests.conftest import TabFactory
 from tests.harness import RunningServer
+from tests.test_metrics import scrape
 
 
 async def test_health_and_readiness(server: RunningServer, http: httpx.AsyncClient) -> None:
@@ -66,6 +67,36 @@ async def test_cors_allows_local_development_origins_only(server: RunningServer,
     handshake = "/socket.io/?EIO=4&transport=polling"
     assert (await http.get(handshake, headers={"Origin": "http://127.0.0.1:3000"})).status_code == 200
     assert (await http.get(handshake, headers={"Origin": "https://evil.example"})).status_code == 400
+
+
+async def test_a_frontend_on_another_allowed_origin_may_rename_delete_and_upload(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    origin = "http://localhost:5173"
+    for method in ("PATCH", "DELETE", "POST"):
+        preflight = await http.options(
+            f"/api/sessions/{uuid.uuid4()}",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 200, (method, preflight.text)
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert method in preflight.headers["access-control-allow-methods"]
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+
+
+async def test_http_refusals_are_counted_by_their_code(server: RunningServer, http: httpx.AsyncClient) -> None:
+    before = (await scrape(server.url)).by_label("realtime_refusals_total", "code")
+    assert (await http.get(f"/api/sessions/{uuid.uuid4()}")).status_code == 404
+    assert (await http.get("/api/sessions/not-a-uuid")).status_code == 400
+    assert (await http.get(f"/api/sessions/{uuid.uuid4()}/events?after_event_id=x")).status_code == 400
+    after = (await scrape(server.url)).by_label("realtime_refusals_total", "code")
+    assert after["not_found"] == before["not_found"] + 1
+    assert after["invalid_session_id"] == before["invalid_session_id"] + 1
+    assert after["invalid_payload"] == before["invalid_payload"] + 1
 
 
 async def test_cors_origins_star_allows_every_origin(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -95,6 +95,13 @@ STATUS = {
 }
 
 
+def count_refusal(request: Request, code: str) -> None:
+    """An HTTP request answered with an error code, in `realtime_refusals_total`."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.refused(code)
+
+
 def _http(error: ServiceError) -> HTTPException:
     return HTTPException(status_code=STATUS.get(error.code, 503), detail=error.as_dict())
 
@@ -264,6 +271,7 @@ async def upload_attachment(session_id: str, request: Request, caller: Caller) -
     except UploadRefused as refused:
         # A large rest of the body is never read: the answer closes the connection.
         detail = {"code": refused.code, "message": refused.message}
+        count_refusal(request, refused.code)
         headers = {} if refused.drained else {"connection": "close"}
         return JSONResponse({"detail": detail}, status_code=refused.status, headers=headers)
     with _answered():
