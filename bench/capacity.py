@@ -19,8 +19,8 @@ then is bisected to within 10 %; every run is reported. The configurations alter
 With --baseline REV, every configuration also runs from a temporary `git worktree` of REV (labelled
 " (before)"), beside its current twin in that alternation, and the report gives both and their ratios.
 REV needs what the bench drives (BENCH_CHUNK_TIMESTAMPS, bench/bare_server.py): any commit since (f) was added.
-With --history-turns N, every session is stored before the load with N answered turns (the original
-design's SQL, in each server's SQLite, so any tree reads them), the load joins those sessions, and
+With --history-turns N, every session is stored before the load with N answered turns (plain SQL
+on the base columns, in each server's SQLite, so any tree reads them), the load joins those sessions, and
 counting starts once every session has finished two turns (bench/servers.py HISTORY_WARM_TURNS);
 the report is its own section of docs/performance.md (without a plot), beside the capacity section.
 """
@@ -288,7 +288,7 @@ def history_note(turns: int) -> str:
     question, answer = history_turn(0)
     return (
         f"Every session is stored before the load with {turns:,} answered turns ({len(question)} and"
-        f" {len(answer)} characters each way), inserted with the original design's SQL into the server's"
+        f" {len(answer)} characters each way), inserted with plain SQL into the server's"
         " SQLite, so that both trees read the same rows; the load joins those sessions. Counting starts"
         f" once every session has finished {HISTORY_WARM_TURNS} turns (at most"
         f" {HISTORY_WARM_LIMIT_SECONDS} s): a session's first turn sends whatever its tree sends of the"

@@ -1,4 +1,4 @@
-"""Settings from the environment and an optional `.env` file (names as in PROTOCOL.md)."""
+"""Settings from the environment and an optional `.env` file (each in docs/protocol.md, Running it: Settings)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
-    # Not in PROTOCOL.md: processes `python -m server` runs on the one port (needs REDIS_URL).
+    # Processes `python -m server` runs on the one port (needs REDIS_URL).
     workers: int = Field(1, ge=1)
-    # Not in PROTOCOL.md: GC and GIL settings for the serving process (server/serve.py, measured).
+    # GC and GIL settings for the serving process (server/serve.py, measured).
     tune_interpreter: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
-    # Not in PROTOCOL.md: `json` writes one JSON object a line (docs: README, Monitoring).
+    # `json` writes one JSON object a line (docs/protocol.md, Running it: Logs).
     log_format: Literal["text", "json"] = "text"
-    # Not in PROTOCOL.md: a repeated warning (same logger and template) is logged once per this long.
+    # A repeated warning (same logger and template) is logged once per this long.
     log_repeat_seconds: float = Field(10, ge=0)
     metrics_token: str | None = None
 
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     gemini_api_key: str | None = None
     gemini_model: str = "gemini-3.8-flash"
     gemini_base_url: str | None = None
-    # Not in PROTOCOL.md: how the Gemini provider talks to the API.
+    # How the Gemini provider talks to the API (docs/protocol.md, Models).
     gemini_api_version: str = "v1beta"
     gemini_system_prompt: str | None = None
     gemini_system_prompt_file: Path | None = None
@@ -52,16 +52,16 @@ class Settings(BaseSettings):
     openai_base_url: str = OPENAI_BASE_URL
     openai_api_key: str | None = None
     openai_model: str | None = None
-    # Not in PROTOCOL.md: how the openai provider talks to its endpoint (as the gemini_* ones).
+    # How the openai provider talks to its endpoint (as the gemini_* ones).
     openai_timeout_seconds: float = Field(60, gt=0)
     openai_max_output_tokens: int | None = Field(None, gt=0)
     openai_retry_attempts: int = Field(4, ge=1)
     openai_retry_initial_seconds: float = Field(0.5, gt=0)
     openai_retry_budget_seconds: float = Field(20, gt=0)
     offline_chunk_delay_ms: float = Field(40, ge=0)
-    # Not in PROTOCOL.md: merge text deltas arriving within this window into one `chunk` (0: off).
+    # Merge text deltas arriving within this window into one `chunk` (0: off).
     chunk_coalesce_ms: float = Field(0, ge=0)
-    # Not in PROTOCOL.md, benchmark only: chunks carry `ts`, the monotonic clock in ms at the delta.
+    # Benchmark only: chunks carry `ts`, the monotonic clock in ms at the delta.
     bench_chunk_timestamps: bool = False
 
     storage_backend: Literal["sqlite", "postgres", "supabase"] | None = None
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_key: str | None = None
     redis_url: str | None = None
-    # Not in PROTOCOL.md: the prefix of the service's Redis keys and channels (one per deployment),
+    # The prefix of the service's Redis keys and channels (one per deployment),
     # and how long a crashed process can keep a session's turn lock.
     redis_channel: str = "realtime"
     turn_lock_seconds: float = Field(15, gt=0)
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     outbox_path: Path = Path("./data/outbox.db")
 
     summary_delay_seconds: float = Field(5, ge=0)
-    # Not in PROTOCOL.md: first wait before a failed summary is tried again (it doubles, up to an hour).
+    # First wait before a failed summary is tried again (it doubles, up to an hour).
     summary_retry_seconds: float = Field(30, gt=0)
     max_message_chars: int = Field(8000, gt=0)
     # Events in a `join` answer when the client names no `history_limit`.
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     # Files with a message (Attachments): the largest upload, and how many one message may name.
     attachment_max_bytes: int = Field(10_485_760, ge=1024)
     attachments_per_message: int = Field(5, ge=1, le=100)
-    # Not in PROTOCOL.md by name: how old an upload no message names gets before it is deleted (a
+    # How old an upload no message names gets before it is deleted (a
     # day), and how often they are looked for.
     attachment_unused_seconds: float = Field(86_400, gt=0)
     attachment_expiry_interval_seconds: float = Field(3600, gt=0)
@@ -109,21 +109,21 @@ class Settings(BaseSettings):
     auth_jwt_secret: str | None = None
     auth_jwt_audience: str = "authenticated"
     auth_jwks_url: str | None = None
-    # Not in PROTOCOL.md: the least time between two JWKS fetches caused by an unknown key id.
+    # The least time between two JWKS fetches caused by an unknown key id.
     auth_jwks_refresh_seconds: float = Field(30, ge=0)
-    # Not in PROTOCOL.md by name: the verification leeway for clock skew (at most 30 s); a connected
+    # The verification leeway for clock skew (at most 30 s); a connected
     # client is closed when its token's `exp` plus this has passed.
     auth_leeway_seconds: float = Field(10, ge=0, le=30)
-    # Not in PROTOCOL.md: abuse limits besides the message rate and length.
+    # Abuse limits besides the message rate and length.
     max_sessions_per_socket: int = Field(20, ge=1)
     max_connections_per_address: int = Field(100, ge=1)
-    # Not in PROTOCOL.md: the proxies whose X-Forwarded-For names the client (uvicorn's own variable,
+    # The proxies whose X-Forwarded-For names the client (uvicorn's own variable,
     # read here so that `.env` sets it too); the per-address limit then counts the client's address.
     forwarded_allow_ips: str = "127.0.0.1,::1"
     # The largest packet or frame a client may send (`packet_limit`: unset, derived from MAX_MESSAGE_CHARS).
     max_packet_bytes: int | None = Field(None, ge=1024)
 
-    # Not in PROTOCOL.md: the weather tool's upstreams and the bounds of a turn.
+    # The weather tool's upstreams and the bounds of a turn.
     weather_geocoding_url: str = "https://geocoding-api.open-meteo.com"
     weather_forecast_url: str = "https://api.open-meteo.com"
     weather_timeout_seconds: float = Field(5, gt=0)
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
 
     mcp_servers_file: Path | None = None
     mcp_tool_timeout_seconds: float = Field(30, gt=0)
-    # Not in PROTOCOL.md: the longest MCP result (as JSON text) a model request and the event log take.
+    # The longest MCP result (as JSON text) a model request and the event log take.
     mcp_result_max_chars: int = Field(20_000, ge=1000)
 
     @field_validator(

@@ -131,7 +131,8 @@ class StartupReport:
 
 DESCRIPTION = """The HTTP routes of the realtime conversation service. Conversations themselves run over
 Socket.IO (path `/socket.io`) and the plain WebSocket `/ws/session/{session_id}`: their events,
-payloads and error codes are in [docs/protocol.md](/docs/protocol.md)."""
+payloads and error codes, and the settings, metrics and traces, are in
+[the protocol](/docs/protocol) (`docs/protocol.md`; its Markdown source: `/docs/protocol.md`)."""
 
 
 def _http_api(lifespan: Any) -> FastAPI:

@@ -1,4 +1,4 @@
-"""The metrics port over prometheus-client (PROTOCOL.md, Metrics), and the scrape.
+"""The metrics port over prometheus-client (docs/protocol.md, Metrics), and the scrape.
 
 One process keeps its metrics in memory, in the registry of its `PrometheusMetrics`. Several
 worker processes (`WORKERS` > 1) use prometheus-client's multiprocess mode: the supervisor points

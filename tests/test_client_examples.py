@@ -201,7 +201,7 @@ async def test_plain_websocket_client_says_a_refusal_in_one_line(server: Running
 
 # ---------------------------------------------------------------- long sessions, titles, deletion
 
-LONG = 3000  # events written with the original design's SQL, then one answer too big for a default frame
+LONG = 3000  # events written with plain SQL, then one answer too big for a default frame
 BIG = "long " * 1_000_000  # 5 MB: over aiohttp's 4 MiB and websockets' 1 MiB message limits
 PAGE = 50  # the examples' history page
 

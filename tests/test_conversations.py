@@ -197,7 +197,7 @@ async def test_title_generation_can_be_turned_off(start_server: ServerFactory, c
 
 
 def insert_with_original_sql(path: Path, session_id: str, count: int, text: str = "") -> None:
-    """Rows as the original design's SQL writes them (no keys, no turns)."""
+    """Rows as plain SQL on the base columns writes them (no keys, no turns)."""
     with sqlite3.connect(path) as db:
         db.execute("insert into sessions (session_id, user_id) values (?, ?)", (session_id, "pager"))
         db.executemany(

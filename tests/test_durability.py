@@ -277,7 +277,7 @@ async def test_an_event_storage_refuses_for_good_is_set_aside_not_dropped(databa
 async def test_readiness_says_when_the_supabase_key_cannot_write(
     start_server: ServerFactory, database: str, postgrest: FakePostgrest, tmp_path: Path
 ) -> None:
-    """The anon key, as the original design's README said to use: every write is refused by row
+    """The anon key, which a browser bundle ships and a server might be given: every write is refused by row
     level security, so the service is not ready, and says which key it needs."""
     anon = await start_server(
         storage_backend="supabase",

@@ -1,4 +1,4 @@
-"""`GET /metrics` (PROTOCOL.md, Metrics), scraped over HTTP and read with prometheus-client's own
+"""`GET /metrics` (docs/protocol.md, Metrics), scraped over HTTP and read with prometheus-client's own
 parser: every family from the start, and after a known workload every counter moved by exactly
 what was done and every gauge saying what is true now."""
 

@@ -168,7 +168,7 @@ async def test_an_existing_schema_gets_conversations_with_updated_at_from_its_ev
     )
     assert (column["is_nullable"], column["column_default"]) == ("NO", "now()")
 
-    # The original design's SQL: a session updated at its creation, then by each event.
+    # Plain SQL naming the base columns only: a session updated at its creation, then by each event.
     created = uuid.uuid4()
     await db.execute("INSERT INTO sessions (session_id, user_id) VALUES ($1, 'ops')", created)
     await db.execute(

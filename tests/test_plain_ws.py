@@ -1,4 +1,4 @@
-"""The original design's plain WebSocket endpoint, over real sockets: `/ws/session/{session_id}`."""
+"""The plain WebSocket endpoint, over real sockets: `/ws/session/{session_id}`."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ async def test_uvicorn_serves_the_same_app(spawn) -> None:  # type: ignore[no-un
         ack = await tab.call("message", {"session_id": sid, "text": "hello uvicorn"})
         done = (await tab.turn(ack["turn_id"]))[-1][1]
         assert done["finish_reason"] == "stop"
-        # The original design's way in, as its instructions had it: a plain WebSocket, plain text.
+        # The simplest way in: a plain WebSocket, plain text.
         async with ws_connect(url.replace("http://", "ws://") + f"/ws/session/{uuid.uuid4()}") as ws:
             assert json.loads(await ws.recv())["event"] == "session"
             await ws.send("How's the weather in Delhi ?")

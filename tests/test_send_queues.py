@@ -1,4 +1,4 @@
-"""A client that stops reading (PROTOCOL.md, "A client that stops reading"): past SEND_QUEUE_LIMIT_BYTES
+"""A client that stops reading (docs/protocol.md, Errors): past SEND_QUEUE_LIMIT_BYTES
 waiting for it, it is disconnected, the server's memory stays flat, the other tab of its session gets
 every chunk, and the stalled client catches up once it reconnects. Over a raw WebSocket (Socket.IO
 frames by hand, a 4 KiB receive buffer), the plain WebSocket endpoint, and long-polling."""

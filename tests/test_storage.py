@@ -60,7 +60,7 @@ def draft(session_id: str, key: str, content: str = "hi", kind: EventType = Even
 class Backend:
     name: str
     open: Callable[[], Awaitable[Storage]]  # another repository on the same data
-    # Runs one SQL statement as an operator would (the original design's SQL; `?` placeholders).
+    # Runs one SQL statement as an operator would (plain SQL on the base columns; `?` placeholders).
     sql: Callable[..., Awaitable[None]]
     postgrest: FakePostgrest | None = None
     storage: FakeSupabaseStorage | None = None  # Supabase Storage, at the same URL as PostgREST
@@ -555,7 +555,7 @@ async def test_events_come_in_pages_in_every_direction(
     for session in (sid, other):
         await repo.ensure_session(session, None, datetime.now(UTC))
     await repo.append_event(draft(other, "before"))
-    # A few thousand events, written as the original design's SQL writes them.
+    # A few thousand events, written with plain SQL on the base columns.
     await backend.sql(
         "with recursive n(i) as (select 1 union all select i + 1 from n where i < 3000)"
         f" insert into events (session_id, event_type, content) select '{sid}', 'user_message', 'event ' || i from n"

@@ -1,5 +1,5 @@
 """What storage tells a reloaded tab, over a real server: how each answer ended, rows written by
-others with the original design's SQL, and a session's end even when its summary fails."""
+others with plain SQL, and a session's end even when its summary fails."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Files uploaded to a session: taken (their type from their bytes), stored, and read back by a
-caller who may join the session (PROTOCOL.md, Attachments)."""
+caller who may join the session (docs/protocol.md, Attachments)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Attachments:
 
 class UploadExpiry:
     """Deletes the uploads no message names once they are `keep_seconds` old, looking every
-    `every_seconds` (PROTOCOL.md, Attachments: a day after they came)."""
+    `every_seconds` (docs/protocol.md, Attachments: Keeping and expiry)."""
 
     BATCH = 500
 

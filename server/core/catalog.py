@@ -1,5 +1,5 @@
 """A user's sessions as a frontend manages them: listed in pages, read, renamed, deleted, and their
-events read a page at a time (PROTOCOL.md, Conversations). Every answer costs one page."""
+events read a page at a time (docs/protocol.md, Conversations). Every answer costs one page."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What a turn sends its model: the newest whole turns that fit `CONTEXT_MAX_TOKENS`, after the
-stored summary of everything before them (PROTOCOL.md, Long conversations).
+stored summary of everything before them (docs/protocol.md, Long conversations).
 
 Tokens are estimated at 4 characters each (a tool call's or result's JSON included, and a text
 file's bytes), an image at 1,000 and a PDF at 1,000 a page (its pages estimated from its size), all

@@ -1,4 +1,4 @@
-"""Coded errors that clients see (PROTOCOL.md, Errors)."""
+"""Coded errors that clients see (docs/protocol.md, Errors)."""
 
 from __future__ import annotations
 

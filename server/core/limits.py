@@ -19,7 +19,7 @@ class Limits:
     chunk_timestamps: bool = False
     # Events in a `join` answer when the client names no `history_limit`.
     join_history_limit: int = 1000
-    # What one model request may carry of the conversation (PROTOCOL.md, Long conversations).
+    # What one model request may carry of the conversation (docs/protocol.md, Long conversations).
     context_max_tokens: int = 32_000
     # Files one message may name (Attachments).
     attachments_per_message: int = 5

@@ -150,7 +150,7 @@ class Usage(BaseModel):
         )
 
 
-# Server-to-client events (PROTOCOL.md, "Server to clients").
+# Server-to-client events (docs/protocol.md, Server to clients).
 
 
 class WireEvent(BaseModel):

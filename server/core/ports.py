@@ -571,7 +571,7 @@ ApprovalOutcome = Literal["approved", "denied", "timeout"]
 
 
 class Metrics(Protocol):
-    """What the service counts (PROTOCOL.md, Metrics). `chunk_sent` and `first_chunk` are on the
+    """What the service counts (docs/protocol.md, Metrics). `chunk_sent` and `first_chunk` are on the
     chunk path: an implementation must not block or do I/O."""
 
     def chunk_sent(self) -> None:

@@ -1,5 +1,5 @@
 -- The embedded default's schema, as of SCHEMA_VERSION in server/storage/sqlite.py (PRAGMA user_version).
--- Every added column has a default, so the original design's `insert into sessions (session_id, user_id)`
+-- Every added column has a default, so plain SQL's `insert into sessions (session_id, user_id)`
 -- and `insert into events (session_id, event_type, content)` work; such an event gets a key of its own
 -- ('external:...'), which the service's keys ('user:...', 'ai:...', 'tool_call:...') never collide with.
 -- PostgreSQL's schema (Supabase's too) is supabase/migrations/.
@@ -55,7 +55,7 @@ BEGIN
     UPDATE sessions SET open_turn_id = NULL WHERE session_id = NEW.session_id AND open_turn_id = NEW.turn_id;
 END;
 -- A deleted session takes no more events, whoever writes them (another process's late write, the
--- original design's SQL): the row is skipped, the statement succeeds having stored nothing.
+-- plain SQL): the row is skipped, the statement succeeds having stored nothing.
 CREATE TRIGGER IF NOT EXISTS events_of_deleted_session_refused BEFORE INSERT ON events
     WHEN (SELECT deleted_at FROM sessions WHERE session_id = NEW.session_id) IS NOT NULL
 BEGIN

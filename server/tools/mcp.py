@@ -1,4 +1,4 @@
-"""Tools from MCP servers (PROTOCOL.md, "Tools from MCP servers"), through the official `mcp` SDK as a
+"""Tools from MCP servers (docs/protocol.md, Tools from MCP servers), through the official `mcp` SDK as a
 client (stdio through a transport of our own, server/tools/mcp_stdio.py): one session per configured
 server per process, opened at start and reopened with backoff when it drops; each server's tools in
 the registry as `<server>__<tool>`."""

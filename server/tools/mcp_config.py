@@ -1,5 +1,5 @@
 """MCP_SERVERS_FILE: the operator's list of MCP servers, in the common client format
-`{"mcpServers": {"<name>": {...}}}` (PROTOCOL.md, "Tools from MCP servers")."""
+`{"mcpServers": {"<name>": {...}}}` (docs/protocol.md, Tools from MCP servers)."""
 
 from __future__ import annotations
 

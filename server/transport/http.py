@@ -1,4 +1,4 @@
-"""HTTP routes (PROTOCOL.md, HTTP and Metrics), with the models and status codes they answer."""
+"""HTTP routes (docs/protocol.md, HTTP and Metrics), with the models and status codes they answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
@@ -19,7 +19,8 @@ from server.core.models import ErrorInfo, EventType, FinishReason, Session
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.tools.mcp import McpServerState
-from server.transport.playground import CONTENT_SECURITY_POLICY
+from server.transport import protocol_page
+from server.transport.playground import CONTENT_SECURITY_POLICY, HEADERS
 from server.transport.tokens import InvalidToken, TokenVerifier, bearer_token
 from server.transport.uploads import UploadRefused, receive_upload
 
@@ -240,11 +241,31 @@ async def metrics(request: Request) -> Response:
     return Response(await recorder.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/docs/protocol.md", include_in_schema=False)
+def _protocol_absent() -> HTTPException:
+    return HTTPException(status_code=404, detail={"code": "not_found", "message": "docs/protocol.md is not here"})
+
+
+@router.get("/docs/protocol", include_in_schema=False)
+async def protocol_page_html() -> HTMLResponse:
+    """docs/protocol.md rendered for a person, linked from the API page (present in a checkout of
+    the repository), under the playground's headers: its CSP allows the page's own stylesheet only."""
+    try:
+        page = protocol_page.render_page(PROTOCOL_DOC)
+    except FileNotFoundError:
+        raise _protocol_absent() from None
+    return HTMLResponse(page, headers=HEADERS)
+
+
+@router.get(protocol_page.STYLESHEET_PATH, include_in_schema=False)
+async def protocol_page_stylesheet() -> FileResponse:
+    return FileResponse(protocol_page.STYLESHEET, media_type="text/css; charset=utf-8", headers=HEADERS)
+
+
+@router.get(protocol_page.RAW_PATH, include_in_schema=False)
 async def protocol_doc() -> Response:
-    """The protocol by example, linked from the API page (present in a checkout of the repository)."""
+    """The same file as Markdown, for tools."""
     if not PROTOCOL_DOC.is_file():
-        raise HTTPException(status_code=404, detail={"code": "not_found", "message": "docs/protocol.md is not here"})
+        raise _protocol_absent()
     return FileResponse(PROTOCOL_DOC, media_type="text/markdown; charset=utf-8")
 
 

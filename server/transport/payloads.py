@@ -1,4 +1,4 @@
-"""Client-to-server payloads (PROTOCOL.md, "Client to server"). Unknown fields are ignored."""
+"""Client-to-server payloads (docs/protocol.md, Client to server). Unknown fields are ignored."""
 
 from __future__ import annotations
 

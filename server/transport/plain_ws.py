@@ -1,4 +1,4 @@
-"""The original design's plain WebSocket endpoint, `/ws/session/{session_id}` (PROTOCOL.md).
+"""The plain WebSocket endpoint, `/ws/session/{session_id}` (docs/protocol.md, The plain WebSocket endpoint).
 
 A second door into the same rooms: the client joins the session in its URL when it connects and
 leaves it when it closes; every text frame is a request (plain text is a `message`), answered by
@@ -40,7 +40,7 @@ CLOSE_CODES = {
     ErrorCode.SESSION_DELETED: 4404,
     ErrorCode.RATE_LIMITED: 4429,
 }
-# Not in PROTOCOL.md's list: storage or shared state could not take the join; retrying is safe.
+# Marked added in docs/protocol.md: storage or shared state could not take the join; retrying is safe.
 TRY_AGAIN_LATER = 1013
 GOING_AWAY = 1001
 MESSAGE_TOO_BIG = 1009

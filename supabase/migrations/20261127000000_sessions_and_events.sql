@@ -1,4 +1,4 @@
--- Sessions and their events: the original design's tables and columns, plus what idempotent
+-- Sessions and their events: the base tables and columns, plus what idempotent
 -- writes and history reads need. Safe to apply more than once.
 
 create table if not exists public.sessions (

@@ -2,9 +2,9 @@
 --
 -- * The server writes with the service-role key: PostgREST then runs as `service_role`, which
 --   bypasses row level security. (STORAGE_BACKEND=postgres connects as the tables' owner.)
--- * `anon` (the key that ships in every browser bundle) gets no access at all. The original
---   design's "allow public" policies are deliberately absent: with them anyone holding the anon
---   key could read every conversation.
+-- * `anon` (the key that ships in every browser bundle) gets no access at all. "Allow public"
+--   policies are deliberately absent: with them anyone holding the anon key could read every
+--   conversation.
 -- * `authenticated` users may read, and only read, their own sessions and those sessions' events:
 --   the rows whose `sessions.user_id` is their `auth.uid()`.
 

@@ -1,4 +1,4 @@
--- Rows written with the original design's SQL stay valid, and an answer keeps how its turn ended.
+-- Rows written with plain SQL on the base columns stay valid, and an answer keeps how its turn ended.
 -- Safe to apply more than once.
 --
 -- * `insert into events (session_id, event_type, content)` needs every added column to have a

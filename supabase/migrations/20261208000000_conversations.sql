@@ -3,7 +3,7 @@
 --
 -- * `title`: null until the session has one (a generated one, or a person's rename).
 -- * `updated_at`: when the session last changed: its creation (the default), every stored event
---   (the trigger below, whoever inserts, the original design's SQL too), a rename. Sessions from
+--   (the trigger below, whoever inserts, plain SQL too), a rename. Sessions from
 --   before this migration changed last with their last event, else when they started.
 -- * `deleted_at`: a deleted session keeps its row (id, user_id, start_time, deleted_at), so that
 --   its id is never used again; its events are removed and storage takes no more of them.

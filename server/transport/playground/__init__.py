@@ -1,4 +1,4 @@
-"""The playground page (PROTOCOL.md, "The playground page"): `GET /` and its assets under
+"""The playground page (docs/protocol.md, The playground page): `GET /` and its assets under
 `/playground/`, plain files from `static/` with no build step. The page is a Socket.IO client like
 any other; the server only serves it, with a Content-Security-Policy that allows nothing but its
 own origin (and blob: images, its files fetched with a token)."""
