@@ -288,7 +288,7 @@ def history_note(turns: int) -> str:
     question, answer = history_turn(0)
     return (
         f"Every session is stored before the load with {turns:,} answered turns ({len(question)} and"
-        f" {len(answer)} characters each way), inserted with the original design's SQL into the server's"
+        f" {len(answer)} characters each way), inserted with plain SQL into the server's"
         " SQLite, so that both trees read the same rows; the load joins those sessions. Counting starts"
         f" once every session has finished {HISTORY_WARM_TURNS} turns (at most"
         f" {HISTORY_WARM_LIMIT_SECONDS} s): a session's first turn sends whatever its tree sends of the"

@@ -3,7 +3,7 @@
     .venv/bin/python bench/long_session.py --baseline 427010f [--write]
 
 Each server (this tree, and with --baseline a temporary `git worktree` of that revision) runs as
-`python -m server` on SQLite; the session's rows are inserted with the original design's SQL. The
+`python -m server` on SQLite; the session's rows are inserted with plain SQL. The
 servers take turns (`--rounds` times each, alternating) and each is measured for:
 - one `join`: its time and the size of its answer;
 - ten `join`s at once (ten Socket.IO clients): the time until the last answer, the server's peak
@@ -178,7 +178,7 @@ def report(readings: dict[str, Reading], rounds: int, command: str) -> str:
     lines = [
         "### Opening a session of 50,000 events",
         "",
-        f"`{command}`: {EVENTS:,} events (about 9.9 MB of text) inserted with the original design's SQL "
+        f"`{command}`: {EVENTS:,} events (about 9.9 MB of text) inserted with plain SQL "
         f"into a server's SQLite; medians of {rounds} runs per tree, the trees alternating.",
         "",
         "| | " + " | ".join(labels) + " |",

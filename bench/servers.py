@@ -81,7 +81,7 @@ class StoredHistory:
         return cls([str(uuid.uuid4()) for _ in range(sessions)], turns)
 
     def fill(self, db: Path, process: int, processes: int) -> None:
-        """Inserts this process's sessions with the original design's SQL (any tree's schema takes it)."""
+        """Inserts this process's sessions with plain SQL (any tree's schema takes it)."""
         mine = self.session_ids[process::processes]
         rows = [
             (session_id, kind, text)
