@@ -28,7 +28,7 @@ run: $(RUN_STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --write
 
-# The playground's pictures in docs/ (README), taken in Debian's Chromium from the real page (a scripted answer).
+# The playground's pictures in docs/ (README, docs/clients.md), taken in Debian's Chromium from the real page (a scripted answer).
 screenshots: $(STAMP)
 	$(BIN)/python -m tests.playground_screenshots
 

@@ -33,7 +33,7 @@ from tests.test_metrics import scrape
 from tests.test_plain_ws import Plain
 
 CONF = ROOT / "deploy" / "nginx.conf"
-HEADER_TIMEOUT = 10  # client_header_timeout in deploy/nginx.conf (README, "Behind a reverse proxy")
+HEADER_TIMEOUT = 10  # client_header_timeout in deploy/nginx.conf (docs/deployment.md, "Behind a reverse proxy")
 
 
 def nginx_binary() -> str:
