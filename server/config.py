@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     # A repeated warning (same logger and template) is logged once per this long.
     log_repeat_seconds: float = Field(10, ge=0)
     metrics_token: str | None = None
+    # Traces (docs/protocol.md, Traces): on when an OTLP endpoint is set. The SDK reads the other
+    # OTEL_* variables (headers, timeout, sampler, batch sizes) itself.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_service_name: str = "realtime-ai-backend"
+    otel_sdk_disabled: bool = False
+    otel_instrumentation_genai_capture_message_content: bool = False
 
     llm_provider: Literal["gemini", "openai", "offline"] | None = None
     # The instructions of every turn, inline or from a UTF-8 file (inline wins), for gemini and

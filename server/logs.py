@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
@@ -73,8 +74,13 @@ def _redact_argument(argument: object) -> object:
     return argument if redacted == shown else redacted
 
 
+# The current span's trace and span ids, set when tracing is on (server/tracing.py).
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
+
+
 class SessionFilter(logging.Filter):
-    """Adds the session and turn of the task that logs (server/core/log_context.py) to its records."""
+    """Adds the session and turn of the task that logs (server/core/log_context.py), and the span it
+    logs within when tracing is on, to its records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         session_id, turn_id = session_id_var.get(), turn_id_var.get()
@@ -82,6 +88,8 @@ class SessionFilter(logging.Filter):
             record.session_id = session_id
         if turn_id is not None:
             record.turn_id = turn_id
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            record.trace_id, record.span_id = ids
         return True
 
 

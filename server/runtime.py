@@ -32,6 +32,7 @@ from server.core.ports import (
 from server.core.rate_limit import LocalQuota
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolRegistry
+from server.core.traces import TracedProvider
 from server.metrics import PrometheusMetrics
 from server.providers.offline import OfflineProvider
 from server.providers.prompts import DEFAULT_SYSTEM_PROMPT
@@ -49,6 +50,7 @@ from server.tools.weather import weather_tool
 if TYPE_CHECKING:
     from server.providers.gemini import GeminiConfig
     from server.providers.openai_chat import OpenAIConfig
+    from server.tracing import OtelTracer
 
 log = logging.getLogger("server")
 
@@ -77,6 +79,19 @@ async def open_repository(settings: Settings) -> Storage:
         settings.storage_retry_seconds,
         timeout_seconds=settings.storage_timeout_seconds,
     )
+
+
+# `db.system.name` of each storage backend (Supabase serves PostgreSQL through its REST API).
+TRACED_STORAGE = {"sqlite": "sqlite", "postgres": "postgresql", "supabase": "supabase"}
+
+
+def start_tracing(settings: Settings) -> OtelTracer | None:
+    """The OpenTelemetry tracer when an OTLP endpoint is set; its SDK is imported only then."""
+    if not (settings.otel_exporter_otlp_endpoint or settings.otel_exporter_otlp_traces_endpoint):
+        return None
+    from server.tracing import start_tracing as start_otel
+
+    return start_otel(settings)
 
 
 async def make_provider(settings: Settings, metrics: Metrics) -> ModelProvider:
@@ -203,6 +218,7 @@ class Runtime:
     outbox: SqliteOutbox | None = None
     mcp: McpTools | None = None
     expiry: UploadExpiry | None = None
+    tracer: OtelTracer | None = None
 
     @property
     def hub(self) -> RoomHub:
@@ -223,9 +239,14 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, metrics: PrometheusMetrics) -> Runtime:
         tasks = TaskTracker()
+        tracer = start_tracing(settings)
         provider = await make_provider(settings, metrics)
+        if tracer is not None:
+            provider = TracedProvider(provider, tracer)
         shared = await Shared.open(settings, tasks)
-        repo = MeasuredRepository(await open_repository(settings), metrics)
+        repo = MeasuredRepository(
+            await open_repository(settings), metrics, tracer, TRACED_STORAGE[settings.storage_backend or "sqlite"]
+        )
         # The embedded SQLite store is on the local disk already: a queue beside it adds nothing.
         outbox = await SqliteOutbox.open(settings.outbox_path) if settings.storage_backend != "sqlite" else None
         http = httpx.AsyncClient(timeout=httpx.Timeout(settings.weather_timeout_seconds))
@@ -257,6 +278,7 @@ class Runtime:
             metrics=metrics,
             title_generation=settings.title_generation,
             approval=ApprovalPolicy.parse(settings.tool_approval, settings.tool_approval_timeout_seconds),
+            tracer=tracer,
         )
         service.start()
         expiry = UploadExpiry(
@@ -271,7 +293,7 @@ class Runtime:
             settings.storage_backend,
             f" ({settings.sqlite_path})" if settings.storage_backend == "sqlite" else "",
         )
-        return cls(settings, repo, provider, shared, http, tasks, service, outbox, mcp, expiry)
+        return cls(settings, repo, provider, shared, http, tasks, service, outbox, mcp, expiry, tracer)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -323,6 +345,8 @@ class Runtime:
             closers.append(self.shared.redis.aclose)
         if self.outbox is not None:
             closers.append(self.outbox.aclose)
+        if self.tracer is not None:
+            closers.append(self.tracer.aclose)  # last: the spans of everything above go out
         for close in closers:
             try:
                 await close()

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from tests.fake_gemini import FakeGemini
 from tests.fake_openai import FakeOpenAI
+from tests.fake_otlp import FakeOtlp
 from tests.fakes import open_meteo_app
 from tests.harness import (
     REDIS_URL,
@@ -46,6 +47,16 @@ async def fake_gemini() -> AsyncIterator[FakeGemini]:
     gemini = FakeGemini()
     async with serving(gemini.app) as gemini.url:
         yield gemini
+
+
+@pytest.fixture
+async def fake_otlp(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeOtlp]:
+    """A local OTLP/HTTP receiver (see tests/fake_otlp.py); servers started in this test export
+    their spans within a tenth of a second (the SDK's batch delay, read from the environment)."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    receiver = FakeOtlp()
+    async with serving(receiver.app) as receiver.url:
+        yield receiver
 
 
 @pytest.fixture

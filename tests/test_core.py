@@ -35,6 +35,7 @@ from server.core.ports import (
     ConversationItem,
     Finished,
     ModelEvent,
+    ModelInfo,
     ModelRequest,
     ProviderError,
     StorageUnavailable,
@@ -55,6 +56,7 @@ class ScriptedProvider:
     name = "scripted"
     max_request_file_bytes: int | None = None
     takes_files = True
+    info = ModelInfo(provider="scripted", operation="chat", model="scripted")
 
     def __init__(self, script: Script) -> None:
         self.script = script

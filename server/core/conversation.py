@@ -33,10 +33,13 @@ from server.core.ports import (
     Metrics,
     ModelProvider,
     NoMetrics,
+    NoTracer,
     Outbox,
     Storage,
     StorageRefused,
     StorageUnavailable,
+    TraceParent,
+    Tracer,
 )
 from server.core.rate_limit import LocalQuota, RateLimiter
 from server.core.recent import Recent
@@ -97,8 +100,10 @@ class ConversationService:
         metrics: Metrics | None = None,
         title_generation: bool = True,
         approval: ApprovalPolicy | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         metrics = metrics or NoMetrics()
+        self._tracer = tracer or NoTracer()
         self._repo = repo
         self._emitter = emitter
         self._coordination = coordination
@@ -158,6 +163,7 @@ class ConversationService:
             approvals=self._coordination,
             approval_policy=approval,
             files=self._repo,
+            tracer=self._tracer,
             finished=self._turn_finished,
         )
 
@@ -340,6 +346,7 @@ class ConversationService:
         *,
         user: str | None = None,
         attachments: Sequence[str] = (),
+        trace: TraceParent | None = None,
     ) -> MessageAccepted:
         """`user`: the authenticated user, whose messages over all their connections are limited too.
         `attachments`: ids of files uploaded to the session, sent to the model with the text."""
@@ -358,7 +365,7 @@ class ConversationService:
         await self._wait_recovered()
         await self._take_quota(connection, user)
         try:
-            accepted, started = await self._start_turn(session_id, text, client_message_id, received_at, files)
+            accepted, started = await self._start_turn(session_id, text, client_message_id, received_at, files, trace)
         except BaseException:
             await self._give_back_quota(connection, user)
             raise
@@ -441,9 +448,12 @@ class ConversationService:
         client_message_id: str | None,
         received_at: float,
         files: tuple[AttachmentRef, ...] = (),
+        trace: TraceParent | None = None,
     ) -> tuple[MessageAccepted, bool]:
         """The answer, and False when it is an earlier attempt's (a retry with the same client_message_id)."""
-        turn = Turn(self._turn_context, session_id, text, client_message_id, received_at=received_at, files=files)
+        turn = Turn(
+            self._turn_context, session_id, text, client_message_id, received_at=received_at, files=files, trace=trace
+        )
         try:
             return await turn.start(), True
         except TurnBusy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -146,8 +147,20 @@ def failure_reason(exc: BaseException | None) -> str:
     return f"{exc.code}: {exc.cause()}" if isinstance(exc, ProviderError) else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a trace says of the model a provider asks (OpenTelemetry's GenAI conventions)."""
+
+    provider: str  # gen_ai.provider.name: gcp.gemini, openai, offline
+    operation: str  # gen_ai.operation.name: generate_content, chat
+    model: str
+    server_address: str | None = None
+    server_port: int | None = None
+
+
 class ModelProvider(Protocol):
     name: str
+    info: ModelInfo
     # The most file bytes one request may carry (None: no limit known); a message whose own files
     # pass it is refused, and older files past it are named instead of sent.
     max_request_file_bytes: int | None
@@ -676,3 +689,94 @@ class NoMetrics:
 
     def refused(self, code: str) -> None:
         pass
+
+
+# ---------------------------------------------------------------- traces
+
+SpanValue = str | bool | int | float | Sequence[str]
+
+
+@dataclass(frozen=True)
+class TraceParent:
+    """A client's W3C trace context (`traceparent`, `tracestate` headers): the trace a turn continues."""
+
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+class Span(Protocol):
+    def set(self, attributes: Mapping[str, SpanValue | None]) -> None:
+        """Attributes to add (a None value is left out)."""
+        ...
+
+    def fail(self, error_type: str) -> None:
+        """The operation failed: `error.type`, and the span's status ERROR."""
+        ...
+
+    def end(self) -> None: ...
+
+
+class Tracer(Protocol):
+    """Where the core reports what it does as spans (docs/protocol.md, Traces)."""
+
+    # Whether message text, tool arguments and results may go on spans.
+    capture_content: bool
+
+    def start(
+        self,
+        name: str,
+        attributes: Mapping[str, SpanValue | None],
+        *,
+        client: bool = False,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Span:
+        """A span, a child of the current one, or of `traceparent` (a W3C header a client sent: an
+        invalid one starts a new trace). It is not made current: see `current`."""
+        ...
+
+    def current(self, span: Span) -> AbstractContextManager[object]:
+        """Within the block, `span` is the parent of what starts (and of the tasks spawned there)."""
+        ...
+
+    def within_span(self) -> bool:
+        """Whether a span is current (work done outside any, such as a sweep, makes no spans)."""
+        ...
+
+
+class _NoSpan:
+    def set(self, attributes: Mapping[str, SpanValue | None]) -> None:
+        pass
+
+    def fail(self, error_type: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+NO_SPAN = _NoSpan()
+_NOT_CURRENT = nullcontext()
+
+
+class NoTracer:
+    """Traces nothing, at the cost of a call: tracing off."""
+
+    capture_content = False
+
+    def start(
+        self,
+        name: str,
+        attributes: Mapping[str, SpanValue | None],
+        *,
+        client: bool = False,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Span:
+        return NO_SPAN
+
+    def current(self, span: Span) -> AbstractContextManager[object]:
+        return _NOT_CURRENT
+
+    def within_span(self) -> bool:
+        return False

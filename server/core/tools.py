@@ -37,6 +37,7 @@ class Tool:
     # The schema the arguments must match, None: the spec's `parameters`. The spec is what the model
     # is shown, which holds only the keywords every provider accepts; this is the tool's whole schema.
     input_schema: Mapping[str, Any] | None = None
+    origin: str | None = None  # the MCP server it comes from (None: built in)
     validator: Validator | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +100,10 @@ class ToolRegistry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
+
+    def origin_of(self, name: str) -> str | None:
+        tool = self._tools.get(name)
+        return tool.origin if tool is not None else None
 
     def timeout_of(self, name: str) -> float | None:
         tool = self._tools.get(name)

@@ -54,6 +54,7 @@ from server.core.models import (
     utc_now,
 )
 from server.core.ports import (
+    NO_SPAN,
     AttachmentStore,
     ConversationItem,
     Emitter,
@@ -66,12 +67,15 @@ from server.core.ports import (
     ProviderError,
     ProviderOutcome,
     SessionDeleted,
+    Span,
     StorageUnavailable,
     TextDelta,
     ToolApprovals,
     ToolCallItem,
     ToolCallRequest,
     ToolResultItem,
+    TraceParent,
+    Tracer,
     TurnLocks,
     UsageReport,
 )
@@ -80,6 +84,7 @@ from server.core.replay import tool_call_content, tool_result_content
 from server.core.snapshot import Snapshot
 from server.core.tasks import TaskTracker
 from server.core.tools import ToolError, ToolRegistry
+from server.core.traces import ended, failed_turn, tool_ended, tool_span, turn_span
 from server.core.writer import OrderedWriter
 
 log = logging.getLogger(__name__)
@@ -142,6 +147,7 @@ class TurnContext:
     approvals: ToolApprovals
     approval_policy: ApprovalPolicy
     files: AttachmentStore
+    tracer: Tracer
     # Told of every turn that ended here (with its `done`): what follows a turn (a title).
     finished: Callable[[str, FinishReason], None] = lambda session_id, finish_reason: None
 
@@ -156,10 +162,14 @@ class Turn:
         *,
         received_at: float,
         files: tuple[AttachmentRef, ...] = (),
+        trace: TraceParent | None = None,
     ) -> None:
-        """`received_at`: when its `message` arrived (time.monotonic()); `files`: those it names."""
+        """`received_at`: when its `message` arrived (time.monotonic()); `files`: those it names;
+        `trace`: the client's trace the turn continues."""
         self._ctx = context
         self._received_at = received_at
+        self._trace = trace
+        self._span: Span = NO_SPAN
         self.session_id = session_id
         self.turn_id = str(uuid.uuid4())
         self.client_message_id = client_message_id
@@ -224,6 +234,15 @@ class Turn:
         except BaseException:
             await ctx.locks.release_turn(self.session_id, self.turn_id)
             raise
+        trace = self._trace or TraceParent()
+        self._span = turn_span(
+            ctx.tracer, ctx.provider.info, self.session_id, self.turn_id, trace.traceparent, trace.tracestate
+        )
+        with ctx.tracer.current(self._span):  # its tasks, started here, report beneath it
+            return await self._begin()
+
+    async def _begin(self) -> MessageAccepted:
+        ctx = self._ctx
         # Read, and the model asked, while the message is written: their output waits for it.
         history = ctx.tasks.spawn(
             ctx.history.read(self.session_id, after=ctx.writer.last_write(self.session_id)),
@@ -286,6 +305,8 @@ class Turn:
             error = session_deleted()
         else:
             error = ServiceError(ErrorCode.UNAVAILABLE, "storage cannot take the message now; nothing was stored")
+        self._span.fail(str(error.code))
+        self._span.end()
         self.accepted.set_exception(error)
         self.accepted.exception()  # retrieved: a concurrent retry re-raises it
         return error
@@ -340,11 +361,12 @@ class Turn:
 
     async def _stream_round(self, window: ContextWindow) -> list[ToolCallItem]:
         """One model request: its text streamed as chunks; the tool calls it asked for."""
-        stamped = self._ctx.limits.chunk_timestamps
+        ctx = self._ctx
+        stamped = ctx.limits.chunk_timestamps
         calls: list[ToolCallItem] = []
         conversation = window.conversation()
         request = ModelRequest(
-            conversation=conversation, tools=self._ctx.tools.specs, files=await self._file_contents(conversation)
+            conversation=conversation, tools=ctx.tools.specs, files=await self._file_contents(conversation)
         )
         estimated = window.estimate()
         outcome: ProviderOutcome = "ok"  # a stream stopped by a cancel too
@@ -368,7 +390,7 @@ class Turn:
             outcome = "error"
             raise
         finally:
-            self._ctx.metrics.provider_request(outcome)
+            ctx.metrics.provider_request(outcome)
         return calls
 
     async def _file_contents(self, conversation: Sequence[ConversationItem]) -> dict[str, bytes | FileWithheld]:
@@ -478,7 +500,20 @@ class Turn:
             await self.approvals.ask(call)
 
     async def _run_tool(self, call: ToolCallItem) -> ToolResultItem:
-        """The call's result, once a person approved it where it needs that."""
+        """The call's result, once a person approved it where it needs that; its span around it."""
+        tracer = self._ctx.tracer
+        span = tool_span(tracer, call, self._ctx.tools.origin_of(call.name))
+        try:
+            with tracer.current(span):  # its log lines name it
+                result = await self._decided_call(call)
+        except BaseException:
+            span.fail(ToolErrorCode.CANCELLED)
+            span.end()
+            raise
+        tool_ended(tracer, span, result)
+        return result
+
+    async def _decided_call(self, call: ToolCallItem) -> ToolResultItem:
         approval = await self.approvals.decision(call)
         if approval is None:
             return await self._call_tool(call)
@@ -587,6 +622,7 @@ class Turn:
             self._chunks.close()
             self._ctx.running.discard(self)
             self._ctx.metrics.turn_ended(self.finish_reason)
+            ended(self._span, self.finish_reason, self.usage, failed_turn(self.error))
             await self._ctx.locks.release_turn(self.session_id, self.turn_id)
 
     async def _finish(self) -> None:

@@ -32,6 +32,7 @@ from server.core.ports import (
     Finished,
     Metrics,
     ModelEvent,
+    ModelInfo,
     ModelRequest,
     ModelText,
     NoMetrics,
@@ -79,6 +80,7 @@ class GeminiConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 # Gemini takes at most 20 MB of request inline; base64 makes files a third larger.
 MAX_INLINE_FILE_BYTES = 14_000_000
 
@@ -92,6 +94,8 @@ class GeminiProvider:
         self._config = config
         self._metrics = metrics or NoMetrics()
         self._refused_files = RefusedFiles()
+        endpoint = httpx2.URL(config.base_url or DEFAULT_BASE_URL)
+        self.info = ModelInfo("gcp.gemini", "generate_content", config.model, endpoint.host, endpoint.port or 443)
         self._http: httpx2.AsyncClient | None = None
         self._client: genai.Client | None = None
         if config.api_key:

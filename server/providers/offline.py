@@ -14,6 +14,7 @@ from server.core.ports import (
     ConversationItem,
     Finished,
     ModelEvent,
+    ModelInfo,
     ModelRequest,
     ModelText,
     TextDelta,
@@ -120,6 +121,8 @@ class OfflineProvider:
     name = "offline"
     max_request_file_bytes: int | None = None
     takes_files = False  # its answer names the files: their bytes are never read
+
+    info = ModelInfo(provider="offline", operation="chat", model="offline")
 
     def __init__(self, chunk_delay_ms: float = 40) -> None:
         self._delay = chunk_delay_ms / 1000

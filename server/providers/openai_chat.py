@@ -43,6 +43,7 @@ from server.core.ports import (
     Finished,
     Metrics,
     ModelEvent,
+    ModelInfo,
     ModelRequest,
     ModelText,
     NoMetrics,
@@ -94,6 +95,7 @@ class OpenAIConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 # What one request carries of files at most: OpenAI documents 32 MB of file content a request.
 MAX_REQUEST_FILE_BYTES = 32_000_000
 
@@ -106,6 +108,10 @@ class OpenAIChatProvider:
     def __init__(self, config: OpenAIConfig, metrics: Metrics | None = None) -> None:
         self._config = config
         self._metrics = metrics or NoMetrics()
+        endpoint = httpx2.URL(config.base_url)
+        self.info = ModelInfo(
+            "openai", "chat", config.model, endpoint.host, endpoint.port or _DEFAULT_PORTS.get(endpoint.scheme)
+        )
         self._client = AsyncOpenAI(
             base_url=config.base_url,
             api_key=config.api_key or NO_KEY,

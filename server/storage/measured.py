@@ -1,5 +1,5 @@
-"""Storage as the metrics see it: every Repository operation timed (retries included), and the
-depth of the local durable queue after every change."""
+"""Storage as the metrics and traces see it: every Repository operation timed (retries included)
+and, within a traced turn or job, a span; and the depth of the local durable queue after every change."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ from datetime import datetime
 from typing import TypeVar
 
 from server.core.models import EventDraft, Session, StoredEvent
-from server.core.ports import AttachmentInfo, EventPage, Metrics, Outbox, SessionCursor, Storage
+from server.core.ports import (
+    NO_SPAN,
+    AttachmentInfo,
+    EventPage,
+    Metrics,
+    NoTracer,
+    Outbox,
+    SessionCursor,
+    Storage,
+    Tracer,
+)
 
 T = TypeVar("T")
 
@@ -17,16 +27,30 @@ T = TypeVar("T")
 class MeasuredRepository:
     """A Repository (and AttachmentStore) that reports how long each operation took, by its name."""
 
-    def __init__(self, repo: Storage, metrics: Metrics) -> None:
+    def __init__(self, repo: Storage, metrics: Metrics, tracer: Tracer | None = None, system: str = "sqlite") -> None:
+        """`system`: the backend as a trace names it (`db.system.name`)."""
         self._repo = repo
         self._metrics = metrics
+        self._tracer = tracer or NoTracer()
+        self._system = system
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
+        span = (
+            self._tracer.start(
+                f"storage {operation}", {"db.system.name": self._system, "db.operation.name": operation}, client=True
+            )
+            if self._tracer.within_span()
+            else NO_SPAN
+        )
         try:
             return await call
+        except Exception as exc:
+            span.fail(type(exc).__name__)
+            raise
         finally:
             self._metrics.storage_operation(operation, time.perf_counter() - started)
+            span.end()
 
     async def ensure_session(self, session_id: str, user_id: str | None, start_time: datetime) -> Session:
         return await self._timed("ensure_session", self._repo.ensure_session(session_id, user_id, start_time))

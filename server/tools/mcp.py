@@ -283,7 +283,9 @@ class McpTools:
             )
             runner = _runner(connection, tool_name, self._limits)
             # The model sees the schema's Gemini subset; the arguments are checked against all of it.
-            tools.append((server, Tool(spec, runner, self._limits.tool_timeout_seconds, listed.input_schema)))
+            tools.append(
+                (server, Tool(spec, runner, self._limits.tool_timeout_seconds, listed.input_schema, origin=server))
+            )
         return tools
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.core.log_context import log_scope
-from server.core.ports import Metrics, Transport
+from server.core.ports import Metrics, TraceParent, Transport
 from server.transport.payloads import ApprovePayload, JoinPayload, MessagePayload, SessionPayload, invalid_payload
 from server.transport.tokens import Identity, InvalidToken, TokenVerifier
 
@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 Ack = dict[str, Any]
 TOKEN_EXPIRED = "the token has expired; reconnect with a fresh one"
+MAX_TRACE_HEADER = 1024
+
+
+def trace_of(traceparent: object, tracestate: object) -> TraceParent | None:
+    """A handshake's W3C trace context (Socket.IO `auth`, the plain WebSocket's headers): what is
+    no string of a sane length is left out, as an invalid header is."""
+    if not isinstance(traceparent, str) or len(traceparent) > MAX_TRACE_HEADER:
+        return None
+    state = tracestate if isinstance(tracestate, str) and len(tracestate) <= MAX_TRACE_HEADER else None
+    return TraceParent(traceparent, state)
 
 
 @dataclass(eq=False)
@@ -43,6 +53,8 @@ class ClientConnection:
     metrics: Metrics
     # Closes the connection when its token expires (ConnectionGate.close_at_expiry).
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    # The trace its turns continue, as its handshake gave it (a `message` may name another).
+    trace: TraceParent | None = None
 
     def user(self) -> str | None:
         """The authenticated user; `unauthorized` once the token expired (it comes first of all errors)."""
@@ -204,8 +216,15 @@ async def join(svc: ConversationService, client: ClientConnection, p: JoinPayloa
 
 
 async def message(svc: ConversationService, client: ClientConnection, p: MessagePayload, user: str | None) -> Ack:
+    trace = TraceParent(p.traceparent, p.tracestate) if p.traceparent is not None else client.trace
     accepted = await svc.send_message(
-        client.connection_id, p.session_id, p.text, p.client_message_id, user=user, attachments=p.attachments
+        client.connection_id,
+        p.session_id,
+        p.text,
+        p.client_message_id,
+        user=user,
+        attachments=p.attachments,
+        trace=trace,
     )
     return {"turn_id": accepted.turn_id, "event_id": accepted.event_id}
 

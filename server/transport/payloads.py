@@ -31,6 +31,8 @@ EventId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_HISTORY_PAGE = 1000
 MAX_REASON_CHARS = 1000  # why a person denied (or approved) a tool call
 HistoryLimit = Annotated[int, Field(ge=1, le=MAX_HISTORY_PAGE)]
+# W3C trace context headers a client may send (a value that is no valid one is ignored, not refused).
+TraceHeader = Annotated[str, Field(max_length=1024)]
 
 
 class _Payload(BaseModel):
@@ -49,6 +51,8 @@ class MessagePayload(_Payload):
     text: Text
     client_message_id: ShortText | None = None
     attachments: list[ShortText] = Field(default_factory=list, max_length=100)  # ids of this session's uploads
+    traceparent: TraceHeader | None = None  # the client's trace this turn continues (docs/protocol.md, Traces)
+    tracestate: TraceHeader | None = None
 
 
 class ApprovePayload(_Payload):

@@ -27,7 +27,7 @@ from server.core.conversation import ConversationService, parse_session_id
 from server.core.errors import ErrorCode, ServiceError
 from server.rooms.hub import SESSION_EVENT_NAMES, Outgoing, RoomHub
 from server.transport import fast_json
-from server.transport.clients import REQUESTS, TOKEN_EXPIRED, ClientConnection, ConnectionGate
+from server.transport.clients import REQUESTS, TOKEN_EXPIRED, ClientConnection, ConnectionGate, trace_of
 from server.transport.tokens import bearer_token
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ async def serve_plain_client(
     except ServiceError as exc:
         await _refuse(websocket, exc)
         return
+    connection.trace = trace_of(websocket.headers.get("traceparent"), websocket.headers.get("tracestate"))
     client = PlainClient(websocket, connection, _canonical(session_id), send_limit)
     hub.connect(client)
     open_clients.add(client)

@@ -15,7 +15,7 @@ from server.core.conversation import ConversationService
 from server.core.errors import ErrorCode, ServiceError
 from server.rooms.hub import Outgoing, RoomHub
 from server.transport import fast_json
-from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate
+from server.transport.clients import REQUESTS, Ack, ClientConnection, ConnectionGate, trace_of
 from server.transport.origins import origin_matcher
 from server.upstream import engineio
 from server.upstream.socketio import GuardedServer
@@ -86,6 +86,7 @@ def register_handlers(
             client = await gate.admit(sid, "socketio", _client_address(environ), token, hooks.held(eio_sid))
         except ServiceError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.code.value) from None
+        client.trace = trace_of(auth.get("traceparent"), auth.get("tracestate")) if isinstance(auth, dict) else None
         clients[sid] = client
         members[sid] = member = SocketIOMember(sid, sio.eio, eio_sid)
         hub().connect(member)
