@@ -122,7 +122,7 @@ async def test_only_the_owner_uploads_and_reads_and_deletion_takes_the_files(sta
 async def test_an_upload_no_message_names_is_deleted_once_it_is_old_enough(
     start_server: ServerFactory, connect: TabFactory
 ) -> None:
-    server = await start_server(attachment_unused_seconds=0.5, attachment_expiry_interval_seconds=0.1)
+    server = await start_server(attachment_unused_seconds=2, attachment_expiry_interval_seconds=0.1)
     sid = await new_session(server, connect)
     async with httpx.AsyncClient(base_url=server.url) as http:
         created = (await upload(http, sid, "shot.png", PNG)).json()
@@ -138,7 +138,7 @@ async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
     start_server: ServerFactory, connect: TabFactory
 ) -> None:
     server = await start_server(
-        offline_chunk_delay_ms=0, attachments_per_message=2, attachment_unused_seconds=0.5,
+        offline_chunk_delay_ms=0, attachments_per_message=2, attachment_unused_seconds=3,
         attachment_expiry_interval_seconds=0.1,
     )  # fmt: skip
     tab = await connect(server)
@@ -169,9 +169,11 @@ async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
     assert history[0]["event_type"] == "user_message" and history[0]["attachments"] == expected
     assert all("attachments" not in item for item in history if item["event_type"] != "user_message")
     assert reads_of_files(await scrape(server.url)) == 0  # the offline script names files: never read
-    await asyncio.sleep(1.0)  # past the unused uploads' age: the named ones stay, the other goes
-    assert await server.runtime.repo.get_attachment(ids[0]) is not None
-    assert await server.runtime.repo.get_attachment(elsewhere["attachment_id"]) is None
+    async with asyncio.timeout(10):  # past the unused uploads' age: the unnamed one goes
+        while await server.runtime.repo.get_attachment(elsewhere["attachment_id"]) is not None:
+            await asyncio.sleep(0.1)
+    assert await server.runtime.repo.get_attachment(ids[0]) is not None  # older, and named: kept
+    assert await server.runtime.repo.get_attachment(ids[1]) is not None
 
 
 # ---------------------------------------------------------------- what the model gets

@@ -326,6 +326,10 @@ async def test_an_upload_through_nginx_is_taken_up_to_the_services_own_limit(spa
                 picture = b"\x89PNG\r\n\x1a\n" + bytes(size - 8)
                 files = {"file": ("big.png", picture)}
                 answers.append(await http.post(f"/api/sessions/{sid}/attachments", files=files))
+            # Refused before the service reads a byte of it: still its answer, not a reset (502).
+            files = {"file": ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(9 * 1024 * 1024))}
+            unknown = await http.post(f"/api/sessions/{uuid.uuid4()}/attachments", files=files)
+    assert unknown.status_code == 404 and unknown.json()["detail"]["code"] == "not_found", unknown.text
     taken, over, far_over = answers
     assert taken.status_code == 201 and taken.json()["size"] == 9 * 1024 * 1024, taken.text
     for refused in (over, far_over):  # a coded answer either way, never nginx's page or a 502

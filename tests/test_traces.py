@@ -231,17 +231,22 @@ async def test_json_log_lines_within_a_span_carry_its_trace_and_span_ids(tmp_pat
 
 
 @pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
-async def test_either_endpoint_variable_turns_tracing_on_and_the_sdk_reads_the_others(
+async def test_either_endpoint_variable_turns_tracing_on_and_the_sdk_reads_the_others_even_from_dotenv(
     tmp_path: Path, fake_otlp: FakeOtlp, variable: str
 ) -> None:
     endpoint = fake_otlp.url + ("/v1/traces" if variable.endswith("TRACES_ENDPOINT") else "")
+    headers = "authorization=Bearer collector-key"
+    # One run with the SDK's own variables in the environment, the other with them in `.env`.
+    in_dotenv = variable == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    sdk_variables = {"OTEL_SERVICE_NAME": "chat-edge", "OTEL_EXPORTER_OTLP_HEADERS": headers}
+    if in_dotenv:
+        (tmp_path / ".env").write_text("".join(f"{name}={value}\n" for name, value in sdk_variables.items()))
     async with logged_server(
         tmp_path,
         **{variable: endpoint},
         OTEL_BSP_SCHEDULE_DELAY="100",
-        OTEL_SERVICE_NAME="chat-edge",
-        OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer collector-key",
         OFFLINE_CHUNK_DELAY_MS="0",
+        **({} if in_dotenv else sdk_variables),
     ) as (_process, url, _log):
         tab = await Tab(url).connect()
         try:

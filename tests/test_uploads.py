@@ -114,6 +114,30 @@ async def test_a_chunked_upload_past_the_limit_is_cut_off_with_memory_bounded(ur
     assert peak < 4 * LIMIT, peak  # the limit, the parser's chunk, and the client's: never the body
 
 
+async def test_a_chunked_body_whose_other_parts_never_end_is_cut_off_at_the_limit(url: str) -> None:
+    """No `file` part past the limit, but a form field that goes on: the body as a whole is bounded."""
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+        for _ in range(50 * LIMIT // 65536):
+            sent += 65536
+            yield b"x" * 65536
+        yield b"\r\n--b--\r\n"
+
+    async with httpx.AsyncClient() as http:
+        try:
+            answer: Any = await http.post(
+                url, content=body(), headers={"content-type": "multipart/form-data; boundary=b"}
+            )
+        except httpx.TransportError as exc:  # the server may close before the client has sent it all
+            answer = exc
+    assert sent < 50 * LIMIT  # it stopped reading: the client could not send it all
+    if isinstance(answer, httpx.Response):
+        assert (answer.status_code, answer.json()["code"]) == (413, "too_large")
+
+
 def test_the_type_comes_from_the_content_not_the_name() -> None:
     assert file_type("photo.txt", png(100)) == "image/png"
     assert file_type("x.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 10) == "image/jpeg"

@@ -356,6 +356,9 @@ class ConversationService:
                 ErrorCode.INVALID_PAYLOAD, f"attachments: at most {self._limits.attachments_per_message} files"
             )
         session_id = self._joined_session(connection, session_id)
+        retried = self._running_with(session_id, client_message_id)
+        if retried is not None:  # answered like the first attempt, whatever storage does meanwhile
+            return await asyncio.shield(retried.accepted)
         files = await self._files_of(session_id, attachments)
         self._check_message(text, files)
         if client_message_id is not None:

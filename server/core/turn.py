@@ -91,6 +91,8 @@ log = logging.getLogger(__name__)
 
 # ended_elsewhere: this process was taken for dead, and another one ended the turn as interrupted.
 StopReason = Literal["cancelled", "shutdown", "lock_lost", "ended_elsewhere"]
+# A turn's files are read a few at a time: a window of many must not take the whole storage pool.
+FILE_READS_AT_ONCE = 4
 SHUTDOWN = ErrorInfo(code=TurnErrorCode.SHUTDOWN, message="the server is shutting down")
 LOCK_LOST = ErrorInfo(
     code=TurnErrorCode.TURN_LOCK_LOST, message="this turn lost its session lock (shared state was unreachable too long)"
@@ -283,14 +285,19 @@ class Turn:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry on another")
 
     async def _keep_files(self) -> None:
-        """Marked before the message is stored, so that no stored message names a file that expires."""
+        """Marked before the message is stored, so that no stored message names a file that expires;
+        then read again: one the expiry took since the message was checked is refused now."""
         files = self.question.attachments
         if not files:
             return
+        ids = [file.attachment_id for file in files]
         try:
-            await self._ctx.files.mark_attachments_used(self.session_id, [file.attachment_id for file in files])
+            await self._ctx.files.mark_attachments_used(self.session_id, ids)
+            kept = await self._ctx.files.session_attachments(self.session_id, ids)
         except StorageUnavailable:
             raise ServiceError(ErrorCode.UNAVAILABLE, "storage cannot keep the files now; nothing was stored") from None
+        if len(kept) != len(ids):
+            raise ServiceError(ErrorCode.INVALID_PAYLOAD, "attachments: each must be a file uploaded to this session")
 
     async def _abandon(self, history: asyncio.Task[Snapshot[HistoryEvent]], cause: BaseException) -> ServiceError:
         """The user message could not be stored: the turn never started, and nothing it held is sent."""
@@ -402,9 +409,13 @@ class Turn:
         send, withheld = files_to_send(conversation, provider.max_request_file_bytes)
         unread = [file.attachment_id for file in send if file.attachment_id not in self._files]
         if unread:
-            read = await asyncio.gather(
-                *(self._ctx.files.attachment_data(attachment_id) for attachment_id in unread), return_exceptions=True
-            )
+            reads = asyncio.Semaphore(FILE_READS_AT_ONCE)
+
+            async def read_one(attachment_id: str) -> bytes | None:
+                async with reads:
+                    return await self._ctx.files.attachment_data(attachment_id)
+
+            read = await asyncio.gather(*(read_one(attachment_id) for attachment_id in unread), return_exceptions=True)
             for attachment_id, data in zip(unread, read, strict=True):
                 if isinstance(data, BaseException):
                     raise data  # StorageUnavailable ends the turn `unavailable`, as the history's read does

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from server.core.errors import ErrorCode, ServiceError
-from server.core.models import ErrorInfo, EventType, FinishReason, Session
+from server.core.models import AttachmentRef, ErrorInfo, EventType, FinishReason, Session
 from server.metrics import PrometheusMetrics
 from server.runtime import Runtime
 from server.tools.mcp import McpServerState
@@ -46,6 +46,7 @@ class HistoryItem(BaseModel):
     timestamp: str
     finish_reason: FinishReason | None = None  # ai_message only
     error: ErrorInfo | None = None  # ai_message only
+    attachments: list[AttachmentRef] | None = None  # user_message only ([] without any)
 
 
 class Events(BaseModel):

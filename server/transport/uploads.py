@@ -104,8 +104,12 @@ async def receive_upload(request: Request, max_bytes: int) -> Upload:
         },
     )
     stream = request.stream()
+    most, read = max_bytes + ENVELOPE_BYTES, 0
     try:
         async for chunk in stream:
+            read += len(chunk)
+            if read > most:  # a body sent without a length: other parts must not go on for ever
+                raise UploadRefused(413, "too_large", f"the file is larger than {max_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
     except UploadRefused as refused:
