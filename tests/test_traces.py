@@ -19,6 +19,8 @@ from tests.fake_gemini import Reply as GeminiReply
 from tests.fake_openai import FakeOpenAI
 from tests.fake_otlp import FakeOtlp, ReceivedSpan
 from tests.harness import RunningServer, Tab, logged_server
+from tests.test_mcp import servers_file
+from tests.test_tool_approval import decide, request_of
 
 TURN = "invoke_agent realtime"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -256,3 +258,20 @@ async def test_either_endpoint_variable_turns_tracing_on_and_the_sdk_reads_the_o
         [turn] = await fake_otlp.wait_for(TURN)
     assert turn.resource["service.name"] == "chat-edge"
     assert fake_otlp.requests[0]["authorization"] == "Bearer collector-key"
+
+
+async def test_an_mcp_call_that_waited_for_approval_names_its_server_and_the_decision(
+    fake_otlp: FakeOtlp, tmp_path: Path, start_server: ServerFactory, connect: TabFactory
+) -> None:
+    server = await traced(start_server, fake_otlp, mcp_servers_file=servers_file(tmp_path), tool_approval="local__*")
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    ack = await tab.call("message", {"session_id": sid, "text": 'use local__echo with {"text": "hi"}'})
+    request = await request_of(tab, ack["turn_id"])
+    assert (await decide(tab, sid, request["call_id"], approved=True))["ok"]
+    assert (await tab.turn(ack["turn_id"]))[-1][1]["error"] is None
+    [tool] = await fake_otlp.wait_for("execute_tool local__echo")
+    assert tool.attributes["realtime.mcp.server"] == "local"
+    assert tool.attributes["realtime.tool.approval"] == "approved"
+    assert tool.attributes["gen_ai.tool.call.id"] == request["call_id"] and not tool.error
+    assert tool.parent_span_id == (await turn_span(fake_otlp, ack["turn_id"])).span_id
