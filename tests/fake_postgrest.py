@@ -8,6 +8,11 @@ filters. Each request runs in one transaction as the role of its JWT (the `Autho
 token, as PostgREST reads it: a user's token, or else the API key) with its claims in
 `request.jwt.claims` (`SET LOCAL ROLE`), as PostgREST does, so row level security applies for real.
 
+Like a Supabase project, it answers 414 to a request line longer than `MAX_REQUEST_LINE` (the gateway
+in front of PostgREST refuses such URLs before PostgREST sees them). Its schema cache is read at start
+and again on `reload_schema()` (PostgREST's `NOTIFY pgrst, 'reload schema'`): a table missing from it
+is PGRST205, a written column missing from it PGRST204, as PostgREST answers.
+
 Faults for the tests: `fail_next(n)` answers 503 (PGRST001, no database connection) without
 touching the database; `lose_next_response()` commits the next write and answers only after the client gave up.
 """
@@ -29,6 +34,9 @@ from starlette.routing import Route
 
 TABLES = ("sessions", "events", "attachments")
 OPERATORS = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+# Roughly where Supabase's gateway answers 414 "URI too long" (nginx's 8 KB request line buffer):
+# postgrest-py #365 and supabase-js #766 meet it with long `in.(...)` filters.
+MAX_REQUEST_LINE = 8000
 
 
 def make_key(role: str, **claims: str) -> str:
@@ -82,11 +90,17 @@ class FakePostgrest:
 
     async def _start(self) -> None:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=5)
+        await self.reload_schema()
+
+    async def reload_schema(self) -> None:
+        """Read the tables' columns again, as PostgREST does on `NOTIFY pgrst, 'reload schema'`."""
+        assert self.pool is not None
         rows = await self.pool.fetch(
             "SELECT table_name, column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = 'public' AND table_name = ANY($1::text[])",
             list(TABLES),
         )
+        self.columns = {}
         for row in rows:
             self.columns.setdefault(row["table_name"], {})[row["column_name"]] = row["data_type"]
 
@@ -97,7 +111,9 @@ class FakePostgrest:
     async def _handle(self, request: Request) -> Response:
         table = request.path_params["table"]
         self.requests.append((request.method, f"{request.url.path}?{request.url.query}"))
-        if table not in TABLES:
+        if len(request.scope["raw_path"]) + 1 + len(request.scope["query_string"]) > MAX_REQUEST_LINE:
+            return _too_long()
+        if table not in self.columns:
             return _error(404, "PGRST205", f"Could not find the table 'public.{table}' in the schema cache")
         if self._fail:
             self._fail -= 1
@@ -140,6 +156,12 @@ class FakePostgrest:
     def _cast(self, table: str, column: str) -> str:
         if column not in self.columns[table]:
             raise asyncpg.UndefinedColumnError(f"column {column} does not exist")
+        return self.columns[table][column]
+
+    def _written(self, table: str, column: str) -> str:
+        """A column of a request's body, as `_cast`: unknown to the schema cache it is PGRST204."""
+        if column not in self.columns[table]:
+            raise _BadRequest("PGRST204", f"Could not find the '{column}' column of '{table}' in the schema cache")
         return self.columns[table][column]
 
     def _where(self, table: str, request: Request, args: list[Any]) -> str:
@@ -211,7 +233,7 @@ class FakePostgrest:
             placeholders = []
             for column in columns:
                 args.append(_as_text(row.get(column)))
-                placeholders.append(f"${len(args)}::text::{self._cast(table, column)}")
+                placeholders.append(f"${len(args)}::text::{self._written(table, column)}")
             values.append(f"({', '.join(placeholders)})")
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(values)}"
         if "on_conflict" in request.query_params:
@@ -231,7 +253,7 @@ class FakePostgrest:
         sets = []
         for column, value in body.items():
             args.append(_as_text(value))
-            sets.append(f'"{column}" = ${len(args)}::text::{self._cast(table, column)}')
+            sets.append(f'"{column}" = ${len(args)}::text::{self._written(table, column)}')
         sql = f"UPDATE {table} SET {', '.join(sets)}{self._where(table, request, args)}"
         return json.loads(
             await conn.fetchval(f"WITH w AS ({sql} RETURNING *) SELECT coalesce(json_agg(w), '[]') FROM w", *args)
@@ -291,6 +313,12 @@ def _claims_of(request: Request) -> dict[str, Any]:
     if not isinstance(claims, dict) or claims.get("role") not in ("anon", "authenticated", "service_role"):
         claims = {"role": "anon"}
     return claims
+
+
+def _too_long() -> Response:
+    """The gateway's answer, an HTML page rather than PostgREST's JSON."""
+    page = "<html><head><title>414 Request-URI Too Large</title></head><body>414 Request-URI Too Large</body></html>"
+    return Response(page, status_code=414, media_type="text/html")
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

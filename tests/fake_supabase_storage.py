@@ -4,13 +4,14 @@ It serves the requests storage3 sends for this service, under `/storage/v1`:
 `POST /object/{bucket}/{path}` (a multipart upload; `x-upsert: true` replaces an object),
 `GET /object/{bucket}/{path}` (a download, with an `Authorization` bearer token),
 `POST /object/list/{bucket}` (`prefix`, `limit`, `offset`: the objects in that folder, by name) and
-`DELETE /object/{bucket}` (`{"prefixes": [paths]}`: those objects removed, missing ones ignored).
+`DELETE /object/{bucket}` (`{"prefixes": [paths]}`: those objects removed, missing ones ignored) and
+`GET /bucket/{bucket}` (the bucket's details).
 Errors are answered as Storage answers them: `{"statusCode": "404", "error": "not_found", ...}`.
 
 `served_beside(app)` serves it and another app (the PostgREST stand-in) at one address, as one
 Supabase project's URL serves both.
 
-Faults for the tests: `fail_next(n)` answers the next n requests 503.
+Faults for the tests: `fail_next(n)` answers the next n requests 503, until `heal()`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ class FakeSupabaseStorage:
                 Route("/object/{bucket}/{path:path}", self._upload, methods=["POST"]),
                 Route("/object/{bucket}/{path:path}", self._download, methods=["GET"]),
                 Route("/object/{bucket}", self._remove, methods=["DELETE"]),
+                Route("/bucket/{bucket}", self._bucket, methods=["GET"]),
             ]
         )
 
     def fail_next(self, n: int) -> None:
         self._fail += n
+
+    def heal(self) -> None:
+        self._fail = 0
 
     def paths(self, bucket: str = "attachments") -> set[str]:
         return {path for (held_in, path) in self.objects if held_in == bucket}
@@ -99,6 +104,24 @@ class FakeSupabaseStorage:
         names = sorted({path[len(start) :].split("/")[0] for path in self.paths(bucket) if path.startswith(start)})
         offset, limit = int(body.get("offset", 0)), int(body.get("limit", 100))
         return JSONResponse([{"name": name, "id": f"{start}{name}"} for name in names[offset : offset + limit]])
+
+    async def _bucket(self, request: Request) -> Response:
+        bucket = request.path_params["bucket"]
+        if (refused := self._refusal(request, bucket)) is not None:
+            return refused
+        moment = "2026-12-12T00:00:00.000Z"
+        return JSONResponse(
+            {
+                "id": bucket,
+                "name": bucket,
+                "owner": "",
+                "public": False,
+                "created_at": moment,
+                "updated_at": moment,
+                "file_size_limit": None,
+                "allowed_mime_types": None,
+            }
+        )
 
     async def _remove(self, request: Request) -> Response:
         bucket = request.path_params["bucket"]

@@ -7,6 +7,7 @@ the PostgREST stand-in, answering 503s or losing a response after its insert com
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -313,4 +314,37 @@ async def test_readiness_with_the_service_role_key_is_ok(
     assert answer.status_code == 200, answer.json()
     assert any(
         method == "PATCH" and "00000000-0000-0000-0000-000000000000" in path for method, path in postgrest.requests
+    )
+
+
+async def test_an_upload_supabase_refuses_is_a_coded_503_and_readiness_names_the_migration(
+    start_server: ServerFactory,
+    connect: TabFactory,
+    database: str,
+    postgrest: FakePostgrest,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await on_supabase(start_server, postgrest, tmp_path, storage_retry_seconds=1)
+    tab = await connect(server)
+    sid = (await tab.join())["session"]["session_id"]
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute("drop table attachments cascade")  # a project without 20261212000000_attachments.sql
+    finally:
+        await conn.close()
+    await postgrest.reload_schema()
+    migration = "apply supabase/migrations/20261212000000_attachments.sql"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        with caplog.at_level(logging.WARNING):
+            upload = await http.post(
+                f"/api/sessions/{sid}/attachments", files={"file": ("notes.txt", b"hello\n", "text/plain")}
+            )
+        ready = await http.get("/readyz")
+    assert upload.status_code == 503 and upload.json()["detail"]["code"] == "unavailable", upload.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text  # no traceback
+    assert len([r for r in caplog.records if migration in r.getMessage()]) == 1, caplog.text
+    assert (
+        ready.status_code == 503
+        and f"storage: the attachments table is missing: {migration}" in ready.json()["reasons"]
     )

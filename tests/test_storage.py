@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import sqlite3
 import uuid
@@ -39,7 +40,7 @@ from server.storage.sqlite import SCHEMA as SQLITE_SCHEMA
 from server.storage.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from server.storage.sqlite import SqliteRepository
 from server.storage.supabase import BUCKET, SupabaseRepository
-from tests.fake_postgrest import FakePostgrest, make_key
+from tests.fake_postgrest import MAX_REQUEST_LINE, FakePostgrest, make_key
 from tests.fake_supabase_storage import FakeSupabaseStorage
 from tests.harness import serving
 from tests.pg import scratch_database
@@ -1269,3 +1270,119 @@ async def test_supabase_without_the_attachments_migration_refuses_files_and_says
     storage.buckets.clear()  # a project where the bucket was never made
     with pytest.raises(StorageRefused, match=re.escape("apply supabase/migrations/20261212000000_attachments.sql")):
         await repo.add_attachment(attachment(sid, b"x"), b"x")
+
+
+@pytest.fixture
+async def supabase_project(tmp_path: Path) -> AsyncIterator[tuple[Backend, Storage]]:
+    """Supabase whole: the PostgREST and Storage stand-ins at one URL, and a repository on them."""
+    async with open_backend("supabase", tmp_path) as opened:
+        repository = await opened.open()
+        yield opened, repository
+        await repository.aclose()
+
+
+async def test_more_files_than_one_url_can_name_are_read_marked_and_expired_on_supabase(
+    supabase_project: tuple[Backend, Storage],
+) -> None:
+    project, repo = supabase_project
+    assert project.postgrest is not None and project.storage is not None
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    # 300 ids in one `in.(...)` filter make a URL of about 11 KB: Supabase's gateway answers 414.
+    ids = [str(uuid.uuid4()) for _ in range(600)]
+    await project.sql(
+        "insert into attachments (attachment_id, session_id, name, mime_type, size, sha256, created_at)"
+        " select unnest(?::uuid[]), ?, 'f.png', 'image/png', 1, 'x', now() - interval '2 days'",
+        ids,
+        uuid.UUID(sid),
+    )
+    for key in ids:
+        project.storage.objects[BUCKET, f"{sid}/{key}"] = b"x"
+    asked = ids[::-1]
+    assert [info.attachment_id for info in await repo.session_attachments(sid, asked)] == asked
+    await repo.mark_attachments_used(sid, ids[:300])
+    assert all(info.used == (n < 300) for n, info in enumerate(await repo.session_attachments(sid, ids)))
+
+    assert await repo.delete_unused_attachments(datetime.now(UTC) - timedelta(days=1), limit=500) == 300
+    assert project.storage.paths() == {f"{sid}/{key}" for key in ids[:300]}
+    assert [info.attachment_id for info in await repo.session_attachments(sid, ids)] == ids[:300]
+    assert max(len(path) for _, path in project.postgrest.requests) <= MAX_REQUEST_LINE
+
+
+async def test_a_file_whose_row_supabase_refuses_leaves_no_storage_object(
+    supabase_project: tuple[Backend, Storage],
+) -> None:
+    project, repo = supabase_project
+    assert project.storage is not None
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    # Every insert into `attachments` fails, after the bytes were uploaded.
+    await project.sql("alter table attachments add constraint no_file_taken check (size < 0) not valid")
+    info = attachment(sid, b"bytes")
+    with pytest.raises(APIError):
+        await repo.add_attachment(info, b"bytes")
+    assert ("POST", f"/storage/v1/object/{BUCKET}/{sid}/{info.attachment_id}") in project.storage.requests
+    assert project.storage.paths() == set()
+    assert await repo.get_attachment(info.attachment_id) is None
+
+
+async def test_supabase_storage_objects_a_failure_left_are_removed_at_the_next_sweep(
+    supabase_project: tuple[Backend, Storage], caplog: pytest.LogCaptureFixture
+) -> None:
+    project, repo = supabase_project
+    assert project.storage is not None
+    old, deleted = str(uuid.uuid4()), str(uuid.uuid4())
+    for session in (old, deleted):
+        await repo.ensure_session(session, None, datetime.now(UTC))
+    unused = [attachment(old, b"x", age=timedelta(days=2)) for _ in range(2)]
+    for info in (*unused, attachment(deleted, b"y")):
+        await repo.add_attachment(info, b"x")
+    bound = datetime.now(UTC) - timedelta(days=1)
+
+    project.storage.fail_next(10_000)  # Storage away past the retry budget
+    with caplog.at_level(logging.WARNING, logger="server.storage"):
+        assert await repo.delete_unused_attachments(bound, limit=10) == 2
+        assert await repo.delete_session(deleted)
+    assert len(project.storage.paths()) == 3  # the rows are gone, the objects are left
+    left = [r.getMessage() for r in caplog.records if "tried again" in r.getMessage()]
+    assert len(left) == 2 and left[0].startswith("2 unused files' Storage objects are not removed"), left
+    assert deleted in left[1]
+
+    project.storage.heal()
+    assert await repo.delete_unused_attachments(bound, limit=10) == 0
+    assert project.storage.paths() == set()
+
+
+async def test_supabase_without_the_message_attachments_migration_stores_messages_and_says_which(
+    supabase_project: tuple[Backend, Storage],
+) -> None:
+    project, repo = supabase_project
+    assert project.postgrest is not None
+    await repo.ping()
+    await project.sql("alter table events drop column attachments")
+    await project.postgrest.reload_schema()
+    sid = str(uuid.uuid4())
+    await repo.ensure_session(sid, None, datetime.now(UTC))
+    stored = await repo.append_event(draft(sid, "k"))  # a message without files names no such column
+    assert (stored.content, stored.attachments) == ("hi", None)
+    migration = "20261212100000_message_attachments.sql"
+    with pytest.raises(
+        StorageRefused, match=re.escape(f"events.attachments is missing: apply supabase/migrations/{migration}")
+    ):
+        await repo.ping()
+
+
+async def test_supabase_without_the_attachments_table_or_bucket_is_not_ready_and_says_which(
+    supabase_project: tuple[Backend, Storage],
+) -> None:
+    project, repo = supabase_project
+    assert project.postgrest is not None and project.storage is not None
+    await repo.ping()
+    project.storage.buckets.clear()
+    needed = "is missing: apply supabase/migrations/20261212000000_attachments.sql"
+    with pytest.raises(StorageRefused, match=re.escape(f"the Storage bucket `attachments` {needed}")):
+        await repo.ping()
+    await project.sql("drop table attachments cascade")
+    await project.postgrest.reload_schema()
+    with pytest.raises(StorageRefused, match=re.escape(f"the attachments table {needed}")):
+        await repo.ping()

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from server.core.catalog import SessionCatalog
-from server.core.errors import ErrorCode, ServiceError, session_deleted, storage_unavailable
+from server.core.errors import ErrorCode, ServiceError, session_deleted, storage_refused, storage_unavailable
 from server.core.file_types import file_type
 from server.core.models import utc_now
-from server.core.ports import AttachmentInfo, AttachmentStore, SessionDeleted, StorageUnavailable
+from server.core.ports import AttachmentInfo, AttachmentStore, SessionDeleted, StorageRefused, StorageUnavailable
 from server.core.tasks import TaskTracker, cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class Attachments:
             raise session_deleted() from None
         except StorageUnavailable:
             raise storage_unavailable() from None
+        except StorageRefused as exc:
+            raise storage_refused(exc, "take files") from None
         return info
 
     async def read(self, attachment_id: str, caller: str | None) -> AttachmentFile:

@@ -76,6 +76,13 @@ def storage_unavailable() -> ServiceError:
     return ServiceError(ErrorCode.UNAVAILABLE, "storage is unreachable; retrying is safe")
 
 
+def storage_refused(cause: Exception, what: str) -> ServiceError:
+    """Storage answers but refuses (e.g. a migration not applied): the operator's to fix, so one
+    WARNING saying what to change, and the client is answered as for storage away."""
+    log.warning("storage refuses to %s: %s", what, cause)
+    return ServiceError(ErrorCode.UNAVAILABLE, f"storage cannot {what} now; nothing was stored")
+
+
 def session_deleted() -> ServiceError:
     return ServiceError(ErrorCode.SESSION_DELETED, "this session was deleted")
 

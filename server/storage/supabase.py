@@ -12,9 +12,11 @@ private bucket `attachments` (20261212000000_attachments.sql creates it), object
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -63,13 +65,25 @@ _ATTACHMENT_COLUMNS = columns(ATTACHMENT_COLUMNS, ",")
 BUCKET = "attachments"
 # What Storage failing looks like once the retries are spent (or at once, when not transient).
 _STORAGE_FAILURES = (StorageUnavailable, StorageApiError, httpx.HTTPError)
-# Objects listed (then removed) per request when a session is deleted.
+# Objects listed (then removed) per request when a session is deleted; Storage removes at most
+# 1,000 objects a request.
 OBJECT_PAGE_SIZE = 1000
+OBJECTS_PER_REMOVE = 1000
+# Ids in one `in.(...)` filter: PostgREST's filters are in the URL, and Supabase's gateway answers
+# 414 past a request line of about 8 KB (postgrest-py #365); 100 UUIDs are about 3.7 KB.
+IDS_PER_FILTER = 100
+# Storage objects (and deleted sessions' folders) whose removal failed, kept to be tried again at
+# the next sweep of unused uploads: at most this many of each, the rest left for good (logged).
+MAX_LEFT = 10_000
 # Supabase caps a response at 1,000 rows by default: history is read in pages.
 PAGE_SIZE = 1000
 _TRANSIENT_CODES = frozenset(
     {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01", "500", "502", "503", "504", "520"}
 )
+
+
+def chunks(items: Sequence[T], size: int) -> list[list[T]]:
+    return [list(items[n : n + size]) for n in range(0, len(items), size)]
 
 
 def transient(exc: BaseException) -> bool:
@@ -91,6 +105,24 @@ def _without_attachments(exc: APIError | StorageApiError) -> bool:
     return "bucket not found" in f"{exc.code} {exc.message}".lower()
 
 
+def event_row(draft: EventDraft) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "session_id": draft.session_id,
+        "timestamp": draft.timestamp.isoformat(),
+        "event_type": draft.event_type.value,
+        "content": storable(draft.content),
+        "turn_id": draft.turn_id,
+        "event_key": draft.event_key,
+        "finish_reason": draft.finish_reason,
+        "error": draft.error.model_dump() if draft.error is not None else None,
+    }
+    # Named only when there are files: a project without 20261212100000_message_attachments.sql
+    # still stores every other event (PostgREST refuses a column it does not know, PGRST204).
+    if draft.attachments:
+        row["attachments"] = [ref.model_dump() for ref in draft.attachments]
+    return row
+
+
 def key_role(key: str) -> str | None:
     """The role a Supabase API key grants: from its JWT claims, or its new-style prefix."""
     if key.startswith("sb_publishable_"):
@@ -109,12 +141,15 @@ def key_role(key: str) -> str | None:
 _NO_SESSION = "00000000-0000-0000-0000-000000000000"
 _PERMISSION_DENIED = frozenset({"42501", "401", "403"})
 _UNDEFINED_COLUMN = "42703"
+_MISSING_COLUMN = frozenset({_UNDEFINED_COLUMN, "PGRST204"})  # PostgreSQL's, or PostgREST's schema cache
+_MISSING_TABLE = frozenset({"PGRST205", "42P01"})
 # The newest columns the service needs, each with the migration that adds it, oldest first.
 _NEWEST_COLUMNS = {
     "deleted_at": "20261208000000_conversations.sql",
     "context_upto": "20261210000000_context_summary.sql",
 }
 _ATTACHMENTS_MIGRATION = "20261212000000_attachments.sql"
+_MESSAGE_ATTACHMENTS_MIGRATION = "20261212100000_message_attachments.sql"
 _NEEDS_ATTACHMENTS = (
     "the attachments table or the Storage bucket `attachments` is missing: "
     f"apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
@@ -134,6 +169,9 @@ class SupabaseRepository:
         self._http = http
         self._retry_seconds = retry_seconds
         self._role = role  # the key's, when it says (None: a key of unknown shape)
+        # What a failed removal left in Storage: objects, and deleted sessions' folders (MAX_LEFT).
+        self._left_objects: set[str] = set()
+        self._left_sessions: set[str] = set()
 
     @classmethod
     async def open(
@@ -184,17 +222,7 @@ class SupabaseRepository:
             response = await (
                 self._client.table("events")
                 .upsert(
-                    {
-                        "session_id": draft.session_id,
-                        "timestamp": draft.timestamp.isoformat(),
-                        "event_type": draft.event_type.value,
-                        "content": storable(draft.content),
-                        "turn_id": draft.turn_id,
-                        "event_key": draft.event_key,
-                        "finish_reason": draft.finish_reason,
-                        "error": draft.error.model_dump() if draft.error is not None else None,
-                        "attachments": [ref.model_dump() for ref in draft.attachments] if draft.attachments else None,
-                    },
+                    event_row(draft),
                     on_conflict="session_id,event_key",
                     ignore_duplicates=True,
                 )
@@ -331,7 +359,9 @@ class SupabaseRepository:
         await self._remove_session_objects(session_id)
         return deleted
 
-    async def _remove_session_objects(self, session_id: str) -> None:
+    async def _remove_session_objects(self, session_id: str) -> bool:
+        """Whether they are all removed; if not, the next sweep of unused uploads tries again."""
+
         async def op() -> None:
             while True:
                 listed = await self._bucket().list(session_id, {"limit": OBJECT_PAGE_SIZE})
@@ -344,9 +374,18 @@ class SupabaseRepository:
         try:
             await self._retrying(op, "remove a deleted session's files")
         except _STORAGE_FAILURES as exc:  # the session is deleted all the same: what is left is logged
+            kept = len(self._left_sessions) < MAX_LEFT
+            if kept:
+                self._left_sessions.add(session_id)
             log.warning(
-                "session %s is deleted but its files' Storage objects are not all removed (%s)", session_id, exc
+                "session %s is deleted but its files' Storage objects are not all removed (%s)%s",
+                session_id,
+                exc,
+                "; tried again at the next sweep" if kept else "",
             )
+            return False
+        self._left_sessions.discard(session_id)
+        return True
 
     async def write_summary(self, session_id: str, summary: str, end_time: datetime, duration_seconds: int) -> None:
         async def op() -> None:
@@ -489,12 +528,15 @@ class SupabaseRepository:
             "used": info.used,
         }
         options: FileOptions = {"content-type": info.mime_type, "upsert": "true"}
+        uploaded = False
 
         async def op() -> None:
+            nonlocal uploaded
             if await self._fetch_attachment(key) is not None:
                 return  # stored before: a retry
             # The object first, then the row that makes it a file: a row never names missing bytes.
             await self._bucket().upload(path, data, options)
+            uploaded = True
             insert = self._client.table("attachments").upsert(row, on_conflict="attachment_id", ignore_duplicates=True)
             if (await insert.execute()).data or await self._fetch_attachment(key) is not None:
                 return
@@ -503,10 +545,32 @@ class SupabaseRepository:
 
         try:
             await self._retrying(op, "add attachment")
-        except (APIError, StorageApiError) as exc:
-            if _without_attachments(exc):
+        except SessionDeleted:
+            raise
+        except Exception as exc:
+            if uploaded:  # no object without its row
+                await self._remove_unclaimed(key, path)
+            if isinstance(exc, APIError | StorageApiError) and _without_attachments(exc):
                 raise StorageRefused(_NEEDS_ATTACHMENTS) from None
             raise
+
+    async def _remove_unclaimed(self, key: str, path: str) -> None:
+        """Best effort, one attempt: the object of an upload whose row was not stored. Unless the row
+        is there after all (an insert whose answer was lost), and kept when that cannot be read."""
+        try:
+            if await self._fetch_attachment(key) is not None:
+                return
+        except (*_STORAGE_FAILURES, APIError) as exc:
+            log.warning("a file's row may be stored or not: its Storage object is kept (%s)", cause(exc))
+            return
+        try:
+            await self._bucket().remove([path])
+        except _STORAGE_FAILURES as exc:
+            self._leave_objects([path])
+            log.warning(
+                "a file's row is not stored and its Storage object is not removed (%s); tried again at the next sweep",
+                cause(exc),
+            )
 
     async def get_attachment(self, attachment_id: str) -> AttachmentInfo | None:
         if (key := attachment_key(attachment_id)) is None:
@@ -542,14 +606,17 @@ class SupabaseRepository:
             return []
 
         async def op() -> list[AttachmentInfo]:
-            response = await (
-                self._client.table("attachments")
-                .select(_ATTACHMENT_COLUMNS)
-                .eq("session_id", session_id)
-                .in_("attachment_id", keys)
-                .execute()
-            )
-            return in_asked_order([to_attachment(row) for row in response.data], keys)
+            found: list[AttachmentInfo] = []
+            for chunk in chunks(keys, IDS_PER_FILTER):
+                response = await (
+                    self._client.table("attachments")
+                    .select(_ATTACHMENT_COLUMNS)
+                    .eq("session_id", session_id)
+                    .in_("attachment_id", chunk)
+                    .execute()
+                )
+                found.extend(to_attachment(row) for row in response.data)
+            return in_asked_order(found, keys)
 
         return await self._retrying(op, "read session attachments")
 
@@ -557,52 +624,92 @@ class SupabaseRepository:
         if not (keys := attachment_keys(attachment_ids)):
             return
 
-        async def op() -> None:
-            await (
-                self._client.table("attachments")
-                .update({"used": True}, returning=ReturnMethod.minimal)
-                .eq("session_id", session_id)
-                .in_("attachment_id", keys)
-                .execute()
-            )
+        async def op() -> None:  # setting `used` again is a no-op: a retry may start over
+            for chunk in chunks(keys, IDS_PER_FILTER):
+                await (
+                    self._client.table("attachments")
+                    .update({"used": True}, returning=ReturnMethod.minimal)
+                    .eq("session_id", session_id)
+                    .in_("attachment_id", chunk)
+                    .execute()
+                )
 
         await self._retrying(op, "mark attachments used")
 
     async def delete_unused_attachments(self, created_before: datetime, limit: int) -> int:
-        async def rows() -> list[Any]:
-            found = await (
-                self._client.table("attachments")
-                .select("attachment_id")
-                .eq("used", False)
-                .lt("created_at", created_before.isoformat())
-                .order("created_at")
-                .limit(limit)
-                .execute()
-            )
-            listed: list[Any] = found.data
-            if not listed:
-                return []
-            # `used` again in the delete: a file a message named meanwhile stays.
-            ids = [str(row["attachment_id"]) for row in listed]
-            deleted = await (
-                self._client.table("attachments").delete().in_("attachment_id", ids).eq("used", False).execute()
-            )
-            return list(deleted.data)
-
-        deleted = await self._retrying(rows, "delete unused attachments")
-        paths = [f"{row['session_id']}/{row['attachment_id']}" for row in deleted]
-        if paths:
-            try:
-                await self._retrying(lambda: self._bucket().remove(paths), "remove unused files")
-            except _STORAGE_FAILURES as exc:  # the rows are gone: the objects left are logged
-                log.warning("%d unused files' Storage objects are not removed (%s)", len(paths), cause(exc))
+        due = await self._retrying(partial(self._unused_ids, created_before, limit), "list unused attachments")
+        deleted: list[str] = []  # the deleted rows' objects
+        try:
+            for chunk in chunks(due, IDS_PER_FILTER):
+                rows = await self._retrying(partial(self._delete_unused, chunk), "delete unused attachments")
+                deleted.extend(f"{row['session_id']}/{row['attachment_id']}" for row in rows)
+        finally:  # also those of the rows deleted before a failure
+            self._leave_objects(deleted)
+        await self._remove_left()
         return len(deleted)
 
+    async def _unused_ids(self, created_before: datetime, limit: int) -> list[str]:
+        found = await (
+            self._client.table("attachments")
+            .select("attachment_id")
+            .eq("used", False)
+            .lt("created_at", created_before.isoformat())
+            .order("created_at")
+            .limit(limit)
+            .execute()
+        )
+        rows: list[Any] = found.data
+        return [str(row["attachment_id"]) for row in rows]
+
+    async def _delete_unused(self, keys: list[str]) -> list[Any]:
+        # `used` again in the delete: a file a message named meanwhile stays.
+        deleted = (
+            await self._client.table("attachments").delete().in_("attachment_id", keys).eq("used", False).execute()
+        )
+        return list(deleted.data)
+
+    def _leave_objects(self, paths: Sequence[str]) -> None:
+        """Keep objects to remove (at the end of a sweep, or the next one)."""
+        room = max(0, MAX_LEFT - len(self._left_objects))
+        if len(paths) > room:
+            log.warning(
+                "%d files' Storage objects are left for good (%d wait for removal)", len(paths) - room, MAX_LEFT
+            )
+        self._left_objects.update(paths[:room])
+
+    async def _remove_left(self) -> None:
+        """Remove the objects whose rows are gone, and what earlier failures left; what fails is
+        logged and tried again at the next sweep (an object without its row is never served:
+        a download reads the row first)."""
+        try:
+            for chunk in chunks(sorted(self._left_objects), OBJECTS_PER_REMOVE):
+                await self._retrying(partial(self._bucket().remove, chunk), "remove unused files")
+                self._left_objects.difference_update(chunk)
+        except _STORAGE_FAILURES as exc:
+            log.warning(
+                "%d unused files' Storage objects are not removed (%s); tried again at the next sweep",
+                len(self._left_objects),
+                cause(exc),
+            )
+            return
+        for session_id in sorted(self._left_sessions):
+            if not await self._remove_session_objects(session_id):
+                return  # Storage is failing: the rest wait for the next sweep
+
     async def ping(self) -> None:
-        """Whether the key may write: an update that matches no row is refused (permission denied)
-        when the key's role lacks the rights, e.g. the anon key under this project's policies."""
+        """Whether the key may write, and the project has what each migration makes: one request
+        per probe, each changing nothing, all at once; the first that fails, in the migrations'
+        order, is the answer (the message names the file to apply)."""
         if self._role is not None and self._role != "service_role":
             raise StorageRefused(_NEEDS_SERVICE_ROLE.format(role=self._role))
+        probes = (self._probe_sessions(), self._probe_attachments(), self._probe_bucket(), self._probe_event_files())
+        for outcome in await asyncio.gather(*probes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _probe_sessions(self) -> None:
+        """An update that matches no row is refused (permission denied) when the key's role lacks
+        the rights, e.g. the anon key under this project's policies."""
         query = (
             self._client.table("sessions")
             .update({"summary_due_at": None}, returning=ReturnMethod.minimal)
@@ -623,6 +730,38 @@ class SupabaseRepository:
                 missing = next((c for c in _NEWEST_COLUMNS if c in said), next(iter(_NEWEST_COLUMNS)))
                 raise StorageRefused(
                     f"sessions.{missing} is missing: apply supabase/migrations/{_NEWEST_COLUMNS[missing]}"
+                ) from None
+            raise
+
+    async def _probe_attachments(self) -> None:
+        query = self._client.table("attachments").select("attachment_id").eq("attachment_id", _NO_SESSION)
+        try:
+            await query.execute()
+        except APIError as exc:
+            if str(exc.code) in _MISSING_TABLE:
+                raise StorageRefused(
+                    f"the attachments table is missing: apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
+                ) from None
+            raise
+
+    async def _probe_bucket(self) -> None:
+        try:
+            await self._client.storage.get_bucket(BUCKET)
+        except StorageApiError as exc:
+            if _without_attachments(exc):
+                raise StorageRefused(
+                    f"the Storage bucket `{BUCKET}` is missing: apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
+                ) from None
+            raise
+
+    async def _probe_event_files(self) -> None:
+        query = self._client.table("events").select("attachments").eq("session_id", _NO_SESSION).limit(1)
+        try:
+            await query.execute()
+        except APIError as exc:
+            if str(exc.code) in _MISSING_COLUMN:
+                raise StorageRefused(
+                    f"events.attachments is missing: apply supabase/migrations/{_MESSAGE_ATTACHMENTS_MIGRATION}"
                 ) from None
             raise
 
