@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
+from typing import Literal
 
 from server.core.models import ErrorInfo, JSONValue, Usage
 from server.core.ports import (
@@ -24,18 +25,18 @@ from server.core.ports import (
     ToolCallItem,
     ToolCallRequest,
     ToolResultItem,
+    TraceParent,
     Tracer,
     UsageReport,
     UserText,
 )
 
 AGENT = "realtime"
-Purpose = str  # summary, title, compaction
+Purpose = Literal["summary", "title", "compaction"]  # a model request that is not a turn's
 
 
-def turn_span(
-    tracer: Tracer, info: ModelInfo, session_id: str, turn_id: str, traceparent: str | None, tracestate: str | None
-) -> Span:
+def turn_span(tracer: Tracer, info: ModelInfo, session_id: str, turn_id: str, trace: TraceParent | None) -> Span:
+    """A turn, within the trace its client sent (`trace`), or a trace of its own."""
     return tracer.start(
         f"invoke_agent {AGENT}",
         {
@@ -46,8 +47,8 @@ def turn_span(
             "gen_ai.provider.name": info.provider,
             "gen_ai.request.model": info.model,
         },
-        traceparent=traceparent,
-        tracestate=tracestate,
+        traceparent=trace.traceparent if trace is not None else None,
+        tracestate=trace.tracestate if trace is not None else None,
     )
 
 

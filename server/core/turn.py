@@ -236,10 +236,7 @@ class Turn:
         except BaseException:
             await ctx.locks.release_turn(self.session_id, self.turn_id)
             raise
-        trace = self._trace or TraceParent()
-        self._span = turn_span(
-            ctx.tracer, ctx.provider.info, self.session_id, self.turn_id, trace.traceparent, trace.tracestate
-        )
+        self._span = turn_span(ctx.tracer, ctx.provider.info, self.session_id, self.turn_id, self._trace)
         with ctx.tracer.current(self._span):  # its tasks, started here, report beneath it
             return await self._begin()
 
