@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import httpx
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -250,9 +252,20 @@ class UnusableSetting(Exception):
 def load_settings() -> Settings:
     """The settings, or an exit with one message per unusable setting (no stack trace)."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         raise SystemExit(describe_invalid(exc)) from None
+    share_otel_dotenv()
+    return settings
+
+
+def share_otel_dotenv(path: str = ".env") -> None:
+    """The OpenTelemetry SDK reads its variables (headers, sampler, batch sizes) from the process
+    environment only: the OTEL_* ones a `.env` holds, as it may hold every setting, go there too
+    (the environment wins)."""
+    for name, value in dotenv_values(path).items():
+        if name.upper().startswith("OTEL_") and value is not None:
+            os.environ.setdefault(name.upper(), value)
 
 
 def describe_invalid(error: ValidationError) -> str:

@@ -8,11 +8,9 @@ The provider is the service's own, never the process-wide one: several services 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 
-from dotenv import dotenv_values
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -109,20 +107,11 @@ def current_ids() -> tuple[str, str] | None:
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
-def read_otel_dotenv(path: str = ".env") -> None:
-    """The SDK reads its variables (headers, sampler, batch sizes) from the process environment
-    only: those set in `.env`, as every setting may be, go there too (the environment wins)."""
-    for name, value in dotenv_values(path).items():
-        if name.upper().startswith("OTEL_") and value is not None:
-            os.environ.setdefault(name.upper(), value)
-
-
 def start_tracing(settings: Settings) -> OtelTracer | None:
     """The tracer, when an endpoint is set (and OTEL_SDK_DISABLED is not)."""
     endpoint = traces_endpoint(settings)
     if endpoint is None or settings.otel_sdk_disabled:
         return None
-    read_otel_dotenv()
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: settings.otel_service_name}), shutdown_on_exit=False
     )

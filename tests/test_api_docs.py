@@ -55,6 +55,14 @@ async def test_the_schema_documents_the_real_answers(http: httpx.AsyncClient) ->
     assert schema["paths"]["/api/sessions/{session_id}"]["get"]["responses"]["200"]["content"]["application/json"][
         "schema"
     ] == {"$ref": "#/components/schemas/Session"}
+    history_item = schema["components"]["schemas"]["HistoryItem"]["properties"]
+    assert {"finish_reason", "error", "attachments"} <= set(history_item)  # what each event type adds
+    assert set(schema["components"]["schemas"]["AttachmentRef"]["properties"]) == {
+        "attachment_id",
+        "name",
+        "mime_type",
+        "size",
+    }
     assert set(schema["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}
     assert "text/plain" in str(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
     protocol = await http.get("/docs/protocol.md")

@@ -138,7 +138,7 @@ async def test_a_message_carries_its_files_live_in_history_and_to_the_model(
     start_server: ServerFactory, connect: TabFactory
 ) -> None:
     server = await start_server(
-        offline_chunk_delay_ms=0, attachments_per_message=2, attachment_unused_seconds=3,
+        offline_chunk_delay_ms=0, attachments_per_message=2, attachment_unused_seconds=5,
         attachment_expiry_interval_seconds=0.1,
     )  # fmt: skip
     tab = await connect(server)

@@ -22,12 +22,16 @@ import aiohttp
 import httpx
 import pytest
 import socketio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.storage.postgres import PostgresRepository
 from tests.conftest import Spawner
-from tests.harness import REDIS_URL, ROOT, Tab, free_port
+from tests.harness import REDIS_URL, ROOT, Tab, free_port, serving
 from tests.pg import scratch_database
 from tests.test_metrics import scrape
 from tests.test_plain_ws import Plain
@@ -334,3 +338,31 @@ async def test_an_upload_through_nginx_is_taken_up_to_the_services_own_limit(spa
     assert taken.status_code == 201 and taken.json()["size"] == 9 * 1024 * 1024, taken.text
     for refused in (over, far_over):  # a coded answer either way, never nginx's page or a 502
         assert refused.status_code == 413 and refused.json()["detail"]["code"] == "too_large", refused.text
+
+
+async def test_an_upload_reaches_the_service_on_a_connection_it_may_keep_reading(tmp_path: Path) -> None:
+    """What the upload location sends on: no `Connection: close` (the service would close mid-body
+    when it answers before reading, a reset nginx reports as 502), the client's address as every
+    request's; other requests keep `Connection: close`."""
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def record(request: Request) -> Response:
+        await request.body()
+        seen.append((request.url.path, dict(request.headers)))
+        return JSONResponse({"detail": {"code": "not_found", "message": "recorded"}}, status_code=404)
+
+    recorder = Starlette(routes=[Route("/{path:path}", record, methods=["GET", "POST"])])
+    async with (
+        serving(recorder) as url,
+        nginx_in_front(tmp_path, [url]) as proxy,
+        httpx.AsyncClient(base_url=proxy.url) as http,
+    ):
+        files = {"file": ("a.png", b"\x89PNG\r\n\x1a\n" + bytes(1000))}
+        assert (await http.post(f"/api/sessions/{uuid.uuid4()}/attachments", files=files)).status_code == 404
+        assert (await http.get("/api/sessions")).status_code == 404
+    (upload_path, upload), (_, other) = seen
+    assert upload_path.endswith("/attachments")
+    assert upload.get("connection", "").lower() != "close", upload
+    assert other["connection"].lower() == "close", other
+    assert upload["x-forwarded-for"] == other["x-forwarded-for"] == "127.0.0.1"
+    assert upload["host"] == other["host"]

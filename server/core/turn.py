@@ -412,10 +412,15 @@ class Turn:
                 async with reads:
                     return await self._ctx.files.attachment_data(attachment_id)
 
-            read = await asyncio.gather(*(read_one(attachment_id) for attachment_id in unread), return_exceptions=True)
+            reading = [asyncio.ensure_future(read_one(attachment_id)) for attachment_id in unread]
+            try:
+                read = await asyncio.gather(*reading)
+            except BaseException:  # StorageUnavailable ends the turn `unavailable`: the other reads stop
+                for task in reading:
+                    task.cancel()
+                await asyncio.gather(*reading, return_exceptions=True)
+                raise
             for attachment_id, data in zip(unread, read, strict=True):
-                if isinstance(data, BaseException):
-                    raise data  # StorageUnavailable ends the turn `unavailable`, as the history's read does
                 self._files[attachment_id] = data if data is not None else FileWithheld("no longer stored")
         return {**withheld, **{file.attachment_id: self._files[file.attachment_id] for file in send}}
 
