@@ -190,6 +190,16 @@ def decoded(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def gemini_at(fake: FakeGemini) -> dict[str, Any]:
+    """The settings of a server whose model is the Gemini stand-in."""
+    return {
+        "llm_provider": "gemini",
+        "gemini_api_key": "test-key",
+        "gemini_model": "gemini-test",
+        "gemini_base_url": fake.url,
+    }
+
+
 def reads_of_files(metrics: Scrape) -> float:
     return metrics.value("realtime_storage_seconds_count", operation="attachment_data")
 
@@ -197,9 +207,7 @@ def reads_of_files(metrics: Scrape) -> float:
 async def test_gemini_gets_images_and_pdfs_inline_text_as_text_read_once_a_turn_and_again_in_history(
     start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
 ) -> None:
-    server = await start_server(
-        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url
-    )
+    server = await start_server(**gemini_at(fake_gemini))
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
     csv = b"city,temp\nDelhi,24.5\n"
@@ -240,9 +248,7 @@ async def test_gemini_gets_images_and_pdfs_inline_text_as_text_read_once_a_turn_
 async def test_a_file_gemini_refuses_goes_by_name_from_then_on(
     start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
 ) -> None:
-    server = await start_server(
-        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url
-    )
+    server = await start_server(**gemini_at(fake_gemini))
     tab = await connect(server)
     sid = (await tab.join())["session"]["session_id"]
     async with httpx.AsyncClient(base_url=server.url) as http:
@@ -309,7 +315,7 @@ async def test_files_count_in_the_context_budget_and_past_a_requests_bound_they_
     start_server: ServerFactory, fake_gemini: FakeGemini, connect: TabFactory
 ) -> None:
     server = await start_server(
-        llm_provider="gemini", gemini_api_key="test-key", gemini_model="gemini-test", gemini_base_url=fake_gemini.url,
+        **gemini_at(fake_gemini),
         context_max_tokens=2500, attachment_max_bytes=8_000_000,
     )  # fmt: skip
     tab = await connect(server)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -735,14 +735,8 @@ class SupabaseRepository:
 
     async def _probe_attachments(self) -> None:
         query = self._client.table("attachments").select("attachment_id").eq("attachment_id", _NO_SESSION)
-        try:
-            await query.execute()
-        except APIError as exc:
-            if str(exc.code) in _MISSING_TABLE:
-                raise StorageRefused(
-                    f"the attachments table is missing: apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
-                ) from None
-            raise
+        missing = f"the attachments table is missing: apply supabase/migrations/{_ATTACHMENTS_MIGRATION}"
+        await _probe(query, _MISSING_TABLE, missing)
 
     async def _probe_bucket(self) -> None:
         try:
@@ -756,14 +750,18 @@ class SupabaseRepository:
 
     async def _probe_event_files(self) -> None:
         query = self._client.table("events").select("attachments").eq("session_id", _NO_SESSION).limit(1)
-        try:
-            await query.execute()
-        except APIError as exc:
-            if str(exc.code) in _MISSING_COLUMN:
-                raise StorageRefused(
-                    f"events.attachments is missing: apply supabase/migrations/{_MESSAGE_ATTACHMENTS_MIGRATION}"
-                ) from None
-            raise
+        missing = f"events.attachments is missing: apply supabase/migrations/{_MESSAGE_ATTACHMENTS_MIGRATION}"
+        await _probe(query, _MISSING_COLUMN, missing)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def _probe(query: Any, missing_codes: Collection[str], missing: str) -> None:
+    """A read that changes nothing: PostgREST's codes for what a migration makes, as the file to apply."""
+    try:
+        await query.execute()
+    except APIError as exc:
+        if str(exc.code) in missing_codes:
+            raise StorageRefused(missing) from None
+        raise
